@@ -1,0 +1,1 @@
+"""Kernel generation core: typed configs -> Jinja2 templates -> NVRTC cubins -> launches."""

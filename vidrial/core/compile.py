@@ -1,0 +1,224 @@
+"""Compiling is a pure function: (source, arch, options) -> cubin + resource facts.
+
+Results live in a content-addressed on-disk cache (user cache dir, VIDRIAL_CACHE_DIR
+overrides) keyed by hash(source, arch, NVRTC version, options). Writes are atomic
+(temp file + rename), so processes compiling the same kernel at once are safe: the
+last rename wins with identical bytes. No GPU is needed: the arch is always explicit.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from vidrial.core.arch import normalize_arch
+from vidrial.core.errors import CompileError
+from vidrial.core.paths import user_cache_dir
+from vidrial.core.render import RenderedKernel
+from vidrial.core.toolchain import cuda_include_dir, nvrtc_module, nvrtc_version
+
+BASE_OPTIONS: tuple[str, ...] = ("-std=c++17", "--use_fast_math", "-default-device", "--ptxas-options=-v")
+
+
+class CompileFacts(BaseModel):
+    """What ptxas reports about one entry point."""
+
+    model_config = ConfigDict(frozen=True)
+
+    registers: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    stack_frame_bytes: int
+    static_smem_bytes: int
+    barriers: int = 0
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_store_bytes > 0 or self.spill_load_bytes > 0
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    entry: str
+    arch: str
+    cubin: bytes
+    facts: CompileFacts
+    cache_key: str
+    seconds: float  # compile time; 0.0 on a cache hit
+    cached: bool
+
+
+def cache_key(source: str, arch: str, options: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for part in (source, normalize_arch(arch), nvrtc_version(), "\x1f".join(options)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def cubin_cache_dir() -> Path:
+    return user_cache_dir() / "cubin"
+
+
+_NUM = r"(\d+)"
+
+
+def parse_ptxas_log(log: str, entry: str) -> CompileFacts:
+    """Parses `--ptxas-options=-v` output for `entry` (NVRTC passes ptxas' log through)."""
+    start = log.find(f"Function properties for {entry}")
+    if start < 0:
+        start = log.find(f"'{entry}'")
+    section = log[start:] if start >= 0 else log
+
+    def grab(pattern: str) -> int:
+        m = re.search(pattern, section)
+        return int(m.group(1)) if m else 0
+
+    return CompileFacts(
+        registers=grab(rf"Used {_NUM} registers"),
+        spill_store_bytes=grab(rf"{_NUM} bytes spill stores"),
+        spill_load_bytes=grab(rf"{_NUM} bytes spill loads"),
+        stack_frame_bytes=grab(rf"{_NUM} bytes stack frame"),
+        static_smem_bytes=grab(rf"{_NUM} bytes smem"),
+        barriers=grab(rf"used {_NUM} barriers"),
+    )
+
+
+def _numbered_excerpt(source: str, log: str, context: int = 3) -> str:
+    """The source lines NVRTC's log points at, numbered, so errors can be read in place."""
+    lines = source.splitlines()
+    cited = sorted({int(n) for n in re.findall(r"\((\d+)\): (?:error|catastrophic)", log)})
+    out: list[str] = []
+    for n in cited[:8]:
+        lo, hi = max(1, n - context), min(len(lines), n + context)
+        out.append(f"--- around line {n} ---")
+        out.extend(f"{'>' if i == n else ' '}{i:5d} | {lines[i - 1]}" for i in range(lo, hi + 1))
+    return "\n".join(out)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cached(key: str, entry: str, arch: str) -> CompiledKernel | None:
+    base = cubin_cache_dir() / key[:2] / key
+    cubin_path, facts_path = base.with_suffix(".cubin"), base.with_suffix(".json")
+    try:
+        facts = CompileFacts.model_validate_json(facts_path.read_text())
+        cubin = cubin_path.read_bytes()
+    except (OSError, ValueError):
+        return None
+    if not cubin:
+        return None
+    return CompiledKernel(entry, arch, cubin, facts, key, 0.0, True)
+
+
+def compile_source(
+    kernel: RenderedKernel,
+    arch: str,
+    extra_options: Sequence[str] = (),
+    label: str = "",
+    use_cache: bool = True,
+) -> CompiledKernel:
+    """Compiles one rendered kernel to a cubin for `arch` (no GPU needed).
+
+    `label` (usually the config) is shown in compile errors."""
+    arch = normalize_arch(arch)
+    options = (*BASE_OPTIONS, f"--gpu-architecture={arch}", *extra_options)
+    key = cache_key(kernel.source, arch, options)
+    if use_cache:
+        hit = _load_cached(key, kernel.entry, arch)
+        if hit is not None:
+            return hit
+    nvrtc = nvrtc_module()
+    started = time.perf_counter()
+    prog = nvrtc.createProgram(kernel.source, f"{kernel.entry}.cu", [], [])
+    try:
+        all_options = [*options, f"-I{cuda_include_dir()}"]
+        try:
+            nvrtc.compileProgram(prog, all_options)
+        except Exception as exc:
+            log = nvrtc.getProgramLog(prog)
+            raise CompileError(
+                f"NVRTC failed to compile {kernel.entry} ({kernel.template}) for {arch}"
+                + (f"\nconfig: {label}" if label else "")
+                + f"\n{exc}\n{log}\n{_numbered_excerpt(kernel.source, log)}"
+            ) from None
+        log = nvrtc.getProgramLog(prog)
+        cubin = nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    seconds = time.perf_counter() - started
+    facts = parse_ptxas_log(log, kernel.entry)
+    if use_cache:
+        base = cubin_cache_dir() / key[:2] / key
+        _write_atomic(base.with_suffix(".cubin"), cubin)
+        # facts last: a reader that finds the facts also finds the cubin
+        _write_atomic(base.with_suffix(".json"), facts.model_dump_json().encode())
+    return CompiledKernel(kernel.entry, arch, cubin, facts, key, seconds, False)
+
+
+def _compile_job(job: tuple[RenderedKernel, str, tuple[str, ...], str]) -> CompiledKernel | CompileError:
+    kernel, arch, extra, label = job
+    try:
+        return compile_source(kernel, arch, extra, label)
+    except CompileError as exc:
+        return exc
+
+
+def compile_many(
+    jobs: Iterable[tuple[RenderedKernel, str, Sequence[str], str]],
+    workers: int | None = None,
+) -> list[CompiledKernel | CompileError]:
+    """Compiles (kernel, arch, extra_options, label) jobs in worker processes, in order.
+
+    A failed compile comes back as its CompileError instead of raising, so one bad
+    config does not hide the others."""
+    job_list = [(k, a, tuple(o), lbl) for k, a, o, lbl in jobs]
+    if workers is None:
+        workers = min(len(job_list), os.cpu_count() or 1)
+    if workers <= 1 or len(job_list) <= 1:
+        return [_compile_job(j) for j in job_list]
+    # spawn: forking a process that holds a CUDA context is unsafe
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_compile_job, job_list))
+
+
+def cache_stats() -> dict[str, int]:
+    files = list(cubin_cache_dir().rglob("*.cubin"))
+    return {"entries": len(files), "bytes": sum(f.stat().st_size for f in files)}
+
+
+def clear_cache() -> None:
+    for f in cubin_cache_dir().rglob("*"):
+        if f.is_file():
+            f.unlink(missing_ok=True)
+
+
+__all__ = [
+    "CompileFacts",
+    "CompiledKernel",
+    "compile_source",
+    "compile_many",
+    "parse_ptxas_log",
+    "cache_key",
+    "cache_stats",
+    "clear_cache",
+]

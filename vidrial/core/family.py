@@ -1,0 +1,113 @@
+"""A kernel family: one template, one config schema, one problem key, one launcher.
+
+Subclasses give the template, the Config/Key models, the rendering context, the
+dynamic shared memory, the threads per block and the checks that tie a config to a
+problem and a target. Everything else (rendering, compiling, memoised launchables,
+feasibility from compiled facts) is shared here."""
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from functools import cached_property
+from typing import Any, ClassVar, Generic, TypeVar
+
+from vidrial.core.arch import arch_limits, normalize_arch
+from vidrial.core.compile import CompiledKernel, compile_source
+from vidrial.core.config import KernelConfig, ProblemKey
+from vidrial.core.errors import ConfigError
+from vidrial.core.launch import LaunchableKernel
+from vidrial.core.render import RenderedKernel, render, template_hash
+
+K = TypeVar("K", bound=ProblemKey)
+C = TypeVar("C", bound=KernelConfig)
+
+
+class KernelFamily(ABC, Generic[K, C]):
+    name: ClassVar[str]
+    template: ClassVar[str]
+    Config: ClassVar[type[KernelConfig]]
+    Key: ClassVar[type[ProblemKey]]
+    # kernel parameters in order, as vidrial.core.launch.PARAM_CODES names
+    signature: ClassVar[tuple[str, ...]]
+
+    def __init__(self) -> None:
+        self._launchables: dict[tuple[K, C, str], LaunchableKernel] = {}
+
+    # ---- what each family defines -------------------------------------------------
+    @abstractmethod
+    def default_config(self, key: K) -> C:
+        """A safe config for `key` (used when nothing is tuned)."""
+
+    @abstractmethod
+    def render_context(self, key: K, config: C) -> dict[str, Any]:
+        """Template variables (compile-time constants) for `key` and `config`."""
+
+    @abstractmethod
+    def threads_per_block(self, config: C) -> int: ...
+
+    @abstractmethod
+    def dynamic_smem_bytes(self, key: K, config: C) -> int: ...
+
+    def check(self, key: K, config: C, arch: str) -> None:
+        """Raises ConfigError when `config` cannot run `key` on `arch`.
+
+        Subclasses add their own rules and call super().check()."""
+        limits = arch_limits(arch)
+        threads = self.threads_per_block(config)
+        if threads > limits.max_threads_per_block:
+            raise ConfigError("warps", getattr(config, "warps", threads // 32),
+                              f"{threads} threads per block exceed {limits.max_threads_per_block}")
+        smem = self.dynamic_smem_bytes(key, config)
+        if smem > limits.max_dynamic_smem_per_block:
+            raise ConfigError("config", config.label(),
+                              f"needs {smem} bytes of shared memory; {limits.arch} allows "
+                              f"{limits.max_dynamic_smem_per_block} per block")
+
+    def standard_keys(self) -> list[K]:
+        """Problem keys compiled by `vidrial compile` and tuned by presets."""
+        return []
+
+    def corner_configs(self, key: K) -> list[C]:
+        """Extreme but valid configs (smallest/largest tiles) for compile coverage."""
+        return [self.default_config(key)]
+
+    # ---- shared machinery ------------------------------------------------------------
+    @cached_property
+    def template_hash(self) -> str:
+        return template_hash(self.template)
+
+    def entry_name(self, key: K, config: C) -> str:
+        digest = hashlib.sha256((key.model_dump_json() + config.model_dump_json()).encode()).hexdigest()
+        return f"{self.name}_{digest[:12]}"
+
+    def render(self, key: K, config: C) -> RenderedKernel:
+        return render(self.template, self.entry_name(key, config), self.render_context(key, config))
+
+    def compile(self, key: K, config: C, arch: str, use_cache: bool = True) -> CompiledKernel:
+        self.check(key, config, arch)
+        return compile_source(self.render(key, config), arch, label=f"{self.name}: {key.label()} | {config.label()}",
+                              use_cache=use_cache)
+
+    def infeasible_reason(self, key: K, config: C, compiled: CompiledKernel) -> str | None:
+        """Why compiled facts rule the config out before timing (None when fine)."""
+        facts = compiled.facts
+        limits = arch_limits(compiled.arch)
+        if facts.spills:
+            return f"spills {facts.spill_store_bytes} B stores / {facts.spill_load_bytes} B loads"
+        smem = facts.static_smem_bytes + self.dynamic_smem_bytes(key, config)
+        if smem > limits.max_dynamic_smem_per_block:
+            return f"{smem} B shared memory > {limits.max_dynamic_smem_per_block}"
+        if facts.registers * self.threads_per_block(config) > limits.registers_per_sm:
+            return f"{facts.registers} registers x {self.threads_per_block(config)} threads exceed the register file"
+        return None
+
+    def launchable(self, key: K, config: C, arch: str) -> LaunchableKernel:
+        """Memoised: the hot path does no rendering, hashing or file access after the first call."""
+        memo_key = (key, config, arch)
+        kernel = self._launchables.get(memo_key)
+        if kernel is None:
+            arch = normalize_arch(arch)
+            kernel = LaunchableKernel(self.compile(key, config, arch), self.signature,
+                                      self.dynamic_smem_bytes(key, config))
+            self._launchables[memo_key] = kernel
+        return kernel
