@@ -1,0 +1,5 @@
+import sys
+
+from vidrial.cli import main
+
+sys.exit(main())
