@@ -1,0 +1,31 @@
+import os
+
+import pytest
+
+
+def _gpu_skip_reason() -> str | None:
+    try:
+        import torch
+    except Exception as exc:  # pragma: no cover
+        return f"torch not importable: {exc}"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU present (torch.cuda.is_available() is False); GPU tests run on the H200 test machine"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _gpu_skip_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Tests use their own compile cache unless VIDRIAL_CACHE_DIR is set by the caller."""
+    if "VIDRIAL_CACHE_DIR" not in os.environ:
+        os.environ["VIDRIAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("vidrial-cache"))
+    yield
