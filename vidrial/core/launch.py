@@ -87,13 +87,13 @@ class LaunchableKernel:
         stream: int,
     ) -> None:
         """Launches with `args` (ints for pointers from tensor.data_ptr(), ints, floats)."""
-        fn = self.function(device_index)
         try:
             buf = ctypes.create_string_buffer(struct.pack(self._format, *args), self._size)
         except struct.error as exc:
             raise LaunchError(
                 f"{self.compiled.entry}: arguments {list(args)!r} do not match signature {list(self.signature)}: {exc}"
             ) from exc
+        fn = self._functions.get(device_index) or self._load(device_index)
         extra = (ctypes.c_void_p * 5)(
             _CU_LAUNCH_PARAM_BUFFER_POINTER,
             ctypes.addressof(buf),
