@@ -1,0 +1,365 @@
+"""Dispatch: which config a kernel call uses, from the tuned-config store.
+
+For a family, a problem key and a GPU, `select_config` returns, in this order:
+
+1. exact: the tuned config stored for this very key;
+2. nearest: a config tuned for a compatible key, i.e. one with the same compile-time
+   constants (`key.compile_part()`), at the smallest distance over the runtime fields
+   (`key.runtime_part()`): the sum of |log2(a / b)| over numeric fields plus 1 per
+   differing non-numeric field; ties go to the smaller `key_string()`;
+3. default: `family.default_config(key)`.
+
+A tuned config is used only if `family.check(key, config, gpu.arch)` accepts it for the
+key at hand (else the next candidate, finally the default). A call never fails because of
+the store: corrupt files are skipped with one warning, stale entries (template hash or
+schema version differ) are ignored with one warning per file.
+
+Cost: the index of a (family, GPU model) is built once per process from the shipped
+folder and then the user folder (whose entries override shipped ones key by key); every
+resolved key is memoised, so a repeated call is two dict lookups (see
+benchmarks/bench_dispatch.py). `reload()` drops everything (tests, after tuning).
+`last_dispatch()` tells what the most recent call chose; with VIDRIAL_DEBUG_DISPATCH=1
+each call also writes it to `<user cache>/last_dispatch.json` for `vidrial show --last`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import ValidationError
+
+from vidrial.core.config import KernelConfig, ProblemKey
+from vidrial.core.paths import user_cache_dir, user_tuned_dir
+from vidrial.tuning import store
+from vidrial.tuning.store import SCHEMA_VERSION, GpuIdentity, TunedConfigWarning, TunedEntry
+
+if TYPE_CHECKING:
+    from vidrial.core.family import KernelFamily
+
+Source = Literal["exact", "nearest", "default"]
+Origin = Literal["shipped", "user"]
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """What one call chose (returned by `last_dispatch()`)."""
+
+    family: str
+    key: ProblemKey
+    config: KernelConfig
+    source: Source
+    path: Path | None  # the tuned file the config came from (None for the default)
+    gpu: str | None  # GPU slug
+    tuned_key: ProblemKey | None = None  # the key the config was tuned for (nearest: a neighbour)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "key": self.key.model_dump(mode="json"),
+            "config": self.config.model_dump(mode="json"),
+            "source": self.source,
+            "path": None if self.path is None else str(self.path),
+            "gpu": self.gpu,
+            "tuned_key": None if self.tuned_key is None else self.tuned_key.model_dump(mode="json"),
+        }
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A usable tuned entry, parsed into the family's models."""
+
+    key: ProblemKey
+    config: KernelConfig
+    entry: TunedEntry
+    path: Path
+    origin: Origin
+    key_string: str
+    coords: tuple[Any, ...]  # runtime fields: log2 of numeric ones, raw value of others
+
+
+@dataclass(frozen=True)
+class StaleEntry:
+    path: Path
+    origin: Origin
+    key: str  # the entry's key string ("*" for a whole file)
+    reason: str
+
+
+@dataclass
+class FileReport:
+    path: Path
+    origin: Origin
+    status: Literal["ok", "corrupt", "stale"]
+    entries: int = 0  # entries in the file
+    used: int = 0  # entries that dispatch can use
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Index:
+    """Everything tuned for one (family, GPU model), shipped then user (user wins per key)."""
+
+    family: str
+    gpu: str
+    exact: dict[ProblemKey, Candidate] = field(default_factory=dict)
+    groups: dict[str, list[Candidate]] = field(default_factory=dict)  # by compile signature
+    files: list[FileReport] = field(default_factory=list)
+    stale: list[StaleEntry] = field(default_factory=list)
+
+    @property
+    def arch(self) -> str | None:
+        """The arch the entries were tuned on (for checks when no GpuIdentity is at hand)."""
+        for cand in self.exact.values():
+            return cand.entry.gpu.arch
+        return None
+
+
+# ---- index ----------------------------------------------------------------------------
+
+def _compile_signature(key: ProblemKey) -> str:
+    dumped = key.model_dump(mode="json")
+    return json.dumps({k: dumped[k] for k in key.COMPILE_FIELDS}, sort_keys=True)
+
+
+def _log2(value: float) -> float:
+    return math.log2(value) if value > 0 else -1.0  # sizes <= 0 count as 0.5
+
+
+def _coords(key: ProblemKey) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for value in key.runtime_part().values():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append(_log2(float(value)))
+        else:
+            out.append(("=", value))
+    return tuple(out)
+
+
+def distance(a: ProblemKey, b: ProblemKey) -> float:
+    """Distance between two keys with the same compile part (see the module docstring)."""
+    return _distance(_coords(a), _coords(b))
+
+
+def _distance(a: tuple[Any, ...], b: tuple[Any, ...]) -> float:
+    total = 0.0
+    for x, y in zip(a, b):
+        if isinstance(x, float) and isinstance(y, float):
+            total += abs(x - y)
+        elif x != y:
+            total += 1.0
+    return total
+
+
+def _read_into(index: Index, family: KernelFamily, path: Path, origin: Origin, warn: bool) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuned = store.load_file(path)
+    if tuned is None:
+        message = str(caught[0].message) if caught else f"tuned configs {path}: unreadable; file skipped"
+        index.files.append(FileReport(path, origin, "corrupt", problems=[message]))
+        index.stale.append(StaleEntry(path, origin, "*", message))
+        if warn:
+            warnings.warn(message, TunedConfigWarning, stacklevel=4)
+        return
+    report = FileReport(path, origin, "ok", entries=len(tuned.entries))
+    index.files.append(report)
+    if tuned.schema_version != SCHEMA_VERSION or tuned.family != family.name:
+        if tuned.schema_version != SCHEMA_VERSION:
+            reason = f"schema version {tuned.schema_version} (this vidrial reads {SCHEMA_VERSION})"
+        else:
+            reason = f"file is for family {tuned.family!r}, not {family.name!r}"
+        report.status = "stale"
+        report.problems.append(reason)
+        index.stale.append(StaleEntry(path, origin, "*", reason))
+        if warn:
+            warnings.warn(f"tuned configs {path}: {reason}; its {len(tuned.entries) or 'entries'} "
+                          f"entries are ignored (re-tune with `vidrial tune`)", TunedConfigWarning, stacklevel=4)
+        return
+    stale_hash = invalid = 0
+    for key_string, entry in tuned.entries.items():
+        if entry.template_hash != family.template_hash:
+            stale_hash += 1
+            index.stale.append(StaleEntry(path, origin, key_string,
+                                          f"template hash {entry.template_hash} != {family.template_hash}"))
+            continue
+        try:
+            key = family.Key.model_validate(entry.key)
+            config = family.Config.model_validate(entry.config)
+        except ValidationError as exc:
+            invalid += 1
+            index.stale.append(StaleEntry(path, origin, key_string,
+                                          f"does not validate: {exc.errors()[0].get('msg')}"))
+            continue
+        cand = Candidate(key, config, entry, path, origin, key.key_string(), _coords(key))
+        index.exact[key] = cand  # a later file (the user's) overrides an earlier one
+        report.used += 1
+    if stale_hash or invalid:
+        parts = []
+        if stale_hash:
+            parts.append(f"{stale_hash} tuned with another template (hash != {family.template_hash})")
+        if invalid:
+            parts.append(f"{invalid} do not validate against {family.name}'s Key/Config")
+        report.status = "stale"
+        report.problems.extend(parts)
+        if warn:
+            warnings.warn(f"tuned configs {path}: {len(tuned.entries)} entries, ignored: " + "; ".join(parts)
+                          + " (re-tune with `vidrial tune`)", TunedConfigWarning, stacklevel=4)
+
+
+def build_index(family: KernelFamily, gpu_slug: str, *, warn: bool = True) -> Index:
+    """Reads the shipped and the user tuned file of `family` for GPU `gpu_slug` (not memoised)."""
+    index = Index(family.name, gpu_slug)
+    roots: list[tuple[Path | None, Origin]] = [(store.shipped_tuned_dir(), "shipped"), (user_tuned_dir(), "user")]
+    seen: set[Path] = set()
+    for root, origin in roots:
+        if root is None:
+            continue
+        path = store.file_path(root, gpu_slug, family.name)
+        try:
+            resolved = path.resolve()
+        except OSError:
+            resolved = path
+        if resolved in seen or not path.is_file():
+            continue
+        seen.add(resolved)
+        _read_into(index, family, path, origin, warn)
+    for cand in sorted(index.exact.values(), key=lambda c: c.key_string):
+        index.groups.setdefault(_compile_signature(cand.key), []).append(cand)
+    return index
+
+
+# ---- resolution ------------------------------------------------------------------------
+
+def _passes(family: KernelFamily, key: ProblemKey, config: KernelConfig, arch: str | None) -> bool:
+    if arch is None:
+        return True
+    try:
+        family.check(key, config, arch)
+    except Exception:
+        return False
+    return True
+
+
+def resolve(family: KernelFamily, index: Index, key: ProblemKey, arch: str | None) -> Dispatch:
+    """exact -> nearest compatible -> default for `key` in `index` (not memoised).
+    `arch=None` skips `family.check` (used by `vidrial show` for a GPU that is not present)."""
+    cand = index.exact.get(key)
+    if cand is not None and _passes(family, key, cand.config, arch):
+        return Dispatch(family.name, key, cand.config, "exact", cand.path, index.gpu, cand.key)
+    group = index.groups.get(_compile_signature(key))
+    if group:
+        coords = _coords(key)
+        ranked = sorted((_distance(coords, c.coords), c.key_string, i) for i, c in enumerate(group))
+        for _, _, i in ranked:
+            c = group[i]
+            if c.key != key and _passes(family, key, c.config, arch):
+                return Dispatch(family.name, key, c.config, "nearest", c.path, index.gpu, c.key)
+    return Dispatch(family.name, key, family.default_config(key), "default", None, index.gpu, None)
+
+
+# ---- per-process state and the hot path ------------------------------------------------------
+
+_LOCK = threading.Lock()
+_INDEXES: dict[tuple[str, str], Index] = {}
+_MEMO: dict[tuple[str, GpuIdentity], dict[ProblemKey, Dispatch]] = {}
+_GPUS: dict[int, GpuIdentity] = {}
+_LAST: Dispatch | None = None
+_DEBUG = bool(os.environ.get("VIDRIAL_DEBUG_DISPATCH"))
+_torch = None
+
+
+def current_gpu(device_index: int | None = None) -> GpuIdentity:
+    """Identity of CUDA device `device_index` (the current device when None), memoised."""
+    global _torch
+    if device_index is None:
+        if _torch is None:
+            import torch
+
+            _torch = torch
+        device_index = _torch.cuda.current_device()
+    gpu = _GPUS.get(device_index)
+    if gpu is None:
+        gpu = _GPUS[device_index] = GpuIdentity.current(device_index)
+    return gpu
+
+
+def get_index(family: KernelFamily, gpu_slug: str) -> Index:
+    """The per-process index of (family, GPU model), built on first use (warns once per bad file)."""
+    index = _INDEXES.get((family.name, gpu_slug))
+    if index is None:
+        with _LOCK:
+            index = _INDEXES.get((family.name, gpu_slug))
+            if index is None:
+                index = _INDEXES[(family.name, gpu_slug)] = build_index(family, gpu_slug)
+    return index
+
+
+def select_config(family: KernelFamily, key: ProblemKey, gpu: GpuIdentity | None = None) -> KernelConfig:
+    """The config to run `key` with on `gpu` (the current device when None): exact tuned
+    key, else the nearest compatible tuned key, else `family.default_config(key)`."""
+    global _LAST
+    if gpu is None:
+        gpu = current_gpu()
+    memo = _MEMO.get((family.name, gpu))
+    if memo is not None:
+        found = memo.get(key)
+        if found is not None:
+            _LAST = found
+            if _DEBUG:
+                _write_last(found)
+            return found.config
+    found = _resolve_new(family, key, gpu)
+    _LAST = found
+    if _DEBUG:
+        _write_last(found)
+    return found.config
+
+
+def _resolve_new(family: KernelFamily, key: ProblemKey, gpu: GpuIdentity) -> Dispatch:
+    if not isinstance(key, family.Key):
+        from vidrial.core.errors import InputError
+
+        raise InputError("key", f"{type(key).__name__}", f"a {family.Key.__name__} for family {family.name!r}")
+    found = resolve(family, get_index(family, gpu.slug), key, gpu.arch)
+    with _LOCK:
+        _MEMO.setdefault((family.name, gpu), {})[key] = found
+    return found
+
+
+def last_dispatch() -> Dispatch | None:
+    """What the most recent `select_config` call in this process chose (None before any)."""
+    return _LAST
+
+
+def reload() -> None:
+    """Forgets indexes, memoised choices and the last dispatch; the next call re-reads the
+    tuned files (and warns again about bad ones)."""
+    global _LAST, _DEBUG
+    with _LOCK:
+        _INDEXES.clear()
+        _MEMO.clear()
+        _LAST = None
+        _DEBUG = bool(os.environ.get("VIDRIAL_DEBUG_DISPATCH"))
+
+
+def last_dispatch_file() -> Path:
+    return user_cache_dir() / "last_dispatch.json"
+
+
+def _write_last(found: Dispatch) -> None:
+    """Debug mode only (VIDRIAL_DEBUG_DISPATCH=1): persists the choice for `vidrial show --last`."""
+    try:
+        path = last_dispatch_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = found.as_dict()
+        data["pid"] = os.getpid()
+        data["at"] = store.now_utc()
+        store.write_atomic(path, json.dumps(data, indent=2) + "\n")
+    except Exception:  # debugging aid only: never break a call
+        pass

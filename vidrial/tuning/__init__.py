@@ -1,0 +1,1 @@
+"""Tuned-config store (JSON files per GPU and kernel family) and what the tuner writes."""
