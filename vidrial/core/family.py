@@ -101,6 +101,49 @@ class KernelFamily(ABC, Generic[K, C]):
             return f"{facts.registers} registers x {self.threads_per_block(config)} threads exceed the register file"
         return None
 
+    # ---- optional measurement protocol (used by the tuner, vidrial/tuning) -------------
+    # A family that implements make_inputs/run/reference can be tuned: the tuner makes
+    # inputs once per key, checks each config's first run against reference() and times
+    # run(). See docs/HELPERS.md, "Tuner protocol".
+    def make_inputs(self, key: K, device: Any, seed: int) -> dict[str, Any]:
+        """Random inputs (torch tensors on `device`) for one problem of `key`."""
+        raise NotImplementedError(f"kernel family {self.name!r} does not implement make_inputs(key, device, seed); "
+                                  "the tuner needs it (see docs/HELPERS.md, 'Tuner protocol')")
+
+    def run(self, key: K, config: C, inputs: dict[str, Any]) -> Any:
+        """Launches the kernel built with `config` on `inputs` (current stream, no sync); returns the outputs."""
+        raise NotImplementedError(f"kernel family {self.name!r} does not implement run(key, config, inputs); "
+                                  "the tuner needs it (see docs/HELPERS.md, 'Tuner protocol')")
+
+    def reference(self, key: K, inputs: dict[str, Any]) -> Any:
+        """The expected outputs for `inputs`, computed without the kernel (e.g. in torch)."""
+        raise NotImplementedError(f"kernel family {self.name!r} does not implement reference(key, inputs); "
+                                  "the tuner needs it (see docs/HELPERS.md, 'Tuner protocol')")
+
+    def check_outputs(self, key: K, inputs: dict[str, Any], outputs: Any, expected: Any) -> float:
+        """Relative error of `outputs` against `expected` (= reference(key, inputs), computed once
+        per key): max over tensors of max|out - exp| / max(max|exp|, 1e-6), in float32."""
+        import torch
+
+        outs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        exps = expected if isinstance(expected, (tuple, list)) else (expected,)
+        if len(outs) != len(exps):
+            raise ValueError(f"{self.name}: run() gave {len(outs)} outputs, reference() {len(exps)}")
+        err = 0.0
+        for out, exp in zip(outs, exps):
+            out, exp = out.float(), exp.float()
+            if out.shape != exp.shape:
+                raise ValueError(f"{self.name}: output shape {tuple(out.shape)} != reference {tuple(exp.shape)}")
+            if not torch.isfinite(out).all():
+                return float("inf")
+            scale = max(exp.abs().max().item() if exp.numel() else 0.0, 1e-6)
+            err = max(err, ((out - exp).abs().max().item() if out.numel() else 0.0) / scale)
+        return err
+
+    def tolerance(self, key: K) -> float:
+        """Largest relative error check_outputs may report for a correct config."""
+        return 2e-2
+
     def launchable(self, key: K, config: C, arch: str) -> LaunchableKernel:
         """Memoised: the hot path does no rendering, hashing or file access after the first call."""
         memo_key = (key, config, arch)
