@@ -388,6 +388,25 @@ def test_debug_env_writes_last_dispatch_file(dirs, monkeypatch):
     assert data["family"] == "test_noop" and data["source"] == "default"
 
 
+def test_no_gpu_and_no_identity_is_a_clear_error(dirs):
+    import torch
+
+    from vidrial.core.errors import InputError
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(InputError, match="gpu"):
+        dispatch.select_config(FAM, NoopKey(n=1024))
+
+
+def test_record_accepts_dicts_and_a_toolchain(tmp_path):
+    tc = Toolchain(vidrial="0.1.0", nvrtc="13.0", cupy="13.6.0", torch="2.9.0", driver="13.0")
+    path = record(FAM, {"n": 64}, {"block": 32}, gpu=GPU, time_ms=1.0, default_time_ms=None, trials=1,
+                  directory=tmp_path, toolchain=tc)
+    entry = load_file(path).entries[NoopKey(n=64).key_string()]
+    assert entry.toolchain == tc and entry.default_time_ms is None and entry.config == {"block": 32, "unroll": 1}
+
+
 def test_wrong_key_type_is_a_clear_error(dirs):
     from vidrial.core.errors import InputError
 

@@ -19,7 +19,9 @@ folder and then the user folder (whose entries override shipped ones key by key)
 resolved key is memoised, so a repeated call is two dict lookups (see
 benchmarks/bench_dispatch.py). `reload()` drops everything (tests, after tuning).
 `last_dispatch()` tells what the most recent call chose; with VIDRIAL_DEBUG_DISPATCH=1
-each call also writes it to `<user cache>/last_dispatch.json` for `vidrial show --last`.
+(read at import and by `reload()`) every call whose choice differs from the previous
+one also writes it to `<user cache>/last_dispatch.json`, so `vidrial show --last` in
+another process can read it (debugging only: that write is a file replace).
 """
 from __future__ import annotations
 
@@ -282,7 +284,10 @@ def current_gpu(device_index: int | None = None) -> GpuIdentity:
             import torch
 
             _torch = torch
-        device_index = _torch.cuda.current_device()
+        try:
+            device_index = _torch.cuda.current_device()
+        except Exception:
+            return GpuIdentity.current()  # raises InputError naming the fix when there is no GPU
     gpu = _GPUS.get(device_index)
     if gpu is None:
         gpu = _GPUS[device_index] = GpuIdentity.current(device_index)
@@ -340,11 +345,11 @@ def last_dispatch() -> Dispatch | None:
 def reload() -> None:
     """Forgets indexes, memoised choices and the last dispatch; the next call re-reads the
     tuned files (and warns again about bad ones)."""
-    global _LAST, _DEBUG
+    global _LAST, _DEBUG, _WRITTEN
     with _LOCK:
         _INDEXES.clear()
         _MEMO.clear()
-        _LAST = None
+        _LAST = _WRITTEN = None
         _DEBUG = bool(os.environ.get("VIDRIAL_DEBUG_DISPATCH"))
 
 
@@ -352,8 +357,17 @@ def last_dispatch_file() -> Path:
     return user_cache_dir() / "last_dispatch.json"
 
 
+_WRITTEN: Dispatch | None = None
+
+
 def _write_last(found: Dispatch) -> None:
-    """Debug mode only (VIDRIAL_DEBUG_DISPATCH=1): persists the choice for `vidrial show --last`."""
+    """Debug mode only (VIDRIAL_DEBUG_DISPATCH=1): persists the choice for `vidrial show --last`.
+    Writes only when the choice differs from the one last written (a file write costs
+    hundreds of microseconds; repeated identical calls cost nothing extra)."""
+    global _WRITTEN
+    if found is _WRITTEN:
+        return
+    _WRITTEN = found
     try:
         path = last_dispatch_file()
         path.parent.mkdir(parents=True, exist_ok=True)

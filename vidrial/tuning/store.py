@@ -245,6 +245,7 @@ def record(
     default_time_ms: float | None,
     trials: int,
     directory: Path | None = None,
+    toolchain: Toolchain | None = None,
 ) -> Path:
     """Stores a tuned winner in `<directory or user_tuned_dir()>/<gpu.slug>/<family.name>.json`
     and returns the file's path.
@@ -255,7 +256,8 @@ def record(
     against another template hash (stale), or on another GPU (name/arch/SM count);
     otherwise the faster existing entry is kept. A corrupt file, or one with another
     schema version, is moved aside to `<name>.json.bad-<unix time>` and a new file is
-    started."""
+    started. `toolchain` defaults to this process's `Toolchain.current()` (a tuner whose
+    timing ran in a worker process may pass the worker's)."""
     key = _as_model(family.Key, key)
     config = _as_model(family.Config, config)
     root = Path(directory) if directory is not None else user_tuned_dir()
@@ -266,7 +268,7 @@ def record(
         config=config.model_dump(mode="json"),
         template_hash=family.template_hash,
         gpu=gpu,
-        toolchain=Toolchain.current(),
+        toolchain=toolchain if toolchain is not None else Toolchain.current(),
         time_ms=float(time_ms),
         default_time_ms=None if default_time_ms is None else float(default_time_ms),
         trials=int(trials),
