@@ -7,6 +7,9 @@ from vidrial.core.family import KernelFamily
 _FAMILIES: dict[str, KernelFamily] = {}
 _FAMILY_MODULES = (
     "vidrial.kernels.power_retention.update_state",
+    "vidrial.kernels.power_retention.intra_chunk_attention",
+    "vidrial.kernels.power_retention.discumsum",
+    "vidrial.kernels.power_retention.query_state",
 )
 
 

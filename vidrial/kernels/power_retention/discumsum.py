@@ -1,0 +1,230 @@
+"""discumsum (MATH.md section 3 step 2): discounted cumulative sum of chunk states.
+
+    Sbar_0 = initial_state (or 0),   Sbar_{nu+1} = exp(L_nu) Sbar_nu + S_nu      (same for s)
+
+S [b,n,h,D,d] fp32, s [b,n,h,D] fp32, L [b,n,h] fp32 chunk gates (g[nu, c-1]; None: no decay)
+-> Sbar [b,n+1,h,D,d], sbar [b,n+1,h,D] fp32; index n is the final state.
+
+Memory-bound. One CTA owns a slice of `threads * vec * vecs` elements of one (batch, head)
+state and walks the chunks serially, loading the next chunk before accumulating the current
+one (16-byte vectors with vec=4). The sum of keys s rides in extra CTAs with scalar accesses.
+Optionally the kernel also writes a bf16 copy of Sbar_0..Sbar_{n-1} (the MMA operand of
+query_state) and/or only the final fp32 state instead of all n+1 (the forward op needs only
+the bf16 copy, sbar and the final state, which halves the bytes written).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import Field, model_validator
+
+from vidrial.core.config import KernelConfig, ProblemKey
+from vidrial.core.errors import ConfigError, InputError
+from vidrial.core.family import KernelFamily
+from vidrial.kernels import register
+from vidrial.kernels.power_retention._fwd_util import (
+    check_tensor,
+    compile_key,
+    pick_config,
+    pow2_bucket,
+)
+
+__all__ = ["DiscumsumConfig", "DiscumsumKey", "DiscumsumFamily", "FAMILY", "discumsum", "discumsum_forward"]
+
+
+class DiscumsumConfig(KernelConfig):
+    threads: int = Field(256, description="threads per CTA")
+    vec: int = Field(4, description="floats per vector access (4 = 16-byte loads)")
+    vecs: int = Field(4, description="vectors per thread per chunk (loads in flight = 2 * vecs)")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if self.threads not in (32, 64, 128, 256, 512, 1024):
+            raise ConfigError("threads", self.threads, "one of 32, 64, 128, 256, 512, 1024")
+        if self.vec not in (1, 2, 4):
+            raise ConfigError("vec", self.vec, "one of 1, 2, 4 (floats per access)")
+        if not 1 <= self.vecs <= 16:
+            raise ConfigError("vecs", self.vecs, "between 1 and 16")
+        return self
+
+    @property
+    def elements_per_thread(self) -> int:
+        return self.vec * self.vecs
+
+
+class DiscumsumKey(ProblemKey):
+    COMPILE_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "feature_dim")
+    head_dim: int = Field(64, description="d")
+    feature_dim: int = Field(2304, description="D (features of the state)")
+    batch_heads: int = Field(8, description="bucket (power of two) of batch * kv heads")
+    chunks: int = Field(64, description="bucket (power of two) of the number of chunks")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if self.head_dim <= 0 or self.feature_dim <= 0:
+            raise ConfigError("head_dim/feature_dim", (self.head_dim, self.feature_dim), "positive integers")
+        return self
+
+
+class DiscumsumFamily(KernelFamily[DiscumsumKey, DiscumsumConfig]):
+    name = "discumsum"
+    template = "discumsum.cu.j2"
+    Config = DiscumsumConfig
+    Key = DiscumsumKey
+    signature = ("ptr",) * 9 + ("i32", "i32", "i32")
+
+    def default_config(self, key: DiscumsumKey) -> DiscumsumConfig:
+        vec = 4 if (key.head_dim * key.feature_dim) % 4 == 0 else 1
+        return DiscumsumConfig(threads=256, vec=vec, vecs=4)
+
+    def render_context(self, key: DiscumsumKey, config: DiscumsumConfig) -> dict[str, Any]:
+        return dict(threads=config.threads, vec=config.vec, vecs=config.vecs, D=key.feature_dim, d=key.head_dim,
+                    key_label=key.label(), config_label=config.label())
+
+    def threads_per_block(self, config: DiscumsumConfig) -> int:
+        return config.threads
+
+    def dynamic_smem_bytes(self, key: DiscumsumKey, config: DiscumsumConfig) -> int:
+        return 0
+
+    def check(self, key: DiscumsumKey, config: DiscumsumConfig, arch: str) -> None:
+        super().check(key, config, arch)
+        if (key.head_dim * key.feature_dim) % config.vec:
+            raise ConfigError("vec", config.vec, f"must divide D*d = {key.feature_dim * key.head_dim}")
+        # accumulators + current + next chunk in registers, under the per-thread register cap
+        cap = min(255, 65536 // config.threads)
+        if 3 * config.elements_per_thread + 24 > cap:
+            raise ConfigError("vecs", config.vecs,
+                              f"{config.threads} threads allow {cap} registers per thread; vec*vecs="
+                              f"{config.elements_per_thread} needs ~{3 * config.elements_per_thread + 24}")
+
+    def standard_keys(self) -> list[DiscumsumKey]:
+        from vidrial.kernels.power_retention.sympow import default_d_tile, feature_dim
+
+        keys = []
+        for d, p in ((32, 2), (64, 2), (128, 2), (32, 4)):
+            keys.append(DiscumsumKey(head_dim=d, feature_dim=feature_dim(d, p, default_d_tile(d, p))))
+        return keys
+
+    def corner_configs(self, key: DiscumsumKey) -> list[DiscumsumConfig]:
+        return [self.default_config(key), DiscumsumConfig(threads=32, vec=1, vecs=1),
+                DiscumsumConfig(threads=1024, vec=4, vecs=2),
+                DiscumsumConfig(threads=128, vec=4, vecs=16)]
+
+    # ---- tuner protocol ------------------------------------------------------------------
+    def make_inputs(self, key: DiscumsumKey, device: Any, seed: int) -> dict[str, Any]:
+        import torch
+
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        bh, n, D, d = key.batch_heads, key.chunks, key.feature_dim, key.head_dim
+        S = torch.randn(1, n, bh, D, d, generator=gen).to(device)
+        s = torch.randn(1, n, bh, D, generator=gen).to(device)
+        L = -torch.rand(1, n, bh, generator=gen).to(device)
+        return dict(S=S, s=s, chunk_gates=L)
+
+    def run(self, key: DiscumsumKey, config: DiscumsumConfig, inputs: dict[str, Any]) -> Any:
+        return discumsum(inputs["S"], inputs["s"], inputs["chunk_gates"], config=config)
+
+    def reference(self, key: DiscumsumKey, inputs: dict[str, Any]) -> Any:
+        from vidrial.kernels.power_retention.reference import discumsum_reference
+
+        return discumsum_reference(inputs["S"], inputs["s"], inputs["chunk_gates"])
+
+
+FAMILY = register(DiscumsumFamily())
+
+
+def _grid(key: DiscumsumKey, config: DiscumsumConfig, b: int, h: int) -> tuple[tuple[int, int, int], int]:
+    E = key.head_dim * key.feature_dim
+    tile_S = config.threads * config.vec * config.vecs
+    tile_s = config.threads * config.vecs
+    blocks_S = -(-E // tile_S)
+    blocks_s = -(-key.feature_dim // tile_s)
+    if b * h > 65535:
+        raise InputError("S", f"batch*heads={b * h}", "batch * heads <= 65535")
+    return (blocks_S + blocks_s, b * h, 1), blocks_S
+
+
+def _check_inputs(S, s, chunk_gates, initial_state, sum_of_keys):
+    check_tensor("S", S, dtypes=("float32",), ndim=5, what="[batch, chunks, heads, D, d]")
+    b, n, h, D, d = S.shape
+    dev = S.device
+    check_tensor("s", s, dtypes=("float32",), shape=(b, n, h, D), device=dev, what="[batch, chunks, heads, D]")
+    if chunk_gates is not None:
+        check_tensor("chunk_gates", chunk_gates, dtypes=("float32",), shape=(b, n, h), device=dev,
+                     what="[batch, chunks, heads] (sum of log_G per chunk)")
+    if (initial_state is None) != (sum_of_keys is None):
+        raise InputError("sum_of_keys", None if sum_of_keys is None else tuple(sum_of_keys.shape),
+                         "given together with initial_state (both or neither)")
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, dtypes=("float32",), shape=(b, h, D, d), device=dev,
+                     what="[batch, heads, D, d]")
+        check_tensor("sum_of_keys", sum_of_keys, dtypes=("float32",), shape=(b, h, D), device=dev,
+                     what="[batch, heads, D]")
+    return b, n, h, D, d
+
+
+def discumsum_forward(S, s, chunk_gates=None, initial_state=None, sum_of_keys=None, config=None, *,
+                      fp32_states: bool = True, bf16_copy: bool = False, final_state: bool = False):
+    """The launcher with every output option. Returns a dict with
+    'Sbar' [b,n+1,h,D,d] fp32 (if fp32_states), 'sbar' [b,n+1,h,D] fp32 (always),
+    'Sbar16' [b,n,h,D,d] bf16 = Sbar_0..Sbar_{n-1} (if bf16_copy), 'S_final' [b,h,D,d] fp32 (if final_state)."""
+    import torch
+
+    from vidrial.core.launch import current_stream_handle
+
+    b, n, h, D, d = _check_inputs(S, s, chunk_gates, initial_state, sum_of_keys)
+    key = DiscumsumKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
+    if config is None:
+        config = pick_config(FAMILY, key)
+    dev = S.device
+    S, s = S.contiguous(), s.contiguous()
+    L = chunk_gates.contiguous() if chunk_gates is not None else None
+    S0 = initial_state.contiguous() if initial_state is not None else None
+    s0 = sum_of_keys.contiguous() if sum_of_keys is not None else None
+    out: dict[str, Any] = {}
+    Sbar = torch.empty(b, n + 1, h, D, d, device=dev, dtype=torch.float32) if fp32_states else None
+    sbar = torch.empty(b, n + 1, h, D, device=dev, dtype=torch.float32)
+    Sbar16 = torch.empty(b, n, h, D, d, device=dev, dtype=torch.bfloat16) if bf16_copy else None
+    Sfin = torch.empty(b, h, D, d, device=dev, dtype=torch.float32) if final_state else None
+    if b * h > 0:
+        grid, blocks_S = _grid(key, config, b, h)
+        kernel = FAMILY.launchable(compile_key(key), config, _arch(dev))
+        ptr = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
+        kernel.launch(grid, (config.threads, 1, 1),
+                      (S.data_ptr(), s.data_ptr(), ptr(L), ptr(S0), ptr(s0), ptr(Sbar), sbar.data_ptr(), ptr(Sbar16),
+                       ptr(Sfin), n, h, blocks_S),
+                      dev.index, current_stream_handle(dev.index))
+    if fp32_states:
+        out["Sbar"] = Sbar
+    out["sbar"] = sbar
+    if bf16_copy:
+        out["Sbar16"] = Sbar16
+    if final_state:
+        out["S_final"] = Sfin
+    return out
+
+
+_ARCH: dict[int, str] = {}
+
+
+def _arch(device) -> str:
+    from vidrial.core.arch import device_arch
+
+    a = _ARCH.get(device.index)
+    if a is None:
+        a = _ARCH[device.index] = device_arch(device.index)
+    return a
+
+
+def discumsum(S, s, chunk_gates=None, initial_state=None, sum_of_keys=None, config=None, *, bf16_copy: bool = False):
+    """Sbar [b,n+1,h,D,d], sbar [b,n+1,h,D] (fp32) from chunk states S [b,n,h,D,d], s [b,n,h,D].
+
+    chunk_gates [b,n,h] fp32 (L_nu, None: no decay); initial_state [b,h,D,d] and sum_of_keys [b,h,D]
+    (both or neither) give Sbar_0. With bf16_copy=True also returns Sbar16 [b,n,h,D,d] bf16, the
+    states at the start of chunks 0..n-1 (query_state's MMA operand)."""
+    out = discumsum_forward(S, s, chunk_gates, initial_state, sum_of_keys, config, fp32_states=True,
+                            bf16_copy=bf16_copy)
+    if bf16_copy:
+        return out["Sbar"], out["sbar"], out["Sbar16"]
+    return out["Sbar"], out["sbar"]

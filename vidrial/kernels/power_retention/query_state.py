@@ -1,0 +1,316 @@
+"""query_state (MATH.md section 3 step 4), fused with the merge of the intra-chunk half.
+
+Per (batch, chunk nu, query head) and a tile of `tile_m` queries:
+
+    q~ = s * q * exp(g[nu, tau] / p)          (g: cumsum of log_G inside the chunk, KV head i // r)
+    Yq = phi(q~)^T Sbar_nu  [tile_m, d]       tensor cores, mma.sync m16n8k16 bf16 -> fp32
+    zq = phi(q~)^T sbar_nu  [tile_m]          fp32 (CUDA cores, from the same phi values)
+    Y  = (O e^m + Yq) / (l e^m + zq)          shared shift sh = max(m, log zq) per row
+
+GEMM view: M = queries, N = d, K = D features. phi(q~) is formed in registers from an fp32 q~
+tile in shared memory (features along the reduction dimension, order of sympow.py via the block
+table of common/sympow.cuh); the state tile comes in bf16 through a cp.async pipeline of
+`stages` buffers and ldmatrix.trans. (O, l, m) are intra_chunk_attention's outputs in merge
+mode: O = sum exp(a - m) v, l = sum exp(a - m) + 1e-6, m = row max of the log weights.
+
+The state operand is the bf16 copy of Sbar written by discumsum (bf16_copy): reading the fp32
+state and converting in the kernel costs twice the bytes and a conversion per element for the
+same bf16 MMA operand. bf16 (not fp16) also for fp16 inputs: bf16 keeps fp32's exponent range,
+so an ungated state at t = 65536 cannot overflow.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from vidrial.core.config import KernelConfig, ProblemKey
+from vidrial.core.errors import ConfigError, InputError
+from vidrial.core.family import KernelFamily
+from vidrial.kernels import register
+from vidrial.kernels.power_retention._fwd_util import (
+    DTYPE_NAMES,
+    block_table,
+    check_tensor,
+    compile_key,
+    dtype_name,
+    pick_config,
+    pow2_bucket,
+)
+
+__all__ = ["QueryStateConfig", "QueryStateKey", "QueryStateFamily", "FAMILY", "query_state"]
+
+DType = Literal["bfloat16", "float16"]
+ODType = Literal["bfloat16", "float16", "float32"]
+
+
+class QueryStateConfig(KernelConfig):
+    tile_m: int = Field(64, description="queries per CTA (M)")
+    tile_k: int = Field(32, description="features per pipeline step (K), multiple of 16")
+    warps: int = Field(4, description="warps per CTA; they split tile_m (each owns tile_m / warps rows)")
+    stages: int = Field(3, description="cp.async buffers of the state tile")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if self.tile_m not in (16, 32, 64, 128, 256):
+            raise ConfigError("tile_m", self.tile_m, "one of 16, 32, 64, 128, 256")
+        if self.tile_k not in (16, 32, 64, 128):
+            raise ConfigError("tile_k", self.tile_k, "one of 16, 32, 64, 128 (multiple of the MMA k=16)")
+        if self.warps not in (1, 2, 4, 8):
+            raise ConfigError("warps", self.warps, "one of 1, 2, 4, 8")
+        if not 2 <= self.stages <= 6:
+            raise ConfigError("stages", self.stages, "between 2 and 6")
+        if self.tile_m % (16 * self.warps):
+            raise ConfigError("tile_m", self.tile_m, f"a multiple of 16 * warps = {16 * self.warps}")
+        return self
+
+
+class QueryStateKey(ProblemKey):
+    COMPILE_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "deg", "d_tile", "dtype", "o_dtype")
+    head_dim: int = 64
+    deg: int = 2
+    d_tile: int = 8
+    dtype: DType = "bfloat16"
+    o_dtype: ODType = "bfloat16"
+    chunk_size: int = Field(1024, description="bucket (power of two) of the chunk size")
+    tokens: int = Field(65536, description="bucket (power of two) of batch * time")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        from vidrial.kernels.power_retention.sympow import layout
+
+        layout(self.head_dim, self.deg, self.d_tile)
+        if self.head_dim % 16 or not 16 <= self.head_dim <= 256:
+            raise ConfigError("head_dim", self.head_dim, "a multiple of 16 between 16 and 256")
+        if self.head_dim // self.d_tile > 255:
+            raise ConfigError("d_tile", self.d_tile, "at most 255 tiles (d / d_tile)")
+        return self
+
+    @property
+    def feature_dim(self) -> int:
+        from vidrial.kernels.power_retention.sympow import feature_dim
+
+        return feature_dim(self.head_dim, self.deg, self.d_tile)
+
+
+def _smem_bytes(d: int, cfg: QueryStateConfig) -> int:
+    q = cfg.tile_m * (d + 4) * 4
+    b = cfg.stages * cfg.tile_k * (d + 8) * 2
+    z = cfg.stages * cfg.tile_k * 4
+    g = cfg.tile_m * 4 + cfg.warps * 4
+    return q + b + z + g + 16
+
+
+class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
+    name = "query_state"
+    template = "query_state.cu.j2"
+    Config = QueryStateConfig
+    Key = QueryStateKey
+    signature = ("ptr",) * 8 + ("i32",) * 8 + ("f32", "ptr")
+
+    def default_config(self, key: QueryStateKey) -> QueryStateConfig:
+        d = key.head_dim
+        if d <= 64:
+            tile_m = 128 if key.chunk_size >= 128 else 64
+            return QueryStateConfig(tile_m=tile_m, tile_k=32, warps=4 if tile_m == 64 else 4, stages=3)
+        return QueryStateConfig(tile_m=64, tile_k=32, warps=4, stages=3)
+
+    def render_context(self, key: QueryStateKey, config: QueryStateConfig) -> dict[str, Any]:
+        from vidrial.kernels.power_retention.sympow import layout
+
+        lay = layout(key.head_dim, key.deg, key.d_tile)
+        return dict(d=key.head_dim, D=lay.feature_dim, d_tile=key.d_tile, deg=key.deg, block_size=lay.block_size,
+                    in_type=DTYPE_NAMES[key.dtype], o_type=DTYPE_NAMES[key.o_dtype], tile_m=config.tile_m,
+                    tile_k=config.tile_k, warps=config.warps, stages=config.stages, key_label=key.label(),
+                    config_label=config.label())
+
+    def threads_per_block(self, config: QueryStateConfig) -> int:
+        return config.warps * 32
+
+    def dynamic_smem_bytes(self, key: QueryStateKey, config: QueryStateConfig) -> int:
+        return _smem_bytes(key.head_dim, config)
+
+    def check(self, key: QueryStateKey, config: QueryStateConfig, arch: str) -> None:
+        super().check(key, config, arch)
+        mt = config.tile_m // (16 * config.warps)
+        acc = mt * key.head_dim // 8 * 4
+        if acc > 128:
+            raise ConfigError("tile_m", config.tile_m,
+                              f"{acc} fp32 accumulators per thread (tile_m/(16*warps) * d/2) exceed 128; "
+                              "use more warps or a smaller tile_m")
+
+    def standard_keys(self) -> list[QueryStateKey]:
+        from vidrial.kernels.power_retention.sympow import default_d_tile
+
+        keys = []
+        for d, p in ((32, 2), (64, 2), (128, 2), (32, 4)):
+            for dt in ("bfloat16", "float16"):
+                keys.append(QueryStateKey(head_dim=d, deg=p, d_tile=default_d_tile(d, p), dtype=dt, o_dtype=dt))
+        return keys
+
+    def corner_configs(self, key: QueryStateKey) -> list[QueryStateConfig]:
+        out = [self.default_config(key), QueryStateConfig(tile_m=16, tile_k=16, warps=1, stages=2)]
+        big_m = 128 if key.head_dim <= 64 else 64
+        out.append(QueryStateConfig(tile_m=big_m * 2 if key.head_dim <= 64 else big_m, tile_k=64, warps=8 if key.head_dim <= 64 else 4, stages=4))
+        return out
+
+    # ---- tuner protocol ------------------------------------------------------------------
+    def make_inputs(self, key: QueryStateKey, device: Any, seed: int) -> dict[str, Any]:
+        return make_test_inputs(key, b=1, t=min(key.tokens, 8192), hq=2, h=1, chunk_size=key.chunk_size,
+                                gating=True, device=device, seed=seed)
+
+    def run(self, key: QueryStateKey, config: QueryStateConfig, inputs: dict[str, Any]) -> Any:
+        return query_state(inputs["Q"], inputs["Sbar"], inputs["sbar"], inputs["O"], inputs["l"], inputs["m"],
+                           inputs["log_G"], deg=key.deg, d_tile=key.d_tile, scale=inputs["scale"],
+                           chunk_size=inputs["chunk_size"], config=config)
+
+    def reference(self, key: QueryStateKey, inputs: dict[str, Any]) -> Any:
+        return query_state_reference(inputs["Q"], inputs["Sbar"], inputs["sbar"], inputs["O"], inputs["l"],
+                                     inputs["m"], inputs["log_G"], deg=key.deg, d_tile=key.d_tile,
+                                     scale=inputs["scale"], chunk_size=inputs["chunk_size"])
+
+
+FAMILY = register(QueryStateFamily())
+
+
+def make_test_inputs(key: QueryStateKey, *, b, t, hq, h, chunk_size, gating, device, seed=0, state_scale=1.0):
+    """Random inputs of query_state: Q, log_G, states (fp32, any scale) and an (O, l, m) triple."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    d, D = key.head_dim, key.feature_dim
+    n = -(-t // chunk_size)
+    dt = getattr(torch, key.dtype)
+    Q = torch.randn(b, t, hq, d, generator=gen).to(dt).to(device)
+    log_G = (-torch.rand(b, t, h, generator=gen) * 0.1).to(device) if gating else None
+    Sbar = (torch.randn(b, n, h, D, d, generator=gen) * state_scale).to(device)
+    sbar = (torch.rand(b, n, h, D, generator=gen) * state_scale).to(device)
+    O = torch.randn(b, t, hq, d, generator=gen).to(getattr(torch, key.o_dtype)).to(device)
+    m = torch.randn(b, t, hq, generator=gen).to(device)
+    l = (1.0 + torch.rand(b, t, hq, generator=gen) * 3).to(device)
+    return dict(Q=Q, log_G=log_G, Sbar=Sbar, sbar=sbar, O=O, l=l, m=m, scale=1.0 / math.sqrt(d),
+                chunk_size=chunk_size)
+
+
+def query_state_reference(Q, Sbar, sbar, O, l, m, log_G=None, *, deg, d_tile, scale=None, chunk_size):
+    """Float64 torch version of the kernel's math (for tests and the tuner): Y [b,t,hq,d] float64.
+    Sbar/sbar may hold n or n+1 chunks (the first n are used). Same merge as reference._merge."""
+    import torch
+
+    from vidrial.kernels.power_retention.reference import phi
+
+    b, t, hq, d = Q.shape
+    h = Sbar.shape[2]
+    r = hq // h
+    c = int(chunk_size)
+    n = -(-t // c)
+    s = 1.0 / math.sqrt(d) if not scale else float(scale)
+    pad = n * c - t
+    Qf = torch.nn.functional.pad(Q.double(), (0, 0, 0, 0, 0, pad))
+    g = None
+    if log_G is not None:
+        g = torch.nn.functional.pad(log_G.double(), (0, 0, 0, pad)).reshape(b, n, c, h).cumsum(2)
+        g = g.repeat_interleave(r, dim=3)  # [b, n, c, hq]
+    Qc = Qf.reshape(b, n, c, hq, d)
+    if g is not None:
+        Qc = Qc * torch.exp(g / deg).unsqueeze(-1)
+    pq = phi(Qc * s, deg, d_tile)  # [b, n, c, hq, D]
+    Sx = Sbar[:, :n].double().repeat_interleave(r, dim=2)  # [b, n, hq, D, d]
+    sx = sbar[:, :n].double().repeat_interleave(r, dim=2)
+    A = torch.einsum("bnchD,bnhDe->bnche", pq, Sx).reshape(b, n * c, hq, d)[:, :t]
+    B = torch.einsum("bnchD,bnhD->bnch", pq, sx).reshape(b, n * c, hq)[:, :t]
+    if O is None:
+        return A / B.unsqueeze(-1)
+    O, l, m = O.double(), l.double(), m.double()
+    M = torch.maximum(m, torch.log(B.clamp_min(1e-300)))
+    em, eM = torch.exp(m - M), torch.exp(-M)
+    return (O * em.unsqueeze(-1) + A * eM.unsqueeze(-1)) / (l * em + B * eM).unsqueeze(-1)
+
+
+_ARCH: dict[int, str] = {}
+
+
+def _arch(device) -> str:
+    from vidrial.core.arch import device_arch
+
+    a = _ARCH.get(device.index)
+    if a is None:
+        a = _ARCH[device.index] = device_arch(device.index)
+    return a
+
+
+def query_state(Q, Sbar, sbar, O, l, m, log_G=None, *, deg, d_tile, scale=None, chunk_size, config=None,
+                zero_first_state: bool = False):
+    """Y [b,t,hq,d] in Q's dtype: the state half of the chunked forward merged with (O, l, m).
+
+    Q [b,t,hq,d] bf16/fp16 (t need not be a multiple of chunk_size: the last chunk is partial);
+    Sbar [b,n',h,D,d] with n' = n or n+1 (n = ceil(t / chunk_size); the first n are the states at
+    the start of each chunk): bf16 (used as is, e.g. discumsum's bf16 copy) or fp32 (converted);
+    sbar [b,n',h,D] fp32; O [b,t,hq,d] (bf16/fp16/fp32), l, m [b,t,hq] fp32 from
+    intra_chunk_attention (merge mode) or all None (state only: Y = Yq / zq);
+    log_G [b,t,h] fp32 per-step log gates or None. zero_first_state=True promises Sbar_0 = 0
+    (no initial state) and skips that chunk's GEMM."""
+    import torch
+
+    from vidrial.core.launch import current_stream_handle
+    from vidrial.kernels.power_retention.sympow import layout
+
+    check_tensor("Q", Q, dtypes=("bfloat16", "float16"), ndim=4, what="[batch, time, q_heads, head_dim]")
+    b, t, hq, d = Q.shape
+    dev = Q.device
+    if deg not in (2, 4):
+        raise InputError("deg", deg, "2 or 4")
+    lay = layout(d, deg, d_tile)
+    D = lay.feature_dim
+    c = int(chunk_size)
+    if c <= 0:
+        raise InputError("chunk_size", chunk_size, "a positive integer")
+    n = -(-t // c)
+    check_tensor("Sbar", Sbar, dtypes=("bfloat16", "float32"), ndim=5, device=dev, what="[batch, chunks, kv_heads, D, d]")
+    bS, nS, h, DS, dS = Sbar.shape
+    if bS != b or DS != D or dS != d or nS not in (n, n + 1) or h == 0 or hq % h:
+        raise InputError("Sbar", tuple(Sbar.shape),
+                         f"[{b}, {n} or {n + 1}, h, {D}, {d}] with hq={hq} a multiple of h (D={D} for deg={deg}, "
+                         f"d_tile={d_tile})")
+    check_tensor("sbar", sbar, dtypes=("float32",), ndim=4, device=dev)
+    if tuple(sbar.shape) not in ((b, n, h, D), (b, n + 1, h, D)):
+        raise InputError("sbar", tuple(sbar.shape), f"[{b}, {n} or {n + 1}, {h}, {D}]")
+    merge = O is not None
+    if merge:
+        check_tensor("O", O, dtypes=("bfloat16", "float16", "float32"), shape=(b, t, hq, d), device=dev)
+        check_tensor("l", l, dtypes=("float32",), shape=(b, t, hq), device=dev)
+        check_tensor("m", m, dtypes=("float32",), shape=(b, t, hq), device=dev)
+    elif l is not None or m is not None:
+        raise InputError("O", None, "O, l and m given together (merge) or all None")
+    if log_G is not None:
+        check_tensor("log_G", log_G, dtypes=("float32",), shape=(b, t, h), device=dev, what="[batch, time, kv_heads]")
+    if scale is None or scale == 0:
+        scale = 1.0 / math.sqrt(d)
+    key = QueryStateKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=dtype_name(Q.dtype),
+                        o_dtype=dtype_name(O.dtype) if merge else dtype_name(Q.dtype),
+                        chunk_size=pow2_bucket(c), tokens=pow2_bucket(b * t))
+    if config is None:
+        config = pick_config(FAMILY, key)
+    if Sbar.dtype != torch.bfloat16:
+        Sbar = Sbar.to(torch.bfloat16)
+    Sbar, sbar, Q = Sbar.contiguous(), sbar.contiguous(), Q.contiguous()
+    Y = torch.empty_like(Q)
+    if Y.numel() == 0:
+        return Y
+    if merge:
+        O, l, m = O.contiguous(), l.contiguous(), m.contiguous()
+    lg = log_G.contiguous() if log_G is not None else None
+    m_tiles = -(-c // config.tile_m)
+    blocks = m_tiles * hq * b * n
+    if blocks >= 2**31:
+        raise InputError("Q", tuple(Q.shape), "fewer than 2^31 query tiles")
+    kernel = FAMILY.launchable(compile_key(key), config, _arch(dev))
+    table = block_table(d, deg, d_tile, dev)
+    ptr = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
+    kernel.launch((blocks, 1, 1), (config.warps * 32, 1, 1),
+                  (Q.data_ptr(), ptr(lg), Sbar.data_ptr(), sbar.data_ptr(), ptr(O), ptr(l), ptr(m), Y.data_ptr(),
+                   t, n, c, hq, hq // h, Sbar.shape[1], sbar.shape[1], int(bool(zero_first_state)), float(scale),
+                   table.data_ptr()),
+                  dev.index, current_stream_handle(dev.index))
+    return Y
