@@ -323,7 +323,12 @@ def search_space_path(family_name: str) -> Path:
 
 def load_search_space(family: Any, path: str | Path | None = None) -> SearchSpace:
     """The search space of `family`: from `path`, else the family's own `SEARCH_SPACE_TOML`
-    text (test families), else search_spaces/<family.name>.toml."""
+    text (test families), else search_spaces/<family.name>.toml. `family` may be a
+    KernelFamily, a registered name or a 'module:attr' reference."""
+    if isinstance(family, str):
+        from vidrial.tuning.worker import resolve_family
+
+        family = resolve_family(family)
     if path is None and getattr(family, "SEARCH_SPACE_TOML", None):
         text, source = family.SEARCH_SPACE_TOML, f"<{family.name}.SEARCH_SPACE_TOML>"
     else:
