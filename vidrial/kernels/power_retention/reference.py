@@ -46,6 +46,7 @@ and inference Y agree to ~1e-6, the float32 casts inside retention (gates, l, ro
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -107,6 +108,8 @@ def _check_qkv(Q, K, V, log_G, allow_shorter_q: bool = False) -> tuple[int, int,
         raise InputError("V", tuple(V.shape), f"the shape of K {tuple(K.shape)}")
     if bk != b or dk != d:
         raise InputError("K", tuple(K.shape), f"batch {b} and head_dim {d} as in Q {tuple(Q.shape)}")
+    if tq == 0 or tk == 0:
+        raise InputError("Q/K", (tuple(Q.shape), tuple(K.shape)), "at least one time step")
     if (tq > tk) if allow_shorter_q else (tq != tk):
         want = f"<= the key length {tk}" if allow_shorter_q else f"equal to the key length {tk}"
         raise InputError("Q", tuple(Q.shape), f"a query length {want}")
@@ -144,17 +147,20 @@ def _shifted_attention(a, V, denom_eps: float):
 # feature map and state
 # ----------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=64)
+def _feature_tables(d: int, deg: int, d_tile: int, device: torch.device):
+    idx, coef = layout(d, deg, d_tile).feature_indices()
+    return idx.to(device), coef.to(device)
+
+
 def phi(x: torch.Tensor, deg: int, d_tile: int) -> torch.Tensor:
     """Tiled symmetric power features ``[..., D]`` (float64) in THE order of ``sympow.py``.
 
     ``phi(x)[f] = coef[f] * prod_k x[idx[f, k]]`` with ``idx, coef = layout(d, deg, d_tile).feature_indices()``,
     so ``phi(x) . phi(y) = (x . y)^deg`` and ``D = C(d/d_tile + deg - 1, deg) * d_tile^deg``.
     """
-    d = x.shape[-1]
-    idx, coef = layout(d, deg, d_tile).feature_indices()
     x = x.to(_F64)
-    idx = idx.to(x.device)
-    out = coef.to(x.device)
+    idx, out = _feature_tables(x.shape[-1], deg, d_tile, x.device)
     for k in range(deg):
         out = out * x[..., idx[:, k]]
     return out
