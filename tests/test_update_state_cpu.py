@@ -1,0 +1,185 @@
+"""update_state on the CPU: config/key validation, deterministic rendering, NVRTC compilation of
+every standard key (default + corner configs, sm_80 and sm_90, no spills in defaults) and the
+launcher's input checks (which run before anything touches a GPU)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from vidrial.core.compile import CompiledKernel, compile_many
+from vidrial.core.errors import ConfigError, InputError
+from vidrial.kernels import get_family
+from vidrial.kernels.power_retention.sympow import layout
+from vidrial.kernels.power_retention.update_state import (
+    UpdateStateConfig,
+    UpdateStateKey,
+    block_table_values,
+    family,
+    update_state,
+)
+
+KEY = UpdateStateKey(head_dim=64, deg=2, d_tile=8, dtype="bf16", chunk_size=1024, gating=True)
+
+
+def test_registered():
+    assert get_family("update_state") is family
+
+
+@pytest.mark.parametrize("fields,field,rule", [
+    (dict(tile_m=24), "tile_m", "multiple of 16"),
+    (dict(tile_m=2048), "tile_m", "between 16 and 1024"),
+    (dict(tile_k=48), "tile_k", "one of"),
+    (dict(warps=3), "warps", "one of"),
+    (dict(stages=1), "stages", "between 2 and 6"),
+    (dict(min_ctas=0), "min_ctas", "between 1 and 4"),
+    (dict(tile_m=32, warps=4), "tile_m", "16 \\* warps = 64"),
+])
+def test_config_validation_names_field_value_rule(fields, field, rule):
+    with pytest.raises((ConfigError, ValidationError), match=rf"{field}={fields[field]}.*{rule}"):
+        UpdateStateConfig(**fields)
+
+
+@pytest.mark.parametrize("fields,field", [
+    (dict(head_dim=48), "head_dim"), (dict(head_dim=64, deg=3), "deg"), (dict(head_dim=64, d_tile=5), "d_tile"),
+    (dict(head_dim=64, chunk_size=40), "chunk_size"), (dict(head_dim=64, bh_chunks_bucket=3), "bh_chunks_bucket"),
+    (dict(head_dim=64, dtype="fp32"), "dtype"),
+])
+def test_key_validation(fields, field):
+    with pytest.raises((ConfigError, ValidationError), match=field):
+        UpdateStateKey(**fields)
+
+
+def test_check_rules():
+    with pytest.raises(ConfigError, match=r"tile_k=128: must divide chunk_size=64"):
+        family.check(KEY.model_copy(update={"chunk_size": 64}), UpdateStateConfig(tile_k=128), "sm_90")
+    with pytest.raises(ConfigError, match=r"tile_m=512.*registers"):
+        family.check(KEY, UpdateStateConfig(tile_m=512, warps=4), "sm_90")
+    big = UpdateStateConfig(tile_m=128, tile_k=128, warps=4, stages=6)
+    k128 = KEY.model_copy(update={"head_dim": 128})
+    with pytest.raises(ConfigError, match=r"shared memory"):
+        family.check(k128, big, "sm_80")
+
+
+def test_key_split_and_json_roundtrip():
+    assert set(KEY.compile_part()) == {"head_dim", "deg", "d_tile", "dtype", "chunk_size", "gating"}
+    assert set(KEY.runtime_part()) == {"bh_chunks_bucket"}
+    assert UpdateStateKey.model_validate_json(KEY.model_dump_json()) == KEY
+    cfg = family.default_config(KEY)
+    assert UpdateStateConfig.model_validate_json(cfg.model_dump_json()) == cfg
+
+
+def test_render_is_deterministic():
+    cfg = family.default_config(KEY)
+    a, b = family.render(KEY, cfg), family.render(KEY, cfg)
+    assert a.source == b.source and a.entry == b.entry
+    other = family.render(KEY.model_copy(update={"gating": False}), cfg)
+    assert other.source_hash != a.source_hash and other.entry != a.entry
+    # the runtime bucket changes the entry name but never what is compiled in
+    bucket = family.render(KEY.model_copy(update={"bh_chunks_bucket": 4096}), cfg)
+    assert bucket.source.replace(bucket.entry, "E") == a.source.replace(a.entry, "E")
+    assert "{{ " not in a.source and "{% " not in a.source  # no unrendered Jinja
+
+
+def test_block_table_matches_sympow_order():
+    for d, p, t in [(64, 2, 8), (64, 2, 1), (32, 4, 4), (128, 2, 128)]:
+        lay = layout(d, p, t)
+        vals = block_table_values(d, p, t)
+        assert len(vals) == lay.n_blocks
+        idx, _ = lay.feature_indices()
+        bs = lay.block_size
+        # decode like sympow.cuh does and compare with feature_indices() for a sample of features
+        for f in list(range(0, lay.feature_dim, max(1, lay.feature_dim // 97))) + [lay.feature_dim - 1]:
+            packed, e = vals[f // bs], f % bs
+            got = [0] * p
+            for j in range(p - 1, -1, -1):
+                got[j] = ((packed >> (8 * j)) & 0xFF) * t + e % t
+                e //= t
+            assert got == idx[f].tolist(), (d, p, t, f)
+
+
+def _compile_jobs(keys, with_corners: bool):
+    jobs, labels = [], []
+    for key in keys:
+        configs = [(family.default_config(key), True)]
+        if with_corners:
+            configs += [(c, False) for c in family.corner_configs(key)]
+        for cfg, is_default in configs:
+            for arch in ("sm_80", "sm_90"):
+                family.check(key, cfg, arch)
+                jobs.append((family.render(key, cfg), arch, (), f"{key.label()} | {cfg.label()}"))
+                labels.append((key, cfg, arch, is_default))
+    return jobs, labels
+
+
+def test_standard_keys_compile_sm80_sm90():
+    keys = family.standard_keys()
+    assert 10 <= len(keys) <= 40
+    assert len(set(keys)) == len(keys)
+    jobs, labels = _compile_jobs(keys, with_corners=True)
+    started = time.perf_counter()
+    results = compile_many(jobs)
+    wall = time.perf_counter() - started
+    failures = [str(r)[:2000] for r in results if not isinstance(r, CompiledKernel)]
+    assert not failures, failures[0]
+    spilling = [(k.label(), c.label(), a, r.facts) for (k, c, a, d), r in zip(labels, results) if d and r.facts.spills]
+    assert not spilling, spilling
+    for (key, cfg, arch, is_default), r in zip(labels, results):
+        if is_default:
+            assert family.infeasible_reason(key, cfg, r) is None, (key.label(), cfg.label(), arch, r.facts)
+    print(f"\ncompiled {len(jobs)} update_state kernels in {wall:.1f} s")
+
+
+def test_corner_configs_are_extreme_and_valid():
+    for key in family.standard_keys():
+        corners = family.corner_configs(key)
+        assert corners[0].tile_m == 16 and corners[0].warps == 1
+        assert len(corners) == 2 and corners[1].tile_m >= family.default_config(key).tile_m
+        for cfg in corners:
+            family.check(key, cfg, "sm_80")
+
+
+# ---- input checks (CPU tensors: checks run before the device check and the launch) -------------
+def _kv(b=1, t=128, h=2, d=64, dtype=torch.bfloat16):
+    return torch.randn(b, t, h, d).to(dtype), torch.randn(b, t, h, d).to(dtype)
+
+
+@pytest.mark.parametrize("mutate,argument,pattern", [
+    (lambda K, V, G: (K.float(), V, G), "K", "bfloat16 or torch.float16"),
+    (lambda K, V, G: (K, V.half(), G), "V", "dtype of K"),
+    (lambda K, V, G: (K[0], V[0], G), "K", "4 dims"),
+    (lambda K, V, G: (K[..., :48], V[..., :48], G), "K", "head_dim in"),
+    (lambda K, V, G: (K, V[:, :64], G), "V", "shape of K"),
+    (lambda K, V, G: (K.transpose(2, 3).contiguous().transpose(2, 3), V, G), "K", "contiguous last dim"),
+    (lambda K, V, G: (K, V, G.double()), "log_G", "float32"),
+    (lambda K, V, G: (K, V, G[:, :64]), "log_G", "shape"),
+    (lambda K, V, G: (K[:, :120], V[:, :120], None), "K", "multiple of chunk_size"),
+])
+def test_input_checks_name_argument(mutate, argument, pattern):
+    K, V = _kv()
+    G = torch.nn.functional.logsigmoid(torch.randn(1, 128, 2))
+    K, V, G = mutate(K, V, G)
+    with pytest.raises(InputError, match=rf"^{argument}: got .*{pattern}"):
+        update_state(K, V, G, chunk_size=64)
+
+
+def test_input_checks_strides_and_options():
+    K, V = _kv()
+    with pytest.raises(InputError, match=r"^deg: got 3"):
+        update_state(K, V, deg=3, chunk_size=64)
+    with pytest.raises(InputError, match=r"^d_tile: got 5"):
+        update_state(K, V, d_tile=5, chunk_size=64)
+    with pytest.raises(InputError, match=r"^chunk_size: got 40"):
+        update_state(K, V, chunk_size=40)
+    # time stride not a multiple of 8 elements: a view with an odd stride
+    base = torch.randn(1, 128, 2, 68).to(torch.bfloat16)
+    with pytest.raises(InputError, match=r"^K: got strides.*multiples of 8"):
+        update_state(base[..., :64], base[..., :64], chunk_size=64)
+    # a well-formed strided view passes every check and only fails on the device
+    wide = torch.randn(1, 128, 2, 128).to(torch.bfloat16)
+    with pytest.raises(InputError, match=r"^K: got device cpu.*CUDA"):
+        update_state(wide[..., :64], wide[..., 64:], chunk_size=64)
+    with pytest.raises(InputError, match=r"^K: got device cpu"):
+        update_state(K, V, chunk_size=64)
