@@ -8,4 +8,8 @@ def __getattr__(name: str):
         from vidrial.tuning.tuner import tune
 
         return tune
+    if name == "power_retention":
+        from vidrial.ops import power_retention
+
+        return power_retention
     raise AttributeError(f"module 'vidrial' has no attribute {name!r}")

@@ -72,7 +72,7 @@ class QueryStateKey(ProblemKey):
     deg: int = 2
     d_tile: int = 8
     dtype: DType = "bfloat16"
-    o_dtype: ODType = "bfloat16"
+    o_dtype: ODType = "float32"
     chunk_size: int = Field(1024, description="bucket (power of two) of the chunk size")
     tokens: int = Field(65536, description="bucket (power of two) of batch * time")
 
@@ -146,7 +146,7 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
         keys = []
         for d, p in ((32, 2), (64, 2), (128, 2), (32, 4)):
             for dt in ("bfloat16", "float16"):
-                keys.append(QueryStateKey(head_dim=d, deg=p, d_tile=default_d_tile(d, p), dtype=dt, o_dtype=dt))
+                keys.append(QueryStateKey(head_dim=d, deg=p, d_tile=default_d_tile(d, p), dtype=dt, o_dtype="float32"))
         return keys
 
     def corner_configs(self, key: QueryStateKey) -> list[QueryStateConfig]:
