@@ -1,0 +1,449 @@
+"""Intra-chunk power attention (MATH.md section 3 step 3, and section 1 for the quadratic path).
+
+Causal inside each chunk of ``chunk_size`` tokens (``chunk_size`` None/0: the whole sequence is
+one causal block), gated, GQA (query head i reads KV head i // r), flash-style on mma.sync
+(templates/intra_chunk_attention.cu.j2). The weights are
+
+    w_ij = (|s q_i.k_j| + 1e-7)^p * exp(G_i - G_j),   j <= i in the same chunk,
+
+with G the cumulative log gate (inside the chunk; the same differences as the global cumsum).
+Two output modes, chosen at compile time (``normalize``):
+
+* merge (``normalize=False``): ``(O, l, m)``, all float32, exactly the definition of
+  ``reference.intra_chunk_attention_reference``:
+
+      m_i = max_j log w_ij                        [b,t,hq]   (natural log, row shift)
+      O_i = sum_j w_ij v_j * exp(-m_i)            [b,t,hq,d]
+      l_i = sum_j w_ij * exp(-m_i) + 1e-6         [b,t,hq]   (>= 1: the max term is 1)
+
+  so ``O / l`` is the chunk-local output and ``O e^m``, ``(l - 1e-6) e^m`` the true sums, for the
+  merge with the state half (query_state).
+* normalised (``normalize=True``): ``Y = O / l`` in the input dtype [b,t,hq,d].
+
+Batch, time and heads are runtime arguments; head_dim, degree, dtype, chunk size, gating and the
+mode are compile-time (the problem key).
+"""
+from __future__ import annotations
+
+import math
+from functools import cache
+from typing import Any, ClassVar, Literal
+
+from pydantic import field_validator, model_validator
+
+from vidrial.core.config import KernelConfig, ProblemKey
+from vidrial.core.errors import ConfigError, InputError
+from vidrial.core.family import KernelFamily
+from vidrial.kernels import register
+from vidrial.kernels.power_retention.sympow import SUPPORTED_DEGREES
+
+HEAD_DIMS = (32, 64, 128)
+DTYPES = ("bf16", "fp16")
+TILE_MS = (16, 32, 64, 128, 256)
+TILE_NS = (16, 32, 64, 128)
+WARP_CHOICES = (1, 2, 4, 8)
+MAX_M_FRAGS = 4
+# The gate vector of the quadratic path is padded to a multiple of this (>= every tile_m).
+G_PAD = 256
+# Rough register budget for accumulators + fragments (the rest: addresses, temporaries), calibrated
+# on ptxas (NVRTC 13.0, sm_80/sm_90): S counts 1.5x (it also lives on as P and the masked path).
+REGISTER_BUDGET = 230
+_ELEM = {"bf16": "__nv_bfloat16", "fp16": "__half"}
+
+
+def _pow2_bucket(n: int) -> int:
+    n = max(int(n), 1)
+    return 1 << (n - 1).bit_length()
+
+
+class IntraChunkAttentionConfig(KernelConfig):
+    """Tiles of the intra-chunk attention kernel.
+
+    tile_m: queries per CTA (= 16 * warps * m_frags; each warp owns whole 16-row MMA tiles);
+    tile_n: keys per pipeline step (divides tile_m); warps: warps per CTA; stages: cp.async
+    depth of the K/V pipeline; rescale_log2: log2 of the threshold by which a row maximum must
+    grow before O and l are rescaled (P = w / shift stays <= 2^rescale_log2; 0 = always rescale)."""
+
+    tile_m: int = 128
+    tile_n: int = 64
+    warps: int = 4
+    stages: int = 2
+    rescale_log2: int = 8
+
+    @field_validator("tile_m")
+    @classmethod
+    def _tile_m(cls, v: int) -> int:
+        if v not in TILE_MS:
+            raise ConfigError("tile_m", v, f"one of {TILE_MS}")
+        return v
+
+    @field_validator("tile_n")
+    @classmethod
+    def _tile_n(cls, v: int) -> int:
+        if v not in TILE_NS:
+            raise ConfigError("tile_n", v, f"one of {TILE_NS} (16-key MMA steps)")
+        return v
+
+    @field_validator("warps")
+    @classmethod
+    def _warps(cls, v: int) -> int:
+        if v not in WARP_CHOICES:
+            raise ConfigError("warps", v, f"one of {WARP_CHOICES}")
+        return v
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: int) -> int:
+        if not 2 <= v <= 4:
+            raise ConfigError("stages", v, "between 2 and 4 (cp.async pipeline depth)")
+        return v
+
+    @field_validator("rescale_log2")
+    @classmethod
+    def _rescale(cls, v: int) -> int:
+        if not 0 <= v <= 12:
+            raise ConfigError("rescale_log2", v, "between 0 and 12 (P <= 2^rescale_log2 must fit fp16)")
+        return v
+
+    @model_validator(mode="after")
+    def _split(self) -> "IntraChunkAttentionConfig":
+        if self.tile_m % (16 * self.warps):
+            raise ConfigError("tile_m", self.tile_m,
+                              f"a multiple of 16 * warps = {16 * self.warps} (each warp owns whole 16-row MMA tiles)")
+        if self.m_frags > MAX_M_FRAGS:
+            raise ConfigError("tile_m", self.tile_m,
+                              f"at most {MAX_M_FRAGS} 16-row fragments per warp (tile_m <= {16 * MAX_M_FRAGS} * warps)")
+        if self.tile_m % self.tile_n:
+            raise ConfigError("tile_n", self.tile_n, f"a divisor of tile_m={self.tile_m}")
+        if self.tile_n > 32 * self.warps:
+            raise ConfigError("tile_n", self.tile_n, f"at most the thread count 32 * warps = {32 * self.warps}")
+        return self
+
+    @property
+    def m_frags(self) -> int:
+        return self.tile_m // (16 * self.warps)
+
+
+class IntraChunkAttentionKey(ProblemKey):
+    """Compile-time constants plus buckets of the runtime work size.
+
+    chunk_size 0 means the quadratic path (one causal block over the whole sequence)."""
+
+    COMPILE_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "deg", "dtype", "chunk_size", "gating", "normalize")
+
+    head_dim: int
+    deg: int = 2
+    dtype: Literal["bf16", "fp16"] = "bf16"
+    chunk_size: int = 1024
+    gating: bool = True
+    normalize: bool = False
+    bh_bucket: int = 8  # power of two >= batch * q_heads
+    t_bucket: int = 65536  # power of two >= t
+
+    @field_validator("head_dim")
+    @classmethod
+    def _head_dim(cls, v: int) -> int:
+        if v not in HEAD_DIMS:
+            raise ConfigError("head_dim", v, f"one of {HEAD_DIMS}")
+        return v
+
+    @field_validator("deg")
+    @classmethod
+    def _deg(cls, v: int) -> int:
+        if v not in SUPPORTED_DEGREES:
+            raise ConfigError("deg", v, f"one of {SUPPORTED_DEGREES}")
+        return v
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _chunk(cls, v: int) -> int:
+        if v != 0 and (v < 16 or v % 16):
+            raise ConfigError("chunk_size", v, "0 (quadratic path) or a positive multiple of 16")
+        return v
+
+    @field_validator("bh_bucket", "t_bucket")
+    @classmethod
+    def _bucket(cls, v: int) -> int:
+        if v < 1 or v & (v - 1):
+            raise ConfigError("bucket", v, "a power of two >= 1")
+        return v
+
+
+def _register_estimate(key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig) -> int:
+    mf, d = config.m_frags, key.head_dim
+    o_acc = mf * (d // 8) * 4
+    s_acc = mf * (config.tile_n // 8) * 4
+    q_frag = mf * (d // 16) * 4
+    return o_acc + (3 * s_acc) // 2 + q_frag + mf * 12
+
+
+class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkAttentionConfig]):
+    name = "intra_chunk_attention"
+    template = "intra_chunk_attention.cu.j2"
+    Config = IntraChunkAttentionConfig
+    Key = IntraChunkAttentionKey
+    # Q, K, V, G, Out, L, M | t, hq, h, n_bh, g_len | Q/K/V strides (batch, time, head) | scale
+    signature = ("ptr",) * 7 + ("i32",) * 5 + ("i64",) * 9 + ("f32",)
+
+    # ---- configs ---------------------------------------------------------------------------
+    def default_config(self, key: IntraChunkAttentionKey) -> IntraChunkAttentionConfig:
+        d = key.head_dim
+        tile_m = max(m for m in TILE_MS if m <= 128 and (key.chunk_size == 0 or key.chunk_size % m == 0))
+        # d=128: one 16-row fragment per warp (O 64 + S 32 + Q 32 fp32 registers); smaller heads:
+        # two fragments per warp, which halves the shared-memory traffic per MMA.
+        warps = max(1, min(8, tile_m // 16)) if d == 128 else max(1, tile_m // 32)
+        tile_n = min(64, tile_m)
+        return IntraChunkAttentionConfig(tile_m=tile_m, tile_n=tile_n, warps=warps, stages=2)
+
+    def corner_configs(self, key: IntraChunkAttentionKey) -> list[IntraChunkAttentionConfig]:
+        """The smallest tiles and the largest that pass check() on sm_80."""
+        out = [IntraChunkAttentionConfig(tile_m=16, tile_n=16, warps=1, stages=2)]
+        large = None
+        for tile_m, warps, tile_n, stages in ((256, 8, 128, 3), (256, 8, 64, 3), (128, 8, 128, 3), (128, 4, 64, 3),
+                                              (128, 8, 64, 2), (64, 4, 64, 2)):
+            try:
+                cfg = IntraChunkAttentionConfig(tile_m=tile_m, tile_n=tile_n, warps=warps, stages=stages)
+                self.check(key, cfg, "sm_80")
+            except ConfigError:
+                continue
+            large = cfg
+            break
+        if large is not None and large != out[0]:
+            out.append(large)
+        return out
+
+    def check(self, key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig, arch: str) -> None:
+        if key.chunk_size and key.chunk_size % config.tile_m:
+            raise ConfigError("tile_m", config.tile_m, f"must divide chunk_size={key.chunk_size}")
+        regs = _register_estimate(key, config)
+        if regs > REGISTER_BUDGET:
+            raise ConfigError("tile_m", config.tile_m,
+                              f"{config.m_frags} fragments per warp need ~{regs} registers per thread "
+                              f"(head_dim={key.head_dim}, tile_n={config.tile_n}); at most {REGISTER_BUDGET} fit "
+                              "without spilling: lower tile_m or tile_n, or raise warps")
+        super().check(key, config, arch)
+
+    # ---- rendering and launch shape --------------------------------------------------------
+    def threads_per_block(self, config: IntraChunkAttentionConfig) -> int:
+        return config.warps * 32
+
+    def dynamic_smem_bytes(self, key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig) -> int:
+        d = key.head_dim
+        size = (config.tile_m * d + 2 * config.stages * config.tile_n * d) * 2
+        if key.gating:
+            size += (4 * config.tile_n + 4) * 4
+        return size
+
+    def render_context(self, key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig) -> dict[str, Any]:
+        return dict(
+            head_dim=key.head_dim, deg=key.deg, dtype=key.dtype, elem_type=_ELEM[key.dtype],
+            chunk_size=key.chunk_size, gating=key.gating, normalize=key.normalize,
+            tile_m=config.tile_m, tile_n=config.tile_n, warps=config.warps, stages=config.stages,
+            rescale_threshold=f"{float(2 ** config.rescale_log2):.1f}",
+        )
+
+    def standard_keys(self) -> list[IntraChunkAttentionKey]:
+        keys = []
+        for d in HEAD_DIMS:
+            for dtype in DTYPES:
+                keys.append(IntraChunkAttentionKey(head_dim=d, dtype=dtype, chunk_size=1024, gating=True))
+                keys.append(IntraChunkAttentionKey(head_dim=d, dtype=dtype, chunk_size=0, gating=True, normalize=True,
+                                                   t_bucket=16384))
+        for d in (64,):
+            keys.append(IntraChunkAttentionKey(head_dim=d, deg=4, chunk_size=1024, gating=True))
+            keys.append(IntraChunkAttentionKey(head_dim=d, deg=2, chunk_size=64, gating=False))
+            keys.append(IntraChunkAttentionKey(head_dim=d, deg=4, chunk_size=0, gating=False, normalize=True,
+                                               t_bucket=16384))
+        return keys
+
+    def grid(self, key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig, t: int, n_bh: int) -> int:
+        if key.chunk_size:
+            tiles = math.ceil(t / key.chunk_size) * (key.chunk_size // config.tile_m)
+        else:
+            tiles = math.ceil(t / config.tile_m)
+        return tiles * n_bh
+
+
+family: IntraChunkAttentionFamily = register(IntraChunkAttentionFamily())  # type: ignore[assignment]
+
+
+# ---- public launcher ----------------------------------------------------------------------------
+_DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+
+@cache
+def _key(d: int, deg: int, dtype: str, chunk: int, gating: bool, normalize: bool, bh: int,
+         t: int) -> IntraChunkAttentionKey:
+    return IntraChunkAttentionKey(head_dim=d, deg=deg, dtype=dtype, chunk_size=chunk, gating=gating,
+                                  normalize=normalize, bh_bucket=bh, t_bucket=t)
+
+
+@cache
+def _compile_key(key: IntraChunkAttentionKey) -> IntraChunkAttentionKey:
+    """Runtime buckets reset: the cubin depends only on the compile fields."""
+    return key.model_copy(update={"bh_bucket": 8, "t_bucket": 65536})
+
+
+@cache
+def _arch(device_index: int) -> str:
+    from vidrial.core.arch import device_arch
+
+    return device_arch(device_index)
+
+
+def select_config(key: IntraChunkAttentionKey) -> IntraChunkAttentionConfig:
+    """The config used when the caller gives none: the dispatcher's choice, else the default."""
+    try:
+        from vidrial import dispatch
+    except ImportError:
+        return family.default_config(key)
+    return dispatch.select_config(family, key)
+
+
+def _check_qkv(name: str, x, d_ref: int | None = None) -> None:
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise InputError(name, type(x).__name__, "a torch.Tensor [batch, time, heads, head_dim]")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise InputError(name, f"dtype {x.dtype}", "torch.bfloat16 or torch.float16")
+    if x.dim() != 4:
+        raise InputError(name, f"shape {tuple(x.shape)}", "4 dims [batch, time, heads, head_dim]")
+    if x.shape[-1] not in HEAD_DIMS:
+        raise InputError(name, f"head_dim {x.shape[-1]} (shape {tuple(x.shape)})", f"head_dim in {HEAD_DIMS}")
+    if x.device.type != "cuda":
+        raise InputError(name, f"device {x.device}", "a CUDA tensor")
+
+
+def _aligned(x) -> bool:
+    return x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[:3]) and x.data_ptr() % 16 == 0
+
+
+def gate_cumsum(log_G, chunk_size: int, g_len: int):
+    """[b, t, h] per-step log gates -> [b, h, g_len] float32 cumulative log gates (inside each
+    chunk when chunk_size > 0, over the whole sequence otherwise), zero-padded in time."""
+    import torch
+
+    b, t, h = log_G.shape
+    g = log_G.to(torch.float32)
+    if g_len > t:
+        g = torch.nn.functional.pad(g, (0, 0, 0, g_len - t))
+    if chunk_size:
+        g = g.view(b, g_len // chunk_size, chunk_size, h).cumsum(2).view(b, g_len, h)
+    else:
+        g = g.cumsum(1)
+    return g.transpose(1, 2).contiguous()
+
+
+def intra_chunk_attention(Q, K, V, log_G=None, *, deg: int, scale: float | None = None, chunk_size: int | None,
+                          normalize: bool = False, config: IntraChunkAttentionConfig | None = None, out=None):
+    """Causal power attention inside chunks (MATH.md section 3 step 3) on the GPU.
+
+    Q [b,t,hq,d], K, V [b,t,h,d]: bf16 or fp16 CUDA tensors (same dtype), hq a multiple of h, d in
+    (32, 64, 128). log_G: [b,t,h] per-step log gates (float32, <= 0; cumsum'd here) or None.
+    deg: 2 or 4. scale: None or 0 means 1/sqrt(d). chunk_size: None or 0 = the whole sequence is
+    one causal block (quadratic path), else a positive multiple of 16 (t need not be a multiple:
+    the last chunk is shorter). normalize=False returns (O [b,t,hq,d], l [b,t,hq], m [b,t,hq])
+    float32 as in reference.intra_chunk_attention_reference; normalize=True returns Y = O/l
+    [b,t,hq,d] in the input dtype. Runs on the current stream with no host sync. Inputs whose
+    strides are not 16-byte friendly (last dim contiguous, other strides multiples of 8 elements)
+    are copied with .contiguous(). ``out`` (optional): preallocated contiguous outputs, Y or the
+    tuple (O, l, m), of the shapes and dtypes above; they are written and returned.
+    """
+    import torch
+
+    _check_qkv("Q", Q)
+    _check_qkv("K", K)
+    _check_qkv("V", V)
+    b, t, hq, d = Q.shape
+    if K.shape != V.shape:
+        raise InputError("V", f"shape {tuple(V.shape)}", f"the shape of K {tuple(K.shape)}")
+    if K.shape[0] != b or K.shape[1] != t or K.shape[3] != d:
+        raise InputError("K", f"shape {tuple(K.shape)}", f"[{b}, {t}, kv_heads, {d}] matching Q {tuple(Q.shape)}")
+    h = K.shape[2]
+    if h < 1 or hq % h:
+        raise InputError("Q", f"{hq} query heads", f"a multiple of the {h} KV heads of K (GQA)")
+    if K.dtype != Q.dtype or V.dtype != Q.dtype:
+        raise InputError("K/V", f"dtypes {K.dtype}/{V.dtype}", f"the dtype of Q ({Q.dtype})")
+    if K.device != Q.device or V.device != Q.device:
+        raise InputError("K/V", f"devices {K.device}/{V.device}", f"the device of Q ({Q.device})")
+    if deg not in SUPPORTED_DEGREES:
+        raise InputError("deg", deg, f"one of {SUPPORTED_DEGREES}")
+    if chunk_size is None:
+        chunk_size = 0
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0 or \
+            (chunk_size and chunk_size % 16):
+        raise InputError("chunk_size", chunk_size, "None/0 (quadratic) or a positive multiple of 16")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise InputError("scale", type(scale).__name__, "None or a float")
+    s = 1.0 / math.sqrt(d) if not scale else float(scale)
+    if not math.isfinite(s):
+        raise InputError("scale", scale, "a finite number")
+    if log_G is not None:
+        if not isinstance(log_G, torch.Tensor):
+            raise InputError("log_G", type(log_G).__name__, "None or a float32 torch.Tensor [batch, time, kv_heads]")
+        if log_G.dtype != torch.float32:
+            raise InputError("log_G", f"dtype {log_G.dtype}", "torch.float32")
+        if tuple(log_G.shape) != (b, t, h):
+            raise InputError("log_G", f"shape {tuple(log_G.shape)}", f"shape {(b, t, h)} (batch, time, kv_heads)")
+        if log_G.device != Q.device:
+            raise InputError("log_G", f"device {log_G.device}", f"the device of Q ({Q.device})")
+    if config is not None and not isinstance(config, IntraChunkAttentionConfig):
+        raise InputError("config", type(config).__name__, "None or an IntraChunkAttentionConfig")
+
+    n_bh = b * hq
+    key = _key(d, deg, _DTYPE_NAMES[str(Q.dtype)], chunk_size, log_G is not None, bool(normalize),
+               _pow2_bucket(n_bh), _pow2_bucket(t))
+    if out is None:
+        if normalize:
+            out = torch.empty((b, t, hq, d), device=Q.device, dtype=Q.dtype)
+            L = M = None
+        else:
+            out = torch.empty((b, t, hq, d), device=Q.device, dtype=torch.float32)
+            L = torch.empty((b, t, hq), device=Q.device, dtype=torch.float32)
+            M = torch.empty((b, t, hq), device=Q.device, dtype=torch.float32)
+    else:
+        outs = (out,) if normalize else tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        want = [((b, t, hq, d), Q.dtype)] if normalize else \
+            [((b, t, hq, d), torch.float32), ((b, t, hq), torch.float32), ((b, t, hq), torch.float32)]
+        if len(outs) != len(want) or any(
+                not isinstance(x, torch.Tensor) or tuple(x.shape) != shp or x.dtype != dt or not x.is_contiguous()
+                or x.device != Q.device for x, (shp, dt) in zip(outs, want)):
+            raise InputError("out", [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+                                     for x in outs], f"contiguous tensors {want} on {Q.device}")
+        out, L, M = (outs[0], None, None) if normalize else outs
+    if n_bh == 0 or t == 0:
+        return out if normalize else (out, L, M)
+    if config is None:
+        config = select_config(key)
+    ckey = _compile_key(key)
+    dev = Q.device.index if Q.device.index is not None else torch.cuda.current_device()
+    arch = _arch(dev)
+    family.check(ckey, config, arch)
+    kernel = family.launchable(ckey, config, arch)
+    grid = family.grid(key, config, t, n_bh)
+    if grid >= 2**31:
+        raise InputError("Q", f"batch*heads={n_bh}, t={t}", "fewer than 2^31 query tiles; split the batch")
+
+    Q, K, V = (x if _aligned(x) else x.contiguous() for x in (Q, K, V))
+    if log_G is not None:
+        pad_to = chunk_size if chunk_size else G_PAD
+        g_len = -(-t // pad_to) * pad_to
+        G = gate_cumsum(log_G, chunk_size, g_len)
+        gptr = G.data_ptr()
+    else:
+        g_len, gptr = 0, 0
+    qs, ks, vs = Q.stride(), K.stride(), V.stride()
+    from vidrial.core.launch import current_stream_handle
+
+    kernel.launch((grid, 1, 1), (family.threads_per_block(config), 1, 1),
+                  (Q.data_ptr(), K.data_ptr(), V.data_ptr(), gptr, out.data_ptr(),
+                   0 if L is None else L.data_ptr(), 0 if M is None else M.data_ptr(),
+                   t, hq, h, n_bh, g_len,
+                   qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], s),
+                  dev, current_stream_handle(dev))
+    return out if normalize else (out, L, M)
+
+
+__all__ = ["IntraChunkAttentionConfig", "IntraChunkAttentionKey", "IntraChunkAttentionFamily", "family",
+           "intra_chunk_attention", "gate_cumsum"]
