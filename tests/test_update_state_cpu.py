@@ -77,9 +77,9 @@ def test_render_is_deterministic():
     assert a.source == b.source and a.entry == b.entry
     other = family.render(KEY.model_copy(update={"gating": False}), cfg)
     assert other.source_hash != a.source_hash and other.entry != a.entry
-    # the runtime bucket changes the entry name but never what is compiled in
+    # the runtime bucket never changes what is compiled (no recompile for a new batch size)
     bucket = family.render(KEY.model_copy(update={"bh_chunks_bucket": 4096}), cfg)
-    assert bucket.source.replace(bucket.entry, "E") == a.source.replace(a.entry, "E")
+    assert bucket.source == a.source and bucket.entry == a.entry
     assert "{{ " not in a.source and "{% " not in a.source  # no unrendered Jinja
 
 

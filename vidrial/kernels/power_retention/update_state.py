@@ -164,6 +164,15 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
     # K, V, log_G, block table, S, s, heads, n_chunks, K strides (b,t,h), V strides, log_G strides
     signature = ("ptr",) * 6 + ("i32", "i32") + ("i64",) * 9
 
+    def entry_name(self, key: UpdateStateKey, config: UpdateStateConfig) -> str:
+        """Only the compile-time part of the key names the kernel: a new runtime bucket (batch,
+        heads, chunks) reuses the same source, cubin and cache entry."""
+        import hashlib
+        import json
+
+        text = json.dumps(key.compile_part(), sort_keys=True) + config.model_dump_json()
+        return f"{self.name}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
     # ---- configs ---------------------------------------------------------------------------
     @staticmethod
     def _largest_tile_k(chunk: int, cap: int = 64) -> int:
@@ -302,6 +311,12 @@ def _key(head_dim: int, deg: int, d_tile: int, dtype: str, chunk: int, gating: b
 
 
 @cache
+def _kernel_key(key: UpdateStateKey) -> UpdateStateKey:
+    """The key with its runtime bucket fixed: launchables are shared across batch/heads/chunks."""
+    return key.model_copy(update={"bh_chunks_bucket": 1})
+
+
+@cache
 def _arch(device_index: int) -> str:
     from vidrial.core.arch import device_arch
 
@@ -393,7 +408,7 @@ def update_state(K, V, log_G=None, *, deg: int = 2, d_tile: int | None = None, c
     if config is None:
         config = select_config(key)
     dev = K.device.index if K.device.index is not None else torch.cuda.current_device()
-    kernel = family.launchable(key, config, _arch(dev))
+    kernel = family.launchable(_kernel_key(key), config, _arch(dev))
     grid = family.grid(key, config, bhc)
     if grid[0] >= 2**31:
         raise InputError("K", f"batch*heads*chunks={bhc} with D={D}", "fewer than 2^31 CTAs; split the batch")
