@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from vidrial.core.errors import VidrialError
 
@@ -242,12 +242,19 @@ def _defaults(config_cls: type) -> dict[str, Any]:
     return out
 
 
-def _field_adapter(config_cls: type, name: str) -> TypeAdapter:
-    info = config_cls.model_fields[name]
-    from typing import Annotated
-
-    annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
-    return TypeAdapter(annotation)
+def _field_problem(config_cls: type, name: str, value: Any) -> str | None:
+    """Why the Config model rejects `value` for field `name` on its own (type and field
+    validators); errors of other fields and of cross-field model validators are ignored,
+    those are judged per combination."""
+    try:
+        config_cls.model_validate({**_defaults(config_cls), name: value})
+    except ValidationError as exc:
+        for err in exc.errors():
+            if tuple(err.get("loc", ())) == (name,):
+                return str(err.get("msg"))
+    except (ValueError, VidrialError):
+        return None  # a model-level rule: judged per combination
+    return None
 
 
 def parse_search_space(data: Mapping[str, Any], family: Any, source: str = "<inline>") -> SearchSpace:
@@ -277,17 +284,16 @@ def parse_search_space(data: Mapping[str, Any], family: Any, source: str = "<inl
                                    f"fields are: {', '.join(config_fields)}")
         if not isinstance(choices, list) or not choices:
             raise SearchSpaceError(f"{source}: fields.{name}: expected a non-empty list of choices, got {choices!r}")
-        adapter = _field_adapter(config_cls, name)
         validated = []
         for choice in choices:
             if isinstance(choice, (dict, list)):
                 raise SearchSpaceError(f"{source}: fields.{name}: choice {choice!r}: choices must be "
                                        "numbers, strings or booleans")
-            try:
-                value = adapter.validate_python(choice, strict=False)
-            except ValidationError as exc:
+            problem = _field_problem(config_cls, name, choice)
+            if problem:
                 raise SearchSpaceError(f"{source}: fields.{name}: choice {choice!r} is not allowed by "
-                                       f"{config_cls.__name__}.{name}: {exc.errors()[0].get('msg')}") from None
+                                       f"{config_cls.__name__}.{name}: {problem}")
+            value = choice
             if value in validated:
                 raise SearchSpaceError(f"{source}: fields.{name}: choice {choice!r} is listed twice")
             validated.append(choice)

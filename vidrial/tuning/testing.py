@@ -4,8 +4,9 @@
   function with a unique optimum; no CUDA needed (FakeBackend + fake_compiler).
 - `FakeBackend`: a measurement backend for MeasurementWorker on CPU. The environment
   variable VIDRIAL_FAKE_MISBEHAVE ("crash:tile_m=256;hang:tile_k=128;fault:warps=8")
-  makes configs with those values crash the worker (os._exit), hang (sleep) or report a
-  CUDA fault: the isolation tests use it.
+  (conditions joined by '&' must all hold) makes configs with those values crash the worker (os._exit), hang (sleep) or report a
+  CUDA fault: the isolation tests use it. VIDRIAL_FAKE_DELAY_S makes each measurement take
+  that long (scale-out tests).
 - `fault_probe`: a real CUDA family for the GPU isolation proof. Its `mode` field picks
   a kernel that works, writes to an illegal address, or spins for ~15 s (a hang past the
   tuner's job timeout). Tune it with
@@ -118,12 +119,18 @@ def fake_compiler(spills: Any = None):
     return compile_fn
 
 
+no_spill_compile = fake_compiler()  # for TuneSettings.compiler = "vidrial.tuning.testing:no_spill_compile"
+
+
 def _misbehaviour(config: dict[str, Any]) -> str | None:
     spec = os.environ.get("VIDRIAL_FAKE_MISBEHAVE", "")
     for part in filter(None, (p.strip() for p in spec.split(";"))):
-        what, _, cond = part.partition(":")
-        name, _, value = cond.partition("=")
-        if str(config.get(name.strip())) == value.strip():
+        what, _, conds = part.partition(":")
+        matched = True
+        for cond in conds.split("&"):
+            name, _, value = cond.partition("=")
+            matched = matched and str(config.get(name.strip())) == value.strip()
+        if matched:
             return what.strip()
     return None
 
@@ -153,6 +160,9 @@ class FakeBackend:
             return {"status": "fault", "fatal": True, "reason": "CUDA_ERROR_ILLEGAL_ADDRESS (fake)"}
         if bad == "wrong":
             return {"status": "wrong", "rel_err": 1.0, "reason": "fake wrong result"}
+        delay = float(os.environ.get("VIDRIAL_FAKE_DELAY_S", "0") or 0)
+        if delay:
+            time.sleep(delay)
         t = synthetic_time(key, config) if isinstance(config, SynthConfig) else 1.0
         return {"status": "ok", "time_ms": t, "timing": {"median_ms": t}, "rel_err": 0.0 if job.get("check") else None,
                 "pid": os.getpid()}

@@ -1008,6 +1008,10 @@ def tune(
     unknown = sorted(set(options) - set(TuneSettings.__dataclass_fields__))
     if unknown:
         raise InputError("options", ", ".join(unknown), f"fields of TuneSettings: {', '.join(TuneSettings.__dataclass_fields__)}")
+    if isinstance(compiler, str):  # a 'module:attr' reference also reaches the per-GPU processes
+        options["compiler"], compiler = compiler, None
+    if isinstance(measurer, str):
+        options["backend"], measurer = measurer, None
     settings = TuneSettings(trials=trials, timeout_s=timeout, sampler=sampler, out_dir=Path(out), storage=storage,
                             resume=resume, gpus=tuple(gpus) if gpus else (0,), **options)
     if settings.tuned_dir is not None:

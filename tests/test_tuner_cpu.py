@@ -1,0 +1,439 @@
+"""The autotuner on CPU: search spaces, constraint safety, rejection from compiled facts,
+memoisation, resume, the search loop on a known objective, grid, worker isolation,
+scale-out through shared storage, store writes."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from vidrial.tuning import testing as T
+from vidrial.tuning.search_space import (
+    Constraint,
+    ConstraintSyntaxError,
+    SearchSpaceError,
+    load_search_space,
+    parse_search_space,
+)
+from vidrial.tuning.tuner import TuneSettings, canonical, pick_winner, tune
+from vidrial.tuning.worker import MeasurementWorker
+
+FAKE = "vidrial.tuning.testing:FakeBackend"
+KEY128 = {"head_dim": 128}
+
+
+def _space_file(tmp_path: Path, text: str, name: str = "space.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _tune(tmp_path, **kw):
+    opts = dict(trials=20, out=tmp_path / "out", isolate=False, backend=FAKE, compiler=T.fake_compiler(),
+                tuned_dir=tmp_path / "tuned", progress=False, retime_rounds=1)
+    opts.update(kw)
+    keys = opts.pop("keys", [KEY128])
+    return tune(T.synthetic, keys, **opts)
+
+
+def _journal_rows(result, tmp_path, storage=None):
+    import optuna
+
+    from vidrial.tuning.tuner import _trial_rows, make_storage
+
+    study = optuna.load_study(study_name=result.study_name, storage=make_storage(storage, tmp_path / "out"))
+    return _trial_rows(study)
+
+
+# ---- search spaces ---------------------------------------------------------------------------------
+def test_search_space_loads_and_enumerates_valid_configs():
+    space = load_search_space(T.synthetic)
+    assert list(space.fields) == ["tile_m", "tile_k", "warps", "stages"]
+    assert space.size == 4 * 4 * 3 * 4
+    key = T.SynthKey(head_dim=64)
+    valid = space.valid_configs(key, "sm_90")
+    expected = [v for v in space.iter_values()
+                if v["tile_m"] % (16 * v["warps"]) == 0 and v["tile_k"] <= 64]
+    assert [c.model_dump() for c in valid] == expected
+    assert all(isinstance(c, T.SynthConfig) for c in valid)
+
+
+def test_update_state_search_space_file_is_valid():
+    from vidrial.kernels import families
+
+    fams = families()
+    if "update_state" not in fams:
+        pytest.skip("update_state family not importable here")
+    fam = fams["update_state"]
+    space = load_search_space(fam)
+    for key in fam.standard_keys():
+        valid = space.valid_configs(key, "sm_90")
+        assert valid, key
+    assert set(space.fields) <= set(fam.Config.model_fields)
+
+
+BASE = 'family = "_synthetic"\n'
+
+
+@pytest.mark.parametrize("text, needles", [
+    (BASE + "[fields]\ntile_q = [1, 2]\n", ["fields.tile_q", "not a field of SynthConfig", "tile_m, tile_k, warps, stages"]),
+    (BASE + "[fields]\ntile_m = [64, 48]\n", ["fields.tile_m", "choice 48", "power of two"]),
+    (BASE + "[fields]\ntile_m = 64\n", ["fields.tile_m", "non-empty list"]),
+    (BASE + "[fields]\ntile_m = []\n", ["fields.tile_m", "non-empty list"]),
+    (BASE + "[fields]\ntile_m = [64, 64]\n", ["listed twice"]),
+    (BASE + "[fields]\ntile_m = [64]\nconstraints = ['tile_m > 1']\n", ["fields.constraints", "not a field"]),
+    ('family = "other"\n[fields]\ntile_m = [64]\n', ["'other'", "_synthetic"]),
+    ("[fields]\ntile_m = [64]\n", ["missing `family"]),
+    (BASE + "constraints = ['tile_m > zz']\n[fields]\ntile_m = [64]\n",
+     ["constraints[0]", "unknown name(s) zz", "head_dim, chunk_size"]),
+    (BASE + "constraints = ['tile_m >']\n[fields]\ntile_m = [64]\n", ["constraints[0]", "not a valid expression"]),
+    (BASE + "extra = 1\n[fields]\ntile_m = [64]\n", ["unknown top-level", "'extra'"]),
+    (BASE + "[fields\n", ["not valid TOML"]),
+])
+def test_search_space_errors_name_file_field_and_rule(tmp_path, text, needles):
+    path = _space_file(tmp_path, text)
+    with pytest.raises(SearchSpaceError) as info:
+        load_search_space(T.synthetic, path)
+    message = str(info.value)
+    assert str(path) in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_missing_search_space_file_names_family(tmp_path):
+    with pytest.raises(SearchSpaceError, match="no search space for kernel family"):
+        load_search_space(T.synthetic, tmp_path / "nope.toml")
+
+
+def test_required_config_field_must_be_listed():
+    from vidrial.core.config import KernelConfig
+
+    class NeedsX(KernelConfig):
+        x: int
+        y: int = 1
+
+    class Fam:
+        name = "needs_x"
+        Config = NeedsX
+        Key = T.SynthKey
+
+    with pytest.raises(SearchSpaceError, match="x have no default"):
+        parse_search_space({"family": "needs_x", "fields": {"y": [1, 2]}}, Fam, "f.toml")
+    with pytest.raises(SearchSpaceError, match="'z' is not a field of NeedsX; fields are: x, y"):
+        parse_search_space({"family": "needs_x", "fields": {"z": [1]}}, Fam, "f.toml")
+
+
+# ---- constraint expressions --------------------------------------------------------------------
+@pytest.mark.parametrize("expr", [
+    "__import__('os').system('echo hi')",
+    "tile_m.bit_length() > 2",
+    "open('x')",
+    "tile_m[0] > 1",
+    "(lambda: 1)()",
+    "[x for x in (1, 2)]",
+    "(y := 3) > 1",
+    "tile_m if tile_m else __builtins__.x",
+    "{1: 2}",
+    "f'{tile_m}'",
+])
+def test_constraints_reject_calls_attributes_and_friends(expr):
+    with pytest.raises(ConstraintSyntaxError):
+        Constraint.parse(expr)
+
+
+@pytest.mark.parametrize("expr, env, expected", [
+    ("tile_m % (16 * warps) == 0", {"tile_m": 128, "warps": 4}, True),
+    ("tile_m % (16 * warps) == 0", {"tile_m": 96, "warps": 4}, False),
+    ("tile_k <= head_dim and not (warps > 4 or stages < 2)", {"tile_k": 32, "head_dim": 64, "warps": 4, "stages": 2}, True),
+    ("dtype in ('bf16', 'fp16')", {"dtype": "fp16"}, True),
+    ("dtype not in ['fp16']", {"dtype": "fp16"}, False),
+    ("16 <= tile_m // warps <= 64", {"tile_m": 256, "warps": 2}, False),
+    ("(tile_m * tile_k * 2 if gating else 0) < 1 << 16", {"tile_m": 128, "tile_k": 64, "gating": True}, True),
+    ("tile_m / 0 > 1", {"tile_m": 1}, False),  # a division by zero rules the config out
+    ("-tile_m < 0", {"tile_m": 1}, True),
+])
+def test_constraints_evaluate(expr, env, expected):
+    assert Constraint.parse(expr).evaluate(env) is expected
+
+
+def test_constraint_huge_power_is_refused():
+    with pytest.raises(SearchSpaceError, match="exponent"):
+        Constraint.parse("2 ** 10 ** 10 > tile_m").evaluate({"tile_m": 1})
+
+
+# ---- the search loop on a known objective ------------------------------------------------------------
+def test_tpe_finds_the_known_optimum_and_records_it(tmp_path):
+    (result,) = _tune(tmp_path, trials=40, seed=0)
+    assert result.winner == T.SYNTH_OPTIMUM
+    assert result.time_ms == pytest.approx(1.0)
+    assert result.default_time_ms == pytest.approx(T.synthetic_time(T.SynthKey(**KEY128), T.SynthConfig()))
+    assert result.trials == 40
+    # the store got the winner with the facts that make it trustworthy
+    path = Path(result.store_path)
+    assert path == tmp_path / "tuned" / "fake-gpu" / "_synthetic.json"
+    data = json.loads(path.read_text())
+    (entry,) = data["entries"].values()
+    assert entry["config"] == T.SYNTH_OPTIMUM
+    assert entry["time_ms"] == pytest.approx(1.0)
+    assert entry["default_time_ms"] == pytest.approx(result.default_time_ms)
+    assert entry["trials"] == 40 and entry["template_hash"] == T.synthetic.template_hash
+    assert entry["gpu"] == {"name": "Fake GPU", "arch": "sm_90", "sm_count": 132}
+    # report
+    report = Path(result.report_dir)
+    for name in ("leaderboard.md", "leaderboard.csv", "history.csv"):
+        assert (report / name).is_file()
+    md = (report / "leaderboard.md").read_text()
+    assert "tile_m=128 tile_k=64 warps=4 stages=3" in md
+    assert ("history.png" in md) == (report / "history.png").exists()
+    assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_default_config_is_the_first_trial(tmp_path):
+    (result,) = _tune(tmp_path, trials=5)
+    rows = _journal_rows(result, tmp_path)
+    assert rows[0]["config"] == T.SynthConfig().model_dump()
+
+
+def test_gp_and_random_samplers_run(tmp_path):
+    for sampler in ("gp", "random"):
+        (result,) = _tune(tmp_path / sampler, trials=6, sampler=sampler)
+        assert result.trials == 6 and result.winner is not None
+
+
+def test_grid_enumerates_exactly_the_valid_configs(tmp_path):
+    (result,) = _tune(tmp_path, sampler="grid", trials=3)  # the budget does not cut the grid short
+    rows = _journal_rows(result, tmp_path)
+    space = load_search_space(T.synthetic)
+    valid = {canonical(c) for c in space.valid_configs(T.SynthKey(**KEY128), "sm_90")}
+    seen = [r["ck"] for r in rows]
+    assert all(r["status"] == "ok" for r in rows)
+    assert len(seen) == len(set(seen)) == len(valid) and set(seen) == valid
+    assert result.winner == T.SYNTH_OPTIMUM
+    assert result.stopped_because in ("trial budget reached", "every valid config evaluated", "grid exhausted")
+
+
+def test_pick_winner_breaks_ties_deterministically():
+    space = load_search_space(T.synthetic)
+    a = T.SynthConfig(tile_m=128, tile_k=64, warps=4, stages=3)
+    b = T.SynthConfig(tile_m=64, tile_k=64, warps=4, stages=3)  # earlier in search-space order
+    c = T.SynthConfig(tile_m=64, tile_k=16, warps=2, stages=1)
+    for timed in ([(a, 1.000), (b, 1.003), (c, 1.2)], [(c, 1.2), (b, 1.003), (a, 1.000)]):
+        assert pick_winner(space, timed, 0.005) == b
+    assert pick_winner(space, [(a, 1.0), (b, 1.01)], 0.005) == a
+
+
+# ---- rejection from compiled facts ---------------------------------------------------------------------
+class CountingBackend(T.FakeBackend):
+    calls: list = []
+
+    def run(self, job):
+        CountingBackend.calls.append(canonical(T.SynthConfig(**job["config"])))
+        return super().run(job)
+
+
+def test_spilling_configs_are_rejected_before_timing(tmp_path):
+    CountingBackend.calls = []
+    spills = lambda c: c.tile_m == 128 and c.tile_k == 64  # noqa: E731 - the optimum's row spills
+    (result,) = _tune(tmp_path, sampler="grid", backend=CountingBackend(), compiler=T.fake_compiler(spills))
+    rows = _journal_rows(result, tmp_path)
+    infeasible = [r for r in rows if r["status"] == "infeasible"]
+    assert infeasible and all(T.SynthConfig(**r["config"]).tile_m == 128 and r["config"]["tile_k"] == 64
+                              for r in infeasible)
+    assert all("spills" in r["reason"] and r["facts"]["spill_store_bytes"] > 0 for r in infeasible)
+    measured = set(CountingBackend.calls)
+    assert not measured & {r["ck"] for r in infeasible}  # never timed
+    # reported to Optuna as constraint violations
+    import optuna
+
+    from vidrial.tuning.tuner import make_storage
+
+    study = optuna.load_study(study_name=result.study_name, storage=make_storage(None, tmp_path / "out"))
+    for t in study.trials:
+        violated = t.user_attrs["status"] != "ok"
+        assert t.user_attrs["constraint"] == (1.0 if violated else 0.0)
+        if hasattr(t, "constraints") and t.constraints:
+            assert (max(t.constraints.values()) > 0) == violated
+    assert result.winner["tile_m"] != 128 or result.winner["tile_k"] != 64
+
+
+# ---- memoisation -----------------------------------------------------------------------------------------
+def test_repeated_suggestions_are_memoised(tmp_path):
+    import optuna
+
+    from vidrial.tuning.tuner import SearchLoop, TuneSettings
+    from vidrial.tuning.worker import InProcessMeasurer
+
+    CountingBackend.calls = []
+    space = load_search_space(T.synthetic)
+    key = T.SynthKey(**KEY128)
+    study = optuna.create_study(direction="minimize")
+    same = {"tile_m": 128, "tile_k": 32, "warps": 4, "stages": 2}
+    for params in (same, same, {"tile_m": 64, "tile_k": 32, "warps": 4, "stages": 2}, same):
+        study.enqueue_trial(params)
+    settings = TuneSettings(trials=4, progress=False, compile_ahead=2)
+    from vidrial.tuning.tuner import FunctionCompiler
+
+    loop = SearchLoop(T.synthetic, key, space, study, settings, InProcessMeasurer(CountingBackend()),
+                      FunctionCompiler(T.fake_compiler()), "sm_90", budget=4, deadline=None)
+    loop.run()
+    assert len(CountingBackend.calls) == 2  # two distinct configs measured once each
+    trials = study.trials
+    assert [t.user_attrs.get("memo_of") for t in trials] == [None, 0, None, 0]
+    assert trials[1].value == trials[0].value == trials[3].value
+
+
+# ---- resume ---------------------------------------------------------------------------------------------------
+class Interrupt(Exception):
+    pass
+
+
+class InterruptingBackend(T.FakeBackend):
+    measured = 0
+    limit = 6
+
+    def run(self, job):
+        if InterruptingBackend.measured >= InterruptingBackend.limit:
+            raise Interrupt
+        InterruptingBackend.measured += 1
+        return super().run(job)
+
+
+def test_resume_after_interruption_continues_the_study(tmp_path):
+    InterruptingBackend.measured, InterruptingBackend.limit = 0, 6
+    with pytest.raises(Interrupt):
+        _tune(tmp_path, trials=25, backend=InterruptingBackend())
+    journal = tmp_path / "out" / "journal.log"
+    assert journal.is_file()
+    InterruptingBackend.limit = 10**9
+    first_run = InterruptingBackend.measured
+    (result,) = _tune(tmp_path, trials=25, backend=InterruptingBackend(), resume=True)
+    rows = _journal_rows(result, tmp_path)
+    counted = [r for r in rows if r["finished"] and r["status"] not in ("invalid", "interrupted")]
+    assert result.trials == len(counted) == 25  # the total, not 25 more
+    assert sum(r["status"] == "interrupted" for r in rows) >= 1  # in-flight trials were failed, not lost
+    # configs measured before the interruption were not measured again
+    cks = [r["ck"] for r in rows if r["finished"] and r["memo_of"] is None and r["status"] == "ok"]
+    assert len(cks) == len(set(cks))
+    assert first_run == 6
+    # without --resume the study starts over
+    InterruptingBackend.measured = 0
+    (fresh,) = _tune(tmp_path, trials=5, backend=InterruptingBackend())
+    assert fresh.trials == 5 and len([r for r in _journal_rows(fresh, tmp_path) if r["status"] == "ok"]) <= 5
+
+
+def test_time_budget_stops_the_study(tmp_path):
+    (result,) = _tune(tmp_path, trials=10**6, timeout=0.5)
+    assert result.stopped_because in ("time budget reached", "every valid config evaluated")
+    assert result.winner is not None
+
+
+# ---- worker isolation ---------------------------------------------------------------------------------------
+@pytest.fixture
+def misbehave(monkeypatch):
+    def set_(spec: str):
+        monkeypatch.setenv("VIDRIAL_FAKE_MISBEHAVE", spec)
+    return set_
+
+
+def test_worker_restarts_after_crash_and_hang(misbehave):
+    misbehave("crash:tile_m=256;hang:tile_m=64")
+    job = lambda m: {"family": T.synthetic.REF, "key": KEY128,  # noqa: E731
+                     "config": T.SynthConfig(tile_m=m).model_dump(), "arch": "sm_90", "check": True}
+    with MeasurementWorker(FAKE, job_timeout_s=1.0, startup_timeout_s=120) as w:
+        first_pid = w.info["pid"]
+        assert w.measure(job(128))["status"] == "ok"
+        crashed = w.measure(job(256))
+        assert crashed["status"] == "crash" and "exit code 17" in crashed["reason"]
+        ok = w.measure(job(128))
+        assert ok["status"] == "ok" and ok["pid"] != first_pid
+        hung = w.measure(job(64))
+        assert hung["status"] == "timeout"
+        assert w.measure(job(128))["status"] == "ok"
+        assert w.stats.restarts == 2
+
+
+def test_study_survives_crashing_hanging_and_faulting_configs(tmp_path, misbehave):
+    misbehave("hang:tile_m=64&warps=2;crash:tile_m=256;fault:warps=2")
+    space = _space_file(tmp_path, 'family = "_synthetic"\n[fields]\ntile_m = [64, 128, 256]\nwarps = [2, 4]\n')
+    (result,) = _tune(tmp_path, sampler="grid", isolate=True, job_timeout_s=1.5, space_path=str(space),
+                      backend=FAKE)
+    rows = {(r["config"]["tile_m"], r["config"]["warps"]): r["status"] for r in _journal_rows(result, tmp_path)}
+    assert rows == {(64, 2): "timeout", (64, 4): "ok", (128, 2): "fault", (128, 4): "ok",
+                    (256, 2): "crash", (256, 4): "crash"}
+    assert result.winner == {"tile_m": 128, "tile_k": 32, "warps": 4, "stages": 2}
+    assert result.status_counts == {"ok": 2, "timeout": 1, "fault": 1, "crash": 2}
+    assert result.store_path is not None
+
+
+# ---- scale-out: several processes, one study ---------------------------------------------------------------
+def test_processes_share_a_study_through_storage(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIDRIAL_FAKE_DELAY_S", "0.2")  # measuring takes time, as on a GPU
+    (result,) = tune(T.synthetic, [KEY128], trials=16, out=tmp_path / "out", backend=FAKE, gpus=(0, 1),
+                     compiler="vidrial.tuning.testing:no_spill_compile", compile_ahead=1,
+                     tuned_dir=tmp_path / "tuned", progress=False, retime_rounds=1)
+    rows = _journal_rows(result, tmp_path)
+    devices = {r["device"] for r in rows if r["finished"] and r["status"] == "ok"}
+    assert devices == {"0", "1"}
+    assert 16 <= result.trials <= 18
+    assert result.winner is not None
+
+
+# ---- measuring the tuner itself ----------------------------------------------------------------------------------
+def test_compare_samplers_against_the_exhaustive_best(tmp_path):
+    (result,) = _tune(tmp_path, sampler="grid", compare=(4, 8))
+    text = (Path(result.report_dir) / "tuner_quality.md").read_text()
+    assert "| tpe | 8 |" in text and "| gp | 4 |" in text and "| random | 4 |" in text
+    from vidrial.tuning.tuner import compare_samplers, exhaustive_table
+
+    space = load_search_space(T.synthetic)
+    table = exhaustive_table(_journal_rows(result, tmp_path))
+    rows = compare_samplers(T.synthetic, T.SynthKey(**KEY128), space, table, "sm_90", budgets=(10 * len(table),),
+                            samplers=("random",), seeds=2)
+    assert rows[0]["mean_ratio"] == pytest.approx(1.0) and rows[0]["found_optimum"] == 1.0
+
+
+# ---- compile ahead with real NVRTC (no GPU needed) --------------------------------------------------------------
+def test_pool_compiler_compiles_ahead_with_nvrtc(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIDRIAL_CACHE_DIR", str(tmp_path / "cache"))
+    from vidrial.tuning.tuner import PoolCompiler
+
+    fam, key = T.fault_probe, T.ProbeKey()
+    pool = PoolCompiler(workers=2)
+    try:
+        futures = [pool.submit(fam, key, T.ProbeConfig(mode=m), "sm_90") for m in ("ok", "hang")]
+        compiled = [f.result(timeout=120) for f in futures]
+    finally:
+        pool.close()
+    for c in compiled:
+        assert not isinstance(c, BaseException), c
+        assert c.facts.registers > 0 and not c.facts.spills
+        assert fam.infeasible_reason(key, T.ProbeConfig(), c) is None
+
+
+def test_settings_and_cli_arguments():
+    from vidrial.cli import build_parser, main
+
+    args = build_parser().parse_args(["tune", "--kernel", "update_state", "--key", '{"head_dim": 64}', "--trials",
+                                      "7", "--sampler", "gp", "--gpus", "0,1", "--resume", "--storage",
+                                      "sqlite:///x.db"])
+    assert (args.kernel, args.trials, args.sampler, args.gpus, args.resume) == (["update_state"], 7, "gp", (0, 1), True)
+    assert main(["tune", "--sampler", "tpe", "--compare", "10"]) == 2
+    assert main(["tune", "--key", "{nope"]) == 2
+    with pytest.raises(ValueError, match="sampler"):
+        tune(T.synthetic, [KEY128], sampler="annealing")
+    with pytest.raises(ValueError, match="TuneSettings"):
+        tune(T.synthetic, [KEY128], bogus=1)
+    assert TuneSettings().sampler == "tpe"
+
+
+def test_import_vidrial_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, vidrial; vidrial.tune; "
+            "print(','.join(m for m in ('torch', 'cupy', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.strip() == ""
