@@ -1,0 +1,181 @@
+"""Forward benchmark: vidrial.power_retention vs retention 1.0.7 (Triton) vs PyTorch SDPA (flash).
+
+Shapes (docs: /work/shared/ANCHORS.md): A = b1 t65536 h8 d64 p2 chunk1024 bf16 gating;
+B = b8 t8192, same otherwise. Times: CUDA events around each call after an L2 flush, median of
+--reps. TFLOP/s: MATH.md section 6 useful FLOPs with the exact D = C(d+p-1, p) (d_tile = 1):
+b*h*t*d*(4D + 2c). Per-kernel split: each of vidrial's four kernels timed alone on the same data.
+
+retention autotunes over dozens of configs per kernel (minutes on first use); by default each of
+its autotuners is limited to --retention-configs configs, so its numbers here can be worse than
+its tuned ones (ANCHORS.md: A 5.80 ms, B 5.97 ms).
+
+    python benchmarks/bench_forward.py [--shapes A,B] [--reps 15] [--retention-configs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    "A": dict(b=1, t=65536, h=8, d=64, p=2, chunk=1024),
+    "B": dict(b=8, t=8192, h=8, d=64, p=2, chunk=1024),
+}
+ANCHOR_RETENTION_MS = {"A": 5.80, "B": 5.97}
+ANCHOR_SDPA_MS = {"A": 9.57, "B": 1.26}
+
+_FLUSH = None
+
+
+def flush_l2():
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    _FLUSH.zero_()
+
+
+def bench(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        flush_l2()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def useful_flops(b, t, h, d, p, c) -> float:
+    D = math.comb(d + p - 1, p)
+    return b * h * t * d * (4 * D + 2 * c)
+
+
+def limit_triton_autotune(max_configs: int) -> None:
+    from triton.runtime.autotuner import Autotuner
+
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("retention"):
+            continue
+        for obj in vars(mod).values():
+            if isinstance(obj, Autotuner) and len(obj.configs) > max_configs:
+                k = len(obj.configs)
+                idx = sorted({(i * k) // max_configs + k // (2 * max_configs) for i in range(max_configs)})
+                obj.configs = [obj.configs[i] for i in idx if i < k]
+
+
+def run_shape(name, shp, reps, retention_configs, gating=True):
+    import vidrial
+    from vidrial.kernels.power_retention.discumsum import discumsum_forward
+    from vidrial.kernels.power_retention.intra_chunk_attention import intra_chunk_attention
+    from vidrial.kernels.power_retention.query_state import query_state
+    from vidrial.kernels.power_retention.sympow import default_d_tile
+    from vidrial.kernels.power_retention.update_state import update_state
+
+    b, t, h, d, p, c = (shp[k] for k in ("b", "t", "h", "d", "p", "chunk"))
+    dt = default_d_tile(d, p)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    Q = torch.randn(b, t, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    K = torch.randn(b, t, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    V = torch.randn(b, t, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    log_G = torch.nn.functional.logsigmoid(torch.randn(b, t, h, device="cuda", generator=g) + 4) if gating else None
+    flops = useful_flops(b, t, h, d, p, c)
+    rows = []
+
+    f = lambda: vidrial.power_retention(Q, K, V, log_G, deg=p, chunk_size=c)  # noqa: E731
+    t0 = time.perf_counter()
+    f()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    ms_v = bench(f, reps)
+    rows.append(("vidrial", ms_v))
+
+    # per-kernel split
+    n = t // c
+    S, s = update_state(K, V, log_G, deg=p, d_tile=dt, chunk_size=c)
+    L = log_G.view(b, n, c, h).sum(2) if gating else None
+    st = discumsum_forward(S, s, L, fp32_states=False, bf16_copy=True, final_state=False)
+    O, l, m = intra_chunk_attention(Q, K, V, log_G, deg=p, chunk_size=c, normalize=False)
+    split = {
+        "update_state": bench(lambda: update_state(K, V, log_G, deg=p, d_tile=dt, chunk_size=c), reps),
+        "discumsum": bench(lambda: discumsum_forward(S, s, L, fp32_states=False, bf16_copy=True), reps),
+        "intra_chunk_attention": bench(
+            lambda: intra_chunk_attention(Q, K, V, log_G, deg=p, chunk_size=c, normalize=False), reps),
+        "query_state": bench(lambda: query_state(Q, st["Sbar16"], st["sbar"], O, l, m, log_G, deg=p, d_tile=dt,
+                                                 chunk_size=c, zero_first_state=True), reps),
+    }
+    del S, s, st, O, l, m
+
+    # SDPA flash (causal), [b, h, t, d]
+    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (Q, K, V))
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+    except ImportError:  # pragma: no cover
+        def sdpa():
+            return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+    rows.append(("sdpa_flash", bench(sdpa, reps)))
+    del qh, kh, vh
+
+    # retention (Triton)
+    try:
+        os.environ.setdefault("TRITON_NO_AUTOTUNE", "1")
+        import retention.triton as rt
+
+        limit_triton_autotune(retention_configs)
+        fr = lambda: rt.power_retention(Q, K, V, log_G, deg=p, chunk_size=c)  # noqa: E731
+        t0 = time.perf_counter()
+        Yr = fr()
+        torch.cuda.synchronize()
+        rfirst = time.perf_counter() - t0
+        rows.append(("retention_triton", bench(fr, reps)))
+        Yv = f()
+        diff = ((Yv.double() - Yr.double()).norm() / Yr.double().norm()).item()
+    except Exception as exc:  # keep the other numbers
+        print(f"[{name}] retention failed: {type(exc).__name__}: {exc}", flush=True)
+        rfirst, diff = float("nan"), float("nan")
+
+    print(f"\n=== shape {name}: b={b} t={t} h={h} d={d} p={p} chunk={c} bf16 gating={gating} "
+          f"(vidrial D={__import__('vidrial.kernels.power_retention.sympow', fromlist=['x']).feature_dim(d, p, dt)}, "
+          f"d_tile={dt}; FLOPs use exact D={math.comb(d + p - 1, p)}: {flops / 1e9:.1f} GFLOP)")
+    print(f"{'impl':<18}{'ms':>9}{'TFLOP/s':>10}{'vidrial/impl':>14}")
+    for impl, ms in rows:
+        print(f"{impl:<18}{ms:>9.3f}{flops / ms / 1e9:>10.1f}{ms_v / ms:>14.2f}")
+    print(f"anchors (tuned, ANCHORS.md): retention {ANCHOR_RETENTION_MS[name]} ms, sdpa {ANCHOR_SDPA_MS[name]} ms;"
+          f" vidrial/retention_tuned = {ms_v / ANCHOR_RETENTION_MS[name]:.2f}")
+    print("vidrial per-kernel split (each alone):")
+    tot = sum(split.values())
+    for k, v in split.items():
+        print(f"  {k:<24}{v:>8.3f} ms  ({100 * v / tot:4.1f}%)")
+    print(f"  {'sum':<24}{tot:>8.3f} ms; op total {ms_v:.3f} ms (rest: padding/gate glue, launches)")
+    print(f"first call (compile/load) vidrial {first:.2f} s, retention {rfirst:.2f} s; "
+          f"rel diff vidrial vs retention {diff:.2e}", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="A,B")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--retention-configs", type=int, default=2)
+    ap.add_argument("--no-gating", action="store_true")
+    args = ap.parse_args(argv)
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    for name in args.shapes.split(","):
+        run_shape(name, SHAPES[name], args.reps, args.retention_configs, gating=not args.no_gating)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
