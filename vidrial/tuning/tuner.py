@@ -740,6 +740,12 @@ def _finish(family: Any, key: Any, space: SearchSpace, study: Any, settings: Tun
         path = record(family, key, winner, gpu=gpu, time_ms=win_time, default_time_ms=default_time, trials=counted,
                       directory=settings.tuned_dir)
         result.store_path = str(path)
+        try:  # this process's dispatcher sees the new winner
+            from vidrial import dispatch
+
+            dispatch.reload()
+        except Exception:
+            pass
     if settings.report:
         result.report_dir = str(write_report(result, rows, space, Path(settings.out_dir)))
     return result

@@ -30,11 +30,13 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
 
+from vidrial.core.errors import VidrialError
+
 FAILED_STATUSES = ("wrong", "invalid", "error", "fault", "timeout", "crash", "compile_error", "infeasible")
 DEFAULT_BACKEND = "vidrial.tuning.worker:GpuBackend"
 
 
-class WorkerError(RuntimeError):
+class WorkerError(VidrialError, RuntimeError):
     """The measurement worker could not be started."""
 
 
@@ -76,8 +78,15 @@ class GpuBackend:
     def __init__(self, device_index: int = 0):
         import torch
 
+        from vidrial.core.errors import InputError
+
         self.torch = torch
         self.device_index = device_index
+        if not torch.cuda.is_available():
+            raise InputError("gpus", f"device {device_index}: no CUDA device present",
+                             "a machine with a CUDA GPU (tuning measures, it does not guess)")
+        if not 0 <= device_index < torch.cuda.device_count():
+            raise InputError("gpus", device_index, f"a device index below {torch.cuda.device_count()}")
         torch.cuda.set_device(device_index)
         self.device = torch.device("cuda", device_index)
         self._inputs_key: Any = None
@@ -162,7 +171,8 @@ def _worker_main(conn: Any, backend_ref: str, device_index: int) -> None:
         conn.send(("hello", backend.hello()))
     except BaseException as exc:  # startup failure: tell the parent why
         try:
-            conn.send(("startup_error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"))
+            detail = "" if isinstance(exc, VidrialError) else "\n" + traceback.format_exc()[-3000:]
+            conn.send(("startup_error", f"{type(exc).__name__}: {exc}{detail}"))
         finally:
             os._exit(2)
     while True:
