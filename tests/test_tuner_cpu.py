@@ -437,3 +437,49 @@ def test_import_vidrial_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.stdout.strip() == ""
+
+
+# ---- robustness: a dead compile process, a buggy check() ----------------------------------------------------------
+class FlakyCompiler:
+    """The first future fails as if its compile process died; reset() + resubmit works."""
+
+    def __init__(self):
+        self.failed_once, self.resets = False, 0
+        self.inner = T.fake_compiler()
+
+    def submit(self, family, key, config, arch):
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        f = Future()
+        if not self.failed_once:
+            self.failed_once = True
+            f.set_exception(BrokenProcessPool("a compile process died"))
+        else:
+            f.set_result(self.inner(family, key, config, arch))
+        return f
+
+    def reset(self):
+        self.resets += 1
+
+    def close(self):
+        pass
+
+
+def test_a_dead_compile_process_is_retried(tmp_path):
+    flaky = FlakyCompiler()
+    (result,) = _tune(tmp_path, trials=6, compiler=flaky)
+    assert flaky.resets == 1
+    assert result.status_counts.get("compile_error", 0) == 0 and result.trials == 6
+
+
+def test_a_raising_check_marks_configs_invalid_not_the_study(tmp_path, monkeypatch):
+    def broken_check(key, config, arch):
+        if config.tile_m == 64:
+            raise KeyError("bug")
+
+    monkeypatch.setattr(T.synthetic, "check", broken_check)
+    (result,) = _tune(tmp_path, sampler="grid")
+    rows = _journal_rows(result, tmp_path)
+    assert all(r["config"]["tile_m"] != 64 for r in rows if r["config"])
+    assert result.winner == T.SYNTH_OPTIMUM

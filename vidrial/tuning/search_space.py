@@ -208,6 +208,8 @@ class SearchSpace:
                 self.family.check(key, config, arch)
             except (ValueError, VidrialError) as exc:
                 return None, f"check: {exc}"
+            except Exception as exc:  # a bug in check() must not end the study; report it
+                return None, f"check() raised {type(exc).__name__}: {exc}"
         return config, None
 
     def valid_configs(self, key: Any, arch: str | None = None) -> list[Any]:

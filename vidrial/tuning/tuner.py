@@ -226,6 +226,11 @@ class PoolCompiler:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
+    def reset(self) -> None:
+        """Drops a broken pool; the next submit() starts a fresh one. Pending futures of the
+        old pool fail and are retried by the search loop."""
+        self.close()
+
 
 class FunctionCompiler:
     """Wraps a compile function (family, key, config, arch) -> CompiledKernel (tests, fakes)."""
@@ -428,11 +433,23 @@ class SearchLoop:
 
     def _evaluate(self, p: _Pending) -> dict[str, Any]:
         if p.future is not None:
-            compiled = p.future.result()
+            try:
+                compiled = p.future.result()
+            except Exception as exc:  # a compile process died (BrokenProcessPool): retry once on a fresh pool
+                if hasattr(self.compiler, "reset"):
+                    self.compiler.reset()
+                try:
+                    compiled = self.compiler.submit(self.family, self.key, p.config, self.arch).result()
+                except Exception:
+                    compiled = exc
             if isinstance(compiled, BaseException):
                 return {"status": "compile_error", "reason": f"{type(compiled).__name__}: {compiled}"[:2000]}
             facts = compiled.facts.model_dump()
-            reason = self.family.infeasible_reason(self.key, p.config, compiled)
+            try:
+                reason = self.family.infeasible_reason(self.key, p.config, compiled)
+            except Exception as exc:
+                return {"status": "error", "reason": f"infeasible_reason failed: {type(exc).__name__}: {exc}",
+                        "facts": facts}
             if reason:
                 return {"status": "infeasible", "reason": reason, "facts": facts}
         else:
