@@ -1,0 +1,429 @@
+"""Fused decode step (MATH.md section 5): one launch per generated token answers the new query
+(or the few new queries) from the recurrent state and the short KV cache.
+
+Per (batch, KV head) the state S [D, d] is read exactly once: its D rows are split across
+`ceil(D / tile_f)` "state CTAs" (b*h = 8..512 heads alone are too few CTAs to saturate HBM), each
+forming phi(s q) for its D-slice on the fly (all R = GROUP * TQ query rows of a GQA group share
+the one state read) and writing a partial numerator [R, d] and denominator [R]. The cache is split
+into tiles of `cache_tile` tokens ("cache CTAs"), each writing a max-shifted partial attention
+(O, l, m). The last CTA of the (batch, KV head) to finish (threadfence reduction with a counter
+that it resets to 0) merges the partials in a fixed order under a shared stabiliser and writes Y:
+deterministic, no host sync, capturable in a CUDA graph (see templates/decode_step.cu.j2).
+
+State dtype (part of the state's layout, like d_tile): fp32 (what power_retention's
+return_final_state gives; exact accumulation across many absorptions) or bf16 (half the bytes of
+the memory-bound read; retention keeps its inference state in the input dtype). Both are compiled
+variants of the same kernel (key field `state_dtype`).
+
+Workspace: per (device, b*h, rows, head_dim, state CTAs, cache-CTA capacity) one float32 buffer of
+partials and one int32 counter per (b, h) (zeroed once; the kernel leaves it at 0). It is
+allocated on the first call with that shape and then reused, so a CUDA graph captured after one
+warm-up call performs no allocation besides Y (the caching allocator's). Two decode steps of the
+same shape class must not run concurrently on different streams of one device (they would share
+the buffer); a graph and its eager warm-up run on one stream at a time, which is the normal use.
+"""
+from __future__ import annotations
+
+import math
+from functools import cache
+from typing import Any, ClassVar, Literal
+
+from pydantic import field_validator, model_validator
+
+from vidrial.core.arch import arch_limits
+from vidrial.core.config import KernelConfig, ProblemKey
+from vidrial.core.errors import ConfigError, InputError
+from vidrial.core.family import KernelFamily
+from vidrial.kernels import register
+from vidrial.kernels.power_retention.sympow import SUPPORTED_DEGREES, default_d_tile, layout
+
+__all__ = ["DecodeConfig", "DecodeKey", "DecodeFamily", "family", "decode_step", "MAX_ROWS",
+           "block_table_values", "workspace"]
+
+HEAD_DIMS = (32, 64, 128)
+TILE_FS = (32, 64, 128, 256, 512, 1024)
+WARP_CHOICES = (2, 4, 8)
+CACHE_TILES = (32, 64, 128)
+UNROLLS = (1, 2, 4, 8, 16)
+LOAD_BYTES = (8, 16)
+MAX_ROWS = 16  # GQA group x new tokens per KV head handled by one kernel
+# target number of CTAs of the state read (about 4 waves of 132 SMs)
+_TARGET_CTAS = 528
+# registers per thread we allow for accumulators + loads in flight (ptxas spills above ~200)
+REGISTER_BUDGET = 168
+
+
+def _pow2_bucket(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length() if n > 1 else 1
+
+
+class DecodeConfig(KernelConfig):
+    """tile_f: state rows (features) per state CTA; warps: warps per CTA; cache_tile: cache tokens
+    per cache CTA; unroll: state loads in flight per thread; load_bytes: bytes per state load."""
+
+    tile_f: int = 128
+    warps: int = 8
+    cache_tile: int = 64
+    unroll: int = 8
+    load_bytes: int = 16
+
+    @field_validator("tile_f")
+    @classmethod
+    def _tile_f(cls, v: int) -> int:
+        if v not in TILE_FS:
+            raise ConfigError("tile_f", v, f"one of {TILE_FS}")
+        return v
+
+    @field_validator("warps")
+    @classmethod
+    def _warps(cls, v: int) -> int:
+        if v not in WARP_CHOICES:
+            raise ConfigError("warps", v, f"one of {WARP_CHOICES}")
+        return v
+
+    @field_validator("cache_tile")
+    @classmethod
+    def _ct(cls, v: int) -> int:
+        if v not in CACHE_TILES:
+            raise ConfigError("cache_tile", v, f"one of {CACHE_TILES}")
+        return v
+
+    @field_validator("unroll")
+    @classmethod
+    def _unroll(cls, v: int) -> int:
+        if v not in UNROLLS:
+            raise ConfigError("unroll", v, f"one of {UNROLLS}")
+        return v
+
+    @field_validator("load_bytes")
+    @classmethod
+    def _lb(cls, v: int) -> int:
+        if v not in LOAD_BYTES:
+            raise ConfigError("load_bytes", v, f"one of {LOAD_BYTES}")
+        return v
+
+
+class DecodeKey(ProblemKey):
+    """Compile-time: layout (head_dim, deg, d_tile, state_dtype), Q/K/V dtype, GQA group, new tokens
+    per step (q_len), gating. Runtime bucket: b * kv_heads."""
+
+    COMPILE_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "deg", "d_tile", "dtype", "state_dtype", "group",
+                                                 "q_len", "gating")
+
+    head_dim: int
+    deg: int = 2
+    d_tile: int = 8
+    dtype: Literal["bf16", "fp16"] = "bf16"
+    state_dtype: Literal["fp32", "bf16"] = "fp32"
+    group: int = 1
+    q_len: int = 1
+    gating: bool = True
+    bh_bucket: int = 64
+
+    @field_validator("head_dim")
+    @classmethod
+    def _head_dim(cls, v: int) -> int:
+        if v not in HEAD_DIMS:
+            raise ConfigError("head_dim", v, f"one of {HEAD_DIMS}")
+        return v
+
+    @field_validator("deg")
+    @classmethod
+    def _deg(cls, v: int) -> int:
+        if v not in SUPPORTED_DEGREES:
+            raise ConfigError("deg", v, f"one of {SUPPORTED_DEGREES}")
+        return v
+
+    @field_validator("bh_bucket")
+    @classmethod
+    def _bucket(cls, v: int) -> int:
+        if v < 1 or v & (v - 1):
+            raise ConfigError("bh_bucket", v, "a power of two >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _valid(self) -> "DecodeKey":
+        if self.d_tile < 1 or self.head_dim % self.d_tile:
+            divisors = [t for t in range(1, self.head_dim + 1) if self.head_dim % t == 0]
+            raise ConfigError("d_tile", self.d_tile, f"a divisor of head_dim={self.head_dim}: {divisors}")
+        if self.group < 1 or self.q_len < 1 or self.group * self.q_len > MAX_ROWS:
+            raise ConfigError("group", (self.group, self.q_len),
+                              f"group * q_len (query rows per KV head) between 1 and {MAX_ROWS}")
+        return self
+
+    @property
+    def feature_dim(self) -> int:
+        return layout(self.head_dim, self.deg, self.d_tile).feature_dim
+
+    @property
+    def rows(self) -> int:
+        return self.group * self.q_len
+
+    @property
+    def state_bytes(self) -> int:
+        return 4 if self.state_dtype == "fp32" else 2
+
+
+def _shape(key: DecodeKey, config: DecodeConfig) -> dict[str, int]:
+    vec = config.load_bytes // key.state_bytes
+    cpr = key.head_dim // vec
+    threads = config.warps * 32
+    rpp = threads // cpr if threads % cpr == 0 else 0
+    npass = config.tile_f // rpp if rpp and config.tile_f % rpp == 0 else 0
+    u = min(config.unroll, npass) if npass else 0
+    return dict(vec=vec, cpr=cpr, rpp=rpp, npass=npass, u=u, ns=math.ceil(key.feature_dim / config.tile_f))
+
+
+class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
+    name = "decode_step"
+    template = "decode_step.cu.j2"
+    Config = DecodeConfig
+    Key = DecodeKey
+    # Q K V G S z blocks Y ws counters | heads cache_len n_state nc_cap | scale | 20 strides
+    signature = ("ptr",) * 10 + ("i32",) * 4 + ("f32",) + ("i64",) * 20
+
+    def default_config(self, key: DecodeKey) -> DecodeConfig:
+        load_bytes = 16 if key.rows * (16 // key.state_bytes) <= 64 else 8
+        D = key.feature_dim
+        tile_f = 64
+        for t in (1024, 512, 256, 128, 64):
+            if key.bh_bucket * math.ceil(D / t) >= _TARGET_CTAS:
+                tile_f = t
+                break
+        cfg = DecodeConfig(tile_f=tile_f, warps=8, cache_tile=64, unroll=8, load_bytes=load_bytes)
+        for t in (tile_f, 128, 256, 512, 1024):  # smallest tile that satisfies check()
+            try:
+                c2 = cfg.model_copy(update={"tile_f": t})
+                self.check(key, c2, "sm_80")
+                return c2
+            except ConfigError:
+                continue
+        return cfg
+
+    def corner_configs(self, key: DecodeKey) -> list[DecodeConfig]:
+        out = [self.default_config(key)]
+        for cfg in (DecodeConfig(tile_f=1024, warps=8, cache_tile=128, unroll=16, load_bytes=8),
+                    DecodeConfig(tile_f=256, warps=2, cache_tile=32, unroll=1, load_bytes=16),
+                    DecodeConfig(tile_f=512, warps=4, cache_tile=128, unroll=4, load_bytes=8)):
+            try:
+                self.check(key, cfg, "sm_80")
+            except ConfigError:
+                continue
+            if cfg not in out:
+                out.append(cfg)
+        return out
+
+    def check(self, key: DecodeKey, config: DecodeConfig, arch: str) -> None:
+        sh = _shape(key, config)
+        if not sh["rpp"]:
+            raise ConfigError("warps", config.warps, f"{config.warps * 32} threads must cover whole state rows of "
+                                                     f"{sh['cpr']} loads")
+        if not sh["npass"]:
+            raise ConfigError("tile_f", config.tile_f, f"a multiple of the {sh['rpp']} state rows per pass "
+                                                       f"(warps={config.warps}, load_bytes={config.load_bytes})")
+        if sh["npass"] % sh["u"]:
+            raise ConfigError("unroll", config.unroll, f"must divide the {sh['npass']} passes of tile_f")
+        regs = key.rows * (sh["vec"] + 1) + sh["u"] * (config.load_bytes // 4 + 1)
+        if regs > REGISTER_BUDGET:
+            raise ConfigError("load_bytes", config.load_bytes,
+                              f"rows={key.rows} x {sh['vec']} columns + {sh['u']} loads in flight need ~{regs} "
+                              f"registers per thread (> {REGISTER_BUDGET}): use load_bytes=8 or a smaller unroll")
+        super().check(key, config, arch)
+
+    def threads_per_block(self, config: DecodeConfig) -> int:
+        return config.warps * 32
+
+    def dynamic_smem_bytes(self, key: DecodeKey, config: DecodeConfig) -> int:
+        R, HD, CT = key.rows, key.head_dim, config.cache_tile
+        qs = R * HD * 4
+        red = R * (HD + 1) * 4
+        kv = CT * (HD + 8) * 2
+        cache_b = 2 * kv + R * CT * 4 + CT * 4 + 4 * R * 4 + 64 * 4
+        return qs + max(red, cache_b)
+
+    def render_context(self, key: DecodeKey, config: DecodeConfig) -> dict[str, Any]:
+        return dict(head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile, feature_dim=key.feature_dim,
+                    group=key.group, q_len=key.q_len, gating=key.gating, dtype=key.dtype,
+                    state_dtype=key.state_dtype, tile_f=config.tile_f, warps=config.warps,
+                    cache_tile=config.cache_tile, unroll=config.unroll, load_bytes=config.load_bytes,
+                    smem_bytes=self.dynamic_smem_bytes(key, config))
+
+    def standard_keys(self) -> list[DecodeKey]:
+        keys = []
+        for d in HEAD_DIMS:
+            for sd in ("fp32", "bf16"):
+                for gating in (True, False):
+                    keys.append(DecodeKey(head_dim=d, deg=2, d_tile=default_d_tile(d, 2), dtype="bf16",
+                                          state_dtype=sd, gating=gating))
+        keys.append(DecodeKey(head_dim=64, deg=2, d_tile=8, dtype="bf16", state_dtype="fp32", group=4, gating=True))
+        keys.append(DecodeKey(head_dim=64, deg=2, d_tile=16, dtype="fp16", state_dtype="bf16", gating=True))
+        keys.append(DecodeKey(head_dim=32, deg=4, d_tile=4, dtype="bf16", state_dtype="fp32", gating=True))
+        return keys
+
+    def workspace_floats(self, key: DecodeKey, config: DecodeConfig, nc_cap: int) -> int:
+        R, HD = key.rows, key.head_dim
+        ns = math.ceil(key.feature_dim / config.tile_f)
+        spart = (ns * R * (HD + 1) + 3) // 4 * 4
+        total = spart + nc_cap * R * (HD + 2) + R
+        return (total + 3) // 4 * 4
+
+    # ---- tuner protocol ------------------------------------------------------------------------
+    def make_inputs(self, key: DecodeKey, device: Any, seed: int) -> dict[str, Any]:
+        import torch
+
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        b, h, L, d = max(1, key.bh_bucket // 8), min(8, key.bh_bucket), 200, key.head_dim
+        dt = torch.bfloat16 if key.dtype == "bf16" else torch.float16
+        sdt = torch.float32 if key.state_dtype == "fp32" else torch.bfloat16
+        D = key.feature_dim
+        Q = torch.randn(b, key.q_len, h * key.group, d, generator=g).to(dt)
+        K = torch.randn(b, L, h, d, generator=g).to(dt)
+        V = torch.randn(b, L, h, d, generator=g).to(dt)
+        G = torch.nn.functional.logsigmoid(4 + torch.randn(b, L, h, generator=g)) if key.gating else None
+        S = (torch.randn(b, h, D, d, generator=g) * 0.1).to(sdt)
+        z = torch.rand(b, h, D, generator=g) * 10
+        out = dict(Q=Q, K=K, V=V, log_G=G, state=S, sum_of_keys=z)
+        return {k: (v.to(device) if v is not None else None) for k, v in out.items()}
+
+    def run(self, key: DecodeKey, config: DecodeConfig, inputs: dict[str, Any]) -> Any:
+        return decode_step(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], inputs["state"],
+                           inputs["sum_of_keys"], deg=key.deg, d_tile=key.d_tile, scale=None, config=config)
+
+    def reference(self, key: DecodeKey, inputs: dict[str, Any]) -> Any:
+        from vidrial.kernels.power_retention.reference import power_retention_inference_reference
+
+        Y, _, _ = power_retention_inference_reference(
+            inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], inputs["state"].double(),
+            inputs["sum_of_keys"].double(), deg=key.deg, scale=None, switch_over_seq_len=None, d_tile=key.d_tile)
+        return Y.to(inputs["Q"].dtype)
+
+
+family: DecodeFamily = register(DecodeFamily())  # type: ignore[assignment]
+
+
+# ---- block table (same packing as common/sympow.cuh expects) ----------------------------------
+def block_table_values(head_dim: int, deg: int, d_tile: int) -> list[int]:
+    """One u32 per feature block, byte j = tile index i_{j+1} (sympow.py's order)."""
+    out = []
+    for blk in layout(head_dim, deg, d_tile).blocks:
+        packed = 0
+        for j, tile in enumerate(blk):
+            packed |= int(tile) << (8 * j)
+        out.append(packed)
+    return out
+
+
+_TABLES: dict[tuple[int, int, int, int], Any] = {}
+
+
+def _block_table(head_dim: int, deg: int, d_tile: int, device) -> Any:
+    import torch
+
+    memo = (head_dim, deg, d_tile, device.index)
+    table = _TABLES.get(memo)
+    if table is None:
+        vals = [v - (1 << 32) if v >= 1 << 31 else v for v in block_table_values(head_dim, deg, d_tile)]
+        table = _TABLES[memo] = torch.tensor(vals, dtype=torch.int32, device=device)
+    return table
+
+
+# ---- workspace ---------------------------------------------------------------------------------
+_WORKSPACES: dict[tuple, tuple[Any, Any]] = {}
+
+
+def workspace(key: DecodeKey, config: DecodeConfig, bh: int, nc_cap: int, device) -> tuple[Any, Any]:
+    """(partials float32 [bh, stride], counters int32 [bh] zeroed): allocated once per (device,
+    shape class) and reused; the kernel leaves the counters at 0."""
+    import torch
+
+    floats = family.workspace_floats(key, config, nc_cap)
+    memo = (device.index, bh, floats)
+    ws = _WORKSPACES.get(memo)
+    if ws is None:
+        ws = _WORKSPACES[memo] = (torch.empty((bh, floats), dtype=torch.float32, device=device),
+                                  torch.zeros((bh,), dtype=torch.int32, device=device))
+    return ws
+
+
+@cache
+def _arch(device_index: int) -> str:
+    from vidrial.core.arch import device_arch
+
+    return device_arch(device_index)
+
+
+@cache
+def _key(head_dim, deg, d_tile, dtype, state_dtype, group, q_len, gating, bucket) -> DecodeKey:
+    return DecodeKey(head_dim=head_dim, deg=deg, d_tile=d_tile, dtype=dtype, state_dtype=state_dtype, group=group,
+                     q_len=q_len, gating=gating, bh_bucket=bucket)
+
+
+def select_config(key: DecodeKey, device_index: int) -> DecodeConfig:
+    try:
+        from vidrial import dispatch
+    except ImportError:
+        return family.default_config(key)
+    try:
+        return dispatch.select_config(family, key, dispatch.current_gpu(device_index))
+    except Exception:  # a dispatch problem must never break decoding: fall back to the default
+        return family.default_config(key)
+
+
+_DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
+
+
+def decode_step(Q, K, V, log_G, state, sum_of_keys, *, deg: int, d_tile: int | None, scale: float | None,
+                config: DecodeConfig | None = None):
+    """Y [b, tq, hq, d] (Q's dtype) of one decode step; no absorption (see vidrial.inference).
+
+    Q [b, tq, hq, d]; K, V [b, L, h, d] (the cache including the new tokens) or None; log_G
+    [b, L, h] float32 or None; state [b, h, D, d] float32/bfloat16 + sum_of_keys [b, h, D] float32
+    or None. The caller (vidrial.inference.power_retention_inference) validates; this is the
+    launcher (current stream, no sync, graph capturable after one warm-up call per shape)."""
+    import torch
+
+    from vidrial.core.launch import current_stream_handle
+
+    b, tq, hq, d = Q.shape
+    L = 0 if K is None else K.shape[1]
+    h = state.shape[1] if state is not None else K.shape[2]
+    group = hq // h
+    if d_tile is None:
+        d_tile = default_d_tile(d, deg)
+    if not scale:
+        scale = 1.0 / math.sqrt(d)
+    gating = log_G is not None and L > 0
+    sdt = _DTYPES[str(state.dtype)] if state is not None else "fp32"
+    bh = b * h
+    key = _key(d, deg, d_tile, _DTYPES[str(Q.dtype)], sdt, group, tq, gating, _pow2_bucket(bh))
+    dev = Q.device.index if Q.device.index is not None else torch.cuda.current_device()
+    if config is None:
+        config = select_config(key, dev)
+    kernel = family.launchable(key, config, _arch(dev))
+    ns = math.ceil(key.feature_dim / config.tile_f) if state is not None else 0
+    nc = math.ceil(L / config.cache_tile) if L > 0 else 0
+    if ns + nc == 0:
+        raise InputError("initial_state", None, "a state or a non-empty KV cache")
+    if bh > 65535:
+        raise InputError("Q", f"batch*kv_heads={bh}", "at most 65535 (grid y); split the batch")
+    nc_cap = _pow2_bucket(max(nc, 1))
+    ws, counters = workspace(key, config, bh, nc_cap, Q.device)
+    Y = torch.empty((b, tq, hq, d), dtype=Q.dtype, device=Q.device)
+    table = _block_table(d, deg, d_tile, Q.device)
+    qs = Q.stride()
+    ks = K.stride() if L > 0 else (0, 0, 0)
+    vs = V.stride() if L > 0 else (0, 0, 0)
+    gs = log_G.stride() if gating else (0, 0, 0)
+    ss = state.stride() if state is not None else (0, 0)
+    zs = sum_of_keys.stride() if state is not None else (0, 0)
+    ys = Y.stride()
+    kernel.launch(
+        (ns + nc, bh, 1), (family.threads_per_block(config), 1, 1),
+        (Q.data_ptr(), K.data_ptr() if L > 0 else 0, V.data_ptr() if L > 0 else 0,
+         log_G.data_ptr() if gating else 0, state.data_ptr() if state is not None else 0,
+         sum_of_keys.data_ptr() if state is not None else 0, table.data_ptr(), Y.data_ptr(), ws.data_ptr(),
+         counters.data_ptr(), h, L, ns, nc_cap, float(scale),
+         qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], gs[0], gs[1], gs[2],
+         ss[0], ss[1], zs[0], zs[1], ys[0], ys[1], ys[2], ws.stride(0)),
+        dev, current_stream_handle(dev))
+    return Y
