@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from vidrial.ops import power_retention
 
         return power_retention
+    if name == "power_retention_inference":
+        from vidrial.inference import power_retention_inference
+
+        return power_retention_inference
     raise AttributeError(f"module 'vidrial' has no attribute {name!r}")
