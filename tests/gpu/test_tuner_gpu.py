@@ -81,8 +81,16 @@ def test_short_real_study_per_family(tmp_path, name):
     fam = families().get(name)
     if fam is None:
         pytest.skip("no kernel families registered")
+    if not _tunable(fam) and name == "update_state":
+        fam = T.update_state_tunable  # the same kernels, with the protocol supplied by vidrial.tuning.testing
     if not _tunable(fam):
         pytest.skip(f"{name} does not implement the tuner protocol (make_inputs/run/reference; docs/HELPERS.md)")
+    from vidrial.tuning.search_space import SearchSpaceError, load_search_space
+
+    try:
+        load_search_space(fam)
+    except SearchSpaceError as exc:
+        pytest.skip(f"{name}: {exc}")
     key = fam.standard_keys()[0]
     (result,) = tune(fam, [key], trials=8, out=tmp_path / "out", tuned_dir=tmp_path / "tuned", progress=False,
                      job_timeout_s=180)

@@ -268,3 +268,69 @@ def _arch_of(device_index: int) -> str:
 
 
 fault_probe = FaultProbeFamily()
+
+
+# ---- update_state, made tunable for the GPU test when the family lacks the protocol ---------------------------
+def _make_update_state_tunable():
+    """A subclass of the registered update_state family with the tuner protocol, built on the
+    public op and the float64 reference (checked on the first head and first two chunks, to
+    bound the reference's memory). Same name, template and kernels as the real family, so
+    its winners are real update_state winners. The family's own protocol wins when present."""
+    import torch
+
+    from vidrial.kernels.power_retention.update_state import UpdateStateFamily
+
+    class UpdateStateTunable(UpdateStateFamily):
+        REF = "vidrial.tuning.testing:update_state_tunable"
+
+        def make_inputs(self, key, device, seed):
+            h = min(8, key.bh_chunks_bucket)
+            n = max(1, key.bh_chunks_bucket // h)
+            t, d = n * key.chunk_size, key.head_dim
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[key.dtype]
+            gen = torch.Generator(device=device).manual_seed(seed)
+            K = (torch.randn(1, t, h, d, device=device, generator=gen) / d**0.25).to(dtype)
+            V = torch.randn(1, t, h, d, device=device, generator=gen).to(dtype)
+            G = (torch.nn.functional.logsigmoid(torch.randn(1, t, h, device=device, generator=gen) + 3.0)
+                 if key.gating else None)
+            return {"K": K, "V": V, "G": G}
+
+        def run(self, key, config, inputs):
+            from vidrial.kernels.power_retention.update_state import update_state
+
+            return update_state(inputs["K"], inputs["V"], inputs["G"], deg=key.deg, d_tile=key.d_tile,
+                                chunk_size=key.chunk_size, config=config)
+
+        def reference(self, key, inputs):
+            from vidrial.kernels.power_retention.reference import update_state_reference
+
+            m = min(2, inputs["K"].shape[1] // key.chunk_size) * key.chunk_size
+            G = inputs["G"][:, :m, :1] if inputs["G"] is not None else None
+            return update_state_reference(inputs["K"][:, :m, :1], inputs["V"][:, :m, :1], G, key.deg, key.d_tile,
+                                          key.chunk_size)
+
+        def check_outputs(self, key, inputs, outputs, expected):
+            (S, s), (S_ref, s_ref) = outputs, expected
+            nm = S_ref.shape[1]
+            err = 0.0
+            for out, ref in ((S[:, :nm, :1], S_ref), (s[:, :nm, :1], s_ref)):
+                if not torch.isfinite(out).all():
+                    return float("inf")
+                err = max(err, ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item())
+            return err
+
+        def tolerance(self, key):
+            return (1e-2 if key.dtype == "bf16" else 3e-3) * (1.5 if key.deg == 4 else 1.0)
+
+    return UpdateStateTunable()
+
+
+_LAZY: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "update_state_tunable":
+        if name not in _LAZY:
+            _LAZY[name] = _make_update_state_tunable()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

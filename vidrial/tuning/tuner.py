@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from vidrial.core.errors import InputError
-from vidrial.tuning.search_space import SearchSpace, load_search_space
+from vidrial.tuning.search_space import SearchSpace, SearchSpaceError, load_search_space
 from vidrial.tuning.worker import (
     DEFAULT_BACKEND,
     InProcessMeasurer,
@@ -1041,7 +1041,13 @@ def tune(
         settings.tuned_dir = Path(settings.tuned_dir)
     results = []
     for family in _families(kernel):
-        space = load_search_space(family, settings.space_path)
+        try:
+            space = load_search_space(family, settings.space_path)
+        except SearchSpaceError as exc:
+            if kernel not in (None, "all"):
+                raise
+            print(f"vidrial tune: skipping {family.name}: {exc}", file=sys.stderr)
+            continue
         for key in _keys(family, keys, preset):
             result = tune_key(family, key, settings, measurer=measurer, compiler=compiler, space=space)
             results.append(result)
