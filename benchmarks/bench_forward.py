@@ -73,7 +73,7 @@ def limit_triton_autotune(max_configs: int) -> None:
                 obj.configs = [obj.configs[i] for i in idx if i < k]
 
 
-def run_shape(name, shp, reps, retention_configs, gating=True):
+def run_shape(name, shp, reps, retention_configs, gating=True, sweep=False):
     import vidrial
     from vidrial.kernels.power_retention.discumsum import discumsum_forward
     from vidrial.kernels.power_retention.intra_chunk_attention import intra_chunk_attention
@@ -113,6 +113,33 @@ def run_shape(name, shp, reps, retention_configs, gating=True):
         "query_state": bench(lambda: query_state(Q, st["Sbar16"], st["sbar"], O, l, m, log_G, deg=p, d_tile=dt,
                                                  chunk_size=c, zero_first_state=True), reps),
     }
+    # query_state config sweep (checked against the default config's output)
+    if sweep:
+        from vidrial.kernels.power_retention.query_state import FAMILY as QF
+        from vidrial.kernels.power_retention.query_state import QueryStateConfig, QueryStateKey
+
+        qkey = QueryStateKey(head_dim=d, deg=p, d_tile=dt, o_dtype="float32", chunk_size=c)
+        base = QF.default_config(qkey)
+        qs = lambda cfg: query_state(Q, st["Sbar16"], st["sbar"], O, l, m, log_G, deg=p, d_tile=dt,  # noqa: E731
+                                     chunk_size=c, zero_first_state=True, config=cfg)
+        Y0 = qs(base).double()
+        mma_flops = 2 * b * h * t * d * __import__("vidrial.kernels.power_retention.sympow",
+                                                     fromlist=["x"]).feature_dim(d, p, dt)
+        print(f"[{name}] query_state sweep (MMA TFLOP/s with D={mma_flops // (2 * b * h * t * d)}):")
+        for tm, tk, w, stg, fp in [(128, 32, 4, 3, "auto"), (128, 32, 4, 3, "generic"), (64, 32, 4, 3, "auto"),
+                                   (64, 64, 4, 3, "auto"), (128, 64, 4, 3, "auto"), (128, 32, 8, 3, "auto"),
+                                   (256, 32, 8, 3, "auto"), (128, 16, 4, 4, "auto"), (64, 32, 2, 3, "auto"),
+                                   (128, 64, 8, 2, "auto"), (256, 64, 8, 3, "auto")]:
+            cfg = QueryStateConfig(tile_m=tm, tile_k=tk, warps=w, stages=stg, feature_path=fp)
+            try:
+                QF.check(qkey, cfg, "sm_90")
+                Y1 = qs(cfg).double()
+                err = ((Y1 - Y0).norm() / Y0.norm()).item()
+                ms = bench(lambda: qs(cfg), reps)
+                print(f"   {cfg.label():<62} {ms:7.3f} ms {mma_flops / ms / 1e9:6.1f} TFLOP/s  diff {err:.1e}",
+                      flush=True)
+            except Exception as exc:
+                print(f"   {cfg.label():<62} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
     del S, s, st, O, l, m
 
     # SDPA flash (causal), [b, h, t, d]
@@ -170,10 +197,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--retention-configs", type=int, default=2)
     ap.add_argument("--no-gating", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time a few query_state configs on shape A")
     args = ap.parse_args(argv)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for name in args.shapes.split(","):
-        run_shape(name, SHAPES[name], args.reps, args.retention_configs, gating=not args.no_gating)
+        run_shape(name, SHAPES[name], args.reps, args.retention_configs, gating=not args.no_gating,
+                  sweep=args.sweep and name == "A")
         torch.cuda.empty_cache()
 
 

@@ -74,6 +74,8 @@ QS_CASES = [
     (64, 2, 8, torch.bfloat16, 1, 300, 4, 1, 128, True, True),    # partial last chunk, GQA 4
     (64, 2, 16, torch.float16, 1, 256, 2, 2, 128, False, True),
     (64, 2, 1, torch.bfloat16, 1, 128, 1, 1, 64, True, True),      # exact sympow (generic feature path)
+    (128, 2, 32, torch.bfloat16, 1, 128, 2, 1, 64, True, True),    # paired path, d_tile % 16 == 0, e0 % T != 0
+    (64, 2, 8, torch.bfloat16, 1, 200, 2, 1, 64, True, True),
     (32, 2, 8, torch.bfloat16, 2, 192, 2, 2, 64, True, False),     # state only: Y = Yq / zq
     (128, 2, 8, torch.bfloat16, 1, 256, 2, 1, 256, True, True),
     (32, 4, 4, torch.bfloat16, 1, 64, 1, 1, 64, True, True),
@@ -81,9 +83,11 @@ QS_CASES = [
 ]
 
 
+@pytest.mark.parametrize("feature_path", ["auto", "generic"])
 @pytest.mark.parametrize("case", QS_CASES, ids=[f"qs{i}" for i in range(len(QS_CASES))])
-def test_query_state_matches_reference(case):
+def test_query_state_matches_reference(case, feature_path):
     from vidrial.kernels.power_retention.query_state import (
+        FAMILY,
         QueryStateKey,
         make_test_inputs,
         query_state,
@@ -103,8 +107,9 @@ def test_query_state_matches_reference(case):
     inp["Sbar"] = torch.einsum("bnchD,bnche->bnhDe", pk, torch.randn_like(Kf)).float()
     inp["sbar"] = pk.sum(2).float()
     poison()
+    cfg = FAMILY.default_config(key).model_copy(update={"feature_path": feature_path})
     Y = query_state(inp["Q"], inp["Sbar"], inp["sbar"], inp["O"], inp["l"], inp["m"], inp["log_G"], deg=p,
-                    d_tile=dt, scale=inp["scale"], chunk_size=c)
+                    d_tile=dt, scale=inp["scale"], chunk_size=c, config=cfg)
     E = query_state_reference(inp["Q"], inp["Sbar"], inp["sbar"], inp["O"], inp["l"], inp["m"], inp["log_G"],
                               deg=p, d_tile=dt, scale=inp["scale"], chunk_size=c)
     assert Y.dtype == dtype

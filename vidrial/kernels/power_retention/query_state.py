@@ -50,6 +50,9 @@ class QueryStateConfig(KernelConfig):
     tile_k: int = Field(32, description="features per pipeline step (K), multiple of 16")
     warps: int = Field(4, description="warps per CTA; they split tile_m (each owns tile_m / warps rows)")
     stages: int = Field(3, description="cp.async buffers of the state tile")
+    feature_path: Literal["auto", "generic"] = Field(
+        "auto", description="auto: paired 64-bit feature loads when p=2 and d_tile is 8 or a multiple of 16; "
+                            "generic: per-feature index math (any layout)")
 
     @model_validator(mode="after")
     def _valid(self):
@@ -95,7 +98,7 @@ class QueryStateKey(ProblemKey):
 
 
 def _smem_bytes(d: int, cfg: QueryStateConfig) -> int:
-    q = cfg.tile_m * (d + 4) * 4
+    q = cfg.tile_m * (d + 8) * 4
     b = cfg.stages * cfg.tile_k * (d + 8) * 2
     z = cfg.stages * cfg.tile_k * 4
     g = cfg.tile_m * 4 + cfg.warps * 4
@@ -122,7 +125,8 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
         lay = layout(key.head_dim, key.deg, key.d_tile)
         return dict(d=key.head_dim, D=lay.feature_dim, d_tile=key.d_tile, deg=key.deg, block_size=lay.block_size,
                     in_type=DTYPE_NAMES[key.dtype], o_type=DTYPE_NAMES[key.o_dtype], tile_m=config.tile_m,
-                    tile_k=config.tile_k, warps=config.warps, stages=config.stages, key_label=key.label(),
+                    tile_k=config.tile_k, warps=config.warps, stages=config.stages, fast=config.feature_path == "auto",
+                    key_label=key.label(),
                     config_label=config.label())
 
     def threads_per_block(self, config: QueryStateConfig) -> int:
@@ -150,7 +154,8 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
         return keys
 
     def corner_configs(self, key: QueryStateKey) -> list[QueryStateConfig]:
-        out = [self.default_config(key), QueryStateConfig(tile_m=16, tile_k=16, warps=1, stages=2)]
+        out = [self.default_config(key), QueryStateConfig(tile_m=16, tile_k=16, warps=1, stages=2),
+               QueryStateConfig(tile_m=64, tile_k=32, warps=4, stages=3, feature_path="generic")]
         big_m = 128 if key.head_dim <= 64 else 64
         out.append(QueryStateConfig(tile_m=big_m * 2 if key.head_dim <= 64 else big_m, tile_k=64, warps=8 if key.head_dim <= 64 else 4, stages=4))
         return out
