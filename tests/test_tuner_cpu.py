@@ -483,3 +483,18 @@ def test_a_raising_check_marks_configs_invalid_not_the_study(tmp_path, monkeypat
     rows = _journal_rows(result, tmp_path)
     assert all(r["config"]["tile_m"] != 64 for r in rows if r["config"])
     assert result.winner == T.SYNTH_OPTIMUM
+
+
+def test_cli_end_to_end_with_resume(tmp_path, capsys):
+    from vidrial.cli import main
+
+    argv = ["tune", "--kernel", T.synthetic.REF, "--key", '{"head_dim": 128}', "--trials", "8", "--out",
+            str(tmp_path / "out"), "--tuned-dir", str(tmp_path / "tuned"), "--backend", FAKE,
+            "--compiler", "vidrial.tuning.testing:no_spill_compile", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "_synthetic" in out and "8 trials" in out and "stored in" in out
+    assert main([*argv[:6], "12", *argv[7:], "--resume"]) == 0
+    assert "12 trials" in capsys.readouterr().out
+    assert (tmp_path / "tuned" / "fake-gpu" / "_synthetic.json").is_file()
+    assert (tmp_path / "out" / "report.md").is_file()

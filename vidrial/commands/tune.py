@@ -58,6 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --sampler grid: replay TPE/GP/random on the exhaustive results and report "
                         "their best after N trials against the exhaustive best")
     p.add_argument("--space", default=None, help="search-space TOML to use instead of search_spaces/<family>.toml")
+    # test doubles (hidden): measurement backend and compile function as 'module:attr'
+    p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--compiler", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -85,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
                        sampler=args.sampler, out=args.out, storage=args.storage, resume=args.resume,
                        gpus=args.gpus, compare=args.compare, seed=args.seed, job_timeout_s=args.job_timeout,
                        leaders=args.leaders, tuned_dir=args.tuned_dir, record=not args.no_record,
-                       progress=not args.no_progress, space_path=args.space)
+                       progress=not args.no_progress, space_path=args.space,
+                       **({"backend": args.backend} if args.backend else {}),
+                       **({"compiler": args.compiler} if args.compiler else {}))
     except KeyboardInterrupt:
         print("\nvidrial tune: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
         return 130
