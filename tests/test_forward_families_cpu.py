@@ -177,3 +177,14 @@ def test_launcher_input_errors_on_cpu():
         discumsum(torch.zeros(1, 2, 1, 8, 4), torch.zeros(1, 2, 1, 8))
     with pytest.raises(InputError, match="^Q"):
         query_state(torch.zeros(1, 16, 1, 64), None, None, None, None, None, deg=2, d_tile=8, chunk_size=16)
+
+
+def test_tuner_protocol_inputs_and_references_on_cpu():
+    dkey = DiscumsumKey(head_dim=32, feature_dim=640, batch_heads=2, chunks=3)
+    inp = DFAM.make_inputs(dkey, "cpu", seed=0)
+    Sbar, sbar = DFAM.reference(dkey, inp)
+    assert Sbar.shape == (1, 4, 2, 640, 32) and sbar.shape == (1, 4, 2, 640)
+    qkey = QueryStateKey(head_dim=32, deg=2, d_tile=8, chunk_size=64, tokens=128)
+    inp = QFAM.make_inputs(qkey, "cpu", seed=0)
+    Y = QFAM.reference(qkey, inp)
+    assert Y.shape == inp["Q"].shape and torch.isfinite(Y).all()

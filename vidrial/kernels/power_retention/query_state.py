@@ -189,8 +189,15 @@ def make_test_inputs(key: QueryStateKey, *, b, t, hq, h, chunk_size, gating, dev
     dt = getattr(torch, key.dtype)
     Q = torch.randn(b, t, hq, d, generator=gen).to(dt).to(device)
     log_G = (-torch.rand(b, t, h, generator=gen) * 0.1).to(device) if gating else None
-    Sbar = (torch.randn(b, n, h, D, d, generator=gen) * state_scale).to(device)
-    sbar = (torch.rand(b, n, h, D, generator=gen) * state_scale).to(device)
+    # states that are sums of phi(k) v^T like real ones (so phi(q).sbar >= 0), 16 keys per chunk
+    from vidrial.kernels.power_retention.reference import phi
+
+    Kf = torch.randn(b, n, 16, h, d, generator=gen, dtype=torch.float64).to(device)
+    Vf = torch.randn(b, n, 16, h, d, generator=gen, dtype=torch.float64).to(device)
+    pk = phi(Kf, key.deg, key.d_tile)  # [b, n, 16, h, D]
+    Sbar = (torch.einsum("bnchD,bnche->bnhDe", pk, Vf) * state_scale).float()
+    sbar = (pk.sum(2) * state_scale).float()
+    del pk
     O = torch.randn(b, t, hq, d, generator=gen).to(getattr(torch, key.o_dtype)).to(device)
     m = torch.randn(b, t, hq, generator=gen).to(device)
     l = (1.0 + torch.rand(b, t, hq, generator=gen) * 3).to(device)
