@@ -4,7 +4,10 @@
                                                      [--configs default|sweep] [--json out.json]
 
 Shapes (ANCHORS.md): A: b=1, t=65536, h=8, d=64, p=2, chunk 1024, bf16, gating;
-B: b=8, t=8192, same otherwise; Q: the quadratic path, b=1, t=16384, h=8, normalised output.
+B: b=8, t=8192, same otherwise; Q: the quadratic path, b=1, t=16384, h=8, normalised output;
+A0, Q0: A and Q without gating. Gates are logsigmoid(U(-1, 5)) per step (about -0.35 on average),
+so with gating a query's weights on keys more than a few hundred steps back underflow to 0 in
+float32 and the kernel stops walking back there (exactly: see the template); A0/Q0 do all the work.
 Timing: CUDA events around each call after an L2 flush (256 MB memset), median of --reps.
 Useful FLOPs (MATH.md section 6): causal intra-chunk attention = 2 c^2 d per chunk per head
 (QK^T and PV over the causal half), i.e. 2 * c * t * d * b * hq; quadratic: 2 t^2 d * b * hq.
@@ -39,14 +42,17 @@ SHAPES = {
     "A": dict(b=1, t=65536, h=8, d=64, deg=2, chunk=1024, gating=True, normalize=False),
     "B": dict(b=8, t=8192, h=8, d=64, deg=2, chunk=1024, gating=True, normalize=False),
     "Q": dict(b=1, t=16384, h=8, d=64, deg=2, chunk=0, gating=True, normalize=True),
+    # without gating (nothing decays, so no early exit: the full causal work)
+    "A0": dict(b=1, t=65536, h=8, d=64, deg=2, chunk=1024, gating=False, normalize=False),
+    "Q0": dict(b=1, t=16384, h=8, d=64, deg=2, chunk=0, gating=False, normalize=True),
 }
 SWEEP = [
     Config(tile_m=128, tile_n=64, warps=4, stages=2),
     Config(tile_m=128, tile_n=64, warps=4, stages=3),
-    Config(tile_m=128, tile_n=32, warps=4, stages=2),
-    Config(tile_m=128, tile_n=64, warps=8, stages=2),
     Config(tile_m=128, tile_n=128, warps=8, stages=2),
     Config(tile_m=64, tile_n=64, warps=4, stages=2),
+    Config(tile_m=64, tile_n=64, warps=4, stages=2, min_ctas=3),
+    Config(tile_m=64, tile_n=32, warps=4, stages=3, min_ctas=3),
     Config(tile_m=256, tile_n=64, warps=8, stages=2),
     Config(tile_m=128, tile_n=64, warps=4, stages=2, rescale_log2=0),
 ]

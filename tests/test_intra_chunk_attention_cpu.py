@@ -29,6 +29,7 @@ def test_registered():
     (dict(tile_m=32, tile_n=64, warps=1), "tile_n"),  # tile_n must divide tile_m
     (dict(tile_m=128, tile_n=128, warps=2), "tile_n"),  # one thread per key
     (dict(rescale_log2=13), "rescale_log2"),
+    (dict(min_ctas=0), "min_ctas"),
 ])
 def test_config_validation(fields, bad):
     # pydantic wraps the ConfigError raised by a validator in a ValidationError (a ValueError)
@@ -88,7 +89,7 @@ def test_rendering_is_deterministic_and_keyed():
 
 
 def test_config_json_roundtrip():
-    cfg = Config(tile_m=64, tile_n=32, warps=2, stages=3, rescale_log2=4)
+    cfg = Config(tile_m=64, tile_n=32, warps=2, stages=3, rescale_log2=4, min_ctas=2)
     assert Config.model_validate_json(cfg.model_dump_json()) == cfg
     key = Key(head_dim=32, deg=4, chunk_size=0, normalize=True, gating=False)
     assert Key.model_validate_json(key.model_dump_json()) == key
@@ -113,24 +114,24 @@ def test_launcher_input_errors():
 def _all_jobs():
     jobs = []
     for key in family.standard_keys():
-        configs = [family.default_config(key)] + family.corner_configs(key)
-        seen = set()
-        for cfg in configs:
-            if cfg in seen:
-                continue
-            seen.add(cfg)
+        default = family.default_config(key)
+        configs = [default] + [c for c in family.corner_configs(key) if c != default]
+        for cfg in dict.fromkeys(configs):
             for arch in ("sm_80", "sm_90"):
-                jobs.append((family.render(key, cfg), arch, (), f"{key.label()} | {cfg.label()}"))
+                jobs.append((family.render(key, cfg), arch, (), f"{key.label()} | {cfg.label()}", cfg == default))
     return jobs
 
 
 @pytest.mark.slow
 def test_compile_standard_keys_default_and_corners():
+    """Every default and corner config compiles; the defaults also fit the register file without
+    spilling (a corner may spill a little: the tuner drops it from its compiled facts)."""
     jobs = _all_jobs()
-    results = compile_many(jobs)
+    results = compile_many([j[:4] for j in jobs])
     errors = [r for r in results if isinstance(r, CompileError)]
     assert not errors, str(errors[0])[:4000]
-    for (kernel, arch, _, label), res in zip(jobs, results):
+    for (kernel, arch, _, label, is_default), res in zip(jobs, results):
         assert isinstance(res, CompiledKernel)
         assert res.cubin, label
-        assert not res.facts.spills, f"{arch} {label}: {res.facts}"
+        if is_default:
+            assert not res.facts.spills, f"{arch} {label}: {res.facts}"

@@ -44,7 +44,7 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def _check_merge(Q, K, V, log_G, deg, chunk, dtype, scale=None, config=None):
+def _check_merge(Q, K, V, log_G, deg, chunk, dtype, scale=None, config=None, m_tol=1e-3):
     b, t, hq, d = Q.shape
     out = _poisoned_merge(b, t, hq, d)
     O, l, m = intra_chunk_attention(Q, K, V, log_G, deg=deg, scale=scale, chunk_size=chunk, config=config, out=out)
@@ -54,7 +54,7 @@ def _check_merge(Q, K, V, log_G, deg, chunk, dtype, scale=None, config=None):
     Or, lr, mr = intra_chunk_attention_reference(Q, K, V, log_G, deg, scale, chunk)
     tol = TOL[dtype]
     # m is the log of the row max weight: absolute error in log space = relative error of e^m
-    assert (m.double() - mr).abs().max().item() < 1e-3
+    assert (m.double() - mr).abs().max().item() < m_tol
     assert _rel(l, lr) < 1e-3
     # the chunk-local outputs O/l, row by row relative to the row's scale
     Y, Yr = O / l[..., None], Or / lr[..., None]
@@ -122,7 +122,8 @@ def test_merge_mode_vs_reference(b, t, h, r, d, deg, dtype, chunk, gating):
     Config(tile_m=128, tile_n=64, warps=8, stages=2),
     Config(tile_m=128, tile_n=32, warps=4, stages=4, rescale_log2=0),
     Config(tile_m=256, tile_n=64, warps=8, stages=3),
-    Config(tile_m=128, tile_n=128, warps=4, stages=2),
+    Config(tile_m=64, tile_n=64, warps=4, stages=2, min_ctas=3),
+    Config(tile_m=128, tile_n=128, warps=8, stages=2),
 ])
 def test_merge_mode_configs(cfg):
     Q, K, V, log_G = _inputs(2, 1100, 2, 2, 64, "bf16", True, seed=7)
@@ -142,9 +143,11 @@ def test_range_extremes():
     """Large |q.k| (fp16, p=4), hard gates, zero queries: finite and equal to the reference."""
     b, t, h, d = 1, 2048, 2, 64
     Q, K, V, log_G = _inputs(b, t, h, 1, d, "fp16", True, seed=11, qscale=8.0, gate_lo=-30.0)
-    _check_merge(Q, K, V, log_G, 4, 1024, "fp16")
+    # G reaches -3e4 inside a chunk here: float32 cumulative gates carry ~1e-3 absolute error,
+    # which moves m (a log) by as much (0.1% relative on e^m; O/l is unaffected at this level)
+    _check_merge(Q, K, V, log_G, 4, 1024, "fp16", m_tol=5e-3)
     Q[:, 100:300] = 0  # all-zero rows: every weight is the guard eps^p
-    _check_merge(Q, K, V, log_G, 2, 1024, "fp16")
+    _check_merge(Q, K, V, log_G, 2, 1024, "fp16", m_tol=5e-3)
     _check_merge(Q, K, V, None, 4, 1024, "fp16")
 
 
@@ -177,6 +180,22 @@ def test_long_sequence_no_gating_is_finite():
     assert err < 4 * TOL["bf16"], err
     O, l, m = intra_chunk_attention(Q, K, V, None, deg=4, chunk_size=65536)
     assert torch.isfinite(O).all() and torch.isfinite(l).all() and torch.isfinite(m).all()
+
+
+def test_gated_early_exit_long_rows():
+    """Quadratic path with decaying gates: CTAs stop once every remaining key's gate factor
+    underflows; the result must still equal the reference (the skipped weights are exactly 0)."""
+    Q, K, V, log_G = _inputs(1, 8192, 2, 2, 64, "bf16", True, seed=21)
+    Y = intra_chunk_attention(Q, K, V, log_G, deg=2, chunk_size=None, normalize=True)
+    Yr = attention_reference(Q[:, -512:], K, V, log_G, 2)
+    err = ((Y[:, -512:].double() - Yr).abs().amax(-1) / Yr.abs().amax(-1)).max().item()
+    assert err < 4 * TOL["bf16"], err
+    # weak gates (no early exit possible): same check
+    weak = log_G * 1e-3
+    Y = intra_chunk_attention(Q, K, V, weak, deg=2, chunk_size=None, normalize=True)
+    Yr = attention_reference(Q[:, -512:], K, V, weak, 2)
+    err = ((Y[:, -512:].double() - Yr).abs().amax(-1) / Yr.abs().amax(-1)).max().item()
+    assert err < 4 * TOL["bf16"], err
 
 
 def test_current_stream_and_graph():

@@ -62,13 +62,15 @@ class IntraChunkAttentionConfig(KernelConfig):
     tile_m: queries per CTA (= 16 * warps * m_frags; each warp owns whole 16-row MMA tiles);
     tile_n: keys per pipeline step (divides tile_m); warps: warps per CTA; stages: cp.async
     depth of the K/V pipeline; rescale_log2: log2 of the threshold by which a row maximum must
-    grow before O and l are rescaled (P = w / shift stays <= 2^rescale_log2; 0 = always rescale)."""
+    grow before O and l are rescaled (P = w / shift stays <= 2^rescale_log2; 0 = always rescale);
+    min_ctas: __launch_bounds__ minimum CTAs per SM (caps registers at 65536 / (threads * min_ctas))."""
 
     tile_m: int = 128
     tile_n: int = 64
     warps: int = 4
     stages: int = 2
     rescale_log2: int = 8
+    min_ctas: int = 1
 
     @field_validator("tile_m")
     @classmethod
@@ -103,6 +105,13 @@ class IntraChunkAttentionConfig(KernelConfig):
     def _rescale(cls, v: int) -> int:
         if not 0 <= v <= 12:
             raise ConfigError("rescale_log2", v, "between 0 and 12 (P <= 2^rescale_log2 must fit fp16)")
+        return v
+
+    @field_validator("min_ctas")
+    @classmethod
+    def _min_ctas(cls, v: int) -> int:
+        if not 1 <= v <= 4:
+            raise ConfigError("min_ctas", v, "between 1 and 4")
         return v
 
     @model_validator(mode="after")
@@ -239,7 +248,7 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
             head_dim=key.head_dim, deg=key.deg, dtype=key.dtype, elem_type=_ELEM[key.dtype],
             chunk_size=key.chunk_size, gating=key.gating, normalize=key.normalize,
             tile_m=config.tile_m, tile_n=config.tile_n, warps=config.warps, stages=config.stages,
-            rescale_threshold=f"{float(2 ** config.rescale_log2):.1f}",
+            rescale_threshold=f"{float(2 ** config.rescale_log2):.1f}", min_ctas=config.min_ctas,
         )
 
     def standard_keys(self) -> list[IntraChunkAttentionKey]:
