@@ -306,6 +306,14 @@ def test_resume_after_interruption_continues_the_study(tmp_path):
         _tune(tmp_path, trials=25, backend=InterruptingBackend())
     journal = tmp_path / "out" / "journal.log"
     assert journal.is_file()
+    import optuna
+
+    from vidrial.tuning.tuner import make_storage, study_name
+
+    name = study_name(T.synthetic, "fake-gpu", T.SynthKey(**KEY128))
+    interrupted = optuna.load_study(study_name=name, storage=make_storage(None, tmp_path / "out")).trials
+    assert all(t.state.is_finished() for t in interrupted)  # nothing left RUNNING
+    assert sum(t.user_attrs.get("status") == "ok" for t in interrupted) >= 6
     InterruptingBackend.limit = 10**9
     first_run = InterruptingBackend.measured
     (result,) = _tune(tmp_path, trials=25, backend=InterruptingBackend(), resume=True)

@@ -346,6 +346,7 @@ class SearchLoop:
         self.stopped_because = ""
         self._fam_ref = family_ref(family)
         self._use_set_constraint = _has_set_constraint()
+        self._open: dict[int, Any] = {}  # asked, not yet told
 
     # -- state from storage --
     def sync(self) -> None:
@@ -401,6 +402,7 @@ class SearchLoop:
         else:
             value = 2.0 * self.max_ok if self.max_ok else 1000.0
         self.study.tell(trial, value)
+        self._open.pop(trial.number, None)
         if ok:
             self.best = value if self.best is None else min(self.best, value)
             self.max_ok = value if self.max_ok is None else max(self.max_ok, value)
@@ -420,6 +422,7 @@ class SearchLoop:
             self.study.tell(trial, state=TrialState.FAIL)
         except Exception:
             pass
+        self._open.pop(trial.number, None)
 
     # -- evaluation --
     def _memo_result(self, ck: str) -> dict[str, Any] | None:
@@ -492,6 +495,7 @@ class SearchLoop:
                         self.stopped_because = self.stopped_because or reason
                         break
                     trial = self.study.ask()
+                    self._open[trial.number] = trial
                     values = self.space.suggest(trial)
                     config, why = self.space.make_config(self.key, values, self.arch)
                     if config is None:
@@ -523,8 +527,8 @@ class SearchLoop:
                     continue
                 self._tell(p.trial, p.config, p.ck, self._evaluate(p))
         except BaseException:
-            for p in pending:
-                self._fail(p.trial)
+            for trial in list(self._open.values()):  # asked but not told: fail them, so a resume re-asks
+                self._fail(trial)
             raise
         return self.stopped_because
 

@@ -166,6 +166,11 @@ class GpuBackend:
 
 # ---- the worker process ------------------------------------------------------------------------
 def _worker_main(conn: Any, backend_ref: str, device_index: int) -> None:
+    import signal
+
+    # Ctrl-C goes to the whole process group: the parent handles it (and stops this worker);
+    # the worker must not report an interrupted measurement as this config's failure.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         backend = import_ref(backend_ref)(device_index)
         conn.send(("hello", backend.hello()))
