@@ -116,6 +116,7 @@ def run_shape(name, shp, reps, retention_configs, gating=True, sweep=False):
     # query_state config sweep (checked against the default config's output)
     if sweep:
         from vidrial.kernels.power_retention.query_state import FAMILY as QF
+        from vidrial.kernels.power_retention._fwd_util import compile_key
         from vidrial.kernels.power_retention.query_state import QueryStateConfig, QueryStateKey
 
         qkey = QueryStateKey(head_dim=d, deg=p, d_tile=dt, o_dtype="float32", chunk_size=c)
@@ -126,18 +127,21 @@ def run_shape(name, shp, reps, retention_configs, gating=True, sweep=False):
         mma_flops = 2 * b * h * t * d * __import__("vidrial.kernels.power_retention.sympow",
                                                      fromlist=["x"]).feature_dim(d, p, dt)
         print(f"[{name}] query_state sweep (MMA TFLOP/s with D={mma_flops // (2 * b * h * t * d)}):")
-        for tm, tk, w, stg, fp in [(128, 32, 4, 3, "auto"), (128, 32, 4, 3, "generic"), (64, 32, 4, 3, "auto"),
-                                   (64, 64, 4, 3, "auto"), (128, 64, 4, 3, "auto"), (128, 32, 8, 3, "auto"),
-                                   (256, 32, 8, 3, "auto"), (128, 16, 4, 4, "auto"), (64, 32, 2, 3, "auto"),
-                                   (128, 64, 8, 2, "auto"), (256, 64, 8, 3, "auto")]:
-            cfg = QueryStateConfig(tile_m=tm, tile_k=tk, warps=w, stages=stg, feature_path=fp)
+        for tm, tk, w, stg, fp, mc in [
+                (128, 32, 4, 3, "auto", 1), (128, 32, 4, 3, "generic", 1), (64, 32, 4, 3, "auto", 1),
+                (64, 64, 4, 3, "auto", 1), (128, 64, 4, 3, "auto", 1), (128, 32, 8, 3, "auto", 1),
+                (256, 32, 8, 3, "auto", 1), (128, 16, 4, 4, "auto", 1), (64, 32, 2, 3, "auto", 1),
+                (128, 64, 8, 2, "auto", 1), (256, 64, 8, 3, "auto", 1), (128, 32, 4, 3, "auto", 4),
+                (128, 32, 8, 3, "auto", 2), (64, 32, 4, 3, "auto", 4), (128, 64, 4, 4, "auto", 1)]:
+            cfg = QueryStateConfig(tile_m=tm, tile_k=tk, warps=w, stages=stg, feature_path=fp, min_ctas=mc)
             try:
                 QF.check(qkey, cfg, "sm_90")
                 Y1 = qs(cfg).double()
                 err = ((Y1 - Y0).norm() / Y0.norm()).item()
                 ms = bench(lambda: qs(cfg), reps)
-                print(f"   {cfg.label():<62} {ms:7.3f} ms {mma_flops / ms / 1e9:6.1f} TFLOP/s  diff {err:.1e}",
-                      flush=True)
+                facts = QF.launchable(compile_key(qkey), cfg, "sm_90").compiled.facts
+                print(f"   {cfg.label():<72} {ms:7.3f} ms {mma_flops / ms / 1e9:6.1f} TFLOP/s  diff {err:.1e}  "
+                      f"regs {facts.registers} spill {facts.spill_store_bytes}", flush=True)
             except Exception as exc:
                 print(f"   {cfg.label():<62} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
     del S, s, st, O, l, m

@@ -50,6 +50,7 @@ class QueryStateConfig(KernelConfig):
     tile_k: int = Field(32, description="features per pipeline step (K), multiple of 16")
     warps: int = Field(4, description="warps per CTA; they split tile_m (each owns tile_m / warps rows)")
     stages: int = Field(3, description="cp.async buffers of the state tile")
+    min_ctas: int = Field(1, description="__launch_bounds__ minimum CTAs per SM (caps registers per thread)")
     feature_path: Literal["auto", "generic"] = Field(
         "auto", description="auto: paired 64-bit feature loads when p=2 and d_tile is 8 or a multiple of 16; "
                             "generic: per-feature index math (any layout)")
@@ -64,6 +65,8 @@ class QueryStateConfig(KernelConfig):
             raise ConfigError("warps", self.warps, "one of 1, 2, 4, 8")
         if not 2 <= self.stages <= 6:
             raise ConfigError("stages", self.stages, "between 2 and 6")
+        if not 1 <= self.min_ctas <= 4:
+            raise ConfigError("min_ctas", self.min_ctas, "between 1 and 4")
         if self.tile_m % (16 * self.warps):
             raise ConfigError("tile_m", self.tile_m, f"a multiple of 16 * warps = {16 * self.warps}")
         return self
@@ -126,6 +129,7 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
         return dict(d=key.head_dim, D=lay.feature_dim, d_tile=key.d_tile, deg=key.deg, block_size=lay.block_size,
                     in_type=DTYPE_NAMES[key.dtype], o_type=DTYPE_NAMES[key.o_dtype], tile_m=config.tile_m,
                     tile_k=config.tile_k, warps=config.warps, stages=config.stages, fast=config.feature_path == "auto",
+                    min_ctas=config.min_ctas,
                     key_label=key.label(),
                     config_label=config.label())
 
