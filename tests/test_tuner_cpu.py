@@ -17,7 +17,7 @@ from vidrial.tuning.search_space import (
     load_search_space,
     parse_search_space,
 )
-from vidrial.tuning.tuner import TuneSettings, canonical, pick_winner, tune
+from vidrial.tuning.tuner import TuneSettings, canonical, pick_winner, trial_attrs, tune
 from vidrial.tuning.worker import MeasurementWorker
 
 FAKE = "vidrial.tuning.testing:FakeBackend"
@@ -251,8 +251,8 @@ def test_spilling_configs_are_rejected_before_timing(tmp_path):
 
     study = optuna.load_study(study_name=result.study_name, storage=make_storage(None, tmp_path / "out"))
     for t in study.trials:
-        violated = t.user_attrs["status"] != "ok"
-        assert t.user_attrs["constraint"] == (1.0 if violated else 0.0)
+        violated = trial_attrs(t)["status"] != "ok"
+        assert trial_attrs(t)["constraint"] == (1.0 if violated else 0.0)
         if hasattr(t, "constraints") and t.constraints:
             assert (max(t.constraints.values()) > 0) == violated
     assert result.winner["tile_m"] != 128 or result.winner["tile_k"] != 64
@@ -280,7 +280,7 @@ def test_repeated_suggestions_are_memoised(tmp_path):
     loop.run()
     assert len(CountingBackend.calls) == 2  # two distinct configs measured once each
     trials = study.trials
-    assert [t.user_attrs.get("memo_of") for t in trials] == [None, 0, None, 0]
+    assert [trial_attrs(t).get("memo_of") for t in trials] == [None, 0, None, 0]
     assert trials[1].value == trials[0].value == trials[3].value
 
 
@@ -313,7 +313,7 @@ def test_resume_after_interruption_continues_the_study(tmp_path):
     name = study_name(T.synthetic, "fake-gpu", T.SynthKey(**KEY128))
     interrupted = optuna.load_study(study_name=name, storage=make_storage(None, tmp_path / "out")).trials
     assert all(t.state.is_finished() for t in interrupted)  # nothing left RUNNING
-    assert sum(t.user_attrs.get("status") == "ok" for t in interrupted) >= 6
+    assert sum(trial_attrs(t).get("status") == "ok" for t in interrupted) >= 6
     InterruptingBackend.limit = 10**9
     first_run = InterruptingBackend.measured
     (result,) = _tune(tmp_path, trials=25, backend=InterruptingBackend(), resume=True)

@@ -121,6 +121,16 @@ class StudyResult:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+ATTR = "vidrial"  # the one user attribute per trial (and per study) that holds what the tuner records
+
+
+def trial_attrs(trial: Any) -> dict[str, Any]:
+    """What the tuner recorded on a trial: status, config, ck (canonical config JSON), time_ms,
+    reason, facts, timing, rel_err, memo_of (trial number of the measurement reused), device,
+    constraint (0 feasible, 1 violated)."""
+    return trial.user_attrs.get(ATTR) or {}
+
+
 def canonical(config: Any) -> str:
     return json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
@@ -160,7 +170,7 @@ def _has_set_constraint() -> bool:
 
 
 def _constraints_from_attrs(trial: Any) -> Sequence[float]:
-    return (float(trial.user_attrs.get("constraint", 0.0)),)
+    return (float(trial_attrs(trial).get("constraint", 0.0)),)
 
 
 def make_sampler(name: str, seed: int, budget: int) -> Any:
@@ -354,7 +364,7 @@ class SearchLoop:
 
         counted = 0
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-            a = t.user_attrs
+            a = trial_attrs(t)
             status = a.get("status")
             if status is None or status in UNCOUNTED:
                 if status == "invalid" and "ck" in a:
@@ -393,8 +403,7 @@ class SearchLoop:
         if memo_of is not None:
             attrs["memo_of"] = memo_of
         attrs["constraint"] = 0.0 if ok else 1.0
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
+        trial.set_user_attr(ATTR, attrs)  # one storage write (journal appends are locked + synced)
         if self._use_set_constraint:
             trial.set_constraint("feasible", attrs["constraint"])
         if ok:
@@ -418,7 +427,7 @@ class SearchLoop:
         from optuna.trial import TrialState
 
         try:
-            trial.set_user_attr("status", status)
+            trial.set_user_attr(ATTR, {"status": status})
             self.study.tell(trial, state=TrialState.FAIL)
         except Exception:
             pass
@@ -539,7 +548,7 @@ def _trial_rows(study: Any) -> list[dict[str, Any]]:
 
     rows = []
     for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
+        a = trial_attrs(t)
         rows.append({"trial": t.number, "state": t.state.name, "status": a.get("status", t.state.name.lower()),
                      "time_ms": a.get("time_ms"), "config": a.get("config"), "ck": a.get("ck"),
                      "reason": a.get("reason", ""), "memo_of": a.get("memo_of"), "device": a.get("device"),
@@ -649,11 +658,9 @@ def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = N
             warnings.simplefilter("ignore")
             study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="minimize",
                                         load_if_exists=True)
-        if "family" not in study.user_attrs:
-            study.set_user_attr("family", family.name)
-            study.set_user_attr("key", key.model_dump(mode="json"))
-            study.set_user_attr("gpu", gpu.model_dump())
-            study.set_user_attr("arch", arch)
+        if ATTR not in study.user_attrs:
+            study.set_user_attr(ATTR, {"family": family.name, "key": key.model_dump(mode="json"),
+                                       "gpu": gpu.model_dump(), "arch": arch})
         default = family.default_config(key)
         default_params = space.params_of(default)
         default_in_space = False
