@@ -184,7 +184,11 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
         # sweep: d=64, p=2, T=8: warp_m 64 -> 0.66 ms, warp_m 32 -> 0.93 ms at shape A), as long as
         # ptxas does not spill. warp_m=64 fits at d=64 when a warp's rows share factors (its rows lie
         # in one feature block, T^p % 64 == 0), else warp_m=32; d=128 only fits warp_m=16.
+        # Without shared factors (e.g. T=1) warp_m=64 runs at the register limit: faster on the H200
+        # (T=1: 0.64-0.76 ms vs 0.85-0.91 ms) but it spills for some chunk sizes / archs, so the safe
+        # default is warp_m=32 and the tuner may pick warp_m=64 where its compile facts are clean.
         block = key.d_tile**key.deg
+        tile_k_cap, stages = 64, 3
         if d == 128:
             tile_m, warps = 128, 8
         elif d == 64 and key.deg == 2 and block % 64 == 0:
@@ -193,8 +197,8 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
             tile_m, warps = 128, 4
         else:
             tile_m, warps = 256, 4
-        tile_k = self._largest_tile_k(key.chunk_size)
-        cfg = UpdateStateConfig(tile_m=tile_m, tile_k=tile_k, warps=warps, stages=3)
+        tile_k = self._largest_tile_k(key.chunk_size, tile_k_cap)
+        cfg = UpdateStateConfig(tile_m=tile_m, tile_k=tile_k, warps=warps, stages=stages)
         if self.dynamic_smem_bytes(key, cfg) > arch_limits("sm_80").max_dynamic_smem_per_block:
             cfg = cfg.model_copy(update={"stages": 2})
         return cfg
