@@ -1,0 +1,245 @@
+{% raw %}
+// ---- common/bwd_prims.cuh: device primitives of the backward kernels (MATH.md section 4) ------
+// Self-contained (only <cuda_bf16.h>, <cuda_fp16.h>); everything in namespace vbwd.
+// Feature order: vidrial/kernels/power_retention/sympow.py. A block is a u32 of the block table
+// (byte j = tile index i_{j+1}, non-decreasing); feature e of a block (0 <= e < T^P) has offsets
+// a_1..a_P with e = a_1 T^(P-1) + ... + a_P; factor j is x[i_j T + a_j]; coefficient sqrt(dup).
+#ifndef VIDRIAL_COMMON_BWD_PRIMS_CUH
+#define VIDRIAL_COMMON_BWD_PRIMS_CUH
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace vbwd {
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+
+__device__ __forceinline__ int tile_of(unsigned packed, int j) { return (int)((packed >> (8 * j)) & 0xffu); }
+
+template <int T, int P>
+struct Pow {
+  static constexpr int block_size() {
+    int s = 1;
+    for (int i = 0; i < P; ++i) s *= T;
+    return s;
+  }
+};
+
+// sqrt(p! / prod(multiplicity!)) of a block (tile indices non-decreasing: equal ones are adjacent).
+template <int P>
+__device__ __forceinline__ float block_coef(unsigned packed) {
+  int denom = 1, run = 1;
+#pragma unroll
+  for (int j = 1; j < P; ++j) {
+    run = (tile_of(packed, j) == tile_of(packed, j - 1)) ? run + 1 : 1;
+    denom *= run;
+  }
+  int pf = 1;
+#pragma unroll
+  for (int j = 2; j <= P; ++j) pf *= j;
+  return sqrtf((float)(pf / denom));
+}
+
+// phi_f(x) for feature offset e inside a block: coef * prod_j x[i_j T + a_j] (x: one row in smem).
+template <int T, int P>
+__device__ __forceinline__ float feature(const float* __restrict__ x, unsigned packed, float coef, int e) {
+  float v = coef;
+#pragma unroll
+  for (int j = P - 1; j >= 0; --j) {
+    const int a = e % T;
+    e /= T;
+    v *= x[tile_of(packed, j) * T + a];
+  }
+  return v;
+}
+
+// Chain rule of the sympow map for one input coordinate i = ti*T + a of one row:
+//   returns sum over features f of the block with i among its factors of
+//   dphi_f * coef * prod_{l != j} x[i_l T + a_l]      (one term per factor position j holding i)
+// dphi: the block's T^P values of this row, stride `stride` (floats) between features.
+template <int T, int P>
+__device__ __forceinline__ float chain_block(const float* __restrict__ x, const float* __restrict__ dphi, int stride,
+                                             unsigned packed, float coef, int ti, int a) {
+  constexpr int BS = Pow<T, P>::block_size();
+  constexpr int OTHERS = BS / T;  // T^(P-1) combinations of the other offsets
+  float out = 0.f;
+#pragma unroll
+  for (int j = 0; j < P; ++j) {
+    if (tile_of(packed, j) != ti) continue;
+    for (int o = 0; o < OTHERS; ++o) {
+      int rem = o, eoff = 0, mult = 1;
+      float prod = coef;
+#pragma unroll
+      for (int l = P - 1; l >= 0; --l) {
+        int al;
+        if (l == j) {
+          al = a;
+        } else {
+          al = rem % T;
+          rem /= T;
+          prod *= x[tile_of(packed, l) * T + al];
+        }
+        eoff += al * mult;
+        mult *= T;
+      }
+      out = fmaf(dphi[eoff * stride], prod, out);
+    }
+  }
+  return out;
+}
+
+// Row-stationary loop over the features of one state [D][d] (the backward of a feature-map GEMM).
+// CTA = WARPS warps, ROWS = 32 rows (lane = row), features in tiles of BPT whole blocks (F).
+// Per row r (x_r = sRow[r], u_r = sU[r], u0_r = sU0[r]) and feature f:
+//   phi_f = phi_f(x_r),   dphi_f = scale_d * (X[f] . u_r + xs[f] * u0_r)
+//   e_acc += phi_f dphi_f;  dx[i] += d/dx_i sum_f dphi_f phi_f(x_r);  (WANT_DV) dv[c] += phi_f X[f][c]
+// Thread (warp w, lane r) owns columns c = w + k*WARPS (k < HD/WARPS) of dx and dv.
+template <int HD, int P, int T, int NB, int BPT, int WARPS, bool WANT_DV, typename SX_T>
+struct RowLoop {
+  static constexpr int ROWS = 32;
+  static constexpr int BS = Pow<T, P>::block_size();
+  static constexpr int F = BPT * BS;
+  static constexpr int FPW = F / WARPS;
+  static constexpr int CPW = HD / WARPS;
+  static constexpr int RS = HD + 1;  // padded row stride of sRow / sU
+  static constexpr long long D = (long long)NB * BS;
+  static constexpr int NTILE = (NB + BPT - 1) / BPT;
+  // shared memory layout (floats)
+  static constexpr int OFF_X = 0;
+  static constexpr int OFF_XS = OFF_X + F * HD;
+  static constexpr int OFF_ROW = OFF_XS + F;
+  static constexpr int OFF_U = OFF_ROW + ROWS * RS;
+  static constexpr int OFF_U0 = OFF_U + ROWS * RS;
+  static constexpr int OFF_PHI = OFF_U0 + ROWS;
+  static constexpr int OFF_DPHI = OFF_PHI + F * ROWS;
+  static constexpr int OFF_RED = OFF_DPHI + F * ROWS;
+  static constexpr int SMEM_FLOATS = OFF_RED + WARPS * ROWS;
+  static_assert(F % WARPS == 0, "features per tile must be a multiple of warps");
+  static_assert(HD % WARPS == 0, "head dim must be a multiple of warps");
+
+  // sum_f phi_f(x_r) xs[f] per row, reduced over the warps into sm[OFF_RED + r] (row sums).
+  static __device__ __forceinline__ float feature_dot(const float* __restrict__ xs, const unsigned* __restrict__ blocks,
+                                                      float* sm) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    float acc = 0.f;
+    const float* xr = sm + OFF_ROW + lane * RS;
+    for (int tb = 0; tb < NTILE; ++tb) {
+      const long long f0 = (long long)tb * F;
+      __syncthreads();
+      for (int i = threadIdx.x; i < F; i += WARPS * 32)
+        sm[OFF_XS + i] = (xs != nullptr && f0 + i < D) ? __ldg(xs + f0 + i) : 0.f;
+      __syncthreads();
+#pragma unroll 4
+      for (int k = 0; k < FPW; ++k) {
+        const int fl = w * FPW + k;
+        const int gb = tb * BPT + fl / BS;
+        if (gb < NB) {
+          const unsigned packed = __ldg(blocks + gb);
+          acc = fmaf(feature<T, P>(xr, packed, block_coef<P>(packed), fl % BS), sm[OFF_XS + fl], acc);
+        }
+      }
+    }
+    __syncthreads();
+    sm[OFF_RED + w * ROWS + lane] = acc;
+    __syncthreads();
+    float tot = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < WARPS; ++ww) tot += sm[OFF_RED + ww * ROWS + lane];
+    __syncthreads();
+    return tot;  // every thread: the sum of its lane's row
+  }
+
+  // X: [D][HD] of this (batch, head, chunk); xs: [D] or null. Caller filled sRow, sU, sU0 and synced.
+  static __device__ __forceinline__ void run(const SX_T* __restrict__ X, const float* __restrict__ xs, float scale_d,
+                                             const unsigned* __restrict__ blocks, float* sm, float (&dx)[CPW],
+                                             float (&dv)[CPW], float& e_acc) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const float* xr = sm + OFF_ROW + lane * RS;
+    const float* ur = sm + OFF_U + lane * RS;
+    const float u0 = sm[OFF_U0 + lane];
+    for (int tb = 0; tb < NTILE; ++tb) {
+      const long long f0 = (long long)tb * F;
+      __syncthreads();  // the previous tile's readers are done
+      {
+        const long long lim = (D - f0) * HD;  // valid elements of this tile
+        const SX_T* src = X + f0 * HD;
+        for (int i = threadIdx.x; i < F * HD; i += WARPS * 32) sm[OFF_X + i] = (i < lim) ? to_f(src[i]) : 0.f;
+        for (int i = threadIdx.x; i < F; i += WARPS * 32)
+          sm[OFF_XS + i] = (xs != nullptr && f0 + i < D) ? __ldg(xs + f0 + i) : 0.f;
+      }
+      __syncthreads();
+      // phase A: phi and dphi of this lane's row for the warp's features
+      {
+        float acc[FPW];
+#pragma unroll
+        for (int k = 0; k < FPW; ++k) acc[k] = 0.f;
+        const float* xw = sm + OFF_X + (w * FPW) * HD;
+#pragma unroll 1
+        for (int e = 0; e < HD; ++e) {
+          const float u = ur[e];
+#pragma unroll
+          for (int k = 0; k < FPW; ++k) acc[k] = fmaf(u, xw[k * HD + e], acc[k]);
+        }
+#pragma unroll
+        for (int k = 0; k < FPW; ++k) {
+          const int fl = w * FPW + k;
+          const int gb = tb * BPT + fl / BS;
+          float ph = 0.f, dph = 0.f;
+          if (gb < NB) {
+            const unsigned packed = __ldg(blocks + gb);
+            ph = feature<T, P>(xr, packed, block_coef<P>(packed), fl % BS);
+            dph = scale_d * fmaf(sm[OFF_XS + fl], u0, acc[k]);
+          }
+          e_acc = fmaf(ph, dph, e_acc);
+          sm[OFF_PHI + fl * ROWS + lane] = ph;
+          sm[OFF_DPHI + fl * ROWS + lane] = dph;
+        }
+      }
+      __syncthreads();
+      // phase B: dv[c] += sum_f phi_f X[f][c]
+      if (WANT_DV) {
+        for (int fl = 0; fl < F; ++fl) {
+          const float ph = sm[OFF_PHI + fl * ROWS + lane];
+          const float* xf = sm + OFF_X + fl * HD + w;
+#pragma unroll
+          for (int k = 0; k < CPW; ++k) dv[k] = fmaf(ph, xf[k * WARPS], dv[k]);
+        }
+      }
+      // phase C: sympow chain rule, column i = w + k*WARPS
+#pragma unroll
+      for (int k = 0; k < CPW; ++k) {
+        const int i = w + k * WARPS;
+        const int ti = i / T, a = i % T;
+        for (int bl = 0; bl < BPT; ++bl) {
+          const int gb = tb * BPT + bl;
+          if (gb >= NB) break;
+          const unsigned packed = __ldg(blocks + gb);
+          bool hit = false;
+#pragma unroll
+          for (int j = 0; j < P; ++j) hit |= tile_of(packed, j) == ti;
+          if (!hit) continue;
+          dx[k] += chain_block<T, P>(xr, sm + OFF_DPHI + (bl * BS) * ROWS + lane, ROWS, packed,
+                                     block_coef<P>(packed), ti, a);
+        }
+      }
+    }
+  }
+
+  // Sum of a per-thread value over the warps for each lane's row (all threads get their row's sum).
+  static __device__ __forceinline__ float row_sum(float v, float* sm) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    __syncthreads();
+    sm[OFF_RED + w * ROWS + lane] = v;
+    __syncthreads();
+    float tot = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < WARPS; ++ww) tot += sm[OFF_RED + ww * ROWS + lane];
+    __syncthreads();
+    return tot;
+  }
+};
+
+}  // namespace vbwd
+#endif  // VIDRIAL_COMMON_BWD_PRIMS_CUH
+{% endraw %}

@@ -1,0 +1,78 @@
+"""Shared pieces of the backward kernel families (update_state_bwd, query_state_bwd, discumsum_bwd,
+intra_chunk_attention_bwd): the row-loop geometry of templates/common/bwd_prims.cuh, arch lookup."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from vidrial.core.config import KernelConfig
+from vidrial.core.errors import ConfigError
+
+ROWS = 32
+IN_DTYPES = ("bfloat16", "float16")
+
+
+class RowLoopConfig(KernelConfig):
+    """Tiles of the feature-map backward loops (common/bwd_prims.cuh RowLoop)."""
+
+    tile_f: int = Field(64, description="features per shared-memory tile (rounded to whole sympow blocks)")
+    warps: int = Field(8, description="warps per CTA (32 rows per CTA, lane = row)")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if self.tile_f not in (16, 32, 64, 128, 256):
+            raise ConfigError("tile_f", self.tile_f, "one of 16, 32, 64, 128, 256")
+        if self.warps not in (4, 8):
+            raise ConfigError("warps", self.warps, "4 or 8")
+        return self
+
+
+def blocks_per_tile(block_size: int, tile_f: int) -> int:
+    return max(1, tile_f // block_size)
+
+
+def row_loop_geometry(head_dim: int, deg: int, d_tile: int, cfg: RowLoopConfig) -> dict[str, int]:
+    from vidrial.kernels.power_retention.sympow import layout
+
+    lay = layout(head_dim, deg, d_tile)
+    bpt = blocks_per_tile(lay.block_size, cfg.tile_f)
+    F = bpt * lay.block_size
+    return dict(n_blocks=lay.n_blocks, block_size=lay.block_size, blocks_per_tile=bpt, F=F,
+                fpw=F // cfg.warps, cpw=head_dim // cfg.warps, D=lay.feature_dim,
+                ftiles=-(-lay.n_blocks // bpt))
+
+
+def row_loop_smem_floats(head_dim: int, F: int, warps: int) -> int:
+    return F * head_dim + F + 2 * ROWS * (head_dim + 1) + ROWS + 2 * F * ROWS + warps * ROWS
+
+
+def check_row_loop(head_dim: int, deg: int, d_tile: int, cfg: RowLoopConfig, max_fpw: int = 32) -> dict[str, int]:
+    geo = row_loop_geometry(head_dim, deg, d_tile, cfg)
+    if head_dim % cfg.warps:
+        raise ConfigError("warps", cfg.warps, f"must divide head_dim={head_dim}")
+    if geo["F"] % cfg.warps:
+        raise ConfigError("tile_f", cfg.tile_f, f"the tile of {geo['F']} features must be a multiple of warps={cfg.warps}")
+    if geo["fpw"] > max_fpw:
+        raise ConfigError("tile_f", cfg.tile_f, f"{geo['fpw']} features per warp exceed {max_fpw} (registers); "
+                                                "use more warps or a smaller tile_f")
+    if head_dim // 8 > 255:
+        raise ConfigError("head_dim", head_dim, "at most 255 sympow tiles")
+    return geo
+
+
+_ARCH: dict[int, str] = {}
+
+
+def device_arch(device) -> str:
+    from vidrial.core.arch import device_arch as _device_arch
+
+    idx = device.index if device.index is not None else 0
+    a = _ARCH.get(idx)
+    if a is None:
+        a = _ARCH[idx] = _device_arch(idx)
+    return a
+
+
+def ptr(x: Any) -> int:
+    return 0 if x is None else x.data_ptr()

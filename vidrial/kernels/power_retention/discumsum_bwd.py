@@ -1,0 +1,140 @@
+"""discumsum backward (MATH.md section 4): reverse scan over the chunks.
+
+    acc = dSbar_n (gradient of the final state, or 0)
+    nu = n-1 .. 0:  dS_nu = acc,  dL_nu = e^L_nu (<Sbar_nu, acc> + <sbar_nu, acc_s>),
+                    acc = dSbar_nu + e^L_nu acc
+    d initial_state = acc
+
+The kernel overwrites its input dSbar/dsbar with dS/ds (in place, no second state-sized buffer);
+dL comes as per-CTA partial sums (no atomics) reduced here. Sbar_nu is read from the forward's bf16
+copy (the only state copy the forward keeps).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import Field, model_validator
+
+from vidrial.core.config import KernelConfig, ProblemKey
+from vidrial.core.errors import ConfigError, InputError
+from vidrial.core.family import KernelFamily
+from vidrial.kernels import register
+from vidrial.kernels.power_retention._bwd_util import device_arch, ptr
+from vidrial.kernels.power_retention._fwd_util import compile_key, pick_config, pow2_bucket
+
+__all__ = ["DiscumsumBwdConfig", "DiscumsumBwdKey", "FAMILY", "discumsum_bwd"]
+
+
+class DiscumsumBwdConfig(KernelConfig):
+    threads: int = Field(256, description="threads per CTA")
+    per_thread: int = Field(8, description="state elements per thread (strided by threads: coalesced)")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if self.threads not in (64, 128, 256, 512, 1024):
+            raise ConfigError("threads", self.threads, "one of 64, 128, 256, 512, 1024")
+        if not 1 <= self.per_thread <= 32:
+            raise ConfigError("per_thread", self.per_thread, "between 1 and 32")
+        return self
+
+
+class DiscumsumBwdKey(ProblemKey):
+    COMPILE_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "feature_dim")
+    head_dim: int = 64
+    feature_dim: int = 2304
+    batch_heads: int = Field(8, description="bucket (power of two) of batch * kv heads")
+    chunks: int = Field(64, description="bucket (power of two) of the number of chunks")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if self.head_dim <= 0 or self.feature_dim <= 0:
+            raise ConfigError("head_dim/feature_dim", (self.head_dim, self.feature_dim), "positive integers")
+        return self
+
+
+class DiscumsumBwdFamily(KernelFamily[DiscumsumBwdKey, DiscumsumBwdConfig]):
+    name = "discumsum_bwd"
+    template = "discumsum_bwd.cu.j2"
+    Config = DiscumsumBwdConfig
+    Key = DiscumsumBwdKey
+    signature = ("ptr",) * 10 + ("i32",) * 4
+
+    def default_config(self, key: DiscumsumBwdKey) -> DiscumsumBwdConfig:
+        return DiscumsumBwdConfig(threads=256, per_thread=8)
+
+    def render_context(self, key: DiscumsumBwdKey, config: DiscumsumBwdConfig) -> dict[str, Any]:
+        return dict(threads=config.threads, per_thread=config.per_thread, D=key.feature_dim, d=key.head_dim,
+                    key_label=key.label(), config_label=config.label())
+
+    def threads_per_block(self, config: DiscumsumBwdConfig) -> int:
+        return config.threads
+
+    def dynamic_smem_bytes(self, key: DiscumsumBwdKey, config: DiscumsumBwdConfig) -> int:
+        return 0
+
+    def check(self, key: DiscumsumBwdKey, config: DiscumsumBwdConfig, arch: str) -> None:
+        super().check(key, config, arch)
+        cap = min(255, 65536 // config.threads)
+        if 3 * config.per_thread + 32 > cap:
+            raise ConfigError("per_thread", config.per_thread,
+                              f"{config.threads} threads allow {cap} registers per thread; per_thread="
+                              f"{config.per_thread} needs ~{3 * config.per_thread + 32}")
+
+    def standard_keys(self) -> list[DiscumsumBwdKey]:
+        from vidrial.kernels.power_retention.sympow import default_d_tile, feature_dim
+
+        return [DiscumsumBwdKey(head_dim=d, feature_dim=feature_dim(d, p, default_d_tile(d, p)))
+                for d, p in ((32, 2), (64, 2), (128, 2), (32, 4))]
+
+    def corner_configs(self, key: DiscumsumBwdKey) -> list[DiscumsumBwdConfig]:
+        return [self.default_config(key), DiscumsumBwdConfig(threads=64, per_thread=1),
+                DiscumsumBwdConfig(threads=1024, per_thread=4), DiscumsumBwdConfig(threads=128, per_thread=32)]
+
+
+FAMILY = register(DiscumsumBwdFamily())
+
+
+def discumsum_bwd(dSbar, dsbar, Sbar16, sbar, chunk_gates=None, dS_final=None, ds_final=None, *,
+                  want_initial: bool = False, config=None):
+    """In place: dSbar [b,n,h,D,d] / dsbar [b,n,h,D] fp32 (gradients w.r.t. the states at the start of each
+    chunk) become dS / ds (gradients w.r.t. the chunk states). Sbar16 [b,n',h,D,d] bf16 (n' >= n),
+    sbar [b,n'',h,D] fp32 (n'' >= n), chunk_gates [b,n,h] fp32 or None, dS_final [b,h,D,d] / ds_final
+    [b,h,D] fp32 or None. Returns (dS, ds, dL [b,n,h] or None, d_initial [b,h,D,d] or None,
+    d_sum_of_keys [b,h,D] or None). Current stream, no host sync."""
+    import torch
+
+    from vidrial.core.launch import current_stream_handle
+
+    b, n, h, D, d = dSbar.shape
+    for name, x in (("dSbar", dSbar), ("dsbar", dsbar)):
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            raise InputError(name, (str(x.dtype), x.is_contiguous()), "a contiguous float32 tensor (updated in place)")
+    if tuple(dsbar.shape) != (b, n, h, D):
+        raise InputError("dsbar", tuple(dsbar.shape), f"{(b, n, h, D)}")
+    key = DiscumsumBwdKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
+    if config is None:
+        config = pick_config(FAMILY, key)
+    dev = dSbar.device
+    Sbar16, sbar = Sbar16.contiguous(), sbar.contiguous()
+    L = chunk_gates.contiguous() if chunk_gates is not None else None
+    dSf = dS_final.contiguous() if dS_final is not None else None
+    dsf = ds_final.contiguous() if ds_final is not None else None
+    tile = config.threads * config.per_thread
+    blocks_S, blocks_s = -(-(D * d) // tile), -(-D // tile)
+    parts = blocks_S + blocks_s
+    dLpart = torch.empty(b * h, n, parts, device=dev, dtype=torch.float32) if L is not None else None
+    dS0 = torch.empty(b, h, D, d, device=dev, dtype=torch.float32) if want_initial else None
+    ds0 = torch.empty(b, h, D, device=dev, dtype=torch.float32) if want_initial else None
+    if b * h > 65535:
+        raise InputError("dSbar", f"batch*heads={b * h}", "batch * heads <= 65535")
+    if b * h and n:
+        kernel = FAMILY.launchable(compile_key(key), config, device_arch(dev))
+        kernel.launch((parts, b * h, 1), (config.threads, 1, 1),
+                      (dSbar.data_ptr(), dsbar.data_ptr(), Sbar16.data_ptr(), sbar.data_ptr(), ptr(L), ptr(dSf),
+                       ptr(dsf), ptr(dS0), ptr(ds0), ptr(dLpart), n, h, sbar.shape[1], blocks_S),
+                      dev.index, current_stream_handle(dev.index))
+    elif want_initial:
+        dS0.copy_(dSf if dSf is not None else torch.zeros_like(dS0))
+        ds0.copy_(dsf if dsf is not None else torch.zeros_like(ds0))
+    dL = dLpart.sum(-1).view(b, h, n).transpose(1, 2) if dLpart is not None else None
+    return dSbar, dsbar, dL, dS0, ds0

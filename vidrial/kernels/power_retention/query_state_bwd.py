@@ -1,0 +1,196 @@
+"""query_state backward (MATH.md section 4): two passes of one template.
+
+``stage="rows"`` (CTA = 32 query rows of one batch, query head, chunk): with q~ = q exp(g/p),
+B = s^p phi(q~).sbar_nu, the stabiliser M = max(m, log B), Den = l e^(m-M) + B e^-M:
+
+    dAh = dY/Den, dBh = -(dY.Y)/Den, dO = dAh e^(m-M), dl = dBh e^(m-M), qh = q exp((g-M)/p)
+    dphi = s^p (Sbar_nu dAh + sbar_nu dBh),  dq = chain(qh, dphi) exp((g-M)/p)
+    dg_row = phi(qh).dphi + dO.O + dl (l - 1e-6)
+
+``stage="state"`` (CTA = one feature tile of one batch, KV head, chunk; sums the r query heads):
+    dSbar_nu = s^p sum_rows phi(qh) dAh^T,  dsbar_nu = s^p sum_rows phi(qh) dBh.
+
+phi is formed tile by tile in shared memory, never written. fp32 SIMT.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from vidrial.core.config import ProblemKey
+from vidrial.core.errors import ConfigError, InputError
+from vidrial.core.family import KernelFamily
+from vidrial.kernels import register
+from vidrial.kernels.power_retention._bwd_util import (
+    ROWS,
+    RowLoopConfig,
+    check_row_loop,
+    device_arch,
+    ptr,
+    row_loop_geometry,
+    row_loop_smem_floats,
+)
+from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pick_config, pow2_bucket
+
+__all__ = ["QueryStateBwdConfig", "QueryStateBwdKey", "FAMILY", "query_state_bwd"]
+
+
+class QueryStateBwdConfig(RowLoopConfig):
+    pass
+
+
+class QueryStateBwdKey(ProblemKey):
+    COMPILE_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "deg", "d_tile", "dtype", "stage")
+    head_dim: int = 64
+    deg: int = 2
+    d_tile: int = 8
+    dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    stage: Literal["rows", "state"] = "rows"
+    tokens: int = Field(65536, description="bucket (power of two) of batch * time * query heads")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        from vidrial.kernels.power_retention.sympow import layout
+
+        layout(self.head_dim, self.deg, self.d_tile)
+        if self.head_dim % 32 or not 32 <= self.head_dim <= 256:
+            raise ConfigError("head_dim", self.head_dim, "a multiple of 32 between 32 and 256")
+        return self
+
+
+def _state_smem_floats(d: int, F: int) -> int:
+    return 2 * ROWS * (d + 1) + ROWS + F * ROWS
+
+
+class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
+    name = "query_state_bwd"
+    template = "query_state_bwd.cu.j2"
+    Config = QueryStateBwdConfig
+    Key = QueryStateBwdKey
+    # rows: 17 pointers + 8 ints + f32; state: 7 pointers + 6 ints + f32 (one signature per stage)
+    signature = ("ptr",) * 17 + ("i32",) * 8 + ("f32",)
+    state_signature = ("ptr",) * 7 + ("i32",) * 6 + ("f32",)
+
+    def default_config(self, key: QueryStateBwdKey) -> QueryStateBwdConfig:
+        from vidrial.kernels.power_retention.sympow import layout
+
+        bs = layout(key.head_dim, key.deg, key.d_tile).block_size
+        return QueryStateBwdConfig(tile_f=max(64, min(bs, 256)), warps=8)
+
+    def render_context(self, key: QueryStateBwdKey, config: QueryStateBwdConfig) -> dict[str, Any]:
+        geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
+        return dict(head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile, n_blocks=geo["n_blocks"],
+                    blocks_per_tile=geo["blocks_per_tile"], warps=config.warps, in_type=DTYPE_NAMES[key.dtype],
+                    pass_=key.stage, key_label=key.label(), config_label=config.label())
+
+    def threads_per_block(self, config: QueryStateBwdConfig) -> int:
+        return config.warps * 32
+
+    def dynamic_smem_bytes(self, key: QueryStateBwdKey, config: QueryStateBwdConfig) -> int:
+        geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
+        if key.stage == "state":
+            return 4 * _state_smem_floats(key.head_dim, geo["F"])
+        return 4 * row_loop_smem_floats(key.head_dim, geo["F"], config.warps)
+
+    def check(self, key: QueryStateBwdKey, config: QueryStateBwdConfig, arch: str) -> None:
+        geo = check_row_loop(key.head_dim, key.deg, key.d_tile, config)
+        if key.stage == "state" and geo["fpw"] * (key.head_dim // 32) > 64:
+            raise ConfigError("tile_f", config.tile_f,
+                              f"{geo['fpw'] * key.head_dim // 32} accumulators per thread (features per warp x "
+                              "d/32) exceed 64; use more warps or a smaller tile_f")
+        super().check(key, config, arch)
+
+    def standard_keys(self) -> list[QueryStateBwdKey]:
+        from vidrial.kernels.power_retention.sympow import default_d_tile
+
+        return [QueryStateBwdKey(head_dim=d, deg=p, d_tile=default_d_tile(d, p), dtype=dt, stage=st)
+                for d, p in ((32, 2), (64, 2), (128, 2), (32, 4)) for dt in ("bfloat16", "float16")
+                for st in ("rows", "state")]
+
+    def corner_configs(self, key: QueryStateBwdKey) -> list[QueryStateBwdConfig]:
+        out = [self.default_config(key)]
+        for cfg in (QueryStateBwdConfig(tile_f=32, warps=4), QueryStateBwdConfig(tile_f=256, warps=8)):
+            try:
+                self.check(key, cfg, "sm_80")
+                out.append(cfg)
+            except ConfigError:
+                pass
+        return out
+
+    def launchable(self, key, config, arch):
+        from vidrial.core.arch import normalize_arch
+        from vidrial.core.launch import LaunchableKernel
+
+        memo_key = (key, config, arch)
+        kernel = self._launchables.get(memo_key)
+        if kernel is None:
+            arch = normalize_arch(arch)
+            sig = self.signature if key.stage == "rows" else self.state_signature
+            kernel = LaunchableKernel(self.compile(key, config, arch), sig, self.dynamic_smem_bytes(key, config))
+            self._launchables[memo_key] = kernel
+        return kernel
+
+
+FAMILY = register(QueryStateBwdFamily())
+
+
+def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int, scale: float, chunk_size: int,
+                    config=None, state_config=None):
+    """Both passes. Q, Y, dY [b,t,hq,d] bf16/fp16 (t a multiple of chunk_size), G [b,t,h] fp32 chunk-local
+    cumulative log gates or None, Sbar16 [b,n',h,D,d] bf16 (n' >= n: states at the start of each chunk),
+    sbar [b,n'',h,D] fp32, O [b,t,hq,d], l, m [b,t,hq] fp32 (intra-chunk attention, merge mode).
+    Returns dict dQ, dO, dAh [b,t,hq,d], dl, dBh, qscale, dg [b,t,hq], dSbar [b,n,h,D,d], dsbar [b,n,h,D]
+    (all fp32). Current stream, no host sync."""
+    import torch
+
+    from vidrial.core.launch import current_stream_handle
+
+    b, t, hq, d = Q.shape
+    h = Sbar16.shape[2]
+    c = int(chunk_size)
+    if t % c:
+        raise InputError("Q", tuple(Q.shape), f"a time length that is a multiple of chunk_size={c}")
+    n = t // c
+    r = hq // h
+    geo0 = row_loop_geometry(d, deg, d_tile, RowLoopConfig())
+    D = geo0["D"]
+    if Sbar16.dtype != torch.bfloat16 or Sbar16.shape[1] < n or tuple(Sbar16.shape[3:]) != (D, d):
+        raise InputError("Sbar16", (tuple(Sbar16.shape), str(Sbar16.dtype)), f"bfloat16 [{b}, >={n}, {h}, {D}, {d}]")
+    dt = str(Q.dtype).replace("torch.", "")
+    key_r = QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=dt, stage="rows", tokens=pow2_bucket(b * t * hq))
+    key_s = key_r.model_copy(update={"stage": "state"})
+    if config is None:
+        config = pick_config(FAMILY, key_r)
+    if state_config is None:
+        state_config = pick_config(FAMILY, key_s)
+    dev = Q.device
+    Q, Y, dY, O, l, m = (x.contiguous() for x in (Q, Y, dY, O, l, m))
+    Sbar16, sbar = Sbar16.contiguous(), sbar.contiguous()
+    G = G.contiguous() if G is not None else None
+    f32 = dict(device=dev, dtype=torch.float32)
+    out = dict(dQ=torch.empty(b, t, hq, d, **f32), dO=torch.empty(b, t, hq, d, **f32),
+               dAh=torch.empty(b, t, hq, d, **f32), dl=torch.empty(b, t, hq, **f32), dBh=torch.empty(b, t, hq, **f32),
+               qscale=torch.empty(b, t, hq, **f32), dg=torch.empty(b, t, hq, **f32),
+               dSbar=torch.empty(b, n, h, D, d, **f32), dsbar=torch.empty(b, n, h, D, **f32))
+    if Q.numel() == 0:
+        return out
+    table = block_table(d, deg, d_tile, dev)
+    arch = device_arch(dev)
+    stream = current_stream_handle(dev.index)
+    sp = float(scale) ** deg
+    rt = -(-c // ROWS)
+    kr = FAMILY.launchable(compile_key(key_r), config, arch)
+    kr.launch((b * hq * n * rt, 1, 1), (config.warps * 32, 1, 1),
+              (Q.data_ptr(), ptr(G), Sbar16.data_ptr(), sbar.data_ptr(), O.data_ptr(), l.data_ptr(), m.data_ptr(),
+               Y.data_ptr(), dY.data_ptr(), table.data_ptr(), out["dQ"].data_ptr(), out["dO"].data_ptr(),
+               out["dl"].data_ptr(), out["dAh"].data_ptr(), out["dBh"].data_ptr(), out["qscale"].data_ptr(),
+               out["dg"].data_ptr(), t, n, c, hq, r, Sbar16.shape[1], sbar.shape[1], rt, sp),
+              dev.index, stream)
+    geo = row_loop_geometry(d, deg, d_tile, state_config)
+    ks = FAMILY.launchable(compile_key(key_s), state_config, arch)
+    ks.launch((b * h * n * geo["ftiles"], 1, 1), (state_config.warps * 32, 1, 1),
+              (Q.data_ptr(), out["qscale"].data_ptr(), out["dAh"].data_ptr(), out["dBh"].data_ptr(), table.data_ptr(),
+               out["dSbar"].data_ptr(), out["dsbar"].data_ptr(), t, n, c, hq, r, geo["ftiles"], sp),
+              dev.index, stream)
+    return out

@@ -1,0 +1,143 @@
+"""update_state backward (MATH.md section 4): dK, dV and the gate term from the chunk-state gradients.
+
+Per chunk nu, KV head, key row tau (k~ = k exp((L - g_tau)/p), L = g at the chunk's last step):
+
+    dphi = dS_nu v_tau + ds_nu,   dv_tau = phi(k~)^T dS_nu,
+    dk_tau = chain(k~, dphi) exp((L - g_tau)/p),   e_tau = phi(k~).dphi
+
+(``e``: the gate's share, dg_tau -= e_tau, dL_nu += sum_tau e_tau). phi is formed tile by tile in
+shared memory and never written (templates/update_state_bwd.cu.j2, common/bwd_prims.cuh). fp32 SIMT.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from vidrial.core.config import ProblemKey
+from vidrial.core.errors import ConfigError, InputError
+from vidrial.core.family import KernelFamily
+from vidrial.kernels import register
+from vidrial.kernels.power_retention._bwd_util import (
+    RowLoopConfig,
+    check_row_loop,
+    device_arch,
+    ptr,
+    row_loop_geometry,
+    row_loop_smem_floats,
+)
+from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pick_config, pow2_bucket
+
+__all__ = ["UpdateStateBwdConfig", "UpdateStateBwdKey", "FAMILY", "update_state_bwd"]
+
+
+class UpdateStateBwdConfig(RowLoopConfig):
+    pass
+
+
+class UpdateStateBwdKey(ProblemKey):
+    COMPILE_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "deg", "d_tile", "dtype")
+    head_dim: int = 64
+    deg: int = 2
+    d_tile: int = 8
+    dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    tokens: int = Field(65536, description="bucket (power of two) of batch * time * kv heads")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        from vidrial.kernels.power_retention.sympow import layout
+
+        layout(self.head_dim, self.deg, self.d_tile)
+        if self.head_dim % 8 or not 8 <= self.head_dim <= 256:
+            raise ConfigError("head_dim", self.head_dim, "a multiple of 8 between 8 and 256")
+        return self
+
+
+class UpdateStateBwdFamily(KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]):
+    name = "update_state_bwd"
+    template = "update_state_bwd.cu.j2"
+    Config = UpdateStateBwdConfig
+    Key = UpdateStateBwdKey
+    signature = ("ptr",) * 9 + ("i32",) * 5
+
+    def default_config(self, key: UpdateStateBwdKey) -> UpdateStateBwdConfig:
+        from vidrial.kernels.power_retention.sympow import layout
+
+        bs = layout(key.head_dim, key.deg, key.d_tile).block_size
+        return UpdateStateBwdConfig(tile_f=max(64, min(bs, 256)), warps=8)
+
+    def render_context(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> dict[str, Any]:
+        geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
+        return dict(head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile, n_blocks=geo["n_blocks"],
+                    blocks_per_tile=geo["blocks_per_tile"], warps=config.warps, in_type=DTYPE_NAMES[key.dtype],
+                    key_label=key.label(), config_label=config.label())
+
+    def threads_per_block(self, config: UpdateStateBwdConfig) -> int:
+        return config.warps * 32
+
+    def dynamic_smem_bytes(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> int:
+        geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
+        return 4 * row_loop_smem_floats(key.head_dim, geo["F"], config.warps)
+
+    def check(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig, arch: str) -> None:
+        check_row_loop(key.head_dim, key.deg, key.d_tile, config)
+        super().check(key, config, arch)
+
+    def standard_keys(self) -> list[UpdateStateBwdKey]:
+        from vidrial.kernels.power_retention.sympow import default_d_tile
+
+        return [UpdateStateBwdKey(head_dim=d, deg=p, d_tile=default_d_tile(d, p), dtype=dt)
+                for d, p in ((32, 2), (64, 2), (128, 2), (32, 4)) for dt in ("bfloat16", "float16")]
+
+    def corner_configs(self, key: UpdateStateBwdKey) -> list[UpdateStateBwdConfig]:
+        out = [self.default_config(key)]
+        for cfg in (UpdateStateBwdConfig(tile_f=32, warps=4), UpdateStateBwdConfig(tile_f=256, warps=8)):
+            try:
+                self.check(key, cfg, "sm_80")
+                out.append(cfg)
+            except ConfigError:
+                pass
+        return out
+
+
+FAMILY = register(UpdateStateBwdFamily())
+
+
+def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int, config=None):
+    """dK, dV [b,t,h,d] fp32 and E [b,t,h] fp32 (phi(k~).dphi, None without gating).
+
+    K, V [b,t,h,d] bf16/fp16 with t a multiple of chunk_size; G [b,t,h] fp32 chunk-local cumulative
+    log gates or None; dS [b,n,h,D,d], ds [b,n,h,D] fp32. Current stream, no host sync."""
+    import torch
+
+    from vidrial.core.launch import current_stream_handle
+
+    b, t, h, d = K.shape
+    c = int(chunk_size)
+    if t % c:
+        raise InputError("K", tuple(K.shape), f"a time length that is a multiple of chunk_size={c}")
+    n = t // c
+    key = UpdateStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=str(K.dtype).replace("torch.", ""),
+                            tokens=pow2_bucket(b * t * h))
+    geo = row_loop_geometry(d, deg, d_tile, RowLoopConfig())
+    if tuple(dS.shape) != (b, n, h, geo["D"], d) or dS.dtype != torch.float32:
+        raise InputError("dS", (tuple(dS.shape), str(dS.dtype)), f"float32 {(b, n, h, geo['D'], d)}")
+    if config is None:
+        config = pick_config(FAMILY, key)
+    dev = K.device
+    K, V, dS, ds = K.contiguous(), V.contiguous(), dS.contiguous(), ds.contiguous()
+    G = G.contiguous() if G is not None else None
+    dK = torch.empty(b, t, h, d, device=dev, dtype=torch.float32)
+    dV = torch.empty(b, t, h, d, device=dev, dtype=torch.float32)
+    E = torch.empty(b, t, h, device=dev, dtype=torch.float32) if G is not None else None
+    if dK.numel() == 0:
+        return dK, dV, E
+    rt = -(-c // 32)
+    grid = b * h * n * rt
+    kernel = FAMILY.launchable(compile_key(key), config, device_arch(dev))
+    table = block_table(d, deg, d_tile, dev)
+    kernel.launch((grid, 1, 1), (config.warps * 32, 1, 1),
+                  (K.data_ptr(), V.data_ptr(), ptr(G), dS.data_ptr(), ds.data_ptr(), table.data_ptr(),
+                   dK.data_ptr(), dV.data_ptr(), ptr(E), t, n, c, h, rt),
+                  dev.index, current_stream_handle(dev.index))
+    return dK, dV, E
