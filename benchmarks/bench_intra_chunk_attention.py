@@ -52,7 +52,8 @@ SWEEP = [
     Config(tile_m=128, tile_n=128, warps=8, stages=2),
     Config(tile_m=64, tile_n=64, warps=4, stages=2),
     Config(tile_m=64, tile_n=64, warps=4, stages=2, min_ctas=3),
-    Config(tile_m=64, tile_n=32, warps=4, stages=3, min_ctas=3),
+    Config(tile_m=64, tile_n=64, warps=4, stages=2, min_ctas=3, q_in_regs=False),
+    Config(tile_m=128, tile_n=64, warps=4, stages=2, q_in_regs=False),
     Config(tile_m=256, tile_n=64, warps=8, stages=2),
     Config(tile_m=128, tile_n=64, warps=4, stages=2, rescale_log2=0),
 ]
@@ -175,10 +176,12 @@ def bench_shape(name: str, reps: int, configs: list, with_retention: bool, log) 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="A,B,Q")
+    ap.add_argument("--shapes", default="A,B,A0,Q,Q0")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--configs", choices=("default", "sweep"), default="sweep")
     ap.add_argument("--no-retention", action="store_true")
+    ap.add_argument("--retention-shapes", default="A,B,A0,Q,Q0",
+                    help="shapes on which to also time retention (its Triton autotune runs once per key)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -216,7 +219,8 @@ def main(argv=None) -> int:
     results = []
     for name, key, configs in plan:
         log(f"shape {name}: {SHAPES[name]}")
-        results.append(bench_shape(name, args.reps, configs, not args.no_retention, log))
+        with_rt = not args.no_retention and name in args.retention_shapes.split(",")
+        results.append(bench_shape(name, args.reps, configs, with_rt, log))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

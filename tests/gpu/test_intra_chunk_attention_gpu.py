@@ -122,7 +122,8 @@ def test_merge_mode_vs_reference(b, t, h, r, d, deg, dtype, chunk, gating):
     Config(tile_m=128, tile_n=64, warps=8, stages=2),
     Config(tile_m=128, tile_n=32, warps=4, stages=4, rescale_log2=0),
     Config(tile_m=256, tile_n=64, warps=8, stages=3),
-    Config(tile_m=64, tile_n=64, warps=4, stages=2, min_ctas=3),
+    Config(tile_m=64, tile_n=64, warps=4, stages=2, min_ctas=3, q_in_regs=False),
+    Config(tile_m=128, tile_n=64, warps=8, stages=3, q_in_regs=False),
     Config(tile_m=128, tile_n=128, warps=8, stages=2),
 ])
 def test_merge_mode_configs(cfg):

@@ -63,7 +63,9 @@ class IntraChunkAttentionConfig(KernelConfig):
     tile_n: keys per pipeline step (divides tile_m); warps: warps per CTA; stages: cp.async
     depth of the K/V pipeline; rescale_log2: log2 of the threshold by which a row maximum must
     grow before O and l are rescaled (P = w / shift stays <= 2^rescale_log2; 0 = always rescale);
-    min_ctas: __launch_bounds__ minimum CTAs per SM (caps registers at 65536 / (threads * min_ctas))."""
+    min_ctas: __launch_bounds__ minimum CTAs per SM (caps registers at 65536 / (threads * min_ctas));
+    q_in_regs: keep the Q fragments in registers for the whole key loop (else re-read them from
+    shared memory at every k-step: fewer registers, more shared-memory traffic)."""
 
     tile_m: int = 128
     tile_n: int = 64
@@ -71,6 +73,7 @@ class IntraChunkAttentionConfig(KernelConfig):
     stages: int = 2
     rescale_log2: int = 8
     min_ctas: int = 1
+    q_in_regs: bool = True
 
     @field_validator("tile_m")
     @classmethod
@@ -182,7 +185,7 @@ def _register_estimate(key: IntraChunkAttentionKey, config: IntraChunkAttentionC
     mf, d = config.m_frags, key.head_dim
     o_acc = mf * (d // 8) * 4
     s_acc = mf * (config.tile_n // 8) * 4
-    q_frag = mf * (d // 16) * 4
+    q_frag = mf * (d // 16) * 4 if config.q_in_regs else mf * 4
     return o_acc + (3 * s_acc) // 2 + q_frag + mf * 12
 
 
@@ -249,6 +252,7 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
             chunk_size=key.chunk_size, gating=key.gating, normalize=key.normalize,
             tile_m=config.tile_m, tile_n=config.tile_n, warps=config.warps, stages=config.stages,
             rescale_threshold=f"{float(2 ** config.rescale_log2):.1f}", min_ctas=config.min_ctas,
+            q_in_regs=config.q_in_regs,
         )
 
     def standard_keys(self) -> list[IntraChunkAttentionKey]:
