@@ -34,8 +34,8 @@ __device__ __forceinline__ float2 unpack2_bf16(unsigned u) {
   return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
 }
 __device__ __forceinline__ float2 unpack2_f16(unsigned u) {
-  __half2 h = *reinterpret_cast<__half2*>(&u);
-  return __half22float2(h);
+  return make_float2(__half2float(__ushort_as_half((unsigned short)(u & 0xffffu))),
+                     __half2float(__ushort_as_half((unsigned short)(u >> 16))));
 }
 
 template <typename T> struct Half2;
