@@ -182,8 +182,9 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
         d = key.head_dim
         # Larger warp tiles (warp_m) reuse each B fragment more and were faster on the H200 (bench
         # sweep: d=64, p=2, T=8: warp_m 64 -> 0.66 ms, warp_m 32 -> 0.93 ms at shape A), as long as
-        # ptxas does not spill. warp_m=64 fits at d=64 when a warp's rows share factors (its rows lie
-        # in one feature block, T^p % 64 == 0), else warp_m=32; d=128 only fits warp_m=16.
+        # ptxas does not spill. warp_m=64 fits at d=64 when a warp's rows share their last factor
+        # (rows in one feature block, T^p % 64 == 0, and T divides 16), else warp_m=32; d=128 only
+        # fits warp_m=16.
         # Without shared factors (e.g. T=1) warp_m=64 runs at the register limit: faster on the H200
         # (T=1: 0.64-0.76 ms vs 0.85-0.91 ms) but it spills for some chunk sizes / archs, so the safe
         # default is warp_m=32 and the tuner may pick warp_m=64 where its compile facts are clean.
@@ -191,7 +192,7 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
         tile_k_cap, stages = 64, 3
         if d == 128:
             tile_m, warps = 128, 8
-        elif d == 64 and key.deg == 2 and block % 64 == 0:
+        elif d == 64 and key.deg == 2 and block % 64 == 0 and 16 % key.d_tile == 0:  # T = 8 or 16
             tile_m, warps = 256, 4
         elif d == 64:
             tile_m, warps = 128, 4
@@ -333,13 +334,14 @@ def _arch(device_index: int) -> str:
     return device_arch(device_index)
 
 
-def select_config(key: UpdateStateKey) -> UpdateStateConfig:
-    """The single call site that picks a config when the caller gives none."""
+def select_config(key: UpdateStateKey, device_index: int | None = None) -> UpdateStateConfig:
+    """The single call site that picks a config when the caller gives none: the dispatcher
+    (tuned JSON for this GPU, nearest compatible key, else the family default)."""
     try:
-        from vidrial import dispatch  # being built by another engineer
-    except ImportError:
+        from vidrial import dispatch
+    except ImportError:  # pragma: no cover - a build without the dispatcher
         return family.default_config(key)
-    return dispatch.select_config(family, key)
+    return dispatch.select_config(family, key, dispatch.current_gpu(device_index))
 
 
 def _check_kv(name: str, x, ref=None) -> None:
@@ -415,9 +417,9 @@ def update_state(K, V, log_G=None, *, deg: int = 2, d_tile: int | None = None, c
     s = torch.empty((b, n, h, D), device=K.device, dtype=torch.float32)
     if bhc == 0:
         return S, s
-    if config is None:
-        config = select_config(key)
     dev = K.device.index if K.device.index is not None else torch.cuda.current_device()
+    if config is None:
+        config = select_config(key, dev)
     kernel = family.launchable(_kernel_key(key), config, _arch(dev))
     grid = family.grid(key, config, bhc)
     if grid[0] >= 2**31:
