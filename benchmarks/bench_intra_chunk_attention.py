@@ -12,8 +12,18 @@ Timing: CUDA events around each call after an L2 flush (256 MB memset), median o
 Useful FLOPs (MATH.md section 6): causal intra-chunk attention = 2 c^2 d per chunk per head
 (QK^T and PV over the causal half), i.e. 2 * c * t * d * b * hq; quadratic: 2 t^2 d * b * hq.
 Peers: retention's Triton attention called the way retention calls it (chunk views, cumsum'd
-gates, norm=False; its own autotune runs on the first call), SDPA flash causal on the same chunk
-views (no power, no gating: a speed yardstick) and SDPA causal on the full sequence.
+gates, norm=False; its own autotune runs on the first call), with and without its torch gate
+cumsum in the timing, SDPA flash causal on the same chunk views (no power, no gating: a speed
+yardstick) and SDPA causal on the full sequence.
+
+Measured on an H200 (2026-11-28, 15 reps, default config tile_m=128 tile_n=64 warps=4 stages=2),
+before the launcher's gate cumsum was moved to an innermost-dimension scan (that torch scan over
+[b, t, h] along t cost a fixed ~0.23 ms at shapes A/B and ~3.4 ms at Q; not re-measured since):
+    A  gated  0.545 ms (incl. ~0.23 ms cumsum)  | retention 1.711 ms (its cumsum included)  | SDPA chunks 0.319
+    B  gated  0.547 ms (incl. ~0.23 ms cumsum)  | retention 1.712 ms                         | SDPA chunks 0.319
+    A0 ungated 0.315 ms (218 TFLOP/s)           | retention 0.822 ms                         | SDPA chunks 0.323
+    Q0 ungated 0.856 ms (321 TFLOP/s; stages=3: 0.831)                                       | SDPA full 1.140
+    Q  gated  4.245 ms (almost all of it the old cumsum)                                     | SDPA full 1.114
 """
 from __future__ import annotations
 
@@ -166,9 +176,20 @@ def bench_shape(name: str, reps: int, configs: list, with_retention: bool, log) 
             ms = time_ms(rt, reps)
             res["retention_triton_ms"] = ms
             report("retention 1.0.7 Triton attention (incl. its gate cumsum)", ms)
+            if log_G is not None:  # the kernel alone: gates cumsum'd (retention's way) outside the timing
+                if c:
+                    g0 = log_G.view(b, t // c, c, h).cumsum(2).view(b * (t // c), c, h)
+                    qv, kv, vv = (x.view(b * (t // c), c, h, d) for x in (Q, K, V))
+                    rt_kernel = lambda: rt_attention(qv, kv, vv, g0, deg, scale=scale, norm=False)  # noqa: E731
+                else:
+                    g0 = log_G.cumsum(1)
+                    rt_kernel = lambda: rt_attention(Q, K, V, g0, deg, scale=scale, norm=True)  # noqa: E731
+                ms = time_ms(rt_kernel, reps)
+                res["retention_triton_kernel_ms"] = ms
+                report("retention 1.0.7 Triton attention kernel only", ms)
         except Exception as exc:
             log(f"  retention failed: {type(exc).__name__}: {exc}")
-    for peer in ("retention_triton_ms", "sdpa_flash_chunks_ms"):
+    for peer in ("retention_triton_ms", "retention_triton_kernel_ms", "sdpa_flash_chunks_ms"):
         if peer in res and best == best:
             log(f"  {name} speedup of vidrial best vs {peer[:-3]}: {res[peer] / best:.2f}x")
     return res

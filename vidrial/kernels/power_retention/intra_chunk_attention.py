@@ -334,18 +334,19 @@ def _aligned(x) -> bool:
 
 def gate_cumsum(log_G, chunk_size: int, g_len: int):
     """[b, t, h] per-step log gates -> [b, h, g_len] float32 cumulative log gates (inside each
-    chunk when chunk_size > 0, over the whole sequence otherwise), zero-padded in time."""
+    chunk when chunk_size > 0, over the whole sequence otherwise), zero-padded in time.
+
+    The scan runs along the innermost dimension of a [b, h, time] copy: torch's scan over an
+    outer dimension ([b, t, h] along t) walks each of the b*h columns serially and took 0.23 ms
+    at shape A (4.2 ms for b*h = 8, t = 16384) on an H200; an innermost scan is parallel."""
     import torch
 
     b, t, h = log_G.shape
-    g = log_G.to(torch.float32)
-    if g_len > t:
-        g = torch.nn.functional.pad(g, (0, 0, 0, g_len - t))
+    g = log_G.to(torch.float32).transpose(1, 2)  # [b, h, t] view
+    g = torch.nn.functional.pad(g, (0, g_len - t)) if g_len > t else g.contiguous()
     if chunk_size:
-        g = g.view(b, g_len // chunk_size, chunk_size, h).cumsum(2).view(b, g_len, h)
-    else:
-        g = g.cumsum(1)
-    return g.transpose(1, 2).contiguous()
+        return g.view(b, h, g_len // chunk_size, chunk_size).cumsum(-1).view(b, h, g_len)
+    return g.cumsum(-1)
 
 
 def intra_chunk_attention(Q, K, V, log_G=None, *, deg: int, scale: float | None = None, chunk_size: int | None,
