@@ -183,3 +183,19 @@ def test_input_checks_strides_and_options():
         update_state(wide[..., :64], wide[..., 64:], chunk_size=64)
     with pytest.raises(InputError, match=r"^K: got device cpu"):
         update_state(K, V, chunk_size=64)
+
+
+def test_select_config_goes_through_the_dispatcher(monkeypatch):
+    from vidrial import dispatch
+    from vidrial.kernels.power_retention import update_state as us
+
+    seen = {}
+
+    def fake_select(fam, key, gpu=None):
+        seen.update(fam=fam, key=key, gpu=gpu)
+        return UpdateStateConfig(tile_m=64)
+
+    monkeypatch.setattr(dispatch, "current_gpu", lambda device_index=None: f"gpu{device_index}")
+    monkeypatch.setattr(dispatch, "select_config", fake_select)
+    assert us.select_config(KEY, 3) == UpdateStateConfig(tile_m=64)
+    assert seen == dict(fam=family, key=KEY, gpu="gpu3")

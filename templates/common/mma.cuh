@@ -70,15 +70,6 @@ __device__ __forceinline__ void sts64(u32 addr, u32 a, u32 b) {
   asm volatile("st.shared.v2.u32 [%0], {%1,%2};" :: "r"(addr), "r"(a), "r"(b) : "memory");
 }
 
-// Streaming (evict-first) global stores for outputs that are written once and not re-read here,
-// so they do not push the K/V tiles that sibling CTAs still read out of L2.
-__device__ __forceinline__ void stg_cs_f2(float* ptr, float a, float b) {
-  asm volatile("st.global.cs.v2.f32 [%0], {%1, %2};" :: "l"(ptr), "f"(a), "f"(b) : "memory");
-}
-__device__ __forceinline__ void stg_cs_f1(float* ptr, float a) {
-  asm volatile("st.global.cs.f32 [%0], %1;" :: "l"(ptr), "f"(a) : "memory");
-}
-
 // Packed two-element arithmetic and conversions (x = low half, y = high half).
 __device__ __forceinline__ u32 mul2_bf16(u32 a, u32 b) {
   u32 d;  // fma with -0.0 addend: an exact product rounded once (mul.bf16x2 needs sm_90)
