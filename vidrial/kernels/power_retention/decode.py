@@ -381,17 +381,11 @@ def select_config(key: DecodeKey, device_index: int) -> DecodeConfig:
 _DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
 
 
-def decode_step(Q, K, V, log_G, state, sum_of_keys, *, deg: int, d_tile: int | None, scale: float | None,
-                config: DecodeConfig | None = None):
-    """Y [b, tq, hq, d] (Q's dtype) of one decode step; no absorption (see vidrial.inference).
-
-    Q [b, tq, hq, d]; K, V [b, L, h, d] (the cache including the new tokens) or None; log_G
-    [b, L, h] float32 or None; state [b, h, D, d] float32/bfloat16 + sum_of_keys [b, h, D] float32
-    or None. The caller (vidrial.inference.power_retention_inference) validates; this is the
-    launcher (current stream, no sync, graph capturable after one warm-up call per shape)."""
+def prepare(Q, K, V, log_G, state, sum_of_keys, *, deg: int, d_tile: int | None, scale: float | None,
+            config: DecodeConfig | None = None, arch: str | None = None):
+    """Everything a launch needs, without launching: (key, config, grid, block, args, Y, (ws, counters)).
+    `arch` None: the device's. Shared by decode_step and the CPU execution test of the kernel."""
     import torch
-
-    from vidrial.core.launch import current_stream_handle
 
     b, tq, hq, d = Q.shape
     L = 0 if K is None else K.shape[1]
@@ -405,10 +399,9 @@ def decode_step(Q, K, V, log_G, state, sum_of_keys, *, deg: int, d_tile: int | N
     sdt = _DTYPES[str(state.dtype)] if state is not None else "fp32"
     bh = b * h
     key = _key(d, deg, d_tile, _DTYPES[str(Q.dtype)], sdt, group, tq, gating, _pow2_bucket(bh))
-    dev = Q.device.index if Q.device.index is not None else torch.cuda.current_device()
     if config is None:
+        dev = Q.device.index if Q.device.index is not None else torch.cuda.current_device()
         config = select_config(key, dev)
-    kernel = family.launchable(key, config, _arch(dev))
     ns = math.ceil(key.feature_dim / config.tile_f) if state is not None else 0
     nc = math.ceil(L / config.cache_tile) if L > 0 else 0
     if ns + nc == 0:
@@ -426,15 +419,31 @@ def decode_step(Q, K, V, log_G, state, sum_of_keys, *, deg: int, d_tile: int | N
     ss = state.stride() if state is not None else (0, 0)
     zs = sum_of_keys.stride() if state is not None else (0, 0)
     ys = Y.stride()
-    kernel.launch(
-        (ns + nc, bh, 1), (family.threads_per_block(config), 1, 1),
-        (Q.data_ptr(), K.data_ptr() if L > 0 else 0, V.data_ptr() if L > 0 else 0,
-         log_G.data_ptr() if gating else 0, state.data_ptr() if state is not None else 0,
-         sum_of_keys.data_ptr() if state is not None else 0, table.data_ptr(), Y.data_ptr(), ws.data_ptr(),
-         counters.data_ptr(), h, L, ns, nc_cap, float(scale),
-         qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], gs[0], gs[1], gs[2],
-         ss[0], ss[1], zs[0], zs[1], ys[0], ys[1], ys[2], ws.stride(0)),
-        dev, current_stream_handle(dev))
+    args = (Q.data_ptr(), K.data_ptr() if L > 0 else 0, V.data_ptr() if L > 0 else 0,
+            log_G.data_ptr() if gating else 0, state.data_ptr() if state is not None else 0,
+            sum_of_keys.data_ptr() if state is not None else 0, table.data_ptr(), Y.data_ptr(), ws.data_ptr(),
+            counters.data_ptr(), h, L, ns, nc_cap, float(scale),
+            qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], gs[0], gs[1], gs[2],
+            ss[0], ss[1], zs[0], zs[1], ys[0], ys[1], ys[2], ws.stride(0))
+    return key, config, (ns + nc, bh, 1), (family.threads_per_block(config), 1, 1), args, Y, (ws, counters)
+
+
+def decode_step(Q, K, V, log_G, state, sum_of_keys, *, deg: int, d_tile: int | None, scale: float | None,
+                config: DecodeConfig | None = None):
+    """Y [b, tq, hq, d] (Q's dtype) of one decode step; no absorption (see vidrial.inference).
+
+    Q [b, tq, hq, d]; K, V [b, L, h, d] (the cache including the new tokens) or None; log_G
+    [b, L, h] float32 or None; state [b, h, D, d] float32/bfloat16 + sum_of_keys [b, h, D] float32
+    or None. The caller (vidrial.inference.power_retention_inference) validates; this is the
+    launcher (current stream, no sync, graph capturable after one warm-up call per shape)."""
+    import torch
+
+    from vidrial.core.launch import current_stream_handle
+
+    key, config, grid, block, args, Y, _ = prepare(Q, K, V, log_G, state, sum_of_keys, deg=deg, d_tile=d_tile,
+                                                   scale=scale, config=config)
+    dev = Q.device.index if Q.device.index is not None else torch.cuda.current_device()
+    family.launchable(key, config, _arch(dev)).launch(grid, block, args, dev, current_stream_handle(dev))
     return Y
 
 
