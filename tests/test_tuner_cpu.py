@@ -506,3 +506,19 @@ def test_cli_end_to_end_with_resume(tmp_path, capsys):
     assert "12 trials" in capsys.readouterr().out
     assert (tmp_path / "tuned" / "fake-gpu" / "_synthetic.json").is_file()
     assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_progress_without_tqdm_prints_eta(monkeypatch, capsys):
+    import sys
+
+    from vidrial.tuning.tuner import Progress
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    bar = Progress(10, 0, "study", enabled=True)
+    assert bar._bar is None
+    bar.set(0)
+    bar.set(4, best=1.25)
+    bar.set(10)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "study: 10/10 trials, ETA" in err and "best 1.25 ms" in err

@@ -528,6 +528,12 @@ class SearchLoop:
                     pending.append(_Pending(trial, config, ck, future))
                 if not pending:
                     break
+                if self.deadline is not None and time.time() >= self.deadline:
+                    self.stopped_because = "time budget reached"
+                    for q in pending:  # not measured: a resumed study asks for them again
+                        self._fail(q.trial)
+                    pending.clear()
+                    break
                 p = pending.popleft()
                 self.sync()  # other processes may have measured this config meanwhile
                 memo = self._memo_result(p.ck)
