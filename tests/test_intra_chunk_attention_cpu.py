@@ -135,3 +135,27 @@ def test_compile_standard_keys_default_and_corners():
         assert res.cubin, label
         if is_default:
             assert not res.facts.spills, f"{arch} {label}: {res.facts}"
+
+
+def test_search_space_contains_defaults():
+    from vidrial.tuning.search_space import load_search_space
+
+    space = load_search_space(family)
+    for key in family.standard_keys():
+        valid = space.valid_configs(key, "sm_90")
+        assert valid, key.label()
+        assert family.default_config(key) in valid, key.label()
+
+
+@pytest.mark.parametrize("normalize, chunk", [(False, 64), (True, 0), (True, 64)])
+def test_tuner_protocol_inputs_and_reference(normalize, chunk):
+    key = Key(head_dim=32, chunk_size=chunk, normalize=normalize, t_bucket=128)
+    inputs = family.make_inputs(key, "cpu", seed=1)
+    assert inputs["Q"].shape == (1, 125, 4, 32) and inputs["log_G"].shape == (1, 125, 2)
+    ref = family.reference(key, inputs)
+    if normalize:
+        assert ref.shape == (1, 125, 4, 32)
+    else:
+        O, l, m = ref
+        assert O.shape == (1, 125, 4, 32) and l.shape == m.shape == (1, 125, 4)
+        assert (l >= 1).all()

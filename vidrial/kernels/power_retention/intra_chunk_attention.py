@@ -269,6 +269,37 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
                                                t_bucket=16384))
         return keys
 
+    # ---- tuner protocol (vidrial/tuning): inputs, a run, the float64 reference -------------------
+    def make_inputs(self, key: IntraChunkAttentionKey, device: Any, seed: int) -> dict[str, Any]:
+        """One problem of `key`: b=1, 2 KV heads with GQA ratio 2, t = min(t_bucket, 4096) (not a
+        multiple of the chunk, so the partial last chunk is exercised), logsigmoid gates."""
+        import torch
+
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        dt = torch.bfloat16 if key.dtype == "bf16" else torch.float16
+        t = max(1, min(key.t_bucket, 4096) - 3)
+        b, h, r, d = 1, 2, 2, key.head_dim
+        Q = torch.randn(b, t, h * r, d, generator=gen).to(dt).to(device)
+        K = torch.randn(b, t, h, d, generator=gen).to(dt).to(device)
+        V = torch.randn(b, t, h, d, generator=gen).to(dt).to(device)
+        log_G = None
+        if key.gating:
+            log_G = torch.nn.functional.logsigmoid(torch.rand(b, t, h, generator=gen) * 6 - 1).to(device)
+        return dict(Q=Q, K=K, V=V, log_G=log_G)
+
+    def run(self, key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig, inputs: dict[str, Any]) -> Any:
+        return intra_chunk_attention(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], deg=key.deg,
+                                     chunk_size=key.chunk_size or None, normalize=key.normalize, config=config)
+
+    def reference(self, key: IntraChunkAttentionKey, inputs: dict[str, Any]) -> Any:
+        from vidrial.kernels.power_retention.reference import attention_reference, intra_chunk_attention_reference
+
+        Q, K, V, log_G = inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"]
+        if key.normalize and not key.chunk_size:
+            return attention_reference(Q, K, V, log_G, key.deg)
+        O, l, m = intra_chunk_attention_reference(Q, K, V, log_G, key.deg, None, key.chunk_size or Q.shape[1])
+        return O / l.unsqueeze(-1) if key.normalize else (O, l, m)
+
     def grid(self, key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig, t: int, n_bh: int) -> int:
         if key.chunk_size:
             tiles = math.ceil(t / key.chunk_size) * (key.chunk_size // config.tile_m)
