@@ -83,7 +83,7 @@ BASE = 'family = "_synthetic"\n'
     (BASE + "[fields]\ntile_m = 64\n", ["fields.tile_m", "non-empty list"]),
     (BASE + "[fields]\ntile_m = []\n", ["fields.tile_m", "non-empty list"]),
     (BASE + "[fields]\ntile_m = [64, 64]\n", ["listed twice"]),
-    (BASE + "[fields]\ntile_m = [64]\nconstraints = ['tile_m > 1']\n", ["fields.constraints", "not a field"]),
+    (BASE + "[fields]\ntile_m = [64]\nconstraints = ['tile_m > 1']\n", ["fields.constraints", "not a field", "before the [fields] table"]),
     ('family = "other"\n[fields]\ntile_m = [64]\n', ["'other'", "_synthetic"]),
     ("[fields]\ntile_m = [64]\n", ["missing `family"]),
     (BASE + "constraints = ['tile_m > zz']\n[fields]\ntile_m = [64]\n",

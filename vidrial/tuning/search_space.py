@@ -282,8 +282,10 @@ def parse_search_space(data: Mapping[str, Any], family: Any, source: str = "<inl
     fields: dict[str, list[Any]] = {}
     for name, choices in raw_fields.items():
         if name not in config_cls.model_fields:
+            hint = (f" (TOML put `{name}` inside [fields]: write top-level entries before the [fields] table)"
+                    if name in TOP_LEVEL_KEYS else "")
             raise SearchSpaceError(f"{source}: fields.{name}: {name!r} is not a field of {config_cls.__name__}; "
-                                   f"fields are: {', '.join(config_fields)}")
+                                   f"fields are: {', '.join(config_fields)}{hint}")
         if not isinstance(choices, list) or not choices:
             raise SearchSpaceError(f"{source}: fields.{name}: expected a non-empty list of choices, got {choices!r}")
         validated = []
