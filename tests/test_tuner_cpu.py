@@ -522,3 +522,8 @@ def test_progress_without_tqdm_prints_eta(monkeypatch, capsys):
     bar.close()
     err = capsys.readouterr().err
     assert "study: 10/10 trials, ETA" in err and "best 1.25 ms" in err
+
+
+def test_families_without_the_measurement_protocol_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="make_inputs, run, reference"):
+        tune(T.synthetic, [KEY128], out=tmp_path)  # the default (GPU) backend needs the protocol

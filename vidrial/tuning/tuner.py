@@ -996,6 +996,13 @@ def _families(kernel: Any) -> list[Any]:
     return [resolve_family(kernel)]
 
 
+def _missing_protocol(family: Any) -> list[str]:
+    from vidrial.core.family import KernelFamily
+
+    return [m for m in ("make_inputs", "run", "reference")
+            if getattr(type(family), m, None) is getattr(KernelFamily, m)]
+
+
 def _keys(family: Any, keys: Any, preset: str | None) -> list[Any]:
     if keys:
         out = []
@@ -1064,6 +1071,15 @@ def tune(
             if kernel not in (None, "all"):
                 raise
             print(f"vidrial tune: skipping {family.name}: {exc}", file=sys.stderr)
+            continue
+        missing = _missing_protocol(family) if settings.backend == DEFAULT_BACKEND else []
+        if missing:
+            why = (f"{family.name} does not implement {', '.join(missing)} (the tuner protocol: "
+                   "docs/HELPERS.md, 'Tuner protocol')")
+            if kernel not in (None, "all"):
+                raise InputError("kernel", family.name, "a family that implements make_inputs, run and reference; "
+                                 + why)
+            print(f"vidrial tune: skipping {why}", file=sys.stderr)
             continue
         for key in _keys(family, keys, preset):
             result = tune_key(family, key, settings, measurer=measurer, compiler=compiler, space=space)
