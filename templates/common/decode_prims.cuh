@@ -9,6 +9,7 @@
 
 namespace vdec {
 
+#ifndef VIDRIAL_CPU_EMU
 // Streaming 16-byte / 8-byte global loads that bypass L1 (read-once data: the state).
 __device__ __forceinline__ uint4 ldg_stream16(const void* p) {
   uint4 v;
@@ -28,6 +29,12 @@ __device__ __forceinline__ float ldcg_f(const float* p) {
   asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
   return v;
 }
+#else
+// CPU execution of this source (tests/decode_cpu_exec.py): plain loads.
+inline uint4 ldg_stream16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+inline uint2 ldg_stream8(const void* p) { return *reinterpret_cast<const uint2*>(p); }
+inline float ldcg_f(const float* p) { return *p; }
+#endif
 
 // Unpack 32 bits (two 16-bit floats) to fp32.
 __device__ __forceinline__ float2 unpack2_bf16(unsigned u) {

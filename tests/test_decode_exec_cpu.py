@@ -1,0 +1,100 @@
+"""The decode_step kernel's real CUDA source, executed on the CPU (tests/decode_cpu_exec.py), against
+the float64 reference: proves the index math, the split-D partials, the cache tiles, the gate
+prefix sums, the last-CTA merge, the workspace layout, the counter reset and the launch arguments
+(vidrial.kernels.power_retention.decode.prepare, shared with the GPU launcher) without a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vidrial.kernels.power_retention.decode import DecodeConfig, family, prepare
+from vidrial.kernels.power_retention.reference import power_retention_inference_reference, update_state_reference
+from vidrial.kernels.power_retention.sympow import default_d_tile
+
+decode_cpu_exec = pytest.importorskip("decode_cpu_exec", reason="tests/ not on sys.path")
+if not decode_cpu_exec.available():  # pragma: no cover
+    pytest.skip("no g++ with C++20 <barrier>", allow_module_level=True)
+
+_KERNELS: dict = {}
+
+
+def _kernel(key, config):
+    memo = (key, config)
+    if memo not in _KERNELS:
+        _KERNELS[memo] = decode_cpu_exec.CpuKernel(family.render(key, config), family.signature)
+    return _KERNELS[memo]
+
+
+def _run(Q, K, V, G, S, z, deg, d_tile, config, scale=None):
+    key, config, grid, block, args, Y, (ws, counters) = prepare(Q, K, V, G, S, z, deg=deg, d_tile=d_tile,
+                                                                scale=scale, config=config)
+    ws.fill_(float("nan"))  # partials must be written before they are read
+    Y.fill_(float("nan"))
+    _kernel(key, config).run(grid, block, args)
+    assert int(counters.abs().sum()) == 0, "the last CTA must reset the counters"
+    return Y
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+CASES = [
+    # b, tq, h, r, d, deg, d_tile, L, gating, state, state dtype, q dtype, config
+    (2, 1, 2, 1, 64, 2, 8, 100, True, True, torch.float32, torch.bfloat16,
+     DecodeConfig(tile_f=256, warps=8, cache_tile=64, unroll=8, load_bytes=16)),
+    (1, 2, 2, 2, 64, 2, 8, 70, True, True, torch.bfloat16, torch.bfloat16,
+     DecodeConfig(tile_f=512, warps=4, cache_tile=32, unroll=4, load_bytes=8)),
+    (2, 1, 1, 4, 32, 2, 4, 0, False, True, torch.float32, torch.float16,
+     DecodeConfig(tile_f=128, warps=2, cache_tile=32, unroll=2, load_bytes=8)),
+    (1, 1, 2, 1, 128, 2, 8, 150, False, False, torch.float32, torch.bfloat16,
+     DecodeConfig(tile_f=1024, warps=8, cache_tile=128, unroll=8, load_bytes=16)),
+    (1, 3, 1, 2, 32, 4, 4, 45, True, True, torch.float32, torch.bfloat16,
+     DecodeConfig(tile_f=1024, warps=2, cache_tile=32, unroll=16, load_bytes=16)),
+    (1, 1, 2, 1, 128, 2, 8, 7, True, True, torch.bfloat16, torch.float16,
+     DecodeConfig(tile_f=1024, warps=8, cache_tile=64, unroll=8, load_bytes=16)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_kernel_source_on_cpu_matches_reference(case):
+    b, tq, h, r, d, deg, dt, L, gating, with_state, sdt, qdt, cfg = CASES[case]
+    g = torch.Generator().manual_seed(case)
+    Q = torch.randn(b, tq, h * r, d, generator=g).to(qdt)
+    K = torch.randn(b, L, h, d, generator=g).to(qdt) if L else None
+    V = torch.randn(b, L, h, d, generator=g).to(qdt) if L else None
+    G = torch.nn.functional.logsigmoid(3 + torch.randn(b, L, h, generator=g)) if gating and L else None
+    if with_state:
+        K0, V0 = torch.randn(b, 32, h, d, generator=g), torch.randn(b, 32, h, d, generator=g)
+        S, z = update_state_reference(K0, V0, None, deg, dt, 32)
+        S, z = S[:, 0].to(sdt).contiguous(), z[:, 0].float().contiguous()
+    else:
+        S = z = None
+    family.check(prepare(Q, K, V, G, S, z, deg=deg, d_tile=dt, scale=None, config=cfg)[0], cfg, "sm_90")
+    Y = _run(Q, K, V, G, S, z, deg, dt, cfg)
+    Yr, _, _ = power_retention_inference_reference(Q, K, V, G, S.double() if S is not None else None,
+                                                   z.double() if z is not None else None, deg=deg,
+                                                   switch_over_seq_len=None, d_tile=dt)
+    assert Y.shape == Q.shape and Y.dtype == Q.dtype
+    assert _rel(Y, Yr) < 1e-2
+    if deg == 2:  # a second launch reuses the workspace and the counters: bitwise the same
+        Y2 = _run(Q, K, V, G, S, z, deg, dt, cfg)
+        assert torch.equal(Y, Y2)
+
+
+def test_strided_cache_and_scale():
+    """A cache that is a slice of a longer preallocated buffer, a head-major Q view, an explicit scale."""
+    b, h, r, d, deg = 2, 2, 2, 64, 2
+    dt = default_d_tile(d, deg)
+    g = torch.Generator().manual_seed(11)
+    Kbuf = torch.randn(b, 200, h, d, generator=g).bfloat16()
+    Vbuf = torch.randn(b, 200, h, d, generator=g).bfloat16()
+    Gbuf = torch.nn.functional.logsigmoid(3 + torch.randn(b, 200, h, generator=g))
+    K, V, G = Kbuf[:, 30:95], Vbuf[:, 30:95], Gbuf[:, 30:95]
+    Q = torch.randn(b, h * r, 1, d, generator=g).bfloat16().transpose(1, 2)  # non-contiguous [b, 1, hq, d]
+    cfg = DecodeConfig(tile_f=256, warps=8, cache_tile=64, unroll=8, load_bytes=16)
+    Y = _run(Q, K, V, G, None, None, deg, dt, cfg, scale=0.3)
+    Yr, _, _ = power_retention_inference_reference(Q, K, V, G, deg=deg, scale=0.3, switch_over_seq_len=None)
+    assert _rel(Y, Yr) < 1e-2
