@@ -58,7 +58,12 @@ thread_local EmuBlock* emu_blk;
 alignas(16) static unsigned char emu_smem[1 << 18];
 inline void __syncthreads() { emu_blk->block->arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-template <class T> inline T __ldg(const T* p) { return *p; }
+#include <cstdio>
+#include <cstdlib>
+inline void emu_check_align(const void* p, unsigned n) {
+  if (reinterpret_cast<std::uintptr_t>(p) % n) { std::fprintf(stderr, "misaligned %u-byte access %p\n", n, p); std::abort(); }
+}
+template <class T> inline T __ldg(const T* p) { emu_check_align(p, sizeof(T) >= 16 ? 16 : sizeof(T)); return *p; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }

@@ -98,3 +98,35 @@ def test_strided_cache_and_scale():
     Y = _run(Q, K, V, G, None, None, deg, dt, cfg, scale=0.3)
     Yr, _, _ = power_retention_inference_reference(Q, K, V, G, deg=deg, scale=0.3, switch_over_seq_len=None)
     assert _rel(Y, Yr) < 1e-2
+
+
+def test_token_by_token_loop_with_the_kernel_source():
+    """vidrial.inference._step (the API's step logic) with the CPU-executed kernel as the decoder and
+    the float64 update for absorption: every token equals the training forward (float64 reference)."""
+    from vidrial.inference import _step, _update_reference
+    from vidrial.kernels.power_retention.reference import power_retention_reference
+
+    b, t, h, r, d, deg, switch = 1, 40, 2, 2, 32, 2, 16
+    dt = default_d_tile(d, deg)
+    g = torch.Generator().manual_seed(5)
+    Q = torch.randn(b, t, h * r, d, generator=g).bfloat16()
+    K = torch.randn(b, t, h, d, generator=g).bfloat16()
+    V = torch.randn(b, t, h, d, generator=g).bfloat16()
+    G = torch.nn.functional.logsigmoid(2 + torch.randn(b, t, h, generator=g))
+    Y_ref = power_retention_reference(Q, K, V, G, deg=deg)
+    cfg = DecodeConfig(tile_f=128, warps=4, cache_tile=32, unroll=4, load_bytes=16)
+
+    def decode(Qs, Ks, Vs, Gs, S, z):
+        return _run(Qs, Ks, Vs, Gs, S, z, deg, dt, cfg)
+
+    S = z = None
+    c0 = 0
+    for i in range(t):
+        sl = slice(c0, i + 1)
+        Y, S2, z2 = _step(Q[:, i:i + 1], K[:, sl], V[:, sl], G[:, sl], S, z, deg=deg, scale=None,
+                          switch_over_seq_len=switch, d_tile=dt, new_dtype=torch.float32, decode=decode,
+                          update=lambda *a: _update_reference(*a, dtype=torch.float32))
+        assert _rel(Y[:, 0], Y_ref[:, i]) < 1e-2, i
+        if S2 is not S:
+            S, z, c0 = S2.contiguous(), z2.contiguous(), i + 1
+    assert c0 == t // switch * switch

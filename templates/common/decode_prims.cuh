@@ -31,8 +31,8 @@ __device__ __forceinline__ float ldcg_f(const float* p) {
 }
 #else
 // CPU execution of this source (tests/decode_cpu_exec.py): plain loads.
-inline uint4 ldg_stream16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
-inline uint2 ldg_stream8(const void* p) { return *reinterpret_cast<const uint2*>(p); }
+inline uint4 ldg_stream16(const void* p) { emu_check_align(p, 16); return *reinterpret_cast<const uint4*>(p); }
+inline uint2 ldg_stream8(const void* p) { emu_check_align(p, 8); return *reinterpret_cast<const uint2*>(p); }
 inline float ldcg_f(const float* p) { return *p; }
 #endif
 
