@@ -270,3 +270,18 @@ def test_import_vidrial_stays_light():
             "assert callable(f); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_search_space_and_tuner_protocol_on_cpu():
+    from vidrial.tuning.search_space import load_search_space
+
+    space = load_search_space(family)
+    configs = space.valid_configs(KEY, "sm_90")
+    assert family.default_config(KEY) in configs and len(configs) > 50
+    key = KEY.model_copy(update={"head_dim": 32, "bh_bucket": 16, "group": 2})
+    inputs = family.make_inputs(key, torch.device("cpu"), seed=0)
+    expected = family.reference(key, inputs)
+    assert expected.shape == inputs["Q"].shape and torch.isfinite(expected.float()).all()
+    Ye = emulate_decode_step(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], inputs["state"],
+                             inputs["sum_of_keys"], deg=key.deg, d_tile=key.d_tile)
+    assert family.check_outputs(key, inputs, Ye.to(inputs["Q"].dtype), expected) < family.tolerance(key)

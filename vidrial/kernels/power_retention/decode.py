@@ -289,10 +289,18 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
         K = torch.randn(b, L, h, d, generator=g).to(dt)
         V = torch.randn(b, L, h, d, generator=g).to(dt)
         G = torch.nn.functional.logsigmoid(4 + torch.randn(b, L, h, generator=g)) if key.gating else None
-        S = (torch.randn(b, h, D, d, generator=g) * 0.1).to(sdt)
-        z = torch.rand(b, h, D, generator=g) * 10
-        out = dict(Q=Q, K=K, V=V, log_G=G, state=S, sum_of_keys=z)
-        return {k: (v.to(device) if v is not None else None) for k, v in out.items()}
+        out = dict(Q=Q, K=K, V=V, log_G=G)
+        out = {k: (v.to(device) if v is not None else None) for k, v in out.items()}
+        # a realistic state (non-negative phi(q).z): the float64 update over a short random history
+        from vidrial.kernels.power_retention.reference import update_state_reference
+
+        K0 = torch.randn(b, 32, h, d, generator=g).to(device)
+        V0 = torch.randn(b, 32, h, d, generator=g).to(device)
+        S, z = update_state_reference(K0, V0, None, key.deg, key.d_tile, 32)
+        out["state"] = S[:, 0].to(sdt).contiguous()
+        out["sum_of_keys"] = z[:, 0].float().contiguous()
+        assert out["state"].shape[-2] == D
+        return out
 
     def run(self, key: DecodeKey, config: DecodeConfig, inputs: dict[str, Any]) -> Any:
         return decode_step(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], inputs["state"],
