@@ -102,6 +102,7 @@ struct RowLoop {
   static constexpr int F = BPT * BS;
   static constexpr int FPW = F / WARPS;
   static constexpr int CPW = HD / WARPS;
+  static constexpr int KB = FPW < 16 ? FPW : 16;  // phase-A accumulators per pass
   static constexpr int RS = HD + 1;  // padded row stride of sRow / sU
   static constexpr long long D = (long long)NB * BS;
   static constexpr int NTILE = (NB + BPT - 1) / BPT;
@@ -117,6 +118,7 @@ struct RowLoop {
   static constexpr int SMEM_FLOATS = OFF_RED + WARPS * ROWS;
   static_assert(F % WARPS == 0, "features per tile must be a multiple of warps");
   static_assert(HD % WARPS == 0, "head dim must be a multiple of warps");
+  static_assert(FPW % KB == 0, "features per warp must be a multiple of the phase-A batch");
 
   // sum_f phi_f(x_r) xs[f] per row, reduced over the warps into sm[OFF_RED + r] (row sums).
   static __device__ __forceinline__ float feature_dot(const float* __restrict__ xs, const unsigned* __restrict__ blocks,
@@ -169,21 +171,21 @@ struct RowLoop {
           sm[OFF_XS + i] = (xs != nullptr && f0 + i < D) ? __ldg(xs + f0 + i) : 0.f;
       }
       __syncthreads();
-      // phase A: phi and dphi of this lane's row for the warp's features
-      {
-        float acc[FPW];
+      // phase A: phi and dphi of this lane's row for the warp's features (KB at a time: registers)
+      for (int kb = 0; kb < FPW; kb += KB) {
+        float acc[KB];
 #pragma unroll
-        for (int k = 0; k < FPW; ++k) acc[k] = 0.f;
-        const float* xw = sm + OFF_X + (w * FPW) * HD;
+        for (int k = 0; k < KB; ++k) acc[k] = 0.f;
+        const float* xw = sm + OFF_X + (w * FPW + kb) * HD;
 #pragma unroll 1
         for (int e = 0; e < HD; ++e) {
           const float u = ur[e];
 #pragma unroll
-          for (int k = 0; k < FPW; ++k) acc[k] = fmaf(u, xw[k * HD + e], acc[k]);
+          for (int k = 0; k < KB; ++k) acc[k] = fmaf(u, xw[k * HD + e], acc[k]);
         }
 #pragma unroll
-        for (int k = 0; k < FPW; ++k) {
-          const int fl = w * FPW + k;
+        for (int k = 0; k < KB; ++k) {
+          const int fl = w * FPW + kb + k;
           const int gb = tb * BPT + fl / BS;
           float ph = 0.f, dph = 0.f;
           if (gb < NB) {

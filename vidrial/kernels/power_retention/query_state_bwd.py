@@ -76,13 +76,15 @@ class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
         from vidrial.kernels.power_retention.sympow import layout
 
         bs = layout(key.head_dim, key.deg, key.d_tile).block_size
+        if key.stage == "state":
+            return QueryStateBwdConfig(tile_f=64 if key.head_dim <= 64 else 32, warps=8)
         return QueryStateBwdConfig(tile_f=max(64, min(bs, 256)), warps=8)
 
     def render_context(self, key: QueryStateBwdKey, config: QueryStateBwdConfig) -> dict[str, Any]:
         geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
         return dict(head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile, n_blocks=geo["n_blocks"],
                     blocks_per_tile=geo["blocks_per_tile"], warps=config.warps, in_type=DTYPE_NAMES[key.dtype],
-                    pass_=key.stage, key_label=key.label(), config_label=config.label())
+                    state_tile_f=config.tile_f, pass_=key.stage, key_label=key.label(), config_label=config.label())
 
     def threads_per_block(self, config: QueryStateBwdConfig) -> int:
         return config.warps * 32
@@ -90,15 +92,18 @@ class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
     def dynamic_smem_bytes(self, key: QueryStateBwdKey, config: QueryStateBwdConfig) -> int:
         geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
         if key.stage == "state":
-            return 4 * _state_smem_floats(key.head_dim, geo["F"])
-        return 4 * row_loop_smem_floats(key.head_dim, geo["F"], config.warps)
+            return 4 * _state_smem_floats(key.head_dim, config.tile_f)
+        return 4 * (row_loop_smem_floats(key.head_dim, geo["F"], config.warps) + 6 * ROWS)
 
     def check(self, key: QueryStateBwdKey, config: QueryStateBwdConfig, arch: str) -> None:
-        geo = check_row_loop(key.head_dim, key.deg, key.d_tile, config)
-        if key.stage == "state" and geo["fpw"] * (key.head_dim // 32) > 64:
-            raise ConfigError("tile_f", config.tile_f,
-                              f"{geo['fpw'] * key.head_dim // 32} accumulators per thread (features per warp x "
-                              "d/32) exceed 64; use more warps or a smaller tile_f")
+        if key.stage == "state":
+            acc = config.tile_f // config.warps * (key.head_dim // 32)
+            if acc > 16:
+                raise ConfigError("tile_f", config.tile_f,
+                                  f"{acc} accumulators per thread (tile_f/warps x d/32) exceed 16; "
+                                  "use more warps or a smaller tile_f")
+        else:
+            check_row_loop(key.head_dim, key.deg, key.d_tile, config)
         super().check(key, config, arch)
 
     def standard_keys(self) -> list[QueryStateBwdKey]:
@@ -133,6 +138,11 @@ class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
 
 
 FAMILY = register(QueryStateBwdFamily())
+
+
+def state_ftiles(D: int, config: QueryStateBwdConfig) -> int:
+    """CTAs per (batch, KV head, chunk) of the state pass: features in tiles of tile_f."""
+    return -(-D // config.tile_f)
 
 
 def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int, scale: float, chunk_size: int,
@@ -187,10 +197,10 @@ def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int
                out["dl"].data_ptr(), out["dAh"].data_ptr(), out["dBh"].data_ptr(), out["qscale"].data_ptr(),
                out["dg"].data_ptr(), t, n, c, hq, r, Sbar16.shape[1], sbar.shape[1], rt, sp),
               dev.index, stream)
-    geo = row_loop_geometry(d, deg, d_tile, state_config)
+    ftiles = state_ftiles(D, state_config)
     ks = FAMILY.launchable(compile_key(key_s), state_config, arch)
-    ks.launch((b * h * n * geo["ftiles"], 1, 1), (state_config.warps * 32, 1, 1),
+    ks.launch((b * h * n * ftiles, 1, 1), (state_config.warps * 32, 1, 1),
               (Q.data_ptr(), out["qscale"].data_ptr(), out["dAh"].data_ptr(), out["dBh"].data_ptr(), table.data_ptr(),
-               out["dSbar"].data_ptr(), out["dsbar"].data_ptr(), t, n, c, hq, r, geo["ftiles"], sp),
+               out["dSbar"].data_ptr(), out["dsbar"].data_ptr(), t, n, c, hq, r, ftiles, sp),
               dev.index, stream)
     return out

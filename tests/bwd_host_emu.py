@@ -1,0 +1,145 @@
+"""Runs the backward CUDA templates on the CPU: the rendered source is compiled as C++ (g++ -std=c++20)
+against a small shim (threads of a CTA = std::threads with a std::barrier for __syncthreads, shared
+memory = one buffer per CTA, warp shuffles through shared memory, bf16/fp16 = float). CTAs run one
+after the other. Slow, but it executes exactly the kernel's index math, so the CPU tests can compare
+the kernels themselves with the float64 emulation (bwd_emulation.py) before any GPU run.
+
+Only for the backward templates (they use nothing beyond the shim: no inline PTX, no MMA)."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+SHIM = r"""
+#include <cmath>
+#include <cstring>
+#include <algorithm>
+#include <barrier>
+#include <thread>
+#include <vector>
+#include <functional>
+using std::min; using std::max;
+struct U3 { unsigned x = 0, y = 0, z = 0; };
+thread_local U3 threadIdx, blockIdx;
+U3 blockDim, gridDim;
+thread_local std::barrier<>* g_bar = nullptr;
+static float* g_shfl = nullptr;
+static float* g_dyn_smem = nullptr;
+inline void __syncthreads() { g_bar->arrive_and_wait(); }
+template <class T> inline T __ldg(const T* p) { return *p; }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+  const int tid = threadIdx.x;
+  __syncthreads();
+  g_shfl[tid] = v;
+  __syncthreads();
+  const float r = g_shfl[tid ^ o];
+  return r;
+}
+using std::isfinite;
+typedef float __nv_bfloat16;
+typedef float __half;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__
+#define __align__(x)
+struct Arg {
+  void* p; long long i; double f;
+  template <class T> operator T*() const { return (T*)p; }
+  operator int() const { return (int)i; }
+  operator float() const { return (float)f; }
+};
+"""
+
+RUNNER = r"""
+extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_bytes, const Arg* a) {
+  gridDim.x = gx; gridDim.y = gy; blockDim.x = threads;
+  std::vector<float> smem(smem_bytes / 4 + 16), shfl(threads);
+  g_dyn_smem = smem.data(); g_shfl = shfl.data();
+  for (int by = 0; by < gy; ++by)
+    for (int bx = 0; bx < gx; ++bx) {
+      std::barrier<> bar(threads);
+      std::memset(smem.data(), 0xff, smem.size() * 4);  // NaN garbage: catches reads before writes
+      std::vector<std::thread> ts;
+      for (int t = 0; t < threads; ++t)
+        ts.emplace_back([&, t] {
+          threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; g_bar = &bar;
+          {{CALL}};
+        });
+      for (auto& th : ts) th.join();
+    }
+}
+"""
+
+
+def _host_source(cuda_source: str, entry: str, nargs: int) -> str:
+    src = cuda_source
+    src = re.sub(r"#include <cuda_(bf16|fp16)\.h>", "", src)
+    src = "\n".join(line for line in src.splitlines()
+                    if "to_f(__nv_bfloat16" not in line and "to_f(__half" not in line)
+    src = src.replace("extern __shared__ __align__(16) float sm[];", "float* sm = g_dyn_smem;")
+    src = re.sub(r"__shared__ float (\w+)\[([^\]]+)\];", r"static float \1[\2];", src)
+    src = src.replace('extern "C" __global__', "")
+    call = f"{entry}(" + ", ".join(f"a[{i}]" for i in range(nargs)) + ")"
+    return SHIM + src + RUNNER.replace("{{CALL}}", call)
+
+
+class _ArgC(ctypes.Structure):
+    _fields_ = [("p", ctypes.c_void_p), ("i", ctypes.c_longlong), ("f", ctypes.c_double)]
+
+
+_LIBS: dict[str, ctypes.CDLL] = {}
+
+
+def host_kernel(rendered, signature):
+    """A callable launch(grid, threads, smem_bytes, args) running `rendered` on the CPU."""
+    nargs = len(signature)
+    src = _host_source(rendered.source, rendered.entry, nargs)
+    digest = hashlib.sha256(src.encode()).hexdigest()[:16]
+    lib = _LIBS.get(digest)
+    if lib is None:
+        d = os.path.join(tempfile.gettempdir(), "vidrial-host-emu")
+        os.makedirs(d, exist_ok=True)
+        so = os.path.join(d, f"{digest}.so")
+        if not os.path.exists(so):
+            cpp = os.path.join(d, f"{digest}.cpp")
+            with open(cpp, "w") as f:
+                f.write(src)
+            tmp = so + f".{os.getpid()}"
+            subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", cpp, "-o", tmp],
+                           check=True, capture_output=True, text=True)
+            os.replace(tmp, so)
+        lib = ctypes.CDLL(so)
+        _LIBS[digest] = lib
+
+    def launch(grid, threads, smem_bytes, args):
+        gx, gy = (grid, 1) if isinstance(grid, int) else grid[:2]
+        arr = (_ArgC * nargs)()
+        for k, (code, v) in enumerate(zip(signature, args)):
+            if code == "ptr":
+                if isinstance(v, torch.Tensor):
+                    assert v.device.type == "cpu" and v.is_contiguous() and v.dtype in (torch.float32, torch.int32)
+                    arr[k].p = v.data_ptr()
+                else:
+                    arr[k].p = None
+            elif code == "f32":
+                arr[k].f = float(v)
+            else:
+                arr[k].i = int(v)
+        lib.vidrial_host_launch(gx, gy, threads, smem_bytes, arr)
+
+    return launch
+
+
+def available() -> bool:
+    return shutil.which("g++") is not None

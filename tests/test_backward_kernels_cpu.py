@@ -1,0 +1,279 @@
+"""Backward kernel families on the CPU: config/key validation, NVRTC compilation of every standard
+key (default + corner configs, sm_80 and sm_90, no spills), and each kernel *executed* on the CPU
+(tests/bwd_host_emu.py: the rendered CUDA source compiled as C++ with threads + barriers) against
+the float64 emulation of its algorithm (vidrial/kernels/power_retention/bwd_emulation.py), which
+tests/test_backward_math_cpu.py proves against autograd of the reference."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from vidrial.core.compile import CompiledKernel, compile_many
+from vidrial.core.errors import ConfigError
+from vidrial.kernels import get_family
+from vidrial.kernels.power_retention import bwd_emulation as em
+from vidrial.kernels.power_retention._fwd_util import block_table
+from vidrial.kernels.power_retention.discumsum_bwd import FAMILY as DB, DiscumsumBwdConfig, DiscumsumBwdKey
+from vidrial.kernels.power_retention.intra_chunk_attention_bwd import FAMILY as IB, IntraBwdConfig, IntraBwdKey
+from vidrial.kernels.power_retention.query_state_bwd import FAMILY as QB, QueryStateBwdConfig, QueryStateBwdKey
+from vidrial.kernels.power_retention.sympow import layout
+from vidrial.kernels.power_retention.update_state_bwd import FAMILY as UB, UpdateStateBwdConfig, UpdateStateBwdKey
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bwd_host_emu  # noqa: E402
+
+F32, F64 = torch.float32, torch.float64
+FAMS = (UB, QB, DB, IB)
+needs_gxx = pytest.mark.skipif(not bwd_host_emu.available(), reason="g++ not found (host execution of the kernels)")
+
+
+def test_registered():
+    for fam in FAMS:
+        assert get_family(fam.name) is fam
+
+
+@pytest.mark.parametrize("cls,fields,field", [
+    (UpdateStateBwdConfig, dict(tile_f=48), "tile_f"), (UpdateStateBwdConfig, dict(warps=2), "warps"),
+    (QueryStateBwdConfig, dict(tile_f=512), "tile_f"), (DiscumsumBwdConfig, dict(threads=96), "threads"),
+    (DiscumsumBwdConfig, dict(per_thread=0), "per_thread"), (IntraBwdConfig, dict(tile=128), "tile"),
+])
+def test_config_validation(cls, fields, field):
+    with pytest.raises((ConfigError, ValidationError), match=rf"{field}={list(fields.values())[0]}"):
+        cls(**fields)
+
+
+def test_check_rules_and_keys():
+    with pytest.raises(ConfigError, match="shared memory"):
+        IB.check(IntraBwdKey(head_dim=128), IntraBwdConfig(tile=64), "sm_80")
+    with pytest.raises(ConfigError, match="tile"):
+        IB.check(IntraBwdKey(head_dim=256), IntraBwdConfig(tile=64), "sm_90")
+    with pytest.raises(ConfigError, match="tile_f"):
+        QB.check(QueryStateBwdKey(head_dim=128, stage="state"), QueryStateBwdConfig(tile_f=128, warps=4), "sm_90")
+    with pytest.raises((ConfigError, ValidationError), match="stage"):
+        QueryStateBwdKey(stage="nope")
+    with pytest.raises(Exception, match="d_tile"):
+        UpdateStateBwdKey(head_dim=64, d_tile=5)
+    for fam in FAMS:
+        for key in fam.standard_keys():
+            assert type(key).model_validate_json(key.model_dump_json()) == key
+
+
+def _jobs():
+    """Every standard key with its default config on sm_80 and sm_90; the corner configs (extreme
+    tiles) of the bf16 keys on both archs as well (fp16 differs only in the input conversion)."""
+    jobs, labels = [], []
+    for fam in FAMS:
+        for key in fam.standard_keys():
+            corners = getattr(key, "dtype", "bfloat16") == "bfloat16"
+            cfgs = list(dict.fromkeys(fam.corner_configs(key))) if corners else [fam.default_config(key)]
+            for cfg in cfgs:
+                for arch in ("sm_80", "sm_90"):
+                    fam.check(key, cfg, arch)
+                    jobs.append((fam.render(key, cfg), arch, (), f"{fam.name} {key.label()} | {cfg.label()}"))
+                    labels.append((fam, key, cfg, arch))
+    return jobs, labels
+
+
+def test_compile_standard_keys_default_and_corner_configs():
+    jobs, labels = _jobs()
+    started = time.perf_counter()
+    results = compile_many(jobs, workers=2)
+    bad = [str(r)[:2000] for r in results if not isinstance(r, CompiledKernel)]
+    assert not bad, "\n\n".join(bad)
+    spills = [f"{lab[0].name} {lab[1].label()} {lab[2].label()} {lab[3]}: {r.facts}"
+              for r, lab in zip(results, labels) if r.facts.spills]
+    assert not spills, "\n".join(spills)
+    for r, (fam, key, cfg, arch) in zip(results, labels):
+        assert fam.infeasible_reason(key, cfg, r) is None, (fam.name, key.label(), cfg.label())
+    assert time.perf_counter() - started < 100
+
+
+# ---- kernels executed on the CPU ------------------------------------------------------------------
+def _run(fam, key, cfg, grid, args):
+    launch = bwd_host_emu.host_kernel(fam.render(key, cfg), _sig(fam, key))
+    launch(grid, fam.threads_per_block(cfg), fam.dynamic_smem_bytes(key, cfg), args)
+
+
+def _sig(fam, key):
+    if fam is QB and key.stage == "state":
+        return QB.state_signature
+    return fam.signature
+
+
+def _close(got, want, tol=2e-4):
+    got, want = got.to(F64), want.to(F64)
+    scale = max(want.abs().max().item(), 1e-20)
+    err = (got - want).abs().max().item() / scale
+    assert err < tol, err
+
+
+def _chunk_g(b, t, h, c, seed):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.linspace(-2.0, 0.5, t, dtype=F64)[None, :, None]
+    lg = torch.nn.functional.logsigmoid(base + torch.randn(b, t, h, generator=gen, dtype=F64))
+    return lg.reshape(b, t // c, c, h).cumsum(2).reshape(b, t, h)
+
+
+@needs_gxx
+@pytest.mark.parametrize("d,deg,d_tile,cfg", [(32, 2, 8, None), (32, 2, 4, UpdateStateBwdConfig(tile_f=32, warps=4)),
+                                              (16, 4, 2, None)])
+@pytest.mark.parametrize("gating", [False, True])
+def test_update_state_bwd_kernel_on_cpu(d, deg, d_tile, cfg, gating):
+    b, h, c, n = 1, 2, 48, 2
+    t = n * c
+    D = layout(d, deg, d_tile).feature_dim
+    gen = torch.Generator().manual_seed(0)
+    K = torch.randn(b, t, h, d, generator=gen) * 0.7
+    V = torch.randn(b, t, h, d, generator=gen)
+    dS = torch.randn(b, n, h, D, d, generator=gen) * 0.1
+    ds = torch.randn(b, n, h, D, generator=gen) * 0.1
+    g = _chunk_g(b, t, h, c, 1).to(F32) if gating else None
+    key = UpdateStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile)
+    cfg = cfg or UB.default_config(key)
+    dK, dV = torch.zeros(b, t, h, d), torch.zeros(b, t, h, d)
+    E = torch.zeros(b, t, h)
+    rt = -(-c // 32)
+    _run(UB, key, cfg, b * h * n * rt, (K, V, g, dS, ds, block_table(d, deg, d_tile, "cpu"), dK, dV, E, t, n, c, h, rt))
+    wK, wV, wE = em.update_state_bwd(K.double(), V.double(), None if g is None else g.double(), dS.double(),
+                                     ds.double(), deg, d_tile, c)
+    _close(dK, wK)
+    _close(dV, wV)
+    if gating:
+        _close(E, wE)
+
+
+@needs_gxx
+@pytest.mark.parametrize("gating,gqa,first_zero", [(True, 2, True), (False, 1, False), (True, 1, False)])
+def test_query_state_bwd_kernels_on_cpu(gating, gqa, first_zero):
+    d, deg, d_tile = 32, 2, 8
+    b, h, c, n = 1, 1, 48, 2
+    hq, t = h * gqa, n * c
+    D = layout(d, deg, d_tile).feature_dim
+    gen = torch.Generator().manual_seed(2)
+    Q = torch.randn(b, t, hq, d, generator=gen)
+    K = torch.randn(b, t, h, d, generator=gen)
+    V = torch.randn(b, t, h, d, generator=gen)
+    lg = None
+    if gating:
+        lg = torch.nn.functional.logsigmoid(torch.randn(b, t, h, generator=gen, dtype=F64) + 1.0)
+    scale = 1.0 / math.sqrt(d)
+    f = em.forward_pieces(Q, K, V, lg, deg, scale, c, d_tile)
+    g64 = f["g"] if f["g"] is not None else None
+    Sbar, sbar = f["Sbar"], f["sbar"]
+    Y = f["Y"].float()
+    dY = torch.randn(b, t, hq, d, generator=gen)
+    g = g64.float() if g64 is not None else None
+    # inputs as the kernel sees them (float32; Sbar rounded to bf16 as in the real op)
+    Sb16 = Sbar[:, :n].float().bfloat16().float().contiguous()
+    sb = sbar.float().contiguous()
+    O, l, m = f["O"].float(), f["l"].float(), f["m"].float()
+    key = QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile)
+    cfg = QB.default_config(key)
+    outs = {k: torch.zeros(b, t, hq, d) for k in ("dQ", "dO", "dAh")}
+    outs.update({k: torch.zeros(b, t, hq) for k in ("dl", "dBh", "qscale", "dg")})
+    rt = -(-c // 32)
+    tab = block_table(d, deg, d_tile, "cpu")
+    _run(QB, key, cfg, b * hq * n * rt,
+         (Q, g, Sb16, sb, O, l, m, Y, dY, tab, outs["dQ"], outs["dO"], outs["dl"], outs["dAh"], outs["dBh"],
+          outs["qscale"], outs["dg"], t, n, c, hq, gqa, n, sb.shape[1], rt, scale**deg))
+    gz = g64 if g64 is not None else torch.zeros(b, t, h, dtype=F64)
+    w = em.qs_bwd_rows(Q.double(), gz, Sb16.double(), sb[:, :n].double(), O.double(), l.double(), m.double(),
+                       Y.double(), dY.double(), deg, d_tile, scale, c)
+    for name, want in zip(("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg"), w):
+        _close(outs[name], want, 1e-3)
+    # state pass from the kernel's own row outputs
+    key_s = key.model_copy(update={"stage": "state"})
+    cfg_s = QB.default_config(key_s)
+    from vidrial.kernels.power_retention.query_state_bwd import state_ftiles
+
+    ft = state_ftiles(D, cfg_s)
+    dSbar, dsbar = torch.zeros(b, n, h, D, d), torch.zeros(b, n, h, D)
+    _run(QB, key_s, cfg_s, b * h * n * ft, (Q, outs["qscale"], outs["dAh"], outs["dBh"], tab, dSbar, dsbar, t, n, c,
+                                             hq, gqa, ft, scale**deg))
+    wS, ws = em.qs_bwd_state(Q.double(), outs["qscale"].double(), outs["dAh"].double(), outs["dBh"].double(), h, deg,
+                             d_tile, scale, c)
+    _close(dSbar, wS)
+    _close(dsbar, ws)
+
+
+@needs_gxx
+@pytest.mark.parametrize("gating,final,init", [(True, True, True), (False, False, False), (True, False, False)])
+def test_discumsum_bwd_kernel_on_cpu(gating, final, init):
+    b, n, h, D, d = 2, 4, 2, 40, 8
+    gen = torch.Generator().manual_seed(3)
+    dSbar = torch.randn(b, n, h, D, d, generator=gen)
+    dsbar = torch.randn(b, n, h, D, generator=gen)
+    Sb = torch.randn(b, n, h, D, d, generator=gen).bfloat16().float()
+    sb = torch.randn(b, n + 1, h, D, generator=gen)
+    L = -torch.rand(b, n, h, generator=gen) * 2 if gating else None  # varies across chunks
+    dSf = torch.randn(b, h, D, d, generator=gen) if final else None
+    dsf = torch.randn(b, h, D, generator=gen) if final else None
+    key = DiscumsumBwdKey(head_dim=d, feature_dim=D)
+    cfg = DiscumsumBwdConfig(threads=64, per_thread=2)
+    tile = cfg.threads * cfg.per_thread
+    bS, bs = -(-(D * d) // tile), -(-D // tile)
+    parts = bS + bs
+    dLpart = torch.zeros(b * h, n, parts)
+    dS0, ds0 = (torch.zeros(b, h, D, d), torch.zeros(b, h, D)) if init else (None, None)
+    want = em.discumsum_bwd(dSbar.double(), dsbar.double(), Sb.double(), sb[:, :n].double(),
+                            None if L is None else L.double(), None if dSf is None else dSf.double(),
+                            None if dsf is None else dsf.double())
+    X, x = dSbar.clone(), dsbar.clone()
+    _run(DB, key, cfg, (parts, b * h), (X, x, Sb, sb, L, dSf, dsf, dS0, ds0, dLpart, n, h, n + 1, bS))
+    _close(X, want[0], 1e-5)
+    _close(x, want[1], 1e-5)
+    if gating:
+        _close(dLpart.sum(-1).view(b, h, n).transpose(1, 2), want[2], 1e-5)
+    if init:
+        _close(dS0, want[3], 1e-5)
+        _close(ds0, want[4], 1e-5)
+
+
+@needs_gxx
+@pytest.mark.parametrize("d,deg,tile,c,gqa,gating", [(32, 2, 32, 80, 2, True), (16, 4, 64, 64, 1, True),
+                                                     (32, 2, 64, 96, 1, False)])
+def test_intra_bwd_kernels_on_cpu(d, deg, tile, c, gqa, gating):
+    b, h, n = 1, 1, 2
+    hq = h * gqa
+    t = n * c - 7  # a partial last chunk
+    gen = torch.Generator().manual_seed(4)
+    Q = torch.randn(b, t, hq, d, generator=gen)
+    K = torch.randn(b, t, h, d, generator=gen)
+    V = torch.randn(b, t, h, d, generator=gen)
+    scale = 1.0 / math.sqrt(d)
+    lg = torch.nn.functional.logsigmoid(torch.randn(b, t, h, generator=gen, dtype=F64) + 1.0) if gating else None
+    from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference
+
+    O, l, m = intra_chunk_attention_reference(Q, K, V, lg, deg, scale, c)
+    dO = torch.randn(b, t, hq, d, generator=gen)
+    dl = torch.randn(b, t, hq, generator=gen)
+    g = None
+    if gating:
+        tp = n * c
+        gp = torch.nn.functional.pad(lg, (0, 0, 0, tp - t)).reshape(b, n, c, h).cumsum(2).reshape(b, tp, h)
+        g = gp[:, :t].float().contiguous()
+    mf = m.float()
+    dQ, dK, dV, dg = (torch.zeros(b, t, hq, d), torch.zeros(b, t, h, d), torch.zeros(b, t, h, d), torch.zeros(b, t, h))
+    for stage in ("dkv", "dq"):
+        key = IntraBwdKey(head_dim=d, deg=deg, stage=stage)
+        cfg = IntraBwdConfig(tile=tile)
+        tiles = -(-c // tile)
+        heads = h if stage == "dkv" else hq
+        _run(IB, key, cfg, b * heads * n * tiles,
+             (Q, K, V, g, mf, dO, dl, dQ, dK, dV, dg if gating else None, t, n, c, hq, gqa, tiles, scale))
+    # emulation on the padded problem
+    pad = n * c - t
+    P = lambda x: torch.nn.functional.pad(x.double(), (0, 0) * (x.dim() - 2) + (0, pad))  # noqa: E731
+    gpad = torch.nn.functional.pad(g.double(), (0, 0, 0, pad)) if gating else None
+    wQ, wK, wV, wg = em.intra_bwd(P(Q), P(K), P(V), gpad, P(mf), P(dO), P(dl), deg, scale, c)
+    _close(dQ, wQ[:, :t])
+    _close(dK, wK[:, :t])
+    _close(dV, wV[:, :t])
+    if gating:
+        _close(dg, wg[:, :t])
