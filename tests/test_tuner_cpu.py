@@ -349,7 +349,7 @@ def test_worker_restarts_after_crash_and_hang(misbehave):
     misbehave("crash:tile_m=256;hang:tile_m=64")
     job = lambda m: {"family": T.synthetic.REF, "key": KEY128,  # noqa: E731
                      "config": T.SynthConfig(tile_m=m).model_dump(), "arch": "sm_90", "check": True}
-    with MeasurementWorker(FAKE, job_timeout_s=1.0, startup_timeout_s=120) as w:
+    with MeasurementWorker(FAKE, job_timeout_s=3.0, startup_timeout_s=120) as w:
         first_pid = w.info["pid"]
         assert w.measure(job(128))["status"] == "ok"
         crashed = w.measure(job(256))
@@ -365,7 +365,7 @@ def test_worker_restarts_after_crash_and_hang(misbehave):
 def test_study_survives_crashing_hanging_and_faulting_configs(tmp_path, misbehave):
     misbehave("hang:tile_m=64&warps=2;crash:tile_m=256;fault:warps=2")
     space = _space_file(tmp_path, 'family = "_synthetic"\n[fields]\ntile_m = [64, 128, 256]\nwarps = [2, 4]\n')
-    (result,) = _tune(tmp_path, sampler="grid", isolate=True, job_timeout_s=1.5, space_path=str(space),
+    (result,) = _tune(tmp_path, sampler="grid", isolate=True, job_timeout_s=3.0, space_path=str(space),
                       backend=FAKE)
     rows = {(r["config"]["tile_m"], r["config"]["warps"]): r["status"] for r in _journal_rows(result, tmp_path)}
     assert rows == {(64, 2): "timeout", (64, 4): "ok", (128, 2): "fault", (128, 4): "ok",
@@ -377,7 +377,8 @@ def test_study_survives_crashing_hanging_and_faulting_configs(tmp_path, misbehav
 
 # ---- scale-out: several processes, one study ---------------------------------------------------------------
 def test_processes_share_a_study_through_storage(tmp_path, monkeypatch):
-    monkeypatch.setenv("VIDRIAL_FAKE_DELAY_S", "0.2")  # measuring takes time, as on a GPU
+    monkeypatch.setenv("VIDRIAL_FAKE_DELAY_S", "0.05")  # measuring takes time, as on a GPU
+    monkeypatch.setenv("VIDRIAL_FAKE_RENDEZVOUS", str(tmp_path / "device1-measured"))  # however slow the spawn
     (result,) = tune(T.synthetic, [KEY128], trials=16, out=tmp_path / "out", backend=FAKE, gpus=(0, 1),
                      compiler="vidrial.tuning.testing:no_spill_compile", compile_ahead=1,
                      tuned_dir=tmp_path / "tuned", progress=False, retime_rounds=1)

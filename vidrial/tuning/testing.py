@@ -6,7 +6,8 @@
   variable VIDRIAL_FAKE_MISBEHAVE ("crash:tile_m=256;hang:tile_k=128;fault:warps=8")
   (conditions joined by '&' must all hold) makes configs with those values crash the worker (os._exit), hang (sleep) or report a
   CUDA fault: the isolation tests use it. VIDRIAL_FAKE_DELAY_S makes each measurement take
-  that long (scale-out tests).
+  that long; VIDRIAL_FAKE_RENDEZVOUS=PATH makes device 0 wait until another device has measured
+  (scale-out tests).
 - `fault_probe`: a real CUDA family for the GPU isolation proof. Its `mode` field picks
   a kernel that works, writes to an illegal address, or spins for ~15 s (a hang past the
   tuner's job timeout). Tune it with
@@ -160,6 +161,14 @@ class FakeBackend:
             return {"status": "fault", "fatal": True, "reason": "CUDA_ERROR_ILLEGAL_ADDRESS (fake)"}
         if bad == "wrong":
             return {"status": "wrong", "rel_err": 1.0, "reason": "fake wrong result"}
+        rendezvous = os.environ.get("VIDRIAL_FAKE_RENDEZVOUS")
+        if rendezvous:  # scale-out test: device 0 measures only once another device has measured
+            if self.device_index == 0:
+                deadline = time.monotonic() + 90
+                while not os.path.exists(rendezvous) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            else:
+                open(rendezvous, "a").close()
         delay = float(os.environ.get("VIDRIAL_FAKE_DELAY_S", "0") or 0)
         if delay:
             time.sleep(delay)
