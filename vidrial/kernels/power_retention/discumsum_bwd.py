@@ -88,7 +88,7 @@ class DiscumsumBwdFamily(KernelFamily[DiscumsumBwdKey, DiscumsumBwdConfig]):
 
     def corner_configs(self, key: DiscumsumBwdKey) -> list[DiscumsumBwdConfig]:
         return [self.default_config(key), DiscumsumBwdConfig(threads=64, per_thread=1),
-                DiscumsumBwdConfig(threads=1024, per_thread=4), DiscumsumBwdConfig(threads=128, per_thread=32)]
+                DiscumsumBwdConfig(threads=1024, per_thread=4)]
 
 
 FAMILY = register(DiscumsumBwdFamily())

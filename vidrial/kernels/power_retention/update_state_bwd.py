@@ -91,7 +91,7 @@ class UpdateStateBwdFamily(KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]
 
     def corner_configs(self, key: UpdateStateBwdKey) -> list[UpdateStateBwdConfig]:
         out = [self.default_config(key)]
-        for cfg in (UpdateStateBwdConfig(tile_f=32, warps=4), UpdateStateBwdConfig(tile_f=256, warps=8)):
+        for cfg in (UpdateStateBwdConfig(tile_f=32, warps=4),):
             try:
                 self.check(key, cfg, "sm_80")
                 out.append(cfg)
