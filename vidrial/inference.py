@@ -218,6 +218,29 @@ def _check(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_s
     return b, tq, hq, h, d, L, d_tile, D
 
 
+_CHECKED: dict[tuple, tuple] = {}
+
+
+def _checked(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_seq_len, d_tile, state_dtype):
+    """_check, memoised on what it looks at (shapes, strides, dtypes, devices, 16-byte alignment,
+    the scalar arguments): a decode loop pays the full validation once per shape, then a few us."""
+    try:
+        sig = (deg, scale, switch_over_seq_len, d_tile, state_dtype) + tuple(
+            None if x is None else (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0)
+            for x in (Q, K, V, log_G, initial_state, sum_of_keys))
+        hit = _CHECKED.get(sig)
+    except (AttributeError, TypeError):  # not tensors / unhashable: the full check names the problem
+        sig, hit = None, None
+    if hit is not None:
+        return hit
+    out = _check(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_seq_len, d_tile, state_dtype)
+    if sig is not None:
+        if len(_CHECKED) > 512:
+            _CHECKED.clear()
+        _CHECKED[sig] = out
+    return out
+
+
 def _update_gpu(K, V, log_G, deg: int, d_tile: int):
     """sum_j phi(k~_j) v_j^T and sum_j phi(k~_j) over the cache, k~_j = k_j exp((G_last - G_j)/p):
     update_state over the whole cache as one chunk (padded to a multiple of 16 with zero keys and
@@ -293,8 +316,8 @@ def power_retention_inference(Q, K, V, log_G=None, initial_state=None, sum_of_ke
     """
     import torch
 
-    b, tq, hq, h, d, L, d_tile, D = _check(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale,
-                                           switch_over_seq_len, d_tile, state_dtype)
+    b, tq, hq, h, d, L, d_tile, D = _checked(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale,
+                                             switch_over_seq_len, d_tile, state_dtype)
     if L == 0:
         K = V = log_G = None
     r = hq // h
