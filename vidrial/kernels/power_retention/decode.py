@@ -47,8 +47,8 @@ CACHE_TILES = (32, 64, 128)
 UNROLLS = (1, 2, 4, 8, 16)
 LOAD_BYTES = (8, 16)
 MAX_ROWS = 16  # GQA group x new tokens per KV head handled by one kernel
-# target number of CTAs of the state read (about 4 waves of 132 SMs)
-_TARGET_CTAS = 528
+# target number of CTAs of the state read (several waves of 132 SMs x 2-3 resident CTAs: short tails)
+_TARGET_CTAS = 1024
 # registers per thread we allow for accumulators + loads in flight (ptxas spills above ~200)
 REGISTER_BUDGET = 168
 
