@@ -125,6 +125,16 @@ def _chunked_states(K, V, log_G, deg, d_tile, c, initial_state, sum_of_keys, *, 
                              final_state=want_final)
 
 
+def _use_autograd(*tensors) -> bool:
+    """The differentiable path (vidrial.autograd: custom ops + backward kernels) when an input requires
+    grad, or under torch.compile (custom ops trace without graph breaks)."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors)
+
+
 def power_retention(Q, K, V, log_G=None, initial_state=None, sum_of_keys=None, return_final_state=False, deg=2,
                     scale=None, chunk_size=None, switch_over_seq_len=None, d_tile=None):
     """Symmetric power retention (MATH.md), forward, on the GPU with vidrial's kernels.
@@ -139,6 +149,11 @@ def power_retention(Q, K, V, log_G=None, initial_state=None, sum_of_keys=None, r
     """
     from vidrial.kernels.power_retention.sympow import default_d_tile, feature_dim
 
+    if _use_autograd(Q, K, V, log_G, initial_state, sum_of_keys):
+        from vidrial.autograd import power_retention as differentiable
+
+        return differentiable(Q, K, V, log_G, initial_state, sum_of_keys, return_final_state, deg, scale, chunk_size,
+                              switch_over_seq_len, d_tile)
     b, t, hq, h, d = _check_inputs(Q, K, V, log_G, deg, d_tile, chunk_size, switch_over_seq_len, scale)
     if d_tile is None:
         d_tile = default_d_tile(d, deg)

@@ -10,6 +10,10 @@ _FAMILY_MODULES = (
     "vidrial.kernels.power_retention.intra_chunk_attention",
     "vidrial.kernels.power_retention.discumsum",
     "vidrial.kernels.power_retention.query_state",
+    "vidrial.kernels.power_retention.update_state_bwd",
+    "vidrial.kernels.power_retention.query_state_bwd",
+    "vidrial.kernels.power_retention.discumsum_bwd",
+    "vidrial.kernels.power_retention.intra_chunk_attention_bwd",
     "vidrial.kernels.power_retention.decode",
 )
 
