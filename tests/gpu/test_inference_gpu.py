@@ -27,8 +27,9 @@ DEV = "cuda"
 
 def _poison():
     """Fill free blocks of the caching allocator with NaN so unwritten outputs are caught."""
-    x = torch.full((64 << 20,), float("nan"), device=DEV)  # 256 MB
-    del x
+    big = torch.full((64 << 20,), float("nan"), device=DEV)  # 256 MB: large-pool blocks
+    small = [torch.full((4096,), float("nan"), device=DEV) for _ in range(128)]  # small-pool blocks (Y)
+    del big, small
 
 
 def _rel(a, b) -> float:
