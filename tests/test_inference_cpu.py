@@ -285,3 +285,26 @@ def test_search_space_and_tuner_protocol_on_cpu():
     Ye = emulate_decode_step(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], inputs["state"],
                              inputs["sum_of_keys"], deg=key.deg, d_tile=key.d_tile)
     assert family.check_outputs(key, inputs, Ye.to(inputs["Q"].dtype), expected) < family.tolerance(key)
+
+
+@pytest.mark.parametrize("gating", [True, False])
+def test_absorb_of_a_long_cache_combines_chunks(monkeypatch, gating):
+    """Caches longer than one update_state chunk are absorbed chunk by chunk and combined with the
+    gate from each chunk's end (update_state replaced by its float64 reference on the CPU)."""
+    import vidrial.inference as inf
+    import vidrial.kernels.power_retention.update_state as us
+
+    def fake_update_state(K, V, G, *, deg, d_tile, chunk_size):
+        S, s = update_state_reference(K, V, G, deg, d_tile, chunk_size)
+        return S.float(), s.float()
+
+    monkeypatch.setattr(us, "update_state", fake_update_state)
+    monkeypatch.setattr(inf, "_ABSORB_CHUNK", 32)
+    g = torch.Generator().manual_seed(4)
+    b, L, h, d = 1, 100, 2, 32
+    K, V = torch.randn(b, L, h, d, generator=g), torch.randn(b, L, h, d, generator=g)
+    G = torch.nn.functional.logsigmoid(2 + torch.randn(b, L, h, generator=g)) if gating else None
+    S1, s1 = inf._update_gpu(K, V, G, 2, 8)
+    S2, s2 = inf._update_reference(K, V, G, 2, 8)
+    assert ((S1.double() - S2).abs().max() / S2.abs().max()).item() < 1e-5
+    assert ((s1.double() - s2).abs().max() / s2.abs().max()).item() < 1e-5

@@ -24,7 +24,8 @@ memory-bound decode read); sum_of_keys is always float32. A new state gets `stat
 Execution: up to 16 query rows per KV head (GQA group x new tokens) go through ONE fused kernel
 launch (vidrial/kernels/power_retention/decode.py): state query + cache attention + merge, on the
 current stream, no host sync, CUDA-graph capturable (call once before capturing, so that the
-kernel, the block table and the workspace exist). The compression step (once per
+kernel, the block table and the workspace exist; also one absorbing step if the captured region
+absorbs, for update_state's kernel and table). The compression step (once per
 switch_over_seq_len tokens) adds update_state + a gated sum (a few more launches, still no sync).
 Prefill (tq == L > 16 rows) runs vidrial.power_retention's forward (its final state is the
 compressed state); other shapes fall back to the float64 reference (slow, correct).
@@ -219,6 +220,7 @@ def _check(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_s
 
 
 _CHECKED: dict[tuple, tuple] = {}
+_ABSORB_CHUNK = 1024
 
 
 def _checked(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_seq_len, d_tile, state_dtype):
@@ -252,15 +254,26 @@ def _update_gpu(K, V, log_G, deg: int, d_tile: int):
         from vidrial.kernels.power_retention.update_state import update_state
     except ImportError:  # pragma: no cover - update_state is another engineer's module
         return _update_reference(K, V, log_G, deg, d_tile, dtype=torch.float32)
-    pad = -(-L // 16) * 16 - L
+    # one chunk up to 1024 tokens (the usual switch-over); longer caches in chunks of 1024, combined
+    # with the gate from each chunk's end to the cache's end
+    c = -(-L // 16) * 16 if L <= _ABSORB_CHUNK else _ABSORB_CHUNK
+    pad = -(-L // c) * c - L
     if pad:
         K = torch.nn.functional.pad(K, (0, 0, 0, 0, 0, pad))
         V = torch.nn.functional.pad(V, (0, 0, 0, 0, 0, pad))
         if log_G is not None:
             log_G = torch.nn.functional.pad(log_G, (0, 0, 0, pad))
     S_up, s_up = update_state(K.contiguous(), V.contiguous(), log_G.contiguous() if log_G is not None else None,
-                              deg=deg, d_tile=d_tile, chunk_size=L + pad)
-    return S_up[:, 0], s_up[:, 0]
+                              deg=deg, d_tile=d_tile, chunk_size=c)
+    n = S_up.shape[1]
+    if n == 1:
+        return S_up[:, 0], s_up[:, 0]
+    if log_G is None:
+        return S_up.sum(1), s_up.sum(1)
+    Lc = log_G.view(b, n, c, h).sum(2)  # [b, n, h] log gate of each chunk
+    w = torch.exp(Lc.flip(1).cumsum(1).flip(1) - Lc)  # exp(sum of the later chunks' gates)
+    w = w.to(S_up.dtype)
+    return torch.einsum("bnh,bnhDd->bhDd", w, S_up), torch.einsum("bnh,bnhD->bhD", w, s_up)
 
 
 def _update_reference(K, V, log_G, deg: int, d_tile: int, dtype=None):
