@@ -278,3 +278,22 @@ def test_readme_generation_example_runs(capsys):
     exec(compile(blocks[0], "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "(2, 4, 2304, 64)" in out  # a state was formed (100 tokens, window 32)
+
+
+@pytest.mark.parametrize("L", [64, 1100])
+def test_absorb_state_matches_reference(L):
+    """One absorbing step (L >= switch_over): Y and the new state / sum of keys against float64;
+    1100 tokens exceed one update_state chunk (1024) and are combined chunk by chunk."""
+    from vidrial import power_retention_inference
+
+    b, h, r, d, deg = 2, 2, 2, 64, 2
+    dt = default_d_tile(d, deg)
+    Q, K, V, G = _seq(b, L, h, r, d, True, seed=L)
+    S, z = _history_state(b, h, d, deg, dt)
+    _poison()
+    Y, S2, z2 = power_retention_inference(Q[:, -1:], K, V, G, S, z, deg=deg, switch_over_seq_len=L)
+    Yr, Sr, zr = power_retention_inference_reference(Q[:, -1:], K, V, G, S.double(), z.double(), deg=deg,
+                                                     switch_over_seq_len=L)
+    assert _rel(Y, Yr) < TOL
+    assert S2.dtype == S.dtype and S2.shape == S.shape
+    assert _rel(S2, Sr) < TOL and _rel(z2, zr) < TOL
