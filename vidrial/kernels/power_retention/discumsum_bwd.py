@@ -111,6 +111,10 @@ def discumsum_bwd(dSbar, dsbar, Sbar16, sbar, chunk_gates=None, dS_final=None, d
             raise InputError(name, (str(x.dtype), x.is_contiguous()), "a contiguous float32 tensor (updated in place)")
     if tuple(dsbar.shape) != (b, n, h, D):
         raise InputError("dsbar", tuple(dsbar.shape), f"{(b, n, h, D)}")
+    if Sbar16.dtype != torch.bfloat16 or tuple(Sbar16.shape) != (b, n, h, D, d):
+        raise InputError("Sbar16", (tuple(Sbar16.shape), str(Sbar16.dtype)), f"bfloat16 {(b, n, h, D, d)}")
+    if sbar.dtype != torch.float32 or sbar.shape[1] < n or tuple(sbar.shape[::2]) != (b, h):
+        raise InputError("sbar", (tuple(sbar.shape), str(sbar.dtype)), f"float32 [{b}, >={n}, {h}, {D}]")
     key = DiscumsumBwdKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
     if config is None:
         config = pick_config(FAMILY, key)

@@ -1,0 +1,230 @@
+"""Forward+backward benchmark: vidrial.power_retention (autograd, backward kernels) vs retention 1.0.7
+(Triton) vs PyTorch SDPA (flash), in one run.
+
+Shapes (ANCHORS.md): A = b1 t65536 h8 d64 p2 chunk1024 bf16 gating; B = b8 t8192, same otherwise.
+Times: CUDA events around forward+backward (Y = f(...); Y.backward(dY)) after an L2 flush, median of
+--reps. TFLOP/s: MATH.md section 6 useful FLOPs of the forward with the exact D = C(d+p-1, p) times
+3.5 (backward ~ 2.5x forward). Peak memory: torch.cuda.max_memory_allocated during one fwd+bwd minus
+what was allocated before (inputs and dY included in neither). Per-kernel split: each backward kernel
+(and each forward kernel) timed alone on the same data.
+
+    python benchmarks/bench_fwd_bwd.py [--shapes A,B] [--reps 10] [--retention-configs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    "A": dict(b=1, t=65536, h=8, d=64, p=2, chunk=1024),
+    "B": dict(b=8, t=8192, h=8, d=64, p=2, chunk=1024),
+}
+ANCHOR_MS = {"A": dict(retention=17.05, sdpa=34.40), "B": dict(retention=17.19, sdpa=4.61)}
+_FLUSH = None
+
+
+def flush_l2():
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    _FLUSH.zero_()
+
+
+def bench(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        flush_l2()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def peak_mb(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def useful_flops(b, t, h, d, p, c) -> float:
+    D = math.comb(d + p - 1, p)
+    return b * h * t * d * (4 * D + 2 * c)
+
+
+def limit_triton_autotune(max_configs: int) -> None:
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:  # pragma: no cover
+        return
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("retention"):
+            continue
+        for obj in vars(mod).values():
+            if isinstance(obj, Autotuner) and len(obj.configs) > max_configs:
+                k = len(obj.configs)
+                idx = sorted({(i * k) // max_configs + k // (2 * max_configs) for i in range(max_configs)})
+                obj.configs = [obj.configs[i] for i in idx if i < k]
+
+
+def _leaves(*xs):
+    return [None if x is None else x.detach().clone().requires_grad_(True) for x in xs]
+
+
+def _fwd_bwd(f, leaves, dY):
+    def run():
+        for x in leaves:
+            if x is not None:
+                x.grad = None
+        Y = f(*leaves)
+        Y.backward(dY)
+    return run
+
+
+def run_shape(name, shp, reps, retention_configs, split=True):
+    import vidrial
+    from vidrial.autograd import power_retention_fwd
+    from vidrial.kernels.power_retention.discumsum_bwd import discumsum_bwd
+    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import intra_chunk_attention_bwd
+    from vidrial.kernels.power_retention.query_state_bwd import query_state_bwd
+    from vidrial.kernels.power_retention.sympow import default_d_tile, feature_dim
+    from vidrial.kernels.power_retention.update_state_bwd import update_state_bwd
+
+    b, t, h, d, p, c = (shp[k] for k in ("b", "t", "h", "d", "p", "chunk"))
+    dt = default_d_tile(d, p)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    Q = torch.randn(b, t, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    K = torch.randn(b, t, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    V = torch.randn(b, t, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    log_G = torch.nn.functional.logsigmoid(torch.randn(b, t, h, device="cuda", generator=g) + 4)
+    dY = torch.randn(b, t, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    flops = useful_flops(b, t, h, d, p, c) * 3.5
+    rows = []  # (impl, ms fwd+bwd, peak MB, ms fwd)
+
+    leaves = _leaves(Q, K, V, log_G)
+    fv = lambda *a: vidrial.power_retention(*a, deg=p, chunk_size=c)  # noqa: E731
+    run_v = _fwd_bwd(fv, leaves, dY)
+    t0 = time.perf_counter()
+    run_v()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    ms_v = bench(run_v, reps)
+    mem_v = peak_mb(run_v)
+    ms_vf = bench(lambda: vidrial.power_retention(Q, K, V, log_G, deg=p, chunk_size=c), reps)
+    grads_v = [x.grad.clone() for x in leaves]
+    rows.append(("vidrial", ms_v, mem_v, ms_vf))
+    del leaves
+
+    # retention (Triton)
+    grads_r = None
+    try:
+        os.environ.setdefault("TRITON_NO_AUTOTUNE", "1")
+        import retention.triton as rt
+
+        limit_triton_autotune(retention_configs)
+        lr = _leaves(Q, K, V, log_G)
+        fr = lambda *a: rt.power_retention(*a, deg=p, chunk_size=c)  # noqa: E731
+        run_r = _fwd_bwd(fr, lr, dY)
+        run_r()
+        ms_r = bench(run_r, reps)
+        mem_r = peak_mb(run_r)
+        ms_rf = bench(lambda: rt.power_retention(Q, K, V, log_G, deg=p, chunk_size=c), reps)
+        grads_r = [x.grad.clone() for x in lr]
+        rows.append(("retention_triton", ms_r, mem_r, ms_rf))
+        del lr
+    except Exception as exc:  # keep the other numbers
+        print(f"[{name}] retention failed: {type(exc).__name__}: {exc}", flush=True)
+
+    # SDPA flash (causal), [b, h, t, d]
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    except ImportError:  # pragma: no cover
+        def sdpa(q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (Q, K, V))
+    dYh = dY.transpose(1, 2).contiguous()
+    ls = _leaves(qh, kh, vh)
+    run_s = _fwd_bwd(sdpa, ls, dYh)
+    ms_s = bench(run_s, reps)
+    mem_s = peak_mb(run_s)
+    with torch.no_grad():
+        ms_sf = bench(lambda: sdpa(qh, kh, vh), reps)
+    rows.append(("sdpa_flash", ms_s, mem_s, ms_sf))
+    del ls, qh, kh, vh, dYh
+
+    D = feature_dim(d, p, dt)
+    print(f"\n=== shape {name}: b={b} t={t} h={h} d={d} p={p} chunk={c} bf16 gating (vidrial D={D}, d_tile={dt}; "
+          f"FLOPs: 3.5 x forward with exact D={math.comb(d + p - 1, p)}: {flops / 1e9:.1f} GFLOP)")
+    print(f"{'impl':<18}{'fwd+bwd ms':>12}{'TFLOP/s':>10}{'vidrial/impl':>14}{'peak MB':>10}{'fwd ms':>9}")
+    for impl, ms, mem, msf in rows:
+        print(f"{impl:<18}{ms:>12.3f}{flops / ms / 1e9:>10.1f}{ms_v / ms:>14.2f}{mem:>10.0f}{msf:>9.3f}")
+    a = ANCHOR_MS[name]
+    print(f"anchors (tuned, ANCHORS.md): retention fwd+bwd {a['retention']} ms, sdpa {a['sdpa']} ms; "
+          f"vidrial/retention_tuned = {ms_v / a['retention']:.2f}")
+    if grads_r is not None:
+        diffs = [((x.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(grads_v, grads_r)]
+        print("rel diff of gradients vidrial vs retention (Q, K, V, log_G): " + ", ".join(f"{x:.2e}" for x in diffs))
+    print(f"first call (compile/load) vidrial {first:.2f} s", flush=True)
+
+    if not split:
+        return
+    # per-kernel split, each alone on the data of this shape
+    n = t // c
+    scale = 1.0 / math.sqrt(d)
+    Y, O, l, m, Sb16, sb, _, _ = power_retention_fwd(Q, K, V, log_G, None, None, p, scale, c, dt, False)
+    gc = log_G.float().view(b, n, c, h).cumsum(2).view(b, t, h)
+    L = log_G.float().view(b, n, c, h).sum(2)
+    qs = query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c)
+    dS, ds = qs["dSbar"].clone(), qs["dsbar"].clone()
+    ksplit = {
+        "query_state_bwd (rows+state)": bench(
+            lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c),
+            reps),
+        "discumsum_bwd": bench(lambda: discumsum_bwd(qs["dSbar"], qs["dsbar"], Sb16, sb, L), reps),
+        "update_state_bwd": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c), reps),
+        "intra_chunk_attention_bwd (dkv+dq)": bench(
+            lambda: intra_chunk_attention_bwd(Q, K, V, gc, m, qs["dO"], qs["dl"], deg=p, scale=scale, chunk_size=c),
+            reps),
+        "forward op (all 4 fwd kernels)": bench(
+            lambda: power_retention_fwd(Q, K, V, log_G, None, None, p, scale, c, dt, False), reps),
+    }
+    print("vidrial per-kernel split (each alone):")
+    tot = sum(ksplit.values())
+    for k, v in ksplit.items():
+        print(f"  {k:<38}{v:>8.3f} ms  ({100 * v / tot:4.1f}%)")
+    print(f"  {'sum':<38}{tot:>8.3f} ms; fwd+bwd total {ms_v:.3f} ms (rest: glue, casts, gate sums)", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="A,B")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--retention-configs", type=int, default=2)
+    ap.add_argument("--no-split", action="store_true")
+    args = ap.parse_args(argv)
+    print(f"device: {torch.cuda.get_device_name()}", flush=True)
+    for name in args.shapes.split(","):
+        run_shape(name, SHAPES[name], args.reps, args.retention_configs, split=not args.no_split)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
