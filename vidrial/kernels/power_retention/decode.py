@@ -59,13 +59,22 @@ def _pow2_bucket(n: int) -> int:
 
 class DecodeConfig(KernelConfig):
     """tile_f: state rows (features) per state CTA; warps: warps per CTA; cache_tile: cache tokens
-    per cache CTA; unroll: state loads in flight per thread; load_bytes: bytes per state load."""
+    per cache CTA; unroll: state loads in flight per thread; load_bytes: bytes per state load;
+    min_ctas: __launch_bounds__ minimum CTAs per SM (caps registers per thread, raises occupancy)."""
 
     tile_f: int = 128
     warps: int = 8
     cache_tile: int = 64
     unroll: int = 8
     load_bytes: int = 16
+    min_ctas: int = 1
+
+    @field_validator("min_ctas")
+    @classmethod
+    def _min_ctas(cls, v: int) -> int:
+        if not 1 <= v <= 4:
+            raise ConfigError("min_ctas", v, "between 1 and 4 (__launch_bounds__ minimum CTAs per SM)")
+        return v
 
     @field_validator("tile_f")
     @classmethod
@@ -255,6 +264,7 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
                     group=key.group, q_len=key.q_len, gating=key.gating, dtype=key.dtype,
                     state_dtype=key.state_dtype, tile_f=config.tile_f, warps=config.warps,
                     cache_tile=config.cache_tile, unroll=config.unroll, load_bytes=config.load_bytes,
+                    min_ctas=config.min_ctas,
                     smem_bytes=self.dynamic_smem_bytes(key, config))
 
     def standard_keys(self) -> list[DecodeKey]:
