@@ -45,8 +45,12 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
   return r;
 }
 using std::isfinite;
-typedef float __nv_bfloat16;
-typedef float __half;
+struct __nv_bfloat16 { unsigned short x; };   // storage type; arithmetic happens in float via to_f
+typedef _Float16 __half;
+inline float __bfloat162float(__nv_bfloat16 v) {
+  unsigned u = ((unsigned)v.x) << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+inline float __half2float(__half v) { return (float)v; }
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -85,8 +89,6 @@ extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_
 def _host_source(cuda_source: str, entry: str, nargs: int) -> str:
     src = cuda_source
     src = re.sub(r"#include <cuda_(bf16|fp16)\.h>", "", src)
-    src = "\n".join(line for line in src.splitlines()
-                    if "to_f(__nv_bfloat16" not in line and "to_f(__half" not in line)
     src = src.replace("extern __shared__ __align__(16) float sm[];", "float* sm = g_dyn_smem;")
     src = re.sub(r"__shared__ float (\w+)\[([^\]]+)\];", r"static float \1[\2];", src)
     src = src.replace('extern "C" __global__', "")
@@ -128,10 +130,11 @@ def host_kernel(rendered, signature):
         for k, (code, v) in enumerate(zip(signature, args)):
             if code == "ptr":
                 if isinstance(v, torch.Tensor):
-                    assert v.device.type == "cpu" and v.is_contiguous() and v.dtype in (torch.float32, torch.int32)
+                    assert v.device.type == "cpu" and v.is_contiguous()
+                    assert v.dtype in (torch.float32, torch.int32, torch.bfloat16, torch.float16)
                     arr[k].p = v.data_ptr()
                 else:
-                    arr[k].p = None
+                    arr[k].p = int(v) if v else None
             elif code == "f32":
                 arr[k].f = float(v)
             else:
@@ -139,6 +142,39 @@ def host_kernel(rendered, signature):
         lib.vidrial_host_launch(gx, gy, threads, smem_bytes, arr)
 
     return launch
+
+
+class HostLaunchable:
+    """Stands in for LaunchableKernel: .launch(grid, block, args, device_index, stream) on the CPU."""
+
+    def __init__(self, family, key, config):
+        self.family, self.key, self.config = family, key, config
+        sig = family.state_signature if getattr(key, "stage", None) == "state" else family.signature
+        self._launch = host_kernel(family.render(key, config), sig)
+
+    def launch(self, grid, block, args, device_index, stream):
+        gx, gy = grid[0], grid[1]
+        self._launch((gx, gy), block[0], self.family.dynamic_smem_bytes(self.key, self.config), args)
+
+
+def install():
+    """Route the backward launchers' CPU calls to the host emulation (returns an undo callable)."""
+    from vidrial.kernels.power_retention import _bwd_util
+
+    cache = {}
+
+    def make(family, key, config):
+        k = (family.name, key, config)
+        if k not in cache:
+            cache[k] = HostLaunchable(family, key, config)
+        return cache[k]
+
+    old = _bwd_util.HOST_LAUNCHER
+    _bwd_util.HOST_LAUNCHER = make
+
+    def undo():
+        _bwd_util.HOST_LAUNCHER = old
+    return undo
 
 
 def available() -> bool:

@@ -129,8 +129,8 @@ def test_update_state_bwd_kernel_on_cpu(d, deg, d_tile, cfg, gating):
     t = n * c
     D = layout(d, deg, d_tile).feature_dim
     gen = torch.Generator().manual_seed(0)
-    K = torch.randn(b, t, h, d, generator=gen) * 0.7
-    V = torch.randn(b, t, h, d, generator=gen)
+    K = (torch.randn(b, t, h, d, generator=gen) * 0.7).bfloat16()
+    V = torch.randn(b, t, h, d, generator=gen).bfloat16()
     dS = torch.randn(b, n, h, D, d, generator=gen) * 0.1
     ds = torch.randn(b, n, h, D, generator=gen) * 0.1
     g = _chunk_g(b, t, h, c, 1).to(F32) if gating else None
@@ -156,9 +156,9 @@ def test_query_state_bwd_kernels_on_cpu(gating, gqa, first_zero):
     hq, t = h * gqa, n * c
     D = layout(d, deg, d_tile).feature_dim
     gen = torch.Generator().manual_seed(2)
-    Q = torch.randn(b, t, hq, d, generator=gen)
-    K = torch.randn(b, t, h, d, generator=gen)
-    V = torch.randn(b, t, h, d, generator=gen)
+    Q = torch.randn(b, t, hq, d, generator=gen).bfloat16()
+    K = torch.randn(b, t, h, d, generator=gen).bfloat16()
+    V = torch.randn(b, t, h, d, generator=gen).bfloat16()
     lg = None
     if gating:
         lg = torch.nn.functional.logsigmoid(torch.randn(b, t, h, generator=gen, dtype=F64) + 1.0)
@@ -166,11 +166,11 @@ def test_query_state_bwd_kernels_on_cpu(gating, gqa, first_zero):
     f = em.forward_pieces(Q, K, V, lg, deg, scale, c, d_tile)
     g64 = f["g"] if f["g"] is not None else None
     Sbar, sbar = f["Sbar"], f["sbar"]
-    Y = f["Y"].float()
-    dY = torch.randn(b, t, hq, d, generator=gen)
+    Y = f["Y"].bfloat16()
+    dY = torch.randn(b, t, hq, d, generator=gen).bfloat16()
     g = g64.float() if g64 is not None else None
     # inputs as the kernel sees them (float32; Sbar rounded to bf16 as in the real op)
-    Sb16 = Sbar[:, :n].float().bfloat16().float().contiguous()
+    Sb16 = Sbar[:, :n].float().bfloat16().contiguous()
     sb = sbar.float().contiguous()
     O, l, m = f["O"].float(), f["l"].float(), f["m"].float()
     key = QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile)
@@ -209,7 +209,7 @@ def test_discumsum_bwd_kernel_on_cpu(gating, final, init):
     gen = torch.Generator().manual_seed(3)
     dSbar = torch.randn(b, n, h, D, d, generator=gen)
     dsbar = torch.randn(b, n, h, D, generator=gen)
-    Sb = torch.randn(b, n, h, D, d, generator=gen).bfloat16().float()
+    Sb = torch.randn(b, n, h, D, d, generator=gen).bfloat16()
     sb = torch.randn(b, n + 1, h, D, generator=gen)
     L = -torch.rand(b, n, h, generator=gen) * 2 if gating else None  # varies across chunks
     dSf = torch.randn(b, h, D, d, generator=gen) if final else None
@@ -243,9 +243,9 @@ def test_intra_bwd_kernels_on_cpu(d, deg, tile, c, gqa, gating):
     hq = h * gqa
     t = n * c - 7  # a partial last chunk
     gen = torch.Generator().manual_seed(4)
-    Q = torch.randn(b, t, hq, d, generator=gen)
-    K = torch.randn(b, t, h, d, generator=gen)
-    V = torch.randn(b, t, h, d, generator=gen)
+    Q = torch.randn(b, t, hq, d, generator=gen).bfloat16()
+    K = torch.randn(b, t, h, d, generator=gen).bfloat16()
+    V = torch.randn(b, t, h, d, generator=gen).bfloat16()
     scale = 1.0 / math.sqrt(d)
     lg = torch.nn.functional.logsigmoid(torch.randn(b, t, h, generator=gen, dtype=F64) + 1.0) if gating else None
     from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference
@@ -277,3 +277,64 @@ def test_intra_bwd_kernels_on_cpu(d, deg, tile, c, gqa, gating):
     _close(dV, wV[:, :t])
     if gating:
         _close(dg, wg[:, :t])
+
+
+# ---- the whole backward op (launchers + glue of vidrial.autograd) on the CPU --------------------------
+@needs_gxx
+@pytest.mark.parametrize("gating,state,gqa,chunk", [(True, True, 2, 48), (False, False, 1, 32), (True, False, 1, 0)])
+def test_backward_op_on_cpu_matches_float64_autograd(gating, state, gqa, chunk):
+    """vidrial::power_retention_bwd with every kernel executed on the CPU (real launchers, real glue), fed
+    with the forward's saved tensors (float64 forward, cast as the forward kernels store them)."""
+    import vidrial.autograd  # noqa: F401
+    from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference, power_retention_reference
+
+    undo = bwd_host_emu.install()
+    try:
+        d, deg, d_tile = 32, 2, 8
+        b, h = 1, 1
+        hq = h * gqa
+        t = 96
+        D = layout(d, deg, d_tile).feature_dim
+        gen = torch.Generator().manual_seed(5)
+        Q = torch.randn(b, t, hq, d, generator=gen).bfloat16()
+        K = torch.randn(b, t, h, d, generator=gen).bfloat16()
+        V = torch.randn(b, t, h, d, generator=gen).bfloat16()
+        lg = None
+        if gating:
+            base = torch.linspace(-1.0, 3.0, t)[None, :, None]
+            lg = torch.nn.functional.logsigmoid(base + torch.randn(b, t, h, generator=gen))
+        S0 = s0 = dSf = dsf = None
+        if state:
+            S0 = torch.randn(b, h, D, d, generator=gen) * 0.05
+            s0 = torch.rand(b, h, D, generator=gen) * 0.05
+            dSf = torch.randn(b, h, D, d, generator=gen) * 1e-2
+            dsf = torch.randn(b, h, D, generator=gen) * 1e-2
+        dY = torch.randn(b, t, hq, d, generator=gen).bfloat16()
+        scale = 1.0 / math.sqrt(d)
+        if chunk:
+            f = em.forward_pieces(Q, K, V, lg, deg, scale, chunk, d_tile, S0, s0)
+            n = t // chunk
+            Y, O, l, m = f["Y"].bfloat16(), f["O"].float(), f["l"].float(), f["m"].float()
+            Sb16, sb = f["Sbar"][:, :n].bfloat16().contiguous(), f["sbar"].float().contiguous()
+        else:
+            O, l, m = (x.float() for x in intra_chunk_attention_reference(Q, K, V, lg, deg, scale, t))
+            Y = (O / l.unsqueeze(-1)).bfloat16()
+            Sb16 = sb = torch.empty(0)
+        dQ, dK, dV, dlg, dS0, ds0 = torch.ops.vidrial.power_retention_bwd(
+            dY, dSf, dsf, Q, K, V, lg, Y, O, l, m, Sb16, sb, deg, scale, chunk, d_tile, state)
+
+        leaves = [None if x is None else x.double().requires_grad_(True) for x in (Q, K, V, lg, S0, s0)]
+        out = power_retention_reference(*leaves, return_final_state=True, deg=deg, scale=scale,
+                                        chunk_size=chunk or None, d_tile=d_tile)
+        loss = (out[0] * dY.double()).sum()
+        if state:
+            loss = loss + (out[1] * dSf.double()).sum() + (out[2] * dsf.double()).sum()
+        loss.backward()
+        got = [dQ, dK, dV, dlg if gating else None, dS0 if state else None, ds0 if state else None]
+        for name, a, w in zip(("dQ", "dK", "dV", "dlog_G", "dS0", "ds0"), got, leaves):
+            if w is None:
+                continue
+            err = ((a.double() - w.grad).norm() / w.grad.norm()).item()
+            assert err < 2e-2, f"{name}: {err:.3e}"
+    finally:
+        undo()

@@ -76,3 +76,33 @@ def device_arch(device) -> str:
 
 def ptr(x: Any) -> int:
     return 0 if x is None else x.data_ptr()
+
+
+# Tests set this to run the kernels on the CPU (tests/bwd_host_emu.py): a callable
+# (family, key, config) -> object with .launch(grid, block, args, device_index, stream), used for
+# CPU tensors only. The GPU path never looks at it beyond this None check.
+HOST_LAUNCHER = None
+
+
+def launchable(family, key, config, device):
+    """family.launchable(key, config, arch of device), or the host launcher for CPU tensors (tests)."""
+    if device.type == "cpu" and HOST_LAUNCHER is not None:
+        return HOST_LAUNCHER(family, key, config)
+    return family.launchable(key, config, device_arch(device))
+
+
+def stream_of(device) -> int:
+    if device.type == "cpu":
+        return 0
+    from vidrial.core.launch import current_stream_handle
+
+    return current_stream_handle(device.index)
+
+
+def pick(family, key, device):
+    """The dispatcher's config on a GPU; the default config for CPU tensors (host emulation in tests)."""
+    if device.type == "cpu":
+        return family.default_config(key)
+    from vidrial.kernels.power_retention._fwd_util import pick_config
+
+    return pick_config(family, key)

@@ -19,7 +19,7 @@ from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
 from vidrial.kernels import register
-from vidrial.kernels.power_retention._bwd_util import device_arch, ptr
+from vidrial.kernels.power_retention._bwd_util import launchable, pick, ptr, stream_of
 from vidrial.kernels.power_retention._fwd_util import compile_key, pick_config, pow2_bucket
 
 __all__ = ["DiscumsumBwdConfig", "DiscumsumBwdKey", "FAMILY", "discumsum_bwd"]
@@ -103,8 +103,6 @@ def discumsum_bwd(dSbar, dsbar, Sbar16, sbar, chunk_gates=None, dS_final=None, d
     d_sum_of_keys [b,h,D] or None). Current stream, no host sync."""
     import torch
 
-    from vidrial.core.launch import current_stream_handle
-
     b, n, h, D, d = dSbar.shape
     for name, x in (("dSbar", dSbar), ("dsbar", dsbar)):
         if x.dtype != torch.float32 or not x.is_contiguous():
@@ -116,9 +114,9 @@ def discumsum_bwd(dSbar, dsbar, Sbar16, sbar, chunk_gates=None, dS_final=None, d
     if sbar.dtype != torch.float32 or sbar.shape[1] < n or tuple(sbar.shape[::2]) != (b, h):
         raise InputError("sbar", (tuple(sbar.shape), str(sbar.dtype)), f"float32 [{b}, >={n}, {h}, {D}]")
     key = DiscumsumBwdKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
-    if config is None:
-        config = pick_config(FAMILY, key)
     dev = dSbar.device
+    if config is None:
+        config = pick(FAMILY, key, dev)
     Sbar16, sbar = Sbar16.contiguous(), sbar.contiguous()
     L = chunk_gates.contiguous() if chunk_gates is not None else None
     dSf = dS_final.contiguous() if dS_final is not None else None
@@ -132,11 +130,11 @@ def discumsum_bwd(dSbar, dsbar, Sbar16, sbar, chunk_gates=None, dS_final=None, d
     if b * h > 65535:
         raise InputError("dSbar", f"batch*heads={b * h}", "batch * heads <= 65535")
     if b * h and n:
-        kernel = FAMILY.launchable(compile_key(key), config, device_arch(dev))
+        kernel = launchable(FAMILY, compile_key(key), config, dev)
         kernel.launch((parts, b * h, 1), (config.threads, 1, 1),
                       (dSbar.data_ptr(), dsbar.data_ptr(), Sbar16.data_ptr(), sbar.data_ptr(), ptr(L), ptr(dSf),
                        ptr(dsf), ptr(dS0), ptr(ds0), ptr(dLpart), n, h, sbar.shape[1], blocks_S),
-                      dev.index, current_stream_handle(dev.index))
+                      dev.index, stream_of(dev))
     elif want_initial:
         dS0.copy_(dSf if dSf is not None else torch.zeros_like(dS0))
         ds0.copy_(dsf if dsf is not None else torch.zeros_like(ds0))

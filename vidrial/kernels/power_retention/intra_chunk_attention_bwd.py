@@ -21,8 +21,8 @@ from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
 from vidrial.kernels import register
-from vidrial.kernels.power_retention._bwd_util import device_arch, ptr
-from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, compile_key, pick_config, pow2_bucket
+from vidrial.kernels.power_retention._bwd_util import launchable, pick, ptr, stream_of
+from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, compile_key, pow2_bucket
 
 __all__ = ["IntraBwdConfig", "IntraBwdKey", "FAMILY", "intra_chunk_attention_bwd"]
 
@@ -112,8 +112,6 @@ def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, 
     Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dgcol [b,t,h] (or None) fp32. Current stream, no host sync."""
     import torch
 
-    from vidrial.core.launch import current_stream_handle
-
     b, t, hq, d = Q.shape
     h = K.shape[2]
     if h < 1 or hq % h:
@@ -125,11 +123,11 @@ def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, 
     key_kv = IntraBwdKey(head_dim=d, deg=deg, dtype=dt, stage="dkv", chunk_size=pow2_bucket(c),
                          tokens=pow2_bucket(b * t * hq))
     key_q = key_kv.model_copy(update={"stage": "dq"})
-    if config is None:
-        config = pick_config(FAMILY, key_kv)
-    if dq_config is None:
-        dq_config = pick_config(FAMILY, key_q)
     dev = Q.device
+    if config is None:
+        config = pick(FAMILY, key_kv, dev)
+    if dq_config is None:
+        dq_config = pick(FAMILY, key_q, dev)
     Q, K, V, m, dO, dl = (x.contiguous() for x in (Q, K, V, m, dO, dl))
     G = G.contiguous() if G is not None else None
     f32 = dict(device=dev, dtype=torch.float32)
@@ -139,16 +137,14 @@ def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, 
     dg = torch.empty(b, t, h, **f32) if (want_dg and G is not None) else None
     if Q.numel() == 0:
         return dQ, dK, dV, dg
-    arch = device_arch(dev)
-    stream = current_stream_handle(dev.index)
     for key, cfg, heads in ((key_kv, config, h), (key_q, dq_config, hq)):
         tiles = -(-c // cfg.tile)
         grid = b * heads * n * tiles
         if grid >= 2**31:
             raise InputError("Q", tuple(Q.shape), "fewer than 2^31 tiles")
-        kernel = FAMILY.launchable(compile_key(key), cfg, arch)
+        kernel = launchable(FAMILY, compile_key(key), cfg, dev)
         kernel.launch((grid, 1, 1), (256, 1, 1),
                       (Q.data_ptr(), K.data_ptr(), V.data_ptr(), ptr(G), m.data_ptr(), dO.data_ptr(), dl.data_ptr(),
                        dQ.data_ptr(), dK.data_ptr(), dV.data_ptr(), ptr(dg), t, n, c, hq, r, tiles, float(scale)),
-                      dev.index, stream)
+                      dev.index, stream_of(dev))
     return dQ, dK, dV, dg

@@ -23,15 +23,17 @@ from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
 from vidrial.kernels import register
 from vidrial.kernels.power_retention._bwd_util import (
+    launchable,
+    pick,
+    stream_of,
     ROWS,
     RowLoopConfig,
     check_row_loop,
-    device_arch,
     ptr,
     row_loop_geometry,
     row_loop_smem_floats,
 )
-from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pick_config, pow2_bucket
+from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pow2_bucket
 
 __all__ = ["QueryStateBwdConfig", "QueryStateBwdKey", "FAMILY", "query_state_bwd"]
 
@@ -154,8 +156,6 @@ def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int
     (all fp32). Current stream, no host sync."""
     import torch
 
-    from vidrial.core.launch import current_stream_handle
-
     b, t, hq, d = Q.shape
     h = Sbar16.shape[2]
     c = int(chunk_size)
@@ -170,11 +170,11 @@ def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int
     dt = str(Q.dtype).replace("torch.", "")
     key_r = QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=dt, stage="rows", tokens=pow2_bucket(b * t * hq))
     key_s = key_r.model_copy(update={"stage": "state"})
-    if config is None:
-        config = pick_config(FAMILY, key_r)
-    if state_config is None:
-        state_config = pick_config(FAMILY, key_s)
     dev = Q.device
+    if config is None:
+        config = pick(FAMILY, key_r, dev)
+    if state_config is None:
+        state_config = pick(FAMILY, key_s, dev)
     Q, Y, dY, O, l, m = (x.contiguous() for x in (Q, Y, dY, O, l, m))
     Sbar16, sbar = Sbar16.contiguous(), sbar.contiguous()
     G = G.contiguous() if G is not None else None
@@ -186,21 +186,19 @@ def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int
     if Q.numel() == 0:
         return out
     table = block_table(d, deg, d_tile, dev)
-    arch = device_arch(dev)
-    stream = current_stream_handle(dev.index)
     sp = float(scale) ** deg
     rt = -(-c // ROWS)
-    kr = FAMILY.launchable(compile_key(key_r), config, arch)
+    kr = launchable(FAMILY, compile_key(key_r), config, dev)
     kr.launch((b * hq * n * rt, 1, 1), (config.warps * 32, 1, 1),
               (Q.data_ptr(), ptr(G), Sbar16.data_ptr(), sbar.data_ptr(), O.data_ptr(), l.data_ptr(), m.data_ptr(),
                Y.data_ptr(), dY.data_ptr(), table.data_ptr(), out["dQ"].data_ptr(), out["dO"].data_ptr(),
                out["dl"].data_ptr(), out["dAh"].data_ptr(), out["dBh"].data_ptr(), out["qscale"].data_ptr(),
                out["dg"].data_ptr(), t, n, c, hq, r, Sbar16.shape[1], sbar.shape[1], rt, sp),
-              dev.index, stream)
+              dev.index, stream_of(dev))
     ftiles = state_ftiles(D, state_config)
-    ks = FAMILY.launchable(compile_key(key_s), state_config, arch)
+    ks = launchable(FAMILY, compile_key(key_s), state_config, dev)
     ks.launch((b * h * n * ftiles, 1, 1), (state_config.warps * 32, 1, 1),
               (Q.data_ptr(), out["qscale"].data_ptr(), out["dAh"].data_ptr(), out["dBh"].data_ptr(), table.data_ptr(),
                out["dSbar"].data_ptr(), out["dsbar"].data_ptr(), t, n, c, hq, r, ftiles, sp),
-              dev.index, stream)
+              dev.index, stream_of(dev))
     return out

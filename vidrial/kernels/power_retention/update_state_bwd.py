@@ -19,14 +19,16 @@ from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
 from vidrial.kernels import register
 from vidrial.kernels.power_retention._bwd_util import (
+    launchable,
+    pick,
+    stream_of,
     RowLoopConfig,
     check_row_loop,
-    device_arch,
     ptr,
     row_loop_geometry,
     row_loop_smem_floats,
 )
-from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pick_config, pow2_bucket
+from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pow2_bucket
 
 __all__ = ["UpdateStateBwdConfig", "UpdateStateBwdKey", "FAMILY", "update_state_bwd"]
 
@@ -110,8 +112,6 @@ def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int,
     log gates or None; dS [b,n,h,D,d], ds [b,n,h,D] fp32. Current stream, no host sync."""
     import torch
 
-    from vidrial.core.launch import current_stream_handle
-
     b, t, h, d = K.shape
     c = int(chunk_size)
     if t % c:
@@ -122,9 +122,9 @@ def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int,
     geo = row_loop_geometry(d, deg, d_tile, RowLoopConfig())
     if tuple(dS.shape) != (b, n, h, geo["D"], d) or dS.dtype != torch.float32:
         raise InputError("dS", (tuple(dS.shape), str(dS.dtype)), f"float32 {(b, n, h, geo['D'], d)}")
-    if config is None:
-        config = pick_config(FAMILY, key)
     dev = K.device
+    if config is None:
+        config = pick(FAMILY, key, dev)
     K, V, dS, ds = K.contiguous(), V.contiguous(), dS.contiguous(), ds.contiguous()
     G = G.contiguous() if G is not None else None
     dK = torch.empty(b, t, h, d, device=dev, dtype=torch.float32)
@@ -134,10 +134,10 @@ def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int,
         return dK, dV, E
     rt = -(-c // 32)
     grid = b * h * n * rt
-    kernel = FAMILY.launchable(compile_key(key), config, device_arch(dev))
+    kernel = launchable(FAMILY, compile_key(key), config, dev)
     table = block_table(d, deg, d_tile, dev)
     kernel.launch((grid, 1, 1), (config.warps * 32, 1, 1),
                   (K.data_ptr(), V.data_ptr(), ptr(G), dS.data_ptr(), ds.data_ptr(), table.data_ptr(),
                    dK.data_ptr(), dV.data_ptr(), ptr(E), t, n, c, h, rt),
-                  dev.index, current_stream_handle(dev.index))
+                  dev.index, stream_of(dev))
     return dK, dV, E
