@@ -55,6 +55,12 @@ CASES = [
      DecodeConfig(tile_f=1024, warps=2, cache_tile=32, unroll=16, load_bytes=16)),
     (1, 1, 2, 1, 128, 2, 8, 7, True, True, torch.bfloat16, torch.float16,
      DecodeConfig(tile_f=1024, warps=8, cache_tile=64, unroll=8, load_bytes=16)),
+    # cross-warp reduction through one shared buffer (8 warps x 8 rows x 129 floats > 16 KB)
+    (1, 2, 1, 4, 128, 2, 8, 20, True, True, torch.float32, torch.bfloat16,
+     DecodeConfig(tile_f=1024, warps=8, cache_tile=32, unroll=8, load_bytes=16)),
+    # a state row wider than a warp (fp32, 8-byte loads, d=128: 64 loads per row)
+    (1, 1, 2, 1, 128, 2, 8, 5, False, True, torch.float32, torch.bfloat16,
+     DecodeConfig(tile_f=256, warps=4, cache_tile=32, unroll=4, load_bytes=8)),
     # the benchmark's defaults (b*h = 8 and 64 buckets): one new token, and a 256-token cache
     (1, 1, 2, 1, 64, 2, 8, 1, True, True, torch.float32, torch.bfloat16,
      DecodeConfig(tile_f=64, warps=8, cache_tile=64, unroll=8, load_bytes=16)),

@@ -255,6 +255,8 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
         R, HD, CT = key.rows, key.head_dim, config.cache_tile
         qs = R * HD * 4
         red = R * (HD + 1) * 4
+        if config.warps * red <= 16384:  # one partial per warp (template: RED_BY_WARP)
+            red *= config.warps
         kv = CT * (HD + 8) * 2
         cache_b = 2 * kv + R * CT * 4 + CT * 4 + 4 * R * 4 + 64 * 4
         return qs + max(red, cache_b)
