@@ -15,6 +15,10 @@ return_final_state gives; exact accumulation across many absorptions) or bf16 (h
 the memory-bound read; retention keeps its inference state in the input dtype). Both are compiled
 variants of the same kernel (key field `state_dtype`).
 
+Absorption (the cache reaching switch_over_seq_len) is not part of this kernel: vidrial.inference
+runs update_state over the cache plus a gated sum (a few more launches, once per switch_over_seq_len
+tokens, still no host sync).
+
 Workspace: per (device, b*h, rows, head_dim, state CTAs, cache-CTA capacity) one float32 buffer of
 partials and one int32 counter per (b, h) (zeroed once; the kernel leaves it at 0). It is
 allocated on the first call with that shape and then reused, so a CUDA graph captured after one
@@ -30,7 +34,6 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import field_validator, model_validator
 
-from vidrial.core.arch import arch_limits
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
