@@ -308,3 +308,26 @@ def test_absorb_of_a_long_cache_combines_chunks(monkeypatch, gating):
     S2, s2 = inf._update_reference(K, V, G, 2, 8)
     assert ((S1.double() - S2).abs().max() / S2.abs().max()).item() < 1e-5
     assert ((s1.double() - s2).abs().max() / s2.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("L,with_state", [(30, True), (30, False), (0, True)])
+def test_many_new_tokens_split_into_kernel_sized_groups(L, with_state):
+    """tq * r > 16 rows (speculative / chunked decoding): groups of new tokens, each against the
+    cache prefix that ends with its last token, equal the one-shot reference."""
+    from vidrial.inference import _split_queries
+
+    b, tq, h, r, d, deg, dt = 1, 11, 2, 2, 32, 2, 8
+    g = torch.Generator().manual_seed(8)
+    Q = torch.randn(b, tq, h * r, d, generator=g)
+    K = torch.randn(b, L, h, d, generator=g) if L else None
+    V = torch.randn(b, L, h, d, generator=g) if L else None
+    G = torch.nn.functional.logsigmoid(3 + torch.randn(b, L, h, generator=g)) if L else None
+    S, z = _state(b, h, d, deg, dt) if with_state else (None, None)
+
+    def decode(Qs, Ks, Vs, Gs, S_, z_):
+        assert Qs.shape[1] * r <= 16
+        return emulate_decode_step(Qs, Ks, Vs, Gs, S_, z_, deg=deg, d_tile=dt, tile_f=64, cache_tile=32)
+
+    Y = _split_queries(decode, Q, K, V, G, S, z, 16 // r)
+    Yr, _, _ = power_retention_inference_reference(Q, K, V, G, S, z, deg=deg, switch_over_seq_len=None, d_tile=dt)
+    assert ((Y - Yr).abs().max() / Yr.abs().max()).item() < 1e-10

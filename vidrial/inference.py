@@ -27,8 +27,10 @@ current stream, no host sync, CUDA-graph capturable (call once before capturing,
 kernel, the block table and the workspace exist; also one absorbing step if the captured region
 absorbs, for update_state's kernel and table). The compression step (once per
 switch_over_seq_len tokens) adds update_state + a gated sum (a few more launches, still no sync).
-Prefill (tq == L > 16 rows) runs vidrial.power_retention's forward (its final state is the
-compressed state); other shapes fall back to the float64 reference (slow, correct).
+More rows run as groups of new tokens (one launch per group, each against the cache prefix that
+ends with its last token); prefill (tq == L > 16 rows) runs vidrial.power_retention's forward (its
+final state is the compressed state); a GQA group wider than 16 falls back to the float64
+reference (slow, correct).
 """
 from __future__ import annotations
 
@@ -345,9 +347,14 @@ def power_retention_inference(Q, K, V, log_G=None, initial_state=None, sum_of_ke
         S_f, s_f = prefilled
         return Y, S_f.to(new_dtype), s_f
 
+    def kernel(Q, K, V, log_G, S, z):
+        return decode_step(Q, K, V, log_G, S, z, deg=deg, d_tile=d_tile, scale=scale)
+
     def decode(Q, K, V, log_G, S, z):
         if r * tq <= MAX_ROWS:
-            return decode_step(Q, K, V, log_G, S, z, deg=deg, d_tile=d_tile, scale=scale)
+            return kernel(Q, K, V, log_G, S, z)
+        if r <= MAX_ROWS:  # groups of new tokens, each against the cache up to its last token
+            return _split_queries(kernel, Q, K, V, log_G, S, z, MAX_ROWS // r)
         from vidrial.kernels.power_retention.reference import power_retention_inference_reference
 
         Y, _, _ = power_retention_inference_reference(Q, K, V, log_G, S, z, deg=deg, scale=scale,
@@ -357,6 +364,27 @@ def power_retention_inference(Q, K, V, log_G=None, initial_state=None, sum_of_ke
     return _step(Q, K, V, log_G, initial_state, sum_of_keys, deg=deg, scale=scale,
                  switch_over_seq_len=switch_over_seq_len, d_tile=d_tile, new_dtype=new_dtype, decode=decode,
                  update=_update_gpu)
+
+
+def _split_queries(decode, Q, K, V, log_G, S, z, per_call: int):
+    """Y for tq new tokens in groups of `per_call`: group [a, a+m) sits at cache positions
+    L - tq + a .. L - tq + a + m - 1, so it sees exactly the cache prefix that ends with its last
+    token (the kernel puts its queries at the end of the cache it is given)."""
+    import torch
+
+    tq = Q.shape[1]
+    L = 0 if K is None else K.shape[1]
+    outs = []
+    for a in range(0, tq, per_call):
+        m = min(per_call, tq - a)
+        if L:
+            end = L - tq + a + m
+            Kc, Vc = K[:, :end], V[:, :end]
+            Gc = log_G[:, :end] if log_G is not None else None
+        else:
+            Kc = Vc = Gc = None
+        outs.append(decode(Q[:, a:a + m], Kc, Vc, Gc, S, z))
+    return torch.cat(outs, 1)
 
 
 def _prefill(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, d_tile, want_state):

@@ -312,3 +312,18 @@ def test_token_by_token_equals_vidrial_forward(gating):
     Ys, _ = _decode_loop(Q, K, V, G, switch, dt, deg)
     errs = [_rel(Y[:, 0], Y_fwd[:, i]) for i, Y in enumerate(Ys)]
     assert max(errs) < 2 * TOL, max(errs)
+
+
+def test_many_new_tokens_in_one_call():
+    """tq * r > 16 rows (but tq < L): groups of new tokens through the fused kernel."""
+    from vidrial import power_retention_inference
+
+    b, h, r, d, deg, L, tq = 2, 2, 2, 64, 2, 120, 13
+    dt = default_d_tile(d, deg)
+    Q, K, V, G = _seq(b, L, h, r, d, True, seed=13)
+    S, z = _history_state(b, h, d, deg, dt)
+    _poison()
+    Y, _, _ = power_retention_inference(Q[:, -tq:], K, V, G, S, z, deg=deg, switch_over_seq_len=None)
+    Yr, _, _ = power_retention_inference_reference(Q[:, -tq:], K, V, G, S.double(), z.double(), deg=deg,
+                                                   switch_over_seq_len=None)
+    assert _rel(Y, Yr) < TOL
