@@ -57,6 +57,18 @@ inline float __half2float(__half v) { return (float)v; }
 #define __launch_bounds__(...)
 #define __restrict__
 #define __align__(x)
+struct float4 { float x, y, z, w; };
+struct float2 { float x, y; };
+#include <cstdio>
+#include <cstdlib>
+#include <cstdint>
+#define VBWD_HOST_CHECK 1
+inline void vbwd_check_align16(const void* p) {
+  if (reinterpret_cast<std::uintptr_t>(p) & 15) { std::fprintf(stderr, "misaligned 16-byte load %p\n", p); std::abort(); }
+}
+inline void vbwd_check_align8(const void* p) {
+  if (reinterpret_cast<std::uintptr_t>(p) & 7) { std::fprintf(stderr, "misaligned 8-byte load %p\n", p); std::abort(); }
+}
 struct Arg {
   void* p; long long i; double f;
   template <class T> operator T*() const { return (T*)p; }
@@ -68,12 +80,14 @@ struct Arg {
 RUNNER = r"""
 extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_bytes, const Arg* a) {
   gridDim.x = gx; gridDim.y = gy; blockDim.x = threads;
-  std::vector<float> smem(smem_bytes / 4 + 16), shfl(threads);
-  g_dyn_smem = smem.data(); g_shfl = shfl.data();
+  const size_t smem_floats = smem_bytes / 4 + 16;
+  float* smem_buf = static_cast<float*>(std::aligned_alloc(64, (smem_floats * 4 + 63) / 64 * 64));
+  std::vector<float> shfl(threads);
+  g_dyn_smem = smem_buf; g_shfl = shfl.data();
   for (int by = 0; by < gy; ++by)
     for (int bx = 0; bx < gx; ++bx) {
       std::barrier<> bar(threads);
-      std::memset(smem.data(), 0xff, smem.size() * 4);  // NaN garbage: catches reads before writes
+      std::memset(smem_buf, 0xff, smem_floats * 4);  // NaN garbage: catches reads before writes
       std::vector<std::thread> ts;
       for (int t = 0; t < threads; ++t)
         ts.emplace_back([&, t] {
@@ -82,6 +96,7 @@ extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_
         });
       for (auto& th : ts) th.join();
     }
+  std::free(smem_buf);
 }
 """
 
@@ -118,8 +133,10 @@ def host_kernel(rendered, signature):
             with open(cpp, "w") as f:
                 f.write(src)
             tmp = so + f".{os.getpid()}"
-            subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", cpp, "-o", tmp],
-                           check=True, capture_output=True, text=True)
+            res = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", cpp, "-o", tmp],
+                                 capture_output=True, text=True)
+            if res.returncode:
+                raise RuntimeError(f"g++ failed on {cpp}:\n{res.stderr[-4000:]}")
             os.replace(tmp, so)
         lib = ctypes.CDLL(so)
         _LIBS[digest] = lib

@@ -122,7 +122,7 @@ def _chunk_g(b, t, h, c, seed):
 
 @needs_gxx
 @pytest.mark.parametrize("d,deg,d_tile,cfg", [(32, 2, 8, None), (32, 2, 4, UpdateStateBwdConfig(tile_f=32, warps=4)),
-                                              (16, 4, 2, None)])
+                                              (16, 4, 2, UpdateStateBwdConfig(tile_f=64, warps=4))])
 @pytest.mark.parametrize("gating", [False, True])
 def test_update_state_bwd_kernel_on_cpu(d, deg, d_tile, cfg, gating):
     b, h, c, n = 1, 2, 48, 2

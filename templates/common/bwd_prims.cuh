@@ -15,6 +15,40 @@ __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 
+// 16-byte shared-memory load (p must be 16-byte aligned; the CPU execution of the tests checks it).
+__device__ __forceinline__ float4 ld4(const float* p) {
+#ifdef VBWD_HOST_CHECK
+  vbwd_check_align16(p);
+#endif
+  return *reinterpret_cast<const float4*>(p);
+}
+__device__ __forceinline__ float2 ld2(const float* p) {
+#ifdef VBWD_HOST_CHECK
+  vbwd_check_align8(p);
+#endif
+  return *reinterpret_cast<const float2*>(p);
+}
+// N consecutive floats from shared memory with the widest aligned loads (N % 4 == 0: float4).
+template <int N>
+__device__ __forceinline__ void ldv(float (&dst)[N], const float* p) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+      const float4 v = ld4(p + i);
+      dst[i] = v.x; dst[i + 1] = v.y; dst[i + 2] = v.z; dst[i + 3] = v.w;
+    }
+  } else if constexpr (N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 2) {
+      const float2 v = ld2(p + i);
+      dst[i] = v.x; dst[i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = p[i];
+  }
+}
+
 __device__ __forceinline__ int tile_of(unsigned packed, int j) { return (int)((packed >> (8 * j)) & 0xffu); }
 
 template <int T, int P>
@@ -94,7 +128,8 @@ __device__ __forceinline__ float chain_block(const float* __restrict__ x, const 
 // Per row r (x_r = sRow[r], u_r = sU[r], u0_r = sU0[r]) and feature f:
 //   phi_f = phi_f(x_r),   dphi_f = scale_d * (X[f] . u_r + xs[f] * u0_r)
 //   e_acc += phi_f dphi_f;  dx[i] += d/dx_i sum_f dphi_f phi_f(x_r);  (WANT_DV) dv[c] += phi_f X[f][c]
-// Thread (warp w, lane r) owns columns c = w + k*WARPS (k < HD/WARPS) of dx and dv.
+// Thread (warp w, lane r) owns columns c = w + k*WARPS (k < HD/WARPS) of dx and the contiguous
+// columns w*CPW .. w*CPW+CPW-1 of dv (16-byte loads of X).
 template <int HD, int P, int T, int NB, int BPT, int WARPS, bool WANT_DV, typename SX_T>
 struct RowLoop {
   static constexpr int ROWS = 32;
@@ -103,21 +138,23 @@ struct RowLoop {
   static constexpr int FPW = F / WARPS;
   static constexpr int CPW = HD / WARPS;
   static constexpr int KB = FPW < 16 ? FPW : 16;  // phase-A accumulators per pass
-  static constexpr int RS = HD + 1;  // padded row stride of sRow / sU
+  static constexpr int RS = HD + 1;   // padded row stride of sRow (scalar, conflict-free per lane)
+  static constexpr int RSU = HD + 4;  // row stride of sU (16-byte loads per lane)
   static constexpr long long D = (long long)NB * BS;
   static constexpr int NTILE = (NB + BPT - 1) / BPT;
   // shared memory layout (floats)
   static constexpr int OFF_X = 0;
   static constexpr int OFF_XS = OFF_X + F * HD;
   static constexpr int OFF_ROW = OFF_XS + F;
-  static constexpr int OFF_U = OFF_ROW + ROWS * RS;
-  static constexpr int OFF_U0 = OFF_U + ROWS * RS;
+  static constexpr int OFF_U = (OFF_ROW + ROWS * RS + 3) / 4 * 4;
+  static constexpr int OFF_U0 = OFF_U + ROWS * RSU;
   static constexpr int OFF_PHI = OFF_U0 + ROWS;
   static constexpr int OFF_DPHI = OFF_PHI + F * ROWS;
   static constexpr int OFF_RED = OFF_DPHI + F * ROWS;
   static constexpr int SMEM_FLOATS = OFF_RED + WARPS * ROWS;
   static_assert(F % WARPS == 0, "features per tile must be a multiple of warps");
-  static_assert(HD % WARPS == 0, "head dim must be a multiple of warps");
+  static_assert(HD % (4 * WARPS) == 0, "head dim must be a multiple of 4 * warps");
+  static_assert(HD % 4 == 0 && F % 4 == 0, "16-byte loads");
   static_assert(FPW % KB == 0, "features per warp must be a multiple of the phase-A batch");
 
   // sum_f phi_f(x_r) xs[f] per row, reduced over the warps into sm[OFF_RED + r] (row sums).
@@ -158,7 +195,7 @@ struct RowLoop {
                                              float (&dv)[CPW], float& e_acc) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const float* xr = sm + OFF_ROW + lane * RS;
-    const float* ur = sm + OFF_U + lane * RS;
+    const float* ur = sm + OFF_U + lane * RSU;
     const float u0 = sm[OFF_U0 + lane];
     for (int tb = 0; tb < NTILE; ++tb) {
       const long long f0 = (long long)tb * F;
@@ -178,10 +215,13 @@ struct RowLoop {
         for (int k = 0; k < KB; ++k) acc[k] = 0.f;
         const float* xw = sm + OFF_X + (w * FPW + kb) * HD;
 #pragma unroll 1
-        for (int e = 0; e < HD; ++e) {
-          const float u = ur[e];
+        for (int e = 0; e < HD; e += 4) {
+          const float4 u = ld4(ur + e);
 #pragma unroll
-          for (int k = 0; k < KB; ++k) acc[k] = fmaf(u, xw[k * HD + e], acc[k]);
+          for (int k = 0; k < KB; ++k) {
+            const float4 x = ld4(xw + k * HD + e);
+            acc[k] = fmaf(u.x, x.x, fmaf(u.y, x.y, fmaf(u.z, x.z, fmaf(u.w, x.w, acc[k]))));
+          }
         }
 #pragma unroll
         for (int k = 0; k < KB; ++k) {
@@ -203,9 +243,10 @@ struct RowLoop {
       if (WANT_DV) {
         for (int fl = 0; fl < F; ++fl) {
           const float ph = sm[OFF_PHI + fl * ROWS + lane];
-          const float* xf = sm + OFF_X + fl * HD + w;
+          float x[CPW];
+          ldv<CPW>(x, sm + OFF_X + fl * HD + w * CPW);
 #pragma unroll
-          for (int k = 0; k < CPW; ++k) dv[k] = fmaf(ph, xf[k * WARPS], dv[k]);
+          for (int k = 0; k < CPW; ++k) dv[k] = fmaf(ph, x[k], dv[k]);
         }
       }
       // phase C: sympow chain rule, column i = w + k*WARPS

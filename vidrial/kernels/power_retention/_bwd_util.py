@@ -44,13 +44,15 @@ def row_loop_geometry(head_dim: int, deg: int, d_tile: int, cfg: RowLoopConfig) 
 
 
 def row_loop_smem_floats(head_dim: int, F: int, warps: int) -> int:
-    return F * head_dim + F + 2 * ROWS * (head_dim + 1) + ROWS + 2 * F * ROWS + warps * ROWS
+    """common/bwd_prims.cuh RowLoop::SMEM_FLOATS."""
+    off_u = -(-(F * head_dim + F + ROWS * (head_dim + 1)) // 4) * 4
+    return off_u + ROWS * (head_dim + 4) + ROWS + 2 * F * ROWS + warps * ROWS
 
 
 def check_row_loop(head_dim: int, deg: int, d_tile: int, cfg: RowLoopConfig, max_fpw: int = 32) -> dict[str, int]:
     geo = row_loop_geometry(head_dim, deg, d_tile, cfg)
-    if head_dim % cfg.warps:
-        raise ConfigError("warps", cfg.warps, f"must divide head_dim={head_dim}")
+    if head_dim % (4 * cfg.warps):
+        raise ConfigError("warps", cfg.warps, f"4 * warps must divide head_dim={head_dim}")
     if geo["F"] % cfg.warps:
         raise ConfigError("tile_f", cfg.tile_f, f"the tile of {geo['F']} features must be a multiple of warps={cfg.warps}")
     if geo["fpw"] > max_fpw:

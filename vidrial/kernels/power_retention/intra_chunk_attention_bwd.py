@@ -56,7 +56,7 @@ class IntraBwdKey(ProblemKey):
 
 
 def _smem_floats(d: int, tile: int) -> int:
-    return 4 * tile * (d + 1) + 2 * tile * (tile + 1) + 4 * tile + 16 * tile
+    return 4 * tile * (d + 4) + 2 * tile * (tile + 4) + 4 * tile + 16 * tile
 
 
 class IntraBwdFamily(KernelFamily[IntraBwdKey, IntraBwdConfig]):
@@ -70,7 +70,9 @@ class IntraBwdFamily(KernelFamily[IntraBwdKey, IntraBwdConfig]):
         return IntraBwdConfig(tile=64 if key.head_dim <= 64 else 32)
 
     def render_context(self, key: IntraBwdKey, config: IntraBwdConfig) -> dict[str, Any]:
+        # 64-tiles: 1 CTA per SM minimum (registers up to 255: no spills); 32-tiles: 2
         return dict(head_dim=key.head_dim, deg=key.deg, tile=config.tile, in_type=DTYPE_NAMES[key.dtype],
+                    min_ctas=1 if config.tile == 64 else 2,
                     pass_=key.stage, key_label=key.label(), config_label=config.label())
 
     def threads_per_block(self, config: IntraBwdConfig) -> int:
