@@ -10,10 +10,11 @@ Columns, per batch size b (state for a long history, KV heads h = query heads = 
                               (its state: D = 2560, bf16, + fp32 sum of keys)
   SDPA                      : torch scaled_dot_product_attention of the new token against a
                               65536-token bf16 KV cache
-Timing: every case is captured in a CUDA graph (one step) and replayed; each replay is timed with
-CUDA events after an L2 flush (a 256 MB write), median of --iters replays. "eager" is the same
-with a plain Python call (includes the Python/launch overhead, the usual cost without graphs);
-cases that cannot be captured are timed eagerly only. GB/s = bytes the step must read (state +
+Timing: every case is captured in a CUDA graph (one step) and replayed; each replay is queued
+behind an L2 flush (a 256 MB write) and timed with CUDA events: "graph us" is the step's GPU time
+(what a graph-replayed decode loop pays per token), median of --iters. "eager us" is a plain Python
+call after the flush has finished (torch.cuda.synchronize), so it includes the Python and launch
+overhead (the latency of an un-graphed step). Cases that cannot be captured have no graph time. GB/s = bytes the step must read (state +
 sum of keys + cache, or the KV cache for SDPA) / time, against the device copy ceiling measured
 in the same run ((read + write) / time of a 1 GiB device-to-device copy).
 """
@@ -64,6 +65,10 @@ def time_fn(fn, iters: int, flush, graph: bool) -> tuple[float | None, str]:
     times = []
     for _ in range(iters):
         flush.zero_()
+        if not graph:
+            # eager: the GPU waits for the Python call, so the time includes its overhead (latency)
+            torch.cuda.synchronize()
+        # graph: the replay is queued behind the flush, so the time is the step's GPU time
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         run()
