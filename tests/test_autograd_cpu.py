@@ -43,3 +43,29 @@ def test_compile_fullgraph_traces_the_ops():
     Y = fc(Q, K, V, lg)
     Y.float().sum().backward()
     assert Q.grad.shape == Q.shape and lg.grad.shape == lg.shape
+
+
+def test_compile_fullgraph_traces_the_public_op(monkeypatch):
+    """vidrial.power_retention (module attribute, padding, checks) traces with fullgraph=True; the
+    device checks are relaxed so that meta tensors stand in for CUDA ones."""
+    import vidrial
+    import vidrial.ops as ops
+
+    real = ops._check_inputs
+
+    def lenient(Q, K, V, log_G, *args):
+        b, t, hq, d = Q.shape
+        return b, t, hq, K.shape[2], d
+
+    monkeypatch.setattr(ops, "_check_inputs", lenient)
+    assert real is not lenient
+
+    def f(Q, K, V, lg):
+        return vidrial.power_retention(Q, K, V, lg, deg=2, chunk_size=64)
+
+    Q, K, V, lg, _, _ = _meta(t=100)  # padded to 128 inside
+    torch._dynamo.reset()
+    Y = torch.compile(f, fullgraph=True, backend="aot_eager")(Q, K, V, lg)
+    assert Y.shape == Q.shape
+    Y.float().sum().backward()
+    assert Q.grad.shape == Q.shape and lg.grad.shape == lg.shape

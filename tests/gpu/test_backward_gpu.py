@@ -141,7 +141,7 @@ def test_query_state_bwd_kernels(d, p, r, gating):
 
 
 @pytest.mark.parametrize("d,p,r,c,gating", [(64, 2, 1, 128, True), (64, 2, 2, 256, True), (128, 2, 1, 64, False),
-                                            (32, 4, 2, 96, True)])
+                                            (32, 4, 2, 128, True)])
 def test_intra_chunk_attention_bwd_kernels(d, p, r, c, gating):
     from vidrial.kernels.power_retention.intra_chunk_attention import intra_chunk_attention
     from vidrial.kernels.power_retention.intra_chunk_attention_bwd import intra_chunk_attention_bwd

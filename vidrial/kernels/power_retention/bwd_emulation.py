@@ -89,10 +89,11 @@ def qs_bwd_rows(Q, g, Sbar, sbar, O, l, m, Y, dY, deg, d_tile, scale, c):
     n = t // c
     sp = scale**deg
     gq = _rep(g, r, 2)  # [b,t,hq]
-    Sq = _rep(Sbar, r, 2).repeat_interleave(c, 1)  # [b,t,hq,D,d]
-    sq = _rep(sbar, r, 2).repeat_interleave(c, 1)  # [b,t,hq,D]
     qg = Q * torch.exp(gq / deg).unsqueeze(-1)
-    B = sp * (phi(qg, deg, d_tile) * sq).sum(-1)
+    D = sbar.shape[-1]
+    # rows as [b, n, c, h, r, ...] (query head = kv head * r + j): no per-row copies of the state
+    B = sp * torch.einsum("bnchrD,bnhD->bnchr", phi(qg, deg, d_tile).reshape(b, n, c, h, r, D), sbar)
+    B = B.reshape(b, t, hq)
     logB = torch.log(B.clamp_min(1e-300)).where(B > 0, torch.full_like(B, -math.inf))
     M = torch.maximum(m, logB)
     em = torch.exp(m - M)
@@ -105,7 +106,9 @@ def qs_bwd_rows(Q, g, Sbar, sbar, O, l, m, Y, dY, deg, d_tile, scale, c):
     qscale = torch.exp((gq - M) / deg)
     qh = Q * qscale.unsqueeze(-1)
     ph = phi(qh, deg, d_tile)
-    dphi = sp * (torch.einsum("bthDe,bthe->bthD", Sq, dAh) + sq * dBh.unsqueeze(-1))
+    dphi = sp * (torch.einsum("bnhDe,bnchre->bnchrD", Sbar, dAh.reshape(b, n, c, h, r, d))
+                 + sbar[:, :, None, :, None, :] * dBh.reshape(b, n, c, h, r, 1))
+    dphi = dphi.reshape(b, t, hq, D)
     dq = sympow_chain(qh, dphi, deg, d_tile) * qscale.unsqueeze(-1)
     dg_row = (ph * dphi).sum(-1) + (dO * O).sum(-1) + dl * (l - D_EPS)
     return dq, dO, dl, dAh, dBh, qscale, dg_row
@@ -154,10 +157,10 @@ def update_state_bwd(K, V, g, dS, ds, deg, d_tile, c):
         kscale = torch.ones(b, t, h, dtype=_F64, device=K.device)
     kt = K * kscale.unsqueeze(-1)
     pk = phi(kt, deg, d_tile)  # emulation only; the kernel forms it tile by tile
-    dSx = dS.repeat_interleave(c, 1)  # [b,t,h,D,d]
-    dsx = ds.repeat_interleave(c, 1)
-    dphi = torch.einsum("bthDe,bthe->bthD", dSx, V) + dsx
-    dV = torch.einsum("bthD,bthDe->bthe", pk, dSx)
+    D = ds.shape[-1]
+    pkc = pk.reshape(b, n, c, h, D)
+    dphi = (torch.einsum("bnhDe,bnche->bnchD", dS, V.reshape(b, n, c, h, d)) + ds[:, :, None]).reshape(b, t, h, D)
+    dV = torch.einsum("bnchD,bnhDe->bnche", pkc, dS).reshape(b, t, h, d)
     dK = sympow_chain(kt, dphi, deg, d_tile) * kscale.unsqueeze(-1)
     e = (pk * dphi).sum(-1)
     return dK, dV, e
@@ -228,11 +231,11 @@ def forward_pieces(Q, K, V, log_G, deg, scale, c, d_tile, initial_state=None, su
     gq = _rep(g, r, 2) if g is not None else torch.zeros(b, t, hq, dtype=_F64)
     qg = Q * torch.exp(gq / deg).unsqueeze(-1)
     ph = phi(qg, deg, d_tile)
-    Sq = _rep(Sbar[:, :n], r, 2).repeat_interleave(c, 1)
-    sq = _rep(sbar[:, :n], r, 2).repeat_interleave(c, 1)
+    D = ph.shape[-1]
+    ph = ph.reshape(b, n, c, h, r, D)
     sp = scale**deg
-    A = sp * torch.einsum("bthD,bthDe->bthe", ph, Sq)
-    B = sp * (ph * sq).sum(-1)
+    A = sp * torch.einsum("bnchrD,bnhDe->bnchre", ph, Sbar[:, :n]).reshape(b, t, hq, d)
+    B = sp * torch.einsum("bnchrD,bnhD->bnchr", ph, sbar[:, :n]).reshape(b, t, hq)
     Y = (O * torch.exp(m).unsqueeze(-1) + A) / (l * torch.exp(m) + B).unsqueeze(-1)
     return dict(g=g, L=L, Sbar=Sbar, sbar=sbar, O=O, l=l, m=m, Y=Y)
 
