@@ -1,0 +1,317 @@
+"""The bench's outputs: JSON (every figure), a printed table, a markdown table, PNG plots.
+
+Files written under the output folder:
+
+    bench.json             GPU, date, versions, settings, peers, ceilings, one row per (case, impl)
+    bench.md               the tables (markdown), ready for README's results section
+    bench_throughput.png   tokens/s vs context length at fixed tokens per batch, fwd and fwd+bwd
+    bench_decode.png       decode us/step vs batch (log-log)
+
+Plots need matplotlib (`pip install vidrial[plot]`); without it they are skipped with a note.
+`vidrial bench --from-json bench.json --out DIR` redraws tables and plots from a saved run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from vidrial.bench.peers import IMPL_NAMES, LABELS
+
+JSON_NAME = "bench.json"
+MD_NAME = "bench.md"
+THROUGHPUT_PNG = "bench_throughput.png"
+DECODE_PNG = "bench_decode.png"
+KIND_TITLES = {"fwd": "forward", "fwd_bwd": "forward+backward", "decode": "decode (one new token)"}
+COLORS = {"vidrial": "#d62728", "retention": "#1f77b4", "sdpa": "#2ca02c", "gla": "#9467bd"}
+MARKERS = {"vidrial": "o", "retention": "s", "sdpa": "^", "gla": "D"}
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, tuples -> lists."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(doc: dict[str, Any], out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / JSON_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_clean(doc), indent=1, allow_nan=False))
+    tmp.replace(path)
+    return path
+
+
+def load_json(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------- tables
+
+def _by_case(doc: dict[str, Any], kind: str) -> list[tuple[dict[str, Any], dict[str, dict[str, Any]]]]:
+    cases: dict[str, dict[str, dict[str, Any]]] = {}
+    first: dict[str, dict[str, Any]] = {}
+    for r in doc.get("results", []):
+        if r.get("kind") != kind:
+            continue
+        cases.setdefault(r["case"], {})[r["impl"]] = r
+        first.setdefault(r["case"], r)
+    out = [(first[c], rows) for c, rows in cases.items()]
+    out.sort(key=lambda x: (x[0]["shape"]["t"], x[0]["shape"]["b"]) if kind != "decode" else
+             (x[0]["shape"]["b"], x[0]["shape"]["t"]))
+    return out
+
+
+def _cell(r: dict[str, Any] | None, kind: str) -> str:
+    if r is None:
+        return "-"
+    if r.get("ms") is None:
+        st = r.get("status") or "?"
+        return "n/a" if st == "not available" else ("skip" if st == "skipped" else st)
+    v = f"{r['ms'] * 1e3:.1f} us" if kind == "decode" else f"{r['ms']:.3f}"
+    if r.get("status") == "check failed":
+        v += " (WRONG)"
+    return v
+
+
+def _ratio(v: dict[str, Any] | None, peer: str) -> str:
+    x = ((v or {}).get("vs") or {}).get(peer)
+    return f"{x:.2f}x" if x else "-"
+
+
+def _frac(r: dict[str, Any] | None) -> str:
+    x = (r or {}).get("ceiling_fraction")
+    return f"{100 * x:.1f}%" if x else "-"
+
+
+def table_rows(doc: dict[str, Any], kind: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: shape, ms per implementation, vidrial's speed-up vs each peer, and the
+    fraction of the ceiling (matmul for fwd/fwd_bwd, copy for decode) of every implementation."""
+    peers = [p for p in IMPL_NAMES if p != "vidrial"]
+    unit = "us/step" if kind == "decode" else "ms"
+    head = ["shape", "tags"] + [f"{LABELS[i]} {unit}" for i in IMPL_NAMES]
+    head += [f"vidrial vs {p}" for p in peers]
+    head += [f"% {'copy' if kind == 'decode' else 'matmul'} {i}" for i in IMPL_NAMES]
+    rows = []
+    for first, impls in _by_case(doc, kind):
+        s = first["shape"]
+        shape = f"b={s['b']} t={s['t']}"
+        row = [shape, ",".join(t for t in first.get("tags", []) if t in ("A", "B"))]
+        row += [_cell(impls.get(i), kind) for i in IMPL_NAMES]
+        row += [_ratio(impls.get("vidrial"), p) for p in peers]
+        row += [_frac(impls.get(i)) for i in IMPL_NAMES]
+        rows.append(row)
+    return head, rows
+
+
+def _fmt_text(head: list[str], rows: list[list[str]]) -> str:
+    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(cells))  # noqa: E731
+    return "\n".join([line(head), line(["-" * x for x in w])] + [line(r) for r in rows])
+
+
+def _fmt_md(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _kinds(doc: dict[str, Any]) -> list[str]:
+    present = {r.get("kind") for r in doc.get("results", [])}
+    return [k for k in ("fwd", "fwd_bwd", "decode") if k in present]
+
+
+def _header_lines(doc: dict[str, Any]) -> list[str]:
+    gpu = (doc.get("gpu") or {}).get("name") or "unknown GPU"
+    v = doc.get("versions") or {}
+    c = doc.get("ceilings") or {}
+    cp = (c.get("copy") or {}).get("bytes_per_s")
+    mm = (c.get("matmul") or {}).get("flops_per_s")
+    vers = ", ".join(f"{k} {v[k]}" for k in ("vidrial", "vidrial_git", "torch", "triton", "cupy", "retention", "fla")
+                     if v.get(k))
+    lines = [f"{gpu}, {doc.get('date', '?')}, preset {doc.get('preset', '?')}; {vers}",
+             f"ceilings measured in the same run: device copy "
+             f"{'%.2f TB/s' % (cp / 1e12) if cp else 'n/a'} (read+write), bf16 8192^3 matmul "
+             f"{'%.0f TFLOP/s' % (mm / 1e12) if mm else 'n/a'}"]
+    for name, p in (doc.get("peers") or {}).items():
+        if not p.get("available"):
+            lines.append(f"{name}: {p.get('note')}")
+        elif p.get("note"):
+            lines.append(f"{name} {p.get('version') or ''}: {p.get('note')}")
+        for k, why in (p.get("missing") or {}).items():
+            lines.append(f"{name} {k}: {why}")
+    return lines
+
+
+def text_report(doc: dict[str, Any]) -> str:
+    parts = _header_lines(doc)
+    for kind in _kinds(doc):
+        head, rows = table_rows(doc, kind)
+        parts += ["", f"== {KIND_TITLES[kind]} ==", _fmt_text(head, rows)]
+    parts += ["", "vidrial vs X = X's time / vidrial's time (above 1: vidrial is faster). "
+                  "% = FLOPs (exact D, MATH.md 6) or bytes per second over the measured ceiling."]
+    bad = [r for r in doc.get("results", []) if r.get("status") in ("error", "check failed")]
+    for r in bad:
+        parts.append(f"{r['status']}: {r['case']} {r['impl']}: {r.get('note', '')}"
+                     + (f" (check {r['check']['rel_err']:.2e} > {r['check']['tol']})" if r.get("check") else ""))
+    return "\n".join(parts)
+
+
+def markdown_report(doc: dict[str, Any], plots: list[str] | None = None) -> str:
+    parts = ["# vidrial bench", ""] + [f"- {x}" for x in _header_lines(doc)]
+    for kind in _kinds(doc):
+        head, rows = table_rows(doc, kind)
+        parts += ["", f"## {KIND_TITLES[kind]}", "", _fmt_md(head, rows)]
+    parts += ["", "vidrial vs X = X's time / vidrial's time (above 1: vidrial is faster). Fraction of the "
+                  "ceiling: useful FLOPs (exact D, MATH.md section 6) per second over the bf16 matmul rate, "
+                  "or for decode the bytes the step must read per second over the copy rate. "
+                  "Shape tags A and B: ANCHORS.md."]
+    for p in plots or []:
+        parts += ["", f"![{p}]({p})"]
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- plots
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def _series(doc: dict[str, Any], kind: str, x_of, y_of) -> dict[str, list[tuple[float, float]]]:
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in doc.get("results", []):
+        if r.get("kind") != kind or r.get("ms") is None or r.get("status") != "ok":
+            continue
+        x, y = x_of(r), y_of(r)
+        if x is None or y is None:
+            continue
+        out.setdefault(r["impl"], []).append((x, y))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _title(doc: dict[str, Any]) -> str:
+    gpu = (doc.get("gpu") or {}).get("name") or "unknown GPU"
+    return f"{gpu}, {str(doc.get('date', ''))[:10]}"
+
+
+def plot_throughput(doc: dict[str, Any], path: str | Path) -> Path | None:
+    kinds = [k for k in ("fwd", "fwd_bwd") if k in _kinds(doc)]
+    if not kinds:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.4 * len(kinds), 4.6), squeeze=False)
+    tpb = ((doc.get("settings") or {}).get("preset") or {}).get("tokens_per_batch")
+    for ax, kind in zip(axes[0], kinds):
+        ser = _series(doc, kind, lambda r: r["shape"]["t"] if "sweep" in r.get("tags", []) else None,
+                      lambda r: (r.get("tokens_per_s") or 0) / 1e6 or None)
+        for impl in IMPL_NAMES:
+            pts = ser.get(impl)
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[impl], color=COLORS[impl],
+                    lw=2.4 if impl == "vidrial" else 1.5, label=LABELS[impl])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ts = sorted({p[0] for pts in ser.values() for p in pts})
+        if ts:
+            ax.set_xticks(ts)
+            ax.set_xticklabels([f"{t // 1024}k" if t >= 1024 else str(t) for t in ts])
+        ax.set_xlabel("context length t" + (f" (b = {tpb // 1024}k / t tokens per batch)" if tpb else ""))
+        ax.set_ylabel("M tokens / s (higher is better)")
+        ax.set_title(f"{KIND_TITLES[kind]}: h=8 d=64 p=2 bf16 gating")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Throughput vs context length, {_title(doc)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_decode(doc: dict[str, Any], path: str | Path) -> Path | None:
+    if "decode" not in _kinds(doc):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ser = _series(doc, "decode", lambda r: r["shape"]["b"], lambda r: r.get("us_per_step"))
+    if not ser:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    hist = None
+    for impl in IMPL_NAMES:
+        pts = ser.get(impl)
+        if not pts:
+            continue
+        label = LABELS[impl]
+        if impl == "sdpa":
+            hist = next((r["shape"]["t"] for r in doc["results"] if r.get("kind") == "decode"), None)
+            label += f", {hist // 1024}k-token KV cache" if hist else ""
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[impl], color=COLORS[impl],
+                lw=2.4 if impl == "vidrial" else 1.5, label=label)
+    bs = sorted({p[0] for pts in ser.values() for p in pts})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(bs)
+    ax.set_xticklabels([str(b) for b in bs])
+    ax.set_xlabel("batch b (one new token per sequence)")
+    ax.set_ylabel("us per step (lower is better)")
+    ax.set_title(f"Decode step, h=8 d=64 p=2, {_title(doc)}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_plots(doc: dict[str, Any], out_dir: str | Path) -> tuple[list[Path], str | None]:
+    """(PNG paths written, note or None). No matplotlib -> ([], 'skipped: ...')."""
+    if not have_matplotlib():
+        return [], "plots skipped: matplotlib is not installed (pip install 'vidrial[plot]')"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written, notes = [], []
+    for f, name in ((plot_throughput, THROUGHPUT_PNG), (plot_decode, DECODE_PNG)):
+        try:
+            p = f(doc, out / name)
+            if p is not None:
+                written.append(p)
+        except Exception as exc:  # a plot must not lose the numbers
+            notes.append(f"{name} failed: {type(exc).__name__}: {exc}")
+    return written, ("; ".join(notes) or None)
+
+
+def write_all(doc: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """JSON, plots, markdown. Returns {"json", "markdown", "plots", "plot_note"}."""
+    out = Path(out_dir)
+    plots, note = write_plots(doc, out)
+    doc.setdefault("outputs", {})["plots"] = [p.name for p in plots]
+    if note:
+        doc["outputs"]["plot_note"] = note
+    js = write_json(doc, out)
+    md = out / MD_NAME
+    md.write_text(markdown_report(doc, [p.name for p in plots]))
+    return {"json": js, "markdown": md, "plots": plots, "plot_note": note}
+
+
+__all__ = ["write_json", "load_json", "write_all", "write_plots", "text_report", "markdown_report", "table_rows",
+           "plot_throughput", "plot_decode", "have_matplotlib"]
