@@ -275,3 +275,116 @@ def test_cli_from_json_and_no_gpu(tmp_path, capsys):
     if not cuda:
         assert main(["bench", "--preset", "quick", "--out", str(tmp_path / "x")]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- check plumbing on the CPU (float64 reference as the op)
+
+@pytest.fixture
+def cpu_cases(monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(C, "DEVICE", "cpu")
+    monkeypatch.setattr(C, "CHECK_TOKENS", 32)
+    return C.Shape(b=2, t=64, h=2, d=32, chunk=16)
+
+
+def _ref_op():
+    import torch
+
+    from vidrial.kernels.power_retention.reference import power_retention_reference
+
+    def op(Q, K, V, log_G, deg=2, chunk_size=None):
+        return power_retention_reference(Q, K, V, log_G, deg=deg, chunk_size=chunk_size).to(torch.bfloat16)
+    return op
+
+
+def test_check_fwd_plumbing(cpu_cases):
+    r = C.check_vidrial_fwd(_ref_op(), cpu_cases, 3)
+    assert r["rel_err"] < 1e-2 and "[0, :32]" in r["what"]
+    wrong = lambda *a, **k: _ref_op()(*a, **k) * 1.1  # noqa: E731
+    assert C.check_vidrial_fwd(wrong, cpu_cases, 3)["rel_err"] > C.FWD_TOL
+
+
+def test_check_fwd_bwd_prefix_gradients(cpu_cases):
+    # gradients of the whole problem with dY zero past the prefix == the prefix problem's gradients
+    r = C.check_vidrial_fwd_bwd(_ref_op(), cpu_cases, 5)
+    assert set(r["per_input"]) == {"dQ", "dK", "dV", "dlog_G"}
+    assert r["rel_err"] < 2e-2, r
+
+
+def test_check_decode_plumbing(cpu_cases):
+    import torch
+
+    from vidrial.kernels.power_retention.reference import power_retention_inference_reference
+
+    s = C.Shape(b=2, t=64, h=2, d=32)
+
+    def op(q, k, v, g, S, z, deg=2, scale=None, switch_over_seq_len=512):
+        Y, S2, z2 = power_retention_inference_reference(q, k, v, g, S, z, deg=deg, scale=scale,
+                                                        switch_over_seq_len=switch_over_seq_len)
+        return Y.to(torch.bfloat16), S2, z2
+    x = C.vidrial_decode_inputs(s, 1, n_hist=4)
+    assert x["S"].dtype == torch.bfloat16 and x["S"].abs().sum() > 0 and x["z"].dtype == torch.float32
+    from vidrial.kernels.power_retention.reference import phi
+
+    assert (phi(x["q"][:, 0], 2, x["d_tile"]) * x["z"].double()).sum(-1).min() >= 0  # phi(q).z = sum (q.k)^2
+    assert C.check_vidrial_decode(op, s, 1)["rel_err"] < 1e-2
+
+
+def test_input_sets_differ_and_are_not_zero(cpu_cases):
+    a, b = C.training_inputs(cpu_cases, 0), C.training_inputs(cpu_cases, 1)
+    assert not (a["Q"] == b["Q"]).all() and a["Q"].abs().sum() > 0
+    assert (a["log_G"] < 0).all() and a["log_G"].dtype.is_floating_point
+
+
+# ---------------------------------------------------------------- the whole run with fakes (no GPU)
+
+def test_run_end_to_end_with_fakes(monkeypatch, tmp_path):
+    import vidrial.bench.ceilings as ceil
+    import vidrial.bench.peers as P
+    import vidrial.tuning.measure as M
+    from vidrial.tuning.measure import Timing
+
+    ms = {"vidrial": 1.0, "retention": 3.0, "sdpa": 2.0}
+
+    def fake_peers(ac, skip=()):
+        out = {n: Peer(n, True, funcs={k: n for k in C.KINDS}) for n in ("vidrial", "retention", "sdpa")}
+        out["vidrial"].funcs["fwd_bwd"] = None
+        out["vidrial"].missing["fwd_bwd"] = "not available: vidrial.autograd (ImportError)"
+        out["gla"] = Peer("gla", False, "skipped: fla not installed")
+        return out
+
+    def fake_make(impl, s, seed):
+        if impl == "retention" and s.t == 1024:
+            raise RuntimeError("triton failed")
+        return lambda: impl
+
+    calls = []
+
+    def fake_time(fn, **kw):
+        calls.append(kw)
+        return Timing.from_times([ms[fn()]] * 5)
+
+    monkeypatch.setattr(P, "load_all", fake_peers)
+    monkeypatch.setattr(ceil, "measure", lambda **kw: {"copy": {"bytes_per_s": 4e12}, "matmul": {"flops_per_s": 7e14}})
+    monkeypatch.setattr(M, "time_cuda", fake_time)
+    for key in list(C.MAKERS):
+        monkeypatch.setitem(C.MAKERS, key, fake_make)
+    for key in list(C.CHECKS):
+        monkeypatch.setitem(C.CHECKS, key, lambda fn, s, seed: {"rel_err": 1e-3, "tol": 2e-2, "what": "fake"})
+    progress = []
+    doc = runner.run(C.PRESETS["quick"], C.KINDS, on_progress=lambda d: progress.append(len(d["results"])),
+                     log=lambda s: None)
+    rows = doc["results"]
+    assert len(rows) == (3 + 3 + 2) * 4 and progress[-1] == len(rows)
+    st = {(r["kind"], r["shape"]["t"], r["shape"]["b"], r["impl"]): r for r in rows}
+    assert st[("fwd", 65536, 1, "vidrial")]["status"] == "ok"
+    assert st[("fwd", 65536, 1, "vidrial")]["vs"] == {"retention": 3.0, "sdpa": 2.0}
+    assert st[("fwd", 65536, 1, "vidrial")]["check"]["passed"]
+    assert st[("fwd", 1024, 64, "retention")]["status"] == "error"
+    assert st[("fwd_bwd", 8192, 8, "vidrial")]["status"] == "not available"
+    assert st[("fwd", 8192, 8, "gla")]["status"] == "skipped"
+    dec = st[("decode", 65536, 8, "vidrial")]
+    assert dec["status"] == "ok" and dec["us_per_step"] == pytest.approx(1000.0) and len(dec["per_set_ms"]) == 2
+    assert all(k["rep_ms"] == C.PRESETS["quick"].rep_ms for k in calls)
+    out = report.write_all(doc, tmp_path)
+    assert json.loads(out["json"].read_text())["preset"] == "quick"

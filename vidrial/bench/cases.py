@@ -31,6 +31,7 @@ FWD_BWD_FACTOR = 3.5
 GLA_CHUNK = 64
 TOKENS_PER_BATCH = 65536
 GATE_SHIFT = 4.0
+DEVICE = "cuda"  # the CPU tests run the input and check plumbing with "cpu" and the float64 reference
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ def _impl(name: str, kind: str, s: Shape, peer: Any) -> Impl:
 def _gen(seed: int):
     import torch
 
-    return torch.Generator(device="cuda").manual_seed(int(seed))
+    return torch.Generator(device=DEVICE).manual_seed(int(seed))
 
 
 def training_inputs(s: Shape, seed: int) -> dict[str, Any]:
@@ -245,9 +246,9 @@ def training_inputs(s: Shape, seed: int) -> dict[str, Any]:
     import torch
 
     g = _gen(seed)
-    mk = lambda: torch.randn(s.b, s.t, s.h, s.d, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
+    mk = lambda: torch.randn(s.b, s.t, s.h, s.d, device=DEVICE, generator=g, dtype=torch.bfloat16)  # noqa: E731
     Q, K, V = mk(), mk(), mk()
-    log_G = torch.nn.functional.logsigmoid(torch.randn(s.b, s.t, s.h, device="cuda", generator=g) + GATE_SHIFT)
+    log_G = torch.nn.functional.logsigmoid(torch.randn(s.b, s.t, s.h, device=DEVICE, generator=g) + GATE_SHIFT)
     dY = mk()
     return {"Q": Q, "K": K, "V": V, "log_G": log_G, "dY": dY}
 
@@ -307,7 +308,7 @@ def _gla_gate(s: Shape, g, t: int | None = None):
     import torch
 
     t = s.t if t is None else t
-    return torch.nn.functional.logsigmoid(torch.randn(s.b, t, s.h, s.d, device="cuda", generator=g) + GATE_SHIFT)
+    return torch.nn.functional.logsigmoid(torch.randn(s.b, t, s.h, s.d, device=DEVICE, generator=g) + GATE_SHIFT)
 
 
 def make_gla_fwd(fn, s: Shape, seed: int):
@@ -337,13 +338,13 @@ def vidrial_decode_inputs(s: Shape, seed: int, n_hist: int = 32) -> dict[str, An
 
     g = _gen(seed)
     dt = default_d_tile(s.d, s.deg)
-    mk = lambda t: torch.randn(s.b, t, s.h, s.d, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
+    mk = lambda t: torch.randn(s.b, t, s.h, s.d, device=DEVICE, generator=g, dtype=torch.bfloat16)  # noqa: E731
     q, k, v = mk(1), mk(1), mk(1)
-    log_G = torch.nn.functional.logsigmoid(torch.randn(s.b, 1, s.h, device="cuda", generator=g) + GATE_SHIFT)
-    Kh = torch.randn(s.b, n_hist, s.h, s.d, device="cuda", generator=g)
-    Vh = torch.randn(s.b, n_hist, s.h, s.d, device="cuda", generator=g)
-    S = torch.zeros(s.b, s.h, phi(Kh[:1, :1, :1], s.deg, dt).shape[-1], s.d, device="cuda", dtype=torch.float64)
-    z = torch.zeros(S.shape[:3], device="cuda", dtype=torch.float64)
+    log_G = torch.nn.functional.logsigmoid(torch.randn(s.b, 1, s.h, device=DEVICE, generator=g) + GATE_SHIFT)
+    Kh = torch.randn(s.b, n_hist, s.h, s.d, device=DEVICE, generator=g)
+    Vh = torch.randn(s.b, n_hist, s.h, s.d, device=DEVICE, generator=g)
+    S = torch.zeros(s.b, s.h, phi(Kh[:1, :1, :1], s.deg, dt).shape[-1], s.d, device=DEVICE, dtype=torch.float64)
+    z = torch.zeros(S.shape[:3], device=DEVICE, dtype=torch.float64)
     for j in range(n_hist):  # one key at a time keeps the float64 features small at b=64
         f = phi(Kh[:, j], s.deg, dt)  # [b, h, D]
         S += f.unsqueeze(-1) * Vh[:, j].double().unsqueeze(-2)
@@ -368,11 +369,11 @@ def make_retention_decode(fn, s: Shape, seed: int):
     except Exception:
         D = exact_feature_dim(s.d, s.deg)
     g = _gen(seed)
-    mk = lambda t: torch.randn(s.b, t, s.h, s.d, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
+    mk = lambda t: torch.randn(s.b, t, s.h, s.d, device=DEVICE, generator=g, dtype=torch.bfloat16)  # noqa: E731
     q, k, v = mk(1), mk(1), mk(1)
-    log_G = torch.nn.functional.logsigmoid(torch.randn(s.b, 1, s.h, device="cuda", generator=g) + GATE_SHIFT)
-    S = (torch.randn(s.b, s.h, D, s.d, device="cuda", generator=g) * 0.01).to(torch.bfloat16)
-    z = torch.rand(s.b, s.h, D, device="cuda", generator=g) * 100 + 1
+    log_G = torch.nn.functional.logsigmoid(torch.randn(s.b, 1, s.h, device=DEVICE, generator=g) + GATE_SHIFT)
+    S = (torch.randn(s.b, s.h, D, s.d, device=DEVICE, generator=g) * 0.01).to(torch.bfloat16)
+    z = torch.rand(s.b, s.h, D, device=DEVICE, generator=g) * 100 + 1
     scale = 1.0 / math.sqrt(s.d)
     return lambda: fn(q, k, v, log_G, S, z, deg=s.deg, scale=scale, switch_over_seq_len=512)[0]
 
@@ -381,9 +382,9 @@ def make_sdpa_decode(fn, s: Shape, seed: int):
     import torch
 
     g = _gen(seed)
-    q = torch.randn(s.b, s.h, 1, s.d, device="cuda", generator=g, dtype=torch.bfloat16)
-    K = torch.randn(s.b, s.h, s.t, s.d, device="cuda", generator=g, dtype=torch.bfloat16)
-    V = torch.randn(s.b, s.h, s.t, s.d, device="cuda", generator=g, dtype=torch.bfloat16)
+    q = torch.randn(s.b, s.h, 1, s.d, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    K = torch.randn(s.b, s.h, s.t, s.d, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    V = torch.randn(s.b, s.h, s.t, s.d, device=DEVICE, generator=g, dtype=torch.bfloat16)
     return lambda: fn(q, K, V)
 
 
@@ -391,10 +392,10 @@ def make_gla_decode(fn, s: Shape, seed: int):
     import torch
 
     g = _gen(seed)
-    mk = lambda: torch.randn(s.b, 1, s.h, s.d, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
+    mk = lambda: torch.randn(s.b, 1, s.h, s.d, device=DEVICE, generator=g, dtype=torch.bfloat16)  # noqa: E731
     q, k, v = mk(), mk(), mk()
     gk = _gla_gate(s, g, t=1)
-    h0 = torch.randn(s.b, s.h, s.d, s.d, device="cuda", generator=g) * 0.01
+    h0 = torch.randn(s.b, s.h, s.d, s.d, device=DEVICE, generator=g) * 0.01
     return lambda: fn(q, k, v, gk=gk, initial_state=h0, output_final_state=True)[0]
 
 

@@ -28,8 +28,8 @@ IMPL_NAMES = ("vidrial",) + PEER_NAMES
 LABELS = {
     "vidrial": "vidrial",
     "retention": "retention (Triton)",
-    "sdpa": "SDPA flash",
-    "gla": "fla GLA (d x d state)",
+    "sdpa": "SDPA",
+    "gla": "fla GLA",
 }
 
 
@@ -75,11 +75,17 @@ def limit_autotune(prefixes: tuple[str, ...], max_configs: int) -> int:
     except Exception:
         return 0
     cut = 0
+    seen: set[int] = set()
     for name, mod in list(sys.modules.items()):
         if mod is None or not name.startswith(prefixes):
             continue
         for obj in list(vars(mod).values()):
-            if isinstance(obj, Autotuner) and len(obj.configs) > max_configs:
+            for _ in range(4):  # @triton.heuristics(...) over @triton.autotune(...): follow .fn
+                if isinstance(obj, Autotuner) or obj is None:
+                    break
+                obj = getattr(obj, "fn", None)
+            if isinstance(obj, Autotuner) and id(obj) not in seen and len(obj.configs) > max_configs:
+                seen.add(id(obj))
                 k = len(obj.configs)
                 idx = sorted({(i * k) // max_configs + k // (2 * max_configs) for i in range(max_configs)})
                 obj.configs = [obj.configs[i] for i in idx if i < k]

@@ -75,7 +75,7 @@ def _cell(r: dict[str, Any] | None, kind: str) -> str:
     if r.get("ms") is None:
         st = r.get("status") or "?"
         return "n/a" if st == "not available" else ("skip" if st == "skipped" else st)
-    v = f"{r['ms'] * 1e3:.1f} us" if kind == "decode" else f"{r['ms']:.3f}"
+    v = f"{r['ms'] * 1e3:.1f}" if kind == "decode" else f"{r['ms']:.3f}"
     if r.get("status") == "check failed":
         v += " (WRONG)"
     return v
@@ -189,6 +189,14 @@ def have_matplotlib() -> bool:
         return False
 
 
+def _plain_ticks(ax) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    fmt = FuncFormatter(lambda y, _: f"{y:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if str(f"{y:g}")[0] in "25" else ""))
+
+
 def _series(doc: dict[str, Any], kind: str, x_of, y_of) -> dict[str, list[tuple[float, float]]]:
     out: dict[str, list[tuple[float, float]]] = {}
     for r in doc.get("results", []):
@@ -224,8 +232,10 @@ def plot_throughput(doc: dict[str, Any], path: str | Path) -> Path | None:
             pts = ser.get(impl)
             if not pts:
                 continue
+            label = LABELS[impl] + (" (flash, causal)" if impl == "sdpa" else "")
+            label += " (d x d state)" if impl == "gla" else ""
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[impl], color=COLORS[impl],
-                    lw=2.4 if impl == "vidrial" else 1.5, label=LABELS[impl])
+                    lw=2.4 if impl == "vidrial" else 1.5, label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ts = sorted({p[0] for pts in ser.values() for p in pts})
@@ -236,6 +246,7 @@ def plot_throughput(doc: dict[str, Any], path: str | Path) -> Path | None:
         ax.set_ylabel("M tokens / s (higher is better)")
         ax.set_title(f"{KIND_TITLES[kind]}: h=8 d=64 p=2 bf16 gating")
         ax.grid(True, which="both", alpha=0.3)
+        _plain_ticks(ax)
         ax.legend(fontsize=8)
     fig.suptitle(f"Throughput vs context length, {_title(doc)}")
     fig.tight_layout()
@@ -265,6 +276,8 @@ def plot_decode(doc: dict[str, Any], path: str | Path) -> Path | None:
         if impl == "sdpa":
             hist = next((r["shape"]["t"] for r in doc["results"] if r.get("kind") == "decode"), None)
             label += f", {hist // 1024}k-token KV cache" if hist else ""
+        if impl == "gla":
+            label += " (d x d state)"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[impl], color=COLORS[impl],
                 lw=2.4 if impl == "vidrial" else 1.5, label=label)
     bs = sorted({p[0] for pts in ser.values() for p in pts})
@@ -276,6 +289,7 @@ def plot_decode(doc: dict[str, Any], path: str | Path) -> Path | None:
     ax.set_ylabel("us per step (lower is better)")
     ax.set_title(f"Decode step, h=8 d=64 p=2, {_title(doc)}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    _plain_ticks(ax)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
