@@ -388,3 +388,21 @@ def test_run_end_to_end_with_fakes(monkeypatch, tmp_path):
     assert all(k["rep_ms"] == C.PRESETS["quick"].rep_ms for k in calls)
     out = report.write_all(doc, tmp_path)
     assert json.loads(out["json"].read_text())["preset"] == "quick"
+
+
+def test_readme_block_written_and_replaced(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nintro\n")
+    doc = synthetic_doc()
+    out = report.write_all(doc, tmp_path / "docs" / "bench")
+    report.update_readme(readme, doc, out["plots"])
+    text = readme.read_text()
+    assert text.startswith("# x\n\nintro\n") and "## Benchmark results" in text and "NVIDIA H200" in text
+    assert text.count(report.README_START) == 1 and "2026-11-28" in text
+    for p in out["plots"]:
+        assert f"(docs/bench/{p.name})" in text
+    doc["gpu"]["name"] = "NVIDIA H100"
+    report.update_readme(readme, doc, out["plots"])
+    text2 = readme.read_text()
+    assert text2.count(report.README_START) == 1 and "H100" in text2 and "H200" not in text2
+    assert text2.count("## Benchmark results") == 1

@@ -327,5 +327,44 @@ def write_all(doc: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     return {"json": js, "markdown": md, "plots": plots, "plot_note": note}
 
 
-__all__ = ["write_json", "load_json", "write_all", "write_plots", "text_report", "markdown_report", "table_rows",
+README_START = "<!-- bench:start (written by `vidrial bench --readme README.md`) -->"
+README_END = "<!-- bench:end -->"
+
+
+def readme_section(doc: dict[str, Any], plot_paths: list[str]) -> str:
+    """The README's results block: GPU and date, the tables, the plots (paths relative to README)."""
+    gpu = (doc.get("gpu") or {}).get("name") or "unknown GPU"
+    parts = [README_START, "", f"Measured on **{gpu}**, {str(doc.get('date', '?'))[:10]} "
+             f"(`vidrial bench --preset {doc.get('preset', '?')}`, {doc.get('elapsed_s', 0):.0f} s).", ""]
+    parts += [f"- {x}" for x in _header_lines(doc)[1:]]
+    for p in plot_paths:
+        parts += ["", f"![{Path(p).stem}]({p})"]
+    for kind in _kinds(doc):
+        head, rows = table_rows(doc, kind)
+        parts += ["", f"**{KIND_TITLES[kind]}**", "", _fmt_md(head, rows)]
+    parts += ["", "vidrial vs X = X's time / vidrial's time (above 1: vidrial is faster); % = useful FLOPs "
+                  "(exact D, MATH.md section 6) per second over the measured bf16 matmul rate, or for decode the "
+                  "bytes a step must read per second over the measured copy rate.", "", README_END]
+    return "\n".join(parts)
+
+
+def update_readme(readme: str | Path, doc: dict[str, Any], plots: list[Path]) -> Path:
+    """Replace the block between README_START and README_END (or append it under a
+    "## Benchmark results" heading) with `readme_section`."""
+    import os
+
+    path = Path(readme)
+    text = path.read_text() if path.exists() else ""
+    rel = [os.path.relpath(Path(p).resolve(), path.resolve().parent) for p in plots]
+    block = readme_section(doc, rel)
+    i, j = text.find(README_START), text.find(README_END)
+    if i >= 0 and j > i:
+        text = text[:i] + block + text[j + len(README_END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Benchmark results\n\n" + block + "\n"
+    path.write_text(text)
+    return path
+
+
+__all__ = ["update_readme", "readme_section", "write_json", "load_json", "write_all", "write_plots", "text_report", "markdown_report", "table_rows",
            "plot_throughput", "plot_decode", "have_matplotlib"]

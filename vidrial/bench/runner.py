@@ -97,14 +97,16 @@ def _sync():
         pass
 
 
-def _free():
+def _free(collect: bool = False):
     try:
         import gc
 
         import torch
 
-        gc.collect()
-        torch.cuda.empty_cache()
+        if collect:
+            gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     except Exception:
         pass
 
@@ -199,7 +201,7 @@ def run_impl(case: C.Case, impl: C.Impl, preset: C.Preset, *, over_budget: bool 
     finally:
         graph_replay.keep.clear()
         _sync()
-        _free()
+        _free(collect=True)
     row["wall_s"] = time.perf_counter() - t_start
     return row
 

@@ -3,7 +3,9 @@
     vidrial bench                          # --preset standard (< 8 min on an H200)
     vidrial bench --preset quick           # < 2 min
     vidrial bench --only fwd --only decode --out results/
-    vidrial bench --from-json results/bench.json --out results/   # redraw tables and plots, no GPU
+    vidrial bench --from-json results/bench.json --out docs/bench --readme README.md
+                                           # redraw tables and plots from a saved run (no GPU) and
+                                           # write README's results block
 
 Forward, forward+backward (context sweep t = 1k..64k at 65536 tokens per batch, shapes A and B of
 ANCHORS.md) and decode (b = 1, 8, 64). Correctness check of vidrial before timing; CUDA events,
@@ -42,6 +44,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                              "(default: the preset's; 0 = none)")
     parser.add_argument("--from-json", metavar="FILE", default=None,
                         help="do not run: redraw the table, markdown and plots from a saved bench.json")
+    parser.add_argument("--readme", metavar="FILE", default=None,
+                        help="also write the results block (tables, plots, GPU, date) into FILE between "
+                             "the bench markers (e.g. README.md)")
     parser.set_defaults(func=run)
     return parser
 
@@ -59,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         doc = report.load_json(args.from_json)
         out = report.write_all(doc, args.out)
         print(report.text_report(doc))
-        _print_outputs(out)
+        _print_outputs(out, args.readme and report.update_readme(args.readme, doc, out["plots"]))
         return 0
 
     try:
@@ -84,13 +89,13 @@ def run(args: argparse.Namespace) -> int:
     out = report.write_all(doc, args.out)
     print()
     print(report.text_report(doc))
-    _print_outputs(out)
+    _print_outputs(out, args.readme and report.update_readme(args.readme, doc, out["plots"]))
     bad = [r for r in doc["results"] if r.get("impl") == "vidrial" and r.get("status") == "check failed"]
     return 1 if bad else 0
 
 
-def _print_outputs(out: dict[str, Any]) -> None:
+def _print_outputs(out: dict[str, Any], readme: Any = None) -> None:
     print(f"\nwrote {out['json']} and {out['markdown']}"
-          + "".join(f", {p}" for p in out["plots"]))
+          + "".join(f", {p}" for p in out["plots"]) + (f"; updated {readme}" if readme else ""))
     if out.get("plot_note"):
         print(out["plot_note"])
