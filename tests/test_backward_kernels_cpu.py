@@ -122,6 +122,7 @@ def _chunk_g(b, t, h, c, seed):
 
 @needs_gxx
 @pytest.mark.parametrize("d,deg,d_tile,cfg", [(32, 2, 8, None), (32, 2, 4, UpdateStateBwdConfig(tile_f=32, warps=4)),
+                                              (32, 2, 8, UpdateStateBwdConfig(tile_f=64, warps=8, rows_per_lane=1)),
                                               (16, 4, 2, UpdateStateBwdConfig(tile_f=64, warps=4))])
 @pytest.mark.parametrize("gating", [False, True])
 def test_update_state_bwd_kernel_on_cpu(d, deg, d_tile, cfg, gating):
@@ -138,7 +139,7 @@ def test_update_state_bwd_kernel_on_cpu(d, deg, d_tile, cfg, gating):
     cfg = cfg or UB.default_config(key)
     dK, dV = torch.zeros(b, t, h, d), torch.zeros(b, t, h, d)
     E = torch.zeros(b, t, h)
-    rt = -(-c // 32)
+    rt = -(-c // cfg.rows)
     _run(UB, key, cfg, b * h * n * rt, (K, V, g, dS, ds, block_table(d, deg, d_tile, "cpu"), dK, dV, E, t, n, c, h, rt))
     wK, wV, wE = em.update_state_bwd(K.double(), V.double(), None if g is None else g.double(), dS.double(),
                                      ds.double(), deg, d_tile, c)
@@ -149,8 +150,8 @@ def test_update_state_bwd_kernel_on_cpu(d, deg, d_tile, cfg, gating):
 
 
 @needs_gxx
-@pytest.mark.parametrize("gating,gqa,first_zero", [(True, 2, True), (False, 1, False), (True, 1, False)])
-def test_query_state_bwd_kernels_on_cpu(gating, gqa, first_zero):
+@pytest.mark.parametrize("gating,gqa,rpl", [(True, 2, 2), (False, 1, 2), (True, 1, 1)])
+def test_query_state_bwd_kernels_on_cpu(gating, gqa, rpl):
     d, deg, d_tile = 32, 2, 8
     b, h, c, n = 1, 1, 48, 2
     hq, t = h * gqa, n * c
@@ -174,10 +175,10 @@ def test_query_state_bwd_kernels_on_cpu(gating, gqa, first_zero):
     sb = sbar.float().contiguous()
     O, l, m = f["O"].float(), f["l"].float(), f["m"].float()
     key = QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile)
-    cfg = QB.default_config(key)
+    cfg = QB.default_config(key).model_copy(update={"rows_per_lane": rpl})
     outs = {k: torch.zeros(b, t, hq, d) for k in ("dQ", "dO", "dAh")}
     outs.update({k: torch.zeros(b, t, hq) for k in ("dl", "dBh", "qscale", "dg")})
-    rt = -(-c // 32)
+    rt = -(-c // cfg.rows)
     tab = block_table(d, deg, d_tile, "cpu")
     _run(QB, key, cfg, b * hq * n * rt,
          (Q, g, Sb16, sb, O, l, m, Y, dY, tab, outs["dQ"], outs["dO"], outs["dl"], outs["dAh"], outs["dBh"],
@@ -189,7 +190,7 @@ def test_query_state_bwd_kernels_on_cpu(gating, gqa, first_zero):
         _close(outs[name], want, 1e-3)
     # state pass from the kernel's own row outputs
     key_s = key.model_copy(update={"stage": "state"})
-    cfg_s = QB.default_config(key_s)
+    cfg_s = QB.default_config(key_s).model_copy(update={"rows_per_lane": rpl})
     from vidrial.kernels.power_retention.query_state_bwd import state_ftiles
 
     ft = state_ftiles(D, cfg_s)

@@ -124,20 +124,20 @@ __device__ __forceinline__ float chain_block(const float* __restrict__ x, const 
 }
 
 // Row-stationary loop over the features of one state [D][d] (the backward of a feature-map GEMM).
-// CTA = WARPS warps, ROWS = 32 rows (lane = row), features in tiles of BPT whole blocks (F).
-// Per row r (x_r = sRow[r], u_r = sU[r], u0_r = sU0[r]) and feature f:
+// CTA = WARPS warps, ROWS = 32*RPL rows (lane owns rows lane + 32 j, j < RPL), features in tiles
+// of BPT whole blocks (F). Per row r (x_r = sRow[r], u_r = sU[r], u0_r = sU0[r]) and feature f:
 //   phi_f = phi_f(x_r),   dphi_f = scale_d * (X[f] . u_r + xs[f] * u0_r)
 //   e_acc += phi_f dphi_f;  dx[i] += d/dx_i sum_f dphi_f phi_f(x_r);  (WANT_DV) dv[c] += phi_f X[f][c]
-// Thread (warp w, lane r) owns columns c = w + k*WARPS (k < HD/WARPS) of dx and the contiguous
-// columns w*CPW .. w*CPW+CPW-1 of dv (16-byte loads of X).
-template <int HD, int P, int T, int NB, int BPT, int WARPS, bool WANT_DV, typename SX_T>
+// Thread (warp w, lane) owns columns c = w + k*WARPS (k < HD/WARPS) of dx and the contiguous
+// columns w*CPW .. w*CPW+CPW-1 of dv (16-byte loads of X), for each of its RPL rows.
+template <int HD, int P, int T, int NB, int BPT, int WARPS, int RPL, bool WANT_DV, typename SX_T>
 struct RowLoop {
-  static constexpr int ROWS = 32;
+  static constexpr int ROWS = 32 * RPL;
   static constexpr int BS = Pow<T, P>::block_size();
   static constexpr int F = BPT * BS;
   static constexpr int FPW = F / WARPS;
   static constexpr int CPW = HD / WARPS;
-  static constexpr int KB = FPW < 16 ? FPW : 16;  // phase-A accumulators per pass
+  static constexpr int KB = FPW < 16 ? FPW : 16;  // phase-A accumulators per row per pass
   static constexpr int RS = HD + 1;   // padded row stride of sRow (scalar, conflict-free per lane)
   static constexpr int RSU = HD + 4;  // row stride of sU (16-byte loads per lane)
   static constexpr long long D = (long long)NB * BS;
@@ -157,12 +157,30 @@ struct RowLoop {
   static_assert(HD % 4 == 0 && F % 4 == 0, "16-byte loads");
   static_assert(FPW % KB == 0, "features per warp must be a multiple of the phase-A batch");
 
-  // sum_f phi_f(x_r) xs[f] per row, reduced over the warps into sm[OFF_RED + r] (row sums).
-  static __device__ __forceinline__ float feature_dot(const float* __restrict__ xs, const unsigned* __restrict__ blocks,
-                                                      float* sm) {
+  // Sum over the warps of a per-thread value for each of the thread's rows (every warp gets the sums).
+  static __device__ __forceinline__ void row_sum(const float (&v)[RPL], float (&out)[RPL], float* sm) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    float acc = 0.f;
-    const float* xr = sm + OFF_ROW + lane * RS;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < RPL; ++j) sm[OFF_RED + w * ROWS + lane + 32 * j] = v[j];
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < RPL; ++j) {
+      float tot = 0.f;
+#pragma unroll
+      for (int ww = 0; ww < WARPS; ++ww) tot += sm[OFF_RED + ww * ROWS + lane + 32 * j];
+      out[j] = tot;
+    }
+    __syncthreads();
+  }
+
+  // out[j] = sum_f phi_f(x_r) xs[f] for the thread's rows r = lane + 32 j (xs: [D] or null).
+  static __device__ __forceinline__ void feature_dot(const float* __restrict__ xs, const unsigned* __restrict__ blocks,
+                                                     float* sm, float (&out)[RPL]) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    float acc[RPL];
+#pragma unroll
+    for (int j = 0; j < RPL; ++j) acc[j] = 0.f;
     for (int tb = 0; tb < NTILE; ++tb) {
       const long long f0 = (long long)tb * F;
       __syncthreads();
@@ -175,28 +193,21 @@ struct RowLoop {
         const int gb = tb * BPT + fl / BS;
         if (gb < NB) {
           const unsigned packed = __ldg(blocks + gb);
-          acc = fmaf(feature<T, P>(xr, packed, block_coef<P>(packed), fl % BS), sm[OFF_XS + fl], acc);
+          const float coef = block_coef<P>(packed), xsf = sm[OFF_XS + fl];
+#pragma unroll
+          for (int j = 0; j < RPL; ++j)
+            acc[j] = fmaf(feature<T, P>(sm + OFF_ROW + (lane + 32 * j) * RS, packed, coef, fl % BS), xsf, acc[j]);
         }
       }
     }
-    __syncthreads();
-    sm[OFF_RED + w * ROWS + lane] = acc;
-    __syncthreads();
-    float tot = 0.f;
-#pragma unroll
-    for (int ww = 0; ww < WARPS; ++ww) tot += sm[OFF_RED + ww * ROWS + lane];
-    __syncthreads();
-    return tot;  // every thread: the sum of its lane's row
+    row_sum(acc, out, sm);
   }
 
   // X: [D][HD] of this (batch, head, chunk); xs: [D] or null. Caller filled sRow, sU, sU0 and synced.
   static __device__ __forceinline__ void run(const SX_T* __restrict__ X, const float* __restrict__ xs, float scale_d,
-                                             const unsigned* __restrict__ blocks, float* sm, float (&dx)[CPW],
-                                             float (&dv)[CPW], float& e_acc) {
+                                             const unsigned* __restrict__ blocks, float* sm, float (&dx)[RPL][CPW],
+                                             float (&dv)[RPL][CPW], float (&e_acc)[RPL]) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const float* xr = sm + OFF_ROW + lane * RS;
-    const float* ur = sm + OFF_U + lane * RSU;
-    const float u0 = sm[OFF_U0 + lane];
     for (int tb = 0; tb < NTILE; ++tb) {
       const long long f0 = (long long)tb * F;
       __syncthreads();  // the previous tile's readers are done
@@ -208,45 +219,61 @@ struct RowLoop {
           sm[OFF_XS + i] = (xs != nullptr && f0 + i < D) ? __ldg(xs + f0 + i) : 0.f;
       }
       __syncthreads();
-      // phase A: phi and dphi of this lane's row for the warp's features (KB at a time: registers)
+      // phase A: phi and dphi of this lane's rows for the warp's features (KB at a time: registers)
       for (int kb = 0; kb < FPW; kb += KB) {
-        float acc[KB];
+        float acc[KB][RPL];
 #pragma unroll
-        for (int k = 0; k < KB; ++k) acc[k] = 0.f;
+        for (int k = 0; k < KB; ++k)
+#pragma unroll
+          for (int j = 0; j < RPL; ++j) acc[k][j] = 0.f;
         const float* xw = sm + OFF_X + (w * FPW + kb) * HD;
 #pragma unroll 1
         for (int e = 0; e < HD; e += 4) {
-          const float4 u = ld4(ur + e);
+          float4 u[RPL];
+#pragma unroll
+          for (int j = 0; j < RPL; ++j) u[j] = ld4(sm + OFF_U + (lane + 32 * j) * RSU + e);
 #pragma unroll
           for (int k = 0; k < KB; ++k) {
             const float4 x = ld4(xw + k * HD + e);
-            acc[k] = fmaf(u.x, x.x, fmaf(u.y, x.y, fmaf(u.z, x.z, fmaf(u.w, x.w, acc[k]))));
+#pragma unroll
+            for (int j = 0; j < RPL; ++j)
+              acc[k][j] = fmaf(u[j].x, x.x, fmaf(u[j].y, x.y, fmaf(u[j].z, x.z, fmaf(u[j].w, x.w, acc[k][j]))));
           }
         }
 #pragma unroll
         for (int k = 0; k < KB; ++k) {
           const int fl = w * FPW + kb + k;
           const int gb = tb * BPT + fl / BS;
-          float ph = 0.f, dph = 0.f;
-          if (gb < NB) {
-            const unsigned packed = __ldg(blocks + gb);
-            ph = feature<T, P>(xr, packed, block_coef<P>(packed), fl % BS);
-            dph = scale_d * fmaf(sm[OFF_XS + fl], u0, acc[k]);
+          const bool ok = gb < NB;
+          const unsigned packed = ok ? __ldg(blocks + gb) : 0u;
+          const float coef = ok ? block_coef<P>(packed) : 0.f;
+          const float xsf = sm[OFF_XS + fl];
+#pragma unroll
+          for (int j = 0; j < RPL; ++j) {
+            const int r = lane + 32 * j;
+            float ph = 0.f, dph = 0.f;
+            if (ok) {
+              ph = feature<T, P>(sm + OFF_ROW + r * RS, packed, coef, fl % BS);
+              dph = scale_d * fmaf(xsf, sm[OFF_U0 + r], acc[k][j]);
+            }
+            e_acc[j] = fmaf(ph, dph, e_acc[j]);
+            sm[OFF_PHI + fl * ROWS + r] = ph;
+            sm[OFF_DPHI + fl * ROWS + r] = dph;
           }
-          e_acc = fmaf(ph, dph, e_acc);
-          sm[OFF_PHI + fl * ROWS + lane] = ph;
-          sm[OFF_DPHI + fl * ROWS + lane] = dph;
         }
       }
       __syncthreads();
       // phase B: dv[c] += sum_f phi_f X[f][c]
-      if (WANT_DV) {
+      if constexpr (WANT_DV) {
         for (int fl = 0; fl < F; ++fl) {
-          const float ph = sm[OFF_PHI + fl * ROWS + lane];
           float x[CPW];
           ldv<CPW>(x, sm + OFF_X + fl * HD + w * CPW);
 #pragma unroll
-          for (int k = 0; k < CPW; ++k) dv[k] = fmaf(ph, x[k], dv[k]);
+          for (int j = 0; j < RPL; ++j) {
+            const float ph = sm[OFF_PHI + fl * ROWS + lane + 32 * j];
+#pragma unroll
+            for (int k = 0; k < CPW; ++k) dv[j][k] = fmaf(ph, x[k], dv[j][k]);
+          }
         }
       }
       // phase C: sympow chain rule, column i = w + k*WARPS
@@ -260,26 +287,18 @@ struct RowLoop {
           const unsigned packed = __ldg(blocks + gb);
           bool hit = false;
 #pragma unroll
-          for (int j = 0; j < P; ++j) hit |= tile_of(packed, j) == ti;
+          for (int jj = 0; jj < P; ++jj) hit |= tile_of(packed, jj) == ti;
           if (!hit) continue;
-          dx[k] += chain_block<T, P>(xr, sm + OFF_DPHI + (bl * BS) * ROWS + lane, ROWS, packed,
-                                     block_coef<P>(packed), ti, a);
+          const float coef = block_coef<P>(packed);
+#pragma unroll
+          for (int j = 0; j < RPL; ++j) {
+            const int r = lane + 32 * j;
+            dx[j][k] += chain_block<T, P>(sm + OFF_ROW + r * RS, sm + OFF_DPHI + (bl * BS) * ROWS + r, ROWS, packed,
+                                          coef, ti, a);
+          }
         }
       }
     }
-  }
-
-  // Sum of a per-thread value over the warps for each lane's row (all threads get their row's sum).
-  static __device__ __forceinline__ float row_sum(float v, float* sm) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    __syncthreads();
-    sm[OFF_RED + w * ROWS + lane] = v;
-    __syncthreads();
-    float tot = 0.f;
-#pragma unroll
-    for (int ww = 0; ww < WARPS; ++ww) tot += sm[OFF_RED + ww * ROWS + lane];
-    __syncthreads();
-    return tot;
   }
 };
 

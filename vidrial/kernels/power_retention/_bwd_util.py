@@ -17,10 +17,17 @@ class RowLoopConfig(KernelConfig):
     """Tiles of the feature-map backward loops (common/bwd_prims.cuh RowLoop)."""
 
     tile_f: int = Field(64, description="features per shared-memory tile (rounded to whole sympow blocks)")
-    warps: int = Field(8, description="warps per CTA (32 rows per CTA, lane = row)")
+    warps: int = Field(8, description="warps per CTA")
+    rows_per_lane: int = Field(2, description="rows per lane: a CTA owns 32 * rows_per_lane rows")
+
+    @property
+    def rows(self) -> int:
+        return ROWS * self.rows_per_lane
 
     @model_validator(mode="after")
     def _valid(self):
+        if self.rows_per_lane not in (1, 2):
+            raise ConfigError("rows_per_lane", self.rows_per_lane, "1 or 2")
         if self.tile_f not in (16, 32, 64, 128, 256):
             raise ConfigError("tile_f", self.tile_f, "one of 16, 32, 64, 128, 256")
         if self.warps not in (4, 8):
@@ -43,10 +50,10 @@ def row_loop_geometry(head_dim: int, deg: int, d_tile: int, cfg: RowLoopConfig) 
                 ftiles=-(-lay.n_blocks // bpt))
 
 
-def row_loop_smem_floats(head_dim: int, F: int, warps: int) -> int:
-    """common/bwd_prims.cuh RowLoop::SMEM_FLOATS."""
-    off_u = -(-(F * head_dim + F + ROWS * (head_dim + 1)) // 4) * 4
-    return off_u + ROWS * (head_dim + 4) + ROWS + 2 * F * ROWS + warps * ROWS
+def row_loop_smem_floats(head_dim: int, F: int, warps: int, rows: int = ROWS) -> int:
+    """common/bwd_prims.cuh RowLoop::SMEM_FLOATS (rows = 32 * rows_per_lane)."""
+    off_u = -(-(F * head_dim + F + rows * (head_dim + 1)) // 4) * 4
+    return off_u + rows * (head_dim + 4) + rows + 2 * F * rows + warps * rows
 
 
 def check_row_loop(head_dim: int, deg: int, d_tile: int, cfg: RowLoopConfig, max_fpw: int = 32) -> dict[str, int]:

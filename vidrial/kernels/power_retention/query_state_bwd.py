@@ -61,8 +61,8 @@ class QueryStateBwdKey(ProblemKey):
         return self
 
 
-def _state_smem_floats(d: int, F: int) -> int:
-    return 2 * ROWS * (d + 1) + ROWS + F * ROWS
+def _state_smem_floats(d: int, F: int, rows: int) -> int:
+    return 2 * rows * (d + 1) + rows + F * rows
 
 
 class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
@@ -79,13 +79,15 @@ class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
 
         bs = layout(key.head_dim, key.deg, key.d_tile).block_size
         if key.stage == "state":
-            return QueryStateBwdConfig(tile_f=64 if key.head_dim <= 64 else 32, warps=8)
-        return QueryStateBwdConfig(tile_f=max(64, min(bs, 256)), warps=8)
+            return QueryStateBwdConfig(tile_f=64 if key.head_dim <= 64 else 32, warps=8, rows_per_lane=2)
+        return QueryStateBwdConfig(tile_f=max(64, min(bs, 256)), warps=8, rows_per_lane=2 if bs <= 64 else 1)
 
     def render_context(self, key: QueryStateBwdKey, config: QueryStateBwdConfig) -> dict[str, Any]:
         geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
         return dict(head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile, n_blocks=geo["n_blocks"],
-                    blocks_per_tile=geo["blocks_per_tile"], warps=config.warps, in_type=DTYPE_NAMES[key.dtype],
+                    blocks_per_tile=geo["blocks_per_tile"], warps=config.warps, rows_per_lane=config.rows_per_lane,
+                    min_ctas=1 if config.rows_per_lane == 2 else 2,  # registers: 255 (no spills) / 128
+                    in_type=DTYPE_NAMES[key.dtype],
                     state_tile_f=config.tile_f, pass_=key.stage, key_label=key.label(), config_label=config.label())
 
     def threads_per_block(self, config: QueryStateBwdConfig) -> int:
@@ -94,8 +96,8 @@ class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
     def dynamic_smem_bytes(self, key: QueryStateBwdKey, config: QueryStateBwdConfig) -> int:
         geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
         if key.stage == "state":
-            return 4 * _state_smem_floats(key.head_dim, config.tile_f)
-        return 4 * (row_loop_smem_floats(key.head_dim, geo["F"], config.warps) + 6 * ROWS)
+            return 4 * _state_smem_floats(key.head_dim, config.tile_f, config.rows)
+        return 4 * (row_loop_smem_floats(key.head_dim, geo["F"], config.warps, config.rows) + 6 * config.rows)
 
     def check(self, key: QueryStateBwdKey, config: QueryStateBwdConfig, arch: str) -> None:
         if key.stage == "state":
@@ -117,7 +119,7 @@ class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
 
     def corner_configs(self, key: QueryStateBwdKey) -> list[QueryStateBwdConfig]:
         out = [self.default_config(key)]
-        for cfg in (QueryStateBwdConfig(tile_f=32, warps=4),):
+        for cfg in (QueryStateBwdConfig(tile_f=32, warps=4, rows_per_lane=1),):
             try:
                 self.check(key, cfg, "sm_80")
                 out.append(cfg)
@@ -187,7 +189,7 @@ def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int
         return out
     table = block_table(d, deg, d_tile, dev)
     sp = float(scale) ** deg
-    rt = -(-c // ROWS)
+    rt = -(-c // config.rows)
     kr = launchable(FAMILY, compile_key(key_r), config, dev)
     kr.launch((b * hq * n * rt, 1, 1), (config.warps * 32, 1, 1),
               (Q.data_ptr(), ptr(G), Sbar16.data_ptr(), sbar.data_ptr(), O.data_ptr(), l.data_ptr(), m.data_ptr(),

@@ -66,12 +66,14 @@ class UpdateStateBwdFamily(KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]
         from vidrial.kernels.power_retention.sympow import layout
 
         bs = layout(key.head_dim, key.deg, key.d_tile).block_size
-        return UpdateStateBwdConfig(tile_f=max(64, min(bs, 256)), warps=8)
+        return UpdateStateBwdConfig(tile_f=max(64, min(bs, 256)), warps=8, rows_per_lane=2 if bs <= 64 else 1)
 
     def render_context(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> dict[str, Any]:
         geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
         return dict(head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile, n_blocks=geo["n_blocks"],
-                    blocks_per_tile=geo["blocks_per_tile"], warps=config.warps, in_type=DTYPE_NAMES[key.dtype],
+                    blocks_per_tile=geo["blocks_per_tile"], warps=config.warps, rows_per_lane=config.rows_per_lane,
+                    min_ctas=1 if config.rows_per_lane == 2 else 2,  # registers: 255 (no spills) / 128
+                    in_type=DTYPE_NAMES[key.dtype],
                     key_label=key.label(), config_label=config.label())
 
     def threads_per_block(self, config: UpdateStateBwdConfig) -> int:
@@ -79,7 +81,7 @@ class UpdateStateBwdFamily(KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]
 
     def dynamic_smem_bytes(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> int:
         geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
-        return 4 * row_loop_smem_floats(key.head_dim, geo["F"], config.warps)
+        return 4 * row_loop_smem_floats(key.head_dim, geo["F"], config.warps, config.rows)
 
     def check(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig, arch: str) -> None:
         check_row_loop(key.head_dim, key.deg, key.d_tile, config)
@@ -93,7 +95,7 @@ class UpdateStateBwdFamily(KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]
 
     def corner_configs(self, key: UpdateStateBwdKey) -> list[UpdateStateBwdConfig]:
         out = [self.default_config(key)]
-        for cfg in (UpdateStateBwdConfig(tile_f=32, warps=4),):
+        for cfg in (UpdateStateBwdConfig(tile_f=32, warps=4, rows_per_lane=1),):
             try:
                 self.check(key, cfg, "sm_80")
                 out.append(cfg)
@@ -132,7 +134,7 @@ def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int,
     E = torch.empty(b, t, h, device=dev, dtype=torch.float32) if G is not None else None
     if dK.numel() == 0:
         return dK, dV, E
-    rt = -(-c // 32)
+    rt = -(-c // config.rows)
     grid = b * h * n * rt
     kernel = launchable(FAMILY, compile_key(key), config, dev)
     table = block_table(d, deg, d_tile, dev)
