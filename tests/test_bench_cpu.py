@@ -406,3 +406,14 @@ def test_readme_block_written_and_replaced(tmp_path):
     text2 = readme.read_text()
     assert text2.count(report.README_START) == 1 and "H100" in text2 and "H200" not in text2
     assert text2.count("## Benchmark results") == 1
+
+
+def test_anchor_rows_on_h200_only():
+    doc = synthetic_doc()
+    rows = report.anchor_rows(doc)
+    got = {(r[0], r[1]): r for r in rows}
+    assert got[("fwd A", "retention")][2:] == ["1.000", "5.800", "5.80x"]
+    assert ("decode b8", "sdpa") in got and ("fwd B", "sdpa") in got
+    assert "ANCHORS.md" in report.text_report(doc)
+    doc["gpu"]["name"] = "NVIDIA A100"
+    assert report.anchor_rows(doc) == []

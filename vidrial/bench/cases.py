@@ -83,6 +83,17 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# ANCHORS.md: peers on an NVIDIA H200 (2026-11-28), retention fully autotuned; ms (decode: us/step)
+ANCHORS = {
+    ("fwd", "A"): {"retention": 5.80, "sdpa": 9.57},
+    ("fwd", "B"): {"retention": 5.97, "sdpa": 1.26},
+    ("fwd_bwd", "A"): {"retention": 17.05, "sdpa": 34.40},
+    ("fwd_bwd", "B"): {"retention": 17.19, "sdpa": 4.61},
+    ("decode", "b8"): {"retention": 0.326, "sdpa": 0.254},
+}
+ANCHORS_GPU = "NVIDIA H200"
+
+
 # ---------------------------------------------------------------- work counts (MATH.md section 6)
 
 def exact_feature_dim(d: int, deg: int) -> int:

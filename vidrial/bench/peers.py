@@ -128,7 +128,6 @@ def load_retention(max_autotune_configs: int | None = 2) -> Peer:
     why = _cuda_reason()
     if why:
         return Peer("retention", False, f"skipped: {why}")
-    os.environ.setdefault("TRITON_NO_AUTOTUNE", "1")  # retention's own switch (prunes some kernels' lists)
     try:
         rt = importlib.import_module("retention.triton")
     except Exception as exc:
@@ -137,6 +136,8 @@ def load_retention(max_autotune_configs: int | None = 2) -> Peer:
     cut = limit_autotune(("retention",), max_autotune_configs or 0)
     if cut:
         note = f"Triton autotune limited to {max_autotune_configs} configs per kernel ({cut} kernels)"
+    if os.environ.get("TRITON_NO_AUTOTUNE") == "1":
+        note += "; TRITON_NO_AUTOTUNE=1 (first valid config in update_state/query_state)"
     p = Peer("retention", True, note, version=dist_version("retention"))
     p.funcs = {"fwd": rt.power_retention, "fwd_bwd": rt.power_retention,
                "decode": getattr(rt, "power_retention_inference", None)}

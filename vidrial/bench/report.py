@@ -111,6 +111,29 @@ def table_rows(doc: dict[str, Any], kind: str) -> tuple[list[str], list[list[str
     return head, rows
 
 
+def anchor_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """vidrial against the fully tuned peer numbers of ANCHORS.md (H200 only): one row per
+    (kind, shape, peer): vidrial ms, anchor ms, anchor / vidrial."""
+    from vidrial.bench.cases import ANCHORS, ANCHORS_GPU
+
+    if (doc.get("gpu") or {}).get("name") != ANCHORS_GPU:
+        return []
+    rows = []
+    for r in doc.get("results", []):
+        if r.get("impl") != "vidrial" or r.get("ms") is None:
+            continue
+        keys = [t for t in r.get("tags", []) if t in ("A", "B")]
+        if r["kind"] == "decode":
+            keys = [f"b{r['shape']['b']}"]
+        for k in keys:
+            for peer, ms in ANCHORS.get((r["kind"], k), {}).items():
+                rows.append([f"{r['kind']} {k}", peer, f"{r['ms']:.3f}", f"{ms:.3f}", f"{ms / r['ms']:.2f}x"])
+    return rows
+
+
+ANCHOR_HEAD = ["case", "peer (ANCHORS.md, tuned)", "vidrial ms", "peer ms", "vidrial vs peer"]
+
+
 def _fmt_text(head: list[str], rows: list[list[str]]) -> str:
     w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(cells))  # noqa: E731
@@ -155,6 +178,10 @@ def text_report(doc: dict[str, Any]) -> str:
     for kind in _kinds(doc):
         head, rows = table_rows(doc, kind)
         parts += ["", f"== {KIND_TITLES[kind]} ==", _fmt_text(head, rows)]
+    anchors = anchor_rows(doc)
+    if anchors:
+        parts += ["", "== vidrial vs the fully tuned peers of ANCHORS.md (same GPU model, another run) ==",
+                  _fmt_text(ANCHOR_HEAD, anchors)]
     parts += ["", "vidrial vs X = X's time / vidrial's time (above 1: vidrial is faster). "
                   "% = FLOPs (exact D, MATH.md 6) or bytes per second over the measured ceiling."]
     bad = [r for r in doc.get("results", []) if r.get("status") in ("error", "check failed")]
@@ -169,6 +196,8 @@ def markdown_report(doc: dict[str, Any], plots: list[str] | None = None) -> str:
     for kind in _kinds(doc):
         head, rows = table_rows(doc, kind)
         parts += ["", f"## {KIND_TITLES[kind]}", "", _fmt_md(head, rows)]
+    if anchor_rows(doc):
+        parts += ["", "## vidrial vs the fully tuned peers of ANCHORS.md", "", _fmt_md(ANCHOR_HEAD, anchor_rows(doc))]
     parts += ["", "vidrial vs X = X's time / vidrial's time (above 1: vidrial is faster). Fraction of the "
                   "ceiling: useful FLOPs (exact D, MATH.md section 6) per second over the bf16 matmul rate, "
                   "or for decode the bytes the step must read per second over the copy rate. "
@@ -342,6 +371,9 @@ def readme_section(doc: dict[str, Any], plot_paths: list[str]) -> str:
     for kind in _kinds(doc):
         head, rows = table_rows(doc, kind)
         parts += ["", f"**{KIND_TITLES[kind]}**", "", _fmt_md(head, rows)]
+    if anchor_rows(doc):
+        parts += ["", "**vidrial vs the fully tuned peers of ANCHORS.md** (same GPU model, another run)", "",
+                  _fmt_md(ANCHOR_HEAD, anchor_rows(doc))]
     parts += ["", "vidrial vs X = X's time / vidrial's time (above 1: vidrial is faster); % = useful FLOPs "
                   "(exact D, MATH.md section 6) per second over the measured bf16 matmul rate, or for decode the "
                   "bytes a step must read per second over the measured copy rate.", "", README_END]
