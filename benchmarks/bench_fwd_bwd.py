@@ -5,7 +5,7 @@ Shapes (ANCHORS.md): A = b1 t65536 h8 d64 p2 chunk1024 bf16 gating; B = b8 t8192
 Times: CUDA events around forward+backward (Y = f(...); Y.backward(dY)) after an L2 flush, median of
 --reps. TFLOP/s: MATH.md section 6 useful FLOPs of the forward with the exact D = C(d+p-1, p) times
 3.5 (backward ~ 2.5x forward). Peak memory: torch.cuda.max_memory_allocated during one fwd+bwd minus
-what was allocated before (inputs and dY included in neither). Per-kernel split: each backward kernel
+what was allocated before it (inputs and dY excluded, gradients included). Per-kernel split: each backward kernel
 (and each forward kernel) timed alone on the same data.
 
     python benchmarks/bench_fwd_bwd.py [--shapes A,B] [--reps 10] [--retention-configs 2]
@@ -52,7 +52,10 @@ def bench(fn, reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def peak_mb(fn) -> float:
+def peak_mb(fn, leaves=()) -> float:
+    for x in leaves:
+        if x is not None:
+            x.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -123,7 +126,7 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     ms_v = bench(run_v, reps)
-    mem_v = peak_mb(run_v)
+    mem_v = peak_mb(run_v, leaves)
     ms_vf = bench(lambda: vidrial.power_retention(Q, K, V, log_G, deg=p, chunk_size=c), reps)
     grads_v = [x.grad.clone() for x in leaves]
     rows.append(("vidrial", ms_v, mem_v, ms_vf))
@@ -141,7 +144,7 @@ def run_shape(name, shp, reps, retention_configs, split=True):
         run_r = _fwd_bwd(fr, lr, dY)
         run_r()
         ms_r = bench(run_r, reps)
-        mem_r = peak_mb(run_r)
+        mem_r = peak_mb(run_r, lr)
         ms_rf = bench(lambda: rt.power_retention(Q, K, V, log_G, deg=p, chunk_size=c), reps)
         grads_r = [x.grad.clone() for x in lr]
         rows.append(("retention_triton", ms_r, mem_r, ms_rf))
@@ -164,7 +167,7 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     ls = _leaves(qh, kh, vh)
     run_s = _fwd_bwd(sdpa, ls, dYh)
     ms_s = bench(run_s, reps)
-    mem_s = peak_mb(run_s)
+    mem_s = peak_mb(run_s, ls)
     with torch.no_grad():
         ms_sf = bench(lambda: sdpa(qh, kh, vh), reps)
     rows.append(("sdpa_flash", ms_s, mem_s, ms_sf))
