@@ -24,6 +24,10 @@ MD_NAME = "bench.md"
 THROUGHPUT_PNG = "bench_throughput.png"
 DECODE_PNG = "bench_decode.png"
 KIND_TITLES = {"fwd": "forward", "fwd_bwd": "forward+backward", "decode": "decode (one new token)"}
+SHORT = {"vidrial": "vidrial", "retention": "retention", "sdpa": "SDPA", "gla": "GLA"}
+TABLE_NOTES = {"fwd": "ms per call; % = useful FLOP/s of the bf16 matmul ceiling",
+               "fwd_bwd": "ms per forward+backward; % = useful FLOP/s of the bf16 matmul ceiling",
+               "decode": "us per step; % = bytes read per second of the copy ceiling"}
 COLORS = {"vidrial": "#d62728", "retention": "#1f77b4", "sdpa": "#2ca02c", "gla": "#9467bd"}
 MARKERS = {"vidrial": "o", "retention": "s", "sdpa": "^", "gla": "D"}
 
@@ -95,10 +99,10 @@ def table_rows(doc: dict[str, Any], kind: str) -> tuple[list[str], list[list[str
     """Header and rows: shape, ms per implementation, vidrial's speed-up vs each peer, and the
     fraction of the ceiling (matmul for fwd/fwd_bwd, copy for decode) of every implementation."""
     peers = [p for p in IMPL_NAMES if p != "vidrial"]
-    unit = "us/step" if kind == "decode" else "ms"
-    head = ["shape", "tags"] + [f"{LABELS[i]} {unit}" for i in IMPL_NAMES]
-    head += [f"vidrial vs {p}" for p in peers]
-    head += [f"% {'copy' if kind == 'decode' else 'matmul'} {i}" for i in IMPL_NAMES]
+    unit = "us" if kind == "decode" else "ms"
+    head = ["shape", "tags"] + [f"{SHORT[i]} {unit}" for i in IMPL_NAMES]
+    head += [f"vidrial vs {SHORT[p]}" for p in peers]
+    head += [f"{SHORT[i]} %" for i in IMPL_NAMES]
     rows = []
     for first, impls in _by_case(doc, kind):
         s = first["shape"]
@@ -177,7 +181,7 @@ def text_report(doc: dict[str, Any]) -> str:
     parts = _header_lines(doc)
     for kind in _kinds(doc):
         head, rows = table_rows(doc, kind)
-        parts += ["", f"== {KIND_TITLES[kind]} ==", _fmt_text(head, rows)]
+        parts += ["", f"== {KIND_TITLES[kind]} ({TABLE_NOTES[kind]}) ==", _fmt_text(head, rows)]
     anchors = anchor_rows(doc)
     if anchors:
         parts += ["", "== vidrial vs the fully tuned peers of ANCHORS.md (same GPU model, another run) ==",
@@ -195,7 +199,7 @@ def markdown_report(doc: dict[str, Any], plots: list[str] | None = None) -> str:
     parts = ["# vidrial bench", ""] + [f"- {x}" for x in _header_lines(doc)]
     for kind in _kinds(doc):
         head, rows = table_rows(doc, kind)
-        parts += ["", f"## {KIND_TITLES[kind]}", "", _fmt_md(head, rows)]
+        parts += ["", f"## {KIND_TITLES[kind]}", "", f"{TABLE_NOTES[kind]}.", "", _fmt_md(head, rows)]
     if anchor_rows(doc):
         parts += ["", "## vidrial vs the fully tuned peers of ANCHORS.md", "", _fmt_md(ANCHOR_HEAD, anchor_rows(doc))]
     parts += ["", "vidrial vs X = X's time / vidrial's time (above 1: vidrial is faster). Fraction of the "
@@ -370,7 +374,7 @@ def readme_section(doc: dict[str, Any], plot_paths: list[str]) -> str:
         parts += ["", f"![{Path(p).stem}]({p})"]
     for kind in _kinds(doc):
         head, rows = table_rows(doc, kind)
-        parts += ["", f"**{KIND_TITLES[kind]}**", "", _fmt_md(head, rows)]
+        parts += ["", f"**{KIND_TITLES[kind]}** ({TABLE_NOTES[kind]})", "", _fmt_md(head, rows)]
     if anchor_rows(doc):
         parts += ["", "**vidrial vs the fully tuned peers of ANCHORS.md** (same GPU model, another run)", "",
                   _fmt_md(ANCHOR_HEAD, anchor_rows(doc))]
