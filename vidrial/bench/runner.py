@@ -134,6 +134,27 @@ def graph_replay(fn: Callable[[], Any]) -> Callable[[], Any]:
 graph_replay.keep = []  # type: ignore[attr-defined]
 
 
+def _last_dispatch() -> dict[str, Any] | None:
+    """What vidrial's dispatcher chose for the last kernel of the call (tuned exact / nearest /
+    default config), so a reader knows whether the GPU had tuned configs."""
+    try:
+        from vidrial.dispatch import last_dispatch
+
+        d = last_dispatch()
+        return None if d is None else _json_safe(d.as_dict())
+    except Exception:
+        return None
+
+
+def _json_safe(x: Any) -> Any:
+    import json
+
+    try:
+        return json.loads(json.dumps(x, default=str))
+    except Exception:
+        return str(x)
+
+
 def _status_of_skip(text: str) -> str:
     return STATUS_NA if text.startswith("not available") else STATUS_SKIPPED
 
@@ -167,6 +188,8 @@ def run_impl(case: C.Case, impl: C.Impl, preset: C.Preset, *, over_budget: bool 
                 fn()
                 _sync()
                 row["first_call_s"] = time.perf_counter() - t0
+                if impl.name == "vidrial":
+                    row["last_dispatch"] = _last_dispatch()
             eager.append(time_cuda(fn, **timing))
             if case.kind == "decode" and graph_note is None:
                 try:
