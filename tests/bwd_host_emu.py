@@ -32,7 +32,7 @@ U3 blockDim, gridDim;
 thread_local std::barrier<>* g_bar = nullptr;
 static float* g_shfl = nullptr;
 static float* g_dyn_smem = nullptr;
-inline void __syncthreads() { g_bar->arrive_and_wait(); }
+void __syncthreads() { g_bar->arrive_and_wait(); }
 template <class T> inline T __ldg(const T* p) { return *p; }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
@@ -69,6 +69,32 @@ inline void vbwd_check_align16(const void* p) {
 inline void vbwd_check_align8(const void* p) {
   if (reinterpret_cast<std::uintptr_t>(p) & 7) { std::fprintf(stderr, "misaligned 8-byte load %p\n", p); std::abort(); }
 }
+static float* g_mma = nullptr;  // per-warp fragment exchange of the emulated mma.sync
+inline float vbwd_tf32(float x) {  // cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero
+  unsigned u; std::memcpy(&u, &x, 4); u = (u + 0x1000u) & 0xffffe000u; std::memcpy(&x, &u, 4); return x;
+}
+void __syncthreads();
+inline void vbwd_host_mma_tf32(float (&c)[4], const float (&a)[4], const float (&b)[2]) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  float* buf = g_mma + w * 32 * 8;
+  for (int i = 0; i < 4; ++i) buf[lane * 8 + i] = a[i];
+  buf[lane * 8 + 4] = b[0]; buf[lane * 8 + 5] = b[1];
+  __syncthreads();
+  float A[16][8], B[8][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    A[g][t] = buf[l * 8 + 0]; A[g + 8][t] = buf[l * 8 + 1]; A[g][t + 4] = buf[l * 8 + 2]; A[g + 8][t + 4] = buf[l * 8 + 3];
+    B[t][g] = buf[l * 8 + 4]; B[t + 4][g] = buf[l * 8 + 5];
+  }
+  __syncthreads();
+  const int g = lane >> 2, t = lane & 3;
+  for (int q = 0; q < 4; ++q) {
+    const int m = g + (q >> 1) * 8, n = 2 * t + (q & 1);
+    float acc = c[q];
+    for (int k = 0; k < 8; ++k) acc += vbwd_tf32(A[m][k]) * vbwd_tf32(B[k][n]);
+    c[q] = acc;
+  }
+}
 struct Arg {
   void* p; long long i; double f;
   template <class T> operator T*() const { return (T*)p; }
@@ -82,8 +108,8 @@ extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_
   gridDim.x = gx; gridDim.y = gy; blockDim.x = threads;
   const size_t smem_floats = smem_bytes / 4 + 16;
   float* smem_buf = static_cast<float*>(std::aligned_alloc(64, (smem_floats * 4 + 63) / 64 * 64));
-  std::vector<float> shfl(threads);
-  g_dyn_smem = smem_buf; g_shfl = shfl.data();
+  std::vector<float> shfl(threads), mma(threads * 8);
+  g_dyn_smem = smem_buf; g_shfl = shfl.data(); g_mma = mma.data();
   for (int by = 0; by < gy; ++by)
     for (int bx = 0; bx < gx; ++bx) {
       std::barrier<> bar(threads);

@@ -13,12 +13,20 @@ ROWS = 32
 IN_DTYPES = ("bfloat16", "float16")
 
 
+# Default of RowLoopConfig.mma in the families' default_config (tensor cores for the two GEMMs of
+# update_state_bwd and the query_state_bwd rows pass). CPU-verified (tests/bwd_host_emu.py emulates
+# mma.sync m16n8k8 tf32 from its documented fragment layout); flip to True once the GPU tests pass
+# with it (tests/gpu/test_backward_gpu.py runs both).
+MMA_DEFAULT = False
+
+
 class RowLoopConfig(KernelConfig):
     """Tiles of the feature-map backward loops (common/bwd_prims.cuh RowLoop)."""
 
     tile_f: int = Field(64, description="features per shared-memory tile (rounded to whole sympow blocks)")
     warps: int = Field(8, description="warps per CTA")
     rows_per_lane: int = Field(2, description="rows per lane: a CTA owns 32 * rows_per_lane rows")
+    mma: bool = Field(False, description="the two GEMMs of the row loop on tensor cores (mma.sync tf32)")
 
     @property
     def rows(self) -> int:
@@ -52,8 +60,8 @@ def row_loop_geometry(head_dim: int, deg: int, d_tile: int, cfg: RowLoopConfig) 
 
 def row_loop_smem_floats(head_dim: int, F: int, warps: int, rows: int = ROWS) -> int:
     """common/bwd_prims.cuh RowLoop::SMEM_FLOATS (rows = 32 * rows_per_lane)."""
-    off_u = -(-(F * head_dim + F + rows * (head_dim + 1)) // 4) * 4
-    return off_u + rows * (head_dim + 4) + rows + 2 * F * rows + warps * rows
+    off_u = -(-(F * (head_dim + 4) + F + rows * (head_dim + 1)) // 4) * 4
+    return off_u + rows * (head_dim + 4) + rows + 2 * F * (rows + 4) + warps * rows
 
 
 def check_row_loop(head_dim: int, deg: int, d_tile: int, cfg: RowLoopConfig, max_fpw: int = 32) -> dict[str, int]:
@@ -65,6 +73,11 @@ def check_row_loop(head_dim: int, deg: int, d_tile: int, cfg: RowLoopConfig, max
     if geo["fpw"] > max_fpw:
         raise ConfigError("tile_f", cfg.tile_f, f"{geo['fpw']} features per warp exceed {max_fpw} (registers); "
                                                 "use more warps or a smaller tile_f")
+    if cfg.mma:
+        rows, F, w = cfg.rows, geo["F"], cfg.warps
+        if F % 8 or (rows // 16) * (F // 8) % w or (rows // 16) * (head_dim // 8) % w or rows > F:
+            raise ConfigError("mma", True, f"tensor-core tiling needs 16x8 tiles divided evenly over the warps and "
+                                           f"rows <= features per tile (rows={rows}, tile={F}, warps={w})")
     if head_dim // 8 > 255:
         raise ConfigError("head_dim", head_dim, "at most 255 sympow tiles")
     return geo

@@ -80,13 +80,24 @@ class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
         bs = layout(key.head_dim, key.deg, key.d_tile).block_size
         if key.stage == "state":
             return QueryStateBwdConfig(tile_f=64 if key.head_dim <= 64 else 32, warps=8, rows_per_lane=2)
-        return QueryStateBwdConfig(tile_f=max(64, min(bs, 256)), warps=8, rows_per_lane=2 if bs <= 64 else 1)
+        cfg = QueryStateBwdConfig(tile_f=max(64, min(bs, 256)), warps=8, rows_per_lane=2 if bs <= 64 else 1)
+        from vidrial.kernels.power_retention import _bwd_util
+
+        if _bwd_util.MMA_DEFAULT:
+            mma = cfg.model_copy(update={"mma": True})
+            try:
+                check_row_loop(key.head_dim, key.deg, key.d_tile, mma)
+                return mma
+            except ConfigError:
+                pass
+        return cfg
 
     def render_context(self, key: QueryStateBwdKey, config: QueryStateBwdConfig) -> dict[str, Any]:
         geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
         return dict(head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile, n_blocks=geo["n_blocks"],
                     blocks_per_tile=geo["blocks_per_tile"], warps=config.warps, rows_per_lane=config.rows_per_lane,
                     min_ctas=1 if config.rows_per_lane == 2 else 2,  # registers: 255 (no spills) / 128
+                    mma=config.mma,
                     in_type=DTYPE_NAMES[key.dtype],
                     state_tile_f=config.tile_f, pass_=key.stage, key_label=key.label(), config_label=config.label())
 
@@ -101,6 +112,8 @@ class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
 
     def check(self, key: QueryStateBwdKey, config: QueryStateBwdConfig, arch: str) -> None:
         if key.stage == "state":
+            if config.mma:
+                raise ConfigError("mma", True, "the state pass has no tensor-core variant (use mma=False)")
             acc = config.tile_f // config.warps * (key.head_dim // 32)
             if acc > 16:
                 raise ConfigError("tile_f", config.tile_f,
@@ -119,7 +132,7 @@ class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
 
     def corner_configs(self, key: QueryStateBwdKey) -> list[QueryStateBwdConfig]:
         out = [self.default_config(key)]
-        for cfg in (QueryStateBwdConfig(tile_f=32, warps=4, rows_per_lane=1),):
+        for cfg in (QueryStateBwdConfig(tile_f=32, warps=4, rows_per_lane=1), self.default_config(key).model_copy(update={"mma": True})):
             try:
                 self.check(key, cfg, "sm_80")
                 out.append(cfg)

@@ -66,13 +66,24 @@ class UpdateStateBwdFamily(KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]
         from vidrial.kernels.power_retention.sympow import layout
 
         bs = layout(key.head_dim, key.deg, key.d_tile).block_size
-        return UpdateStateBwdConfig(tile_f=max(64, min(bs, 256)), warps=8, rows_per_lane=2 if bs <= 64 else 1)
+        cfg = UpdateStateBwdConfig(tile_f=max(64, min(bs, 256)), warps=8, rows_per_lane=2 if bs <= 64 else 1)
+        from vidrial.kernels.power_retention import _bwd_util
+
+        if _bwd_util.MMA_DEFAULT:
+            mma = cfg.model_copy(update={"mma": True})
+            try:
+                check_row_loop(key.head_dim, key.deg, key.d_tile, mma)
+                return mma
+            except ConfigError:
+                pass
+        return cfg
 
     def render_context(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> dict[str, Any]:
         geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
         return dict(head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile, n_blocks=geo["n_blocks"],
                     blocks_per_tile=geo["blocks_per_tile"], warps=config.warps, rows_per_lane=config.rows_per_lane,
                     min_ctas=1 if config.rows_per_lane == 2 else 2,  # registers: 255 (no spills) / 128
+                    mma=config.mma,
                     in_type=DTYPE_NAMES[key.dtype],
                     key_label=key.label(), config_label=config.label())
 
@@ -95,7 +106,7 @@ class UpdateStateBwdFamily(KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]
 
     def corner_configs(self, key: UpdateStateBwdKey) -> list[UpdateStateBwdConfig]:
         out = [self.default_config(key)]
-        for cfg in (UpdateStateBwdConfig(tile_f=32, warps=4, rows_per_lane=1),):
+        for cfg in (UpdateStateBwdConfig(tile_f=32, warps=4, rows_per_lane=1), self.default_config(key).model_copy(update={"mma": True})):
             try:
                 self.check(key, cfg, "sm_80")
                 out.append(cfg)
