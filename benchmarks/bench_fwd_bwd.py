@@ -132,6 +132,28 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     rows.append(("vidrial", ms_v, mem_v, ms_vf))
     del leaves
 
+    # the same with the row loops' GEMMs on tensor cores (RowLoopConfig.mma, tf32; off by default)
+    from vidrial import dispatch
+    from vidrial.kernels.power_retention import _bwd_util
+
+    mma_diff = None
+    try:
+        _bwd_util.MMA_DEFAULT = True
+        dispatch.reload()
+        lm = _leaves(Q, K, V, log_G)
+        run_m = _fwd_bwd(fv, lm, dY)
+        run_m()
+        ms_m = bench(run_m, reps)
+        mem_m = peak_mb(run_m, lm)
+        mma_diff = [((x.grad.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(lm, grads_v)]
+        rows.append(("vidrial_mma", ms_m, mem_m, ms_vf))
+        del lm
+    except Exception as exc:
+        print(f"[{name}] vidrial with mma failed: {type(exc).__name__}: {exc}", flush=True)
+    finally:
+        _bwd_util.MMA_DEFAULT = False
+        dispatch.reload()
+
     # retention (Triton)
     grads_r = None
     try:
@@ -185,6 +207,9 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     if grads_r is not None:
         diffs = [((x.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(grads_v, grads_r)]
         print("rel diff of gradients vidrial vs retention (Q, K, V, log_G): " + ", ".join(f"{x:.2e}" for x in diffs))
+    if mma_diff is not None:
+        print("rel diff of gradients vidrial_mma vs vidrial (Q, K, V, log_G): "
+              + ", ".join(f"{x:.2e}" for x in mma_diff))
     print(f"first call (compile/load) vidrial {first:.2f} s", flush=True)
 
     if not split:
@@ -197,20 +222,30 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     L = log_G.float().view(b, n, c, h).sum(2)
     qs = query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c)
     dS, ds = qs["dSbar"].clone(), qs["dsbar"].clone()
+    from vidrial.kernels.power_retention.query_state_bwd import FAMILY as QBF, QueryStateBwdKey
+    from vidrial.kernels.power_retention.update_state_bwd import FAMILY as UBF, UpdateStateBwdKey
+
+    ucfg_mma = UBF.default_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": True})
+    qcfg_mma = QBF.default_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": True})
     ksplit = {
         "query_state_bwd (rows+state)": bench(
             lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c),
             reps),
         "discumsum_bwd": bench(lambda: discumsum_bwd(qs["dSbar"], qs["dsbar"], Sb16, sb, L), reps),
         "update_state_bwd": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c), reps),
+        "update_state_bwd (mma)": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c,
+                                                                 config=ucfg_mma), reps),
+        "query_state_bwd (rows mma + state)": bench(
+            lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c,
+                                    config=qcfg_mma), reps),
         "intra_chunk_attention_bwd (dkv+dq)": bench(
             lambda: intra_chunk_attention_bwd(Q, K, V, gc, m, qs["dO"], qs["dl"], deg=p, scale=scale, chunk_size=c),
             reps),
         "forward op (all 4 fwd kernels)": bench(
             lambda: power_retention_fwd(Q, K, V, log_G, None, None, p, scale, c, dt, False), reps),
     }
-    print("vidrial per-kernel split (each alone):")
-    tot = sum(ksplit.values())
+    print("vidrial per-kernel split (each alone; the (mma) lines are alternatives, not in the sum):")
+    tot = sum(v for k, v in ksplit.items() if "mma" not in k)
     for k, v in ksplit.items():
         print(f"  {k:<38}{v:>8.3f} ms  ({100 * v / tot:4.1f}%)")
     print(f"  {'sum':<38}{tot:>8.3f} ms; fwd+bwd total {ms_v:.3f} ms (rest: glue, casts, gate sums)", flush=True)

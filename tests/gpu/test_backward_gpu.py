@@ -78,9 +78,10 @@ def test_discumsum_bwd_kernel(gating, final, init):
         assert rel_err(dS0, want[3]) < 1e-5 and rel_err(ds0, want[4]) < 1e-5
 
 
+@pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("d,p,gating", [(64, 2, True), (32, 2, False), (128, 2, True), (32, 4, True)])
-def test_update_state_bwd_kernel(d, p, gating):
-    from vidrial.kernels.power_retention.update_state_bwd import update_state_bwd
+def test_update_state_bwd_kernel(d, p, gating, mma):
+    from vidrial.kernels.power_retention.update_state_bwd import FAMILY, UpdateStateBwdKey, update_state_bwd
 
     b, h, c, n = 1, 2, 128, 3
     t = n * c
@@ -95,13 +96,15 @@ def test_update_state_bwd_kernel(d, p, gating):
     if gating:
         lg = varying_gates(b, t, h, g)
         gc = lg.view(b, n, c, h).cumsum(2).view(b, t, h)
+    cfg = FAMILY.default_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": mma})
     poison()
-    dK, dV, E = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c)
+    dK, dV, E = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=cfg)
     wK, wV, wE = em.update_state_bwd(K.double(), V.double(), None if gc is None else gc.double(), dS.double(),
                                      ds.double(), p, dt, c)
-    assert rel_err(dK, wK) < 1e-4 and rel_err(dV, wV) < 1e-4
+    tol = 2e-3 if mma else 1e-4  # tf32 operands on the tensor cores
+    assert rel_err(dK, wK) < tol and rel_err(dV, wV) < tol
     if gating:
-        assert rel_err(E, wE) < 1e-4
+        assert rel_err(E, wE) < tol
 
 
 def _forward_pieces(b, t, hq, h, d, p, c, gating, seed):
@@ -119,22 +122,28 @@ def _forward_pieces(b, t, hq, h, d, p, c, gating, seed):
     return Q, K, V, lg, dt, scale, Y, O, l, m, Sb16, sb
 
 
+@pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("d,p,r,gating", [(64, 2, 1, True), (64, 2, 2, True), (32, 2, 4, False), (32, 4, 1, True)])
-def test_query_state_bwd_kernels(d, p, r, gating):
-    from vidrial.kernels.power_retention.query_state_bwd import query_state_bwd
+def test_query_state_bwd_kernels(d, p, r, gating, mma):
+    from vidrial.kernels.power_retention.query_state_bwd import FAMILY, QueryStateBwdKey, query_state_bwd
 
     b, h, c, n = 1, 2, 128, 3
     t, hq = n * c, h * r
     Q, K, V, lg, dt, scale, Y, O, l, m, Sb16, sb = _forward_pieces(b, t, hq, h, d, p, c, gating, 2)
     dY = torch.randn(b, t, hq, d, device=DEV, generator=gen(3)).bfloat16()
     gc = lg.view(b, n, c, h).cumsum(2).view(b, t, h) if gating else None
+    cfg = FAMILY.default_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": mma})
     poison()
-    out = query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c)
+    out = query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c, config=cfg)
     gz = gc.double() if gating else torch.zeros(b, t, h, device=DEV, dtype=F64)
     w = em.qs_bwd_rows(Q.double(), gz, Sb16[:, :n].double(), sb[:, :n].double(), O.double(), l.double(), m.double(),
                        Y.double(), dY.double(), p, dt, scale, c)
     for name, want in zip(("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg"), w):
-        assert rel_err(out[name], want) < 1e-3, name
+        if name == "dg":  # phi.dphi + dO.O + dl l: cancelling terms; error relative to their size
+            scale_terms = (out["dl"].abs() * l).norm().item()
+            assert (out[name].double() - want).norm().item() < (3e-3 if mma else 1e-4) * scale_terms, name
+            continue
+        assert rel_err(out[name], want) < (3e-3 if mma else 1e-3), name
     wS, ws = em.qs_bwd_state(Q.double(), out["qscale"].double(), out["dAh"].double(), out["dBh"].double(), h, p, dt,
                              scale, c)
     assert rel_err(out["dSbar"], wS) < 1e-4 and rel_err(out["dsbar"], ws) < 1e-4
@@ -241,6 +250,21 @@ def test_gradients_match_float64_autograd(case):
         assert a.grad.dtype == a.dtype and a.grad.shape == a.shape, name
         err = rel_err(a.grad, w.grad)
         assert err < 2e-2, f"{name}: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("case", [GRAD_CASES[1], GRAD_CASES[3], GRAD_CASES[8]], ids=["gqa-pad-state", "d128", "c1024"])
+def test_gradients_with_tensor_core_row_loops(case, monkeypatch):
+    """The same comparison with the row loops' GEMMs on tensor cores (RowLoopConfig.mma, tf32)."""
+    from vidrial import dispatch
+    from vidrial.kernels.power_retention import _bwd_util
+
+    monkeypatch.setattr(_bwd_util, "MMA_DEFAULT", True)
+    dispatch.reload()
+    try:
+        test_gradients_match_float64_autograd(case)
+    finally:
+        monkeypatch.setattr(_bwd_util, "MMA_DEFAULT", False)
+        dispatch.reload()
 
 
 def test_constant_and_varying_gate_both_match():
