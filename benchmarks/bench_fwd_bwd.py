@@ -227,6 +227,8 @@ def run_shape(name, shp, reps, retention_configs, split=True):
 
     ucfg_mma = UBF.default_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": True})
     qcfg_mma = QBF.default_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": True})
+    qscfg_mma = QBF.default_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt, stage="state")).model_copy(
+        update={"mma": True})
     ksplit = {
         "query_state_bwd (rows+state)": bench(
             lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c),
@@ -235,9 +237,9 @@ def run_shape(name, shp, reps, retention_configs, split=True):
         "update_state_bwd": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c), reps),
         "update_state_bwd (mma)": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c,
                                                                  config=ucfg_mma), reps),
-        "query_state_bwd (rows mma + state)": bench(
+        "query_state_bwd (mma)": bench(
             lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c,
-                                    config=qcfg_mma), reps),
+                                    config=qcfg_mma, state_config=qscfg_mma), reps),
         "intra_chunk_attention_bwd (dkv+dq)": bench(
             lambda: intra_chunk_attention_bwd(Q, K, V, gc, m, qs["dO"], qs["dl"], deg=p, scale=scale, chunk_size=c),
             reps),

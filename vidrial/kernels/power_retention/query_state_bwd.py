@@ -62,7 +62,8 @@ class QueryStateBwdKey(ProblemKey):
 
 
 def _state_smem_floats(d: int, F: int, rows: int) -> int:
-    return 2 * rows * (d + 1) + rows + F * rows
+    """S_PHI + F * SPS of the state pass (templates/query_state_bwd.cu.j2)."""
+    return -(-(rows * (d + 1)) // 4) * 4 + rows * (d + 8) + rows + F * (rows + 4)
 
 
 class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
@@ -79,7 +80,10 @@ class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
 
         bs = layout(key.head_dim, key.deg, key.d_tile).block_size
         if key.stage == "state":
-            return QueryStateBwdConfig(tile_f=64 if key.head_dim <= 64 else 32, warps=8, rows_per_lane=2)
+            from vidrial.kernels.power_retention import _bwd_util
+
+            return QueryStateBwdConfig(tile_f=64 if key.head_dim <= 64 else 32, warps=8, rows_per_lane=2,
+                                       mma=_bwd_util.MMA_DEFAULT)
         cfg = QueryStateBwdConfig(tile_f=max(64, min(bs, 256)), warps=8, rows_per_lane=2 if bs <= 64 else 1)
         from vidrial.kernels.power_retention import _bwd_util
 
@@ -112,8 +116,9 @@ class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
 
     def check(self, key: QueryStateBwdKey, config: QueryStateBwdConfig, arch: str) -> None:
         if key.stage == "state":
-            if config.mma:
-                raise ConfigError("mma", True, "the state pass has no tensor-core variant (use mma=False)")
+            if config.mma and (config.tile_f % 16 or (config.tile_f // 16) * (key.head_dim // 8) % config.warps):
+                raise ConfigError("mma", True, f"tensor-core tiling needs tile_f % 16 == 0 and the 16x8 tiles "
+                                               f"divided evenly over warps={config.warps}")
             acc = config.tile_f // config.warps * (key.head_dim // 32)
             if acc > 16:
                 raise ConfigError("tile_f", config.tile_f,
