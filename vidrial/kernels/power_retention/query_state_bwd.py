@@ -10,7 +10,8 @@ B = s^p phi(q~).sbar_nu, the stabiliser M = max(m, log B), Den = l e^(m-M) + B e
 ``stage="state"`` (CTA = one feature tile of one batch, KV head, chunk; sums the r query heads):
     dSbar_nu = s^p sum_rows phi(qh) dAh^T,  dsbar_nu = s^p sum_rows phi(qh) dBh.
 
-phi is formed tile by tile in shared memory, never written. fp32 SIMT.
+phi is formed tile by tile in shared memory, never written. The GEMMs run in fp32 on the CUDA cores,
+or with ``mma=True`` on the tensor cores (mma.sync m16n8k8 tf32, fp32 accumulate).
 """
 from __future__ import annotations
 

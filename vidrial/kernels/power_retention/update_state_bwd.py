@@ -6,7 +6,11 @@ Per chunk nu, KV head, key row tau (k~ = k exp((L - g_tau)/p), L = g at the chun
     dk_tau = chain(k~, dphi) exp((L - g_tau)/p),   e_tau = phi(k~).dphi
 
 (``e``: the gate's share, dg_tau -= e_tau, dL_nu += sum_tau e_tau). phi is formed tile by tile in
-shared memory and never written (templates/update_state_bwd.cu.j2, common/bwd_prims.cuh). fp32 SIMT.
+shared memory and never written (templates/update_state_bwd.cu.j2, common/bwd_prims.cuh RowLoop).
+CTA = 32 * rows_per_lane key rows of one chunk; the state dS_nu streams through shared memory in tiles
+of whole sympow blocks. The two GEMMs (dphi = dS v, dv = phi^T dS) run in fp32 on the CUDA cores, or
+with ``mma=True`` on the tensor cores (mma.sync m16n8k8 tf32, fp32 accumulate); phi, the gate term and
+the sympow chain rule always on the CUDA cores.
 """
 from __future__ import annotations
 
