@@ -227,6 +227,9 @@ def run_shape(name, shp, reps, retention_configs, split=True):
 
     ucfg_mma = UBF.default_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": True})
     qcfg_mma = QBF.default_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": True})
+    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import FAMILY as IBF, IntraBwdKey
+
+    icfg_mma = IBF.default_config(IntraBwdKey(head_dim=d, deg=p)).model_copy(update={"mma": True})
     qscfg_mma = QBF.default_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt, stage="state")).model_copy(
         update={"mma": True})
     ksplit = {
@@ -243,6 +246,9 @@ def run_shape(name, shp, reps, retention_configs, split=True):
         "intra_chunk_attention_bwd (dkv+dq)": bench(
             lambda: intra_chunk_attention_bwd(Q, K, V, gc, m, qs["dO"], qs["dl"], deg=p, scale=scale, chunk_size=c),
             reps),
+        "intra_chunk_attention_bwd (mma)": bench(
+            lambda: intra_chunk_attention_bwd(Q, K, V, gc, m, qs["dO"], qs["dl"], deg=p, scale=scale, chunk_size=c,
+                                              config=icfg_mma, dq_config=icfg_mma), reps),
         "forward op (all 4 fwd kernels)": bench(
             lambda: power_retention_fwd(Q, K, V, log_G, None, None, p, scale, c, dt, False), reps),
     }

@@ -29,6 +29,7 @@ __all__ = ["IntraBwdConfig", "IntraBwdKey", "FAMILY", "intra_chunk_attention_bwd
 
 class IntraBwdConfig(KernelConfig):
     tile: int = Field(64, description="queries and keys per tile (256 threads, (tile/16)^2 scores per thread)")
+    mma: bool = Field(False, description="the five GEMMs on tensor cores (mma.sync m16n8k8 tf32)")
 
     @model_validator(mode="after")
     def _valid(self):
@@ -56,7 +57,7 @@ class IntraBwdKey(ProblemKey):
 
 
 def _smem_floats(d: int, tile: int) -> int:
-    return 4 * tile * (d + 4) + 2 * tile * (tile + 4) + 4 * tile + 16 * tile
+    return 4 * tile * (d + 4) + 3 * tile * (tile + 4) + 4 * tile + 16 * tile
 
 
 class IntraBwdFamily(KernelFamily[IntraBwdKey, IntraBwdConfig]):
@@ -67,12 +68,14 @@ class IntraBwdFamily(KernelFamily[IntraBwdKey, IntraBwdConfig]):
     signature = ("ptr",) * 11 + ("i32",) * 6 + ("f32",)
 
     def default_config(self, key: IntraBwdKey) -> IntraBwdConfig:
-        return IntraBwdConfig(tile=64 if key.head_dim <= 64 else 32)
+        from vidrial.kernels.power_retention import _bwd_util
+
+        return IntraBwdConfig(tile=64 if key.head_dim <= 64 else 32, mma=_bwd_util.MMA_DEFAULT)
 
     def render_context(self, key: IntraBwdKey, config: IntraBwdConfig) -> dict[str, Any]:
         # 64-tiles: 1 CTA per SM minimum (registers up to 255: no spills); 32-tiles: 2
         return dict(head_dim=key.head_dim, deg=key.deg, tile=config.tile, in_type=DTYPE_NAMES[key.dtype],
-                    min_ctas=1 if config.tile == 64 else 2,
+                    min_ctas=1 if config.tile == 64 else 2, mma=config.mma,
                     pass_=key.stage, key_label=key.label(), config_label=config.label())
 
     def threads_per_block(self, config: IntraBwdConfig) -> int:
@@ -95,7 +98,8 @@ class IntraBwdFamily(KernelFamily[IntraBwdKey, IntraBwdConfig]):
 
     def corner_configs(self, key: IntraBwdKey) -> list[IntraBwdConfig]:
         out = []
-        for cfg in (self.default_config(key), IntraBwdConfig(tile=32), IntraBwdConfig(tile=64)):
+        for cfg in (self.default_config(key), IntraBwdConfig(tile=32), IntraBwdConfig(tile=64),
+                    self.default_config(key).model_copy(update={"mma": True})):
             try:
                 self.check(key, cfg, "sm_80")
                 out.append(cfg)
