@@ -82,8 +82,6 @@ def test_short_real_study_per_family(tmp_path, name):
     fam = families().get(name)
     if fam is None:
         pytest.skip("no kernel families registered")
-    if not _tunable(fam) and name == "update_state":
-        fam = T.update_state_tunable  # the same kernels, with the protocol supplied by vidrial.tuning.testing
     if not _tunable(fam):
         pytest.skip(f"{name} does not implement the tuner protocol (make_inputs/run/reference; docs/HELPERS.md)")
     from vidrial.tuning.search_space import SearchSpaceError, load_search_space

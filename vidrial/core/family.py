@@ -7,6 +7,7 @@ feasibility from compiled facts) is shared here."""
 from __future__ import annotations
 
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from functools import cached_property
 from typing import Any, ClassVar, Generic, TypeVar
@@ -77,8 +78,10 @@ class KernelFamily(ABC, Generic[K, C]):
         return template_hash(self.template)
 
     def entry_name(self, key: K, config: C) -> str:
-        digest = hashlib.sha256((key.model_dump_json() + config.model_dump_json()).encode()).hexdigest()
-        return f"{self.name}_{digest[:12]}"
+        """Only the compile-time part of the key names the kernel: a new runtime bucket (batch,
+        heads, chunks) reuses the same source, cubin and cache entry, so it never recompiles."""
+        text = json.dumps(key.compile_part(), sort_keys=True) + config.model_dump_json()
+        return f"{self.name}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
     def render(self, key: K, config: C) -> RenderedKernel:
         return render(self.template, self.entry_name(key, config), self.render_context(key, config))

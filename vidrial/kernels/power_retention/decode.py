@@ -242,15 +242,6 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
                               f"registers per thread (> {REGISTER_BUDGET}): use load_bytes=8 or a smaller unroll")
         super().check(key, config, arch)
 
-    def entry_name(self, key: DecodeKey, config: DecodeConfig) -> str:
-        """Only the compile-time part of the key names the kernel: a new b*h bucket reuses the same
-        source, cubin and cache entry (no recompile for a new batch size)."""
-        import hashlib
-        import json
-
-        text = json.dumps(key.compile_part(), sort_keys=True) + config.model_dump_json()
-        return f"{self.name}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-
     def threads_per_block(self, config: DecodeConfig) -> int:
         return config.warps * 32
 

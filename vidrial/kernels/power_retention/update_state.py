@@ -164,15 +164,6 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
     # K, V, log_G, block table, S, s, heads, n_chunks, K strides (b,t,h), V strides, log_G strides
     signature = ("ptr",) * 6 + ("i32", "i32") + ("i64",) * 9
 
-    def entry_name(self, key: UpdateStateKey, config: UpdateStateConfig) -> str:
-        """Only the compile-time part of the key names the kernel: a new runtime bucket (batch,
-        heads, chunks) reuses the same source, cubin and cache entry."""
-        import hashlib
-        import json
-
-        text = json.dumps(key.compile_part(), sort_keys=True) + config.model_dump_json()
-        return f"{self.name}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-
     # ---- configs ---------------------------------------------------------------------------
     @staticmethod
     def _largest_tile_k(chunk: int, cap: int = 64) -> int:
@@ -276,6 +267,50 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
 
     def grid(self, key: UpdateStateKey, config: UpdateStateConfig, bh_chunks: int) -> tuple[int, int, int]:
         return (math.ceil(key.feature_dim / config.tile_m) * bh_chunks, 1, 1)
+
+    # ---- tuner protocol (vidrial/tuning): inputs, a run, the float64 reference -------------------
+    def make_inputs(self, key: UpdateStateKey, device: Any, seed: int) -> dict[str, Any]:
+        """One problem of `key`: up to 8 heads, enough chunks to fill the bucket, logsigmoid gates;
+        the reference checks the first head and first two chunks (bounds its memory)."""
+        import torch
+
+        h = min(8, key.bh_chunks_bucket)
+        n = max(1, key.bh_chunks_bucket // h)
+        t, d = n * key.chunk_size, key.head_dim
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[key.dtype]
+        gen = torch.Generator(device=device).manual_seed(seed)
+        K = (torch.randn(1, t, h, d, device=device, generator=gen) / d**0.25).to(dtype)
+        V = torch.randn(1, t, h, d, device=device, generator=gen).to(dtype)
+        G = (torch.nn.functional.logsigmoid(torch.randn(1, t, h, device=device, generator=gen) + 3.0)
+             if key.gating else None)
+        return {"K": K, "V": V, "G": G}
+
+    def run(self, key: UpdateStateKey, config: UpdateStateConfig, inputs: dict[str, Any]) -> Any:
+        return update_state(inputs["K"], inputs["V"], inputs["G"], deg=key.deg, d_tile=key.d_tile,
+                            chunk_size=key.chunk_size, config=config)
+
+    def reference(self, key: UpdateStateKey, inputs: dict[str, Any]) -> Any:
+        from vidrial.kernels.power_retention.reference import update_state_reference
+
+        m = min(2, inputs["K"].shape[1] // key.chunk_size) * key.chunk_size
+        G = inputs["G"][:, :m, :1] if inputs["G"] is not None else None
+        return update_state_reference(inputs["K"][:, :m, :1], inputs["V"][:, :m, :1], G, key.deg, key.d_tile,
+                                      key.chunk_size)
+
+    def check_outputs(self, key: UpdateStateKey, inputs: dict[str, Any], outputs: Any, expected: Any) -> float:
+        import torch
+
+        (S, s), (S_ref, s_ref) = outputs, expected
+        nm = S_ref.shape[1]
+        err = 0.0
+        for out, ref in ((S[:, :nm, :1], S_ref), (s[:, :nm, :1], s_ref)):
+            if not torch.isfinite(out).all():
+                return float("inf")
+            err = max(err, ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item())
+        return err
+
+    def tolerance(self, key: UpdateStateKey) -> float:
+        return (1e-2 if key.dtype == "bf16" else 3e-3) * (1.5 if key.deg == 4 else 1.0)
 
 
 family: UpdateStateFamily = register(UpdateStateFamily())  # type: ignore[assignment]

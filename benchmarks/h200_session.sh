@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One batched call on the H200 test machine (see ../shared/gpu/README.md):
+#   GPU test suite (files in parallel groups: compile-bound, correctness only),
+#   then tuning of the shape-A/B keys (alone on the GPU), then `vidrial bench`.
+# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|tune|bench ...]
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VIDRIAL_CACHE_DIR=/tmp/vidrial-cache
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/gpu.txt" 2>&1
+STEPS=${*:-tests tune bench}
+TEST_BUDGET=${TEST_BUDGET:-270}; TUNE_TRIALS=${TUNE_TRIALS:-10}; BENCH_BUDGET=${BENCH_BUDGET:-90}
+
+run_tests() {
+  local groups=(
+    "tests/gpu/test_backward_gpu.py"
+    "tests/gpu/test_inference_gpu.py"
+    "tests/gpu/test_forward_gpu.py"
+    "tests/gpu/test_intra_chunk_attention_gpu.py tests/gpu/test_launch_gpu.py"
+    "tests/gpu/test_update_state_gpu.py tests/gpu/test_dispatch_gpu.py"
+    "tests/gpu/test_tuner_gpu.py tests/gpu/test_bench_gpu.py"
+  )
+  local i=0
+  for g in "${groups[@]}"; do
+    timeout "$TEST_BUDGET" python3 -m pytest -m gpu -v -rfEs -p no:cacheprovider $g > "$OUT/tests-$i.txt" 2>&1 &
+    i=$((i + 1))
+  done
+  wait
+  for f in "$OUT"/tests-*.txt; do echo "== $f: $(tail -1 "$f")"; done
+  grep -h -E "^(FAILED|ERROR)" "$OUT"/tests-*.txt | head -40
+}
+
+run_tune() {
+  # Shapes A (b=1,t=64k) and B (b=8,t=8k) at h=8, d=64, p=2, chunk 1024, bf16, gated; decode at b=1/8/64.
+  local common="--trials $TUNE_TRIALS --timeout 15 --out $OUT/tune --tuned-dir $OUT/tuned --no-progress --job-timeout 60"
+  for k in \
+    'update_state|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","chunk_size":1024,"gating":true,"bh_chunks_bucket":512}' \
+    'intra_chunk_attention|{"head_dim":64,"deg":2,"dtype":"bf16","chunk_size":1024,"gating":true,"normalize":false,"bh_bucket":8,"t_bucket":65536}' \
+    'intra_chunk_attention|{"head_dim":64,"deg":2,"dtype":"bf16","chunk_size":1024,"gating":true,"normalize":false,"bh_bucket":64,"t_bucket":8192}' \
+    'query_state|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bfloat16","o_dtype":"float32","chunk_size":1024,"tokens":65536}' \
+    'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":64}' \
+    'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":8}' \
+    'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":512}'; do
+    timeout 45 python3 -m vidrial tune $common --kernel "${k%%|*}" --key "${k#*|}" 2>&1 | tail -8
+  done
+  VIDRIAL_TUNED_DIR=$OUT/tuned python3 -m vidrial show 2>&1 | tail -20 || true
+}
+
+run_bench() {
+  VIDRIAL_TUNED_DIR=$OUT/tuned timeout $((BENCH_BUDGET + 60)) python3 -m vidrial bench --preset quick \
+    --budget "$BENCH_BUDGET" --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt" | tail -60
+}
+
+for s in $STEPS; do echo "##### $s $(date -u +%T)"; "run_$s"; done
+echo "##### done $(date -u +%T)"
