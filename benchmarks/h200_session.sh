@@ -12,21 +12,20 @@ STEPS=${*:-tests tune bench}
 TEST_BUDGET=${TEST_BUDGET:-270}; TUNE_TRIALS=${TUNE_TRIALS:-10}; BENCH_BUDGET=${BENCH_BUDGET:-90}
 
 run_tests() {
-  local groups=(
+  local groups=(${TEST_GROUPS:-
     "tests/gpu/test_backward_gpu.py"
     "tests/gpu/test_inference_gpu.py"
     "tests/gpu/test_forward_gpu.py"
     "tests/gpu/test_intra_chunk_attention_gpu.py tests/gpu/test_launch_gpu.py"
     "tests/gpu/test_update_state_gpu.py tests/gpu/test_dispatch_gpu.py"
-    "tests/gpu/test_tuner_gpu.py tests/gpu/test_bench_gpu.py"
-  )
+    "tests/gpu/test_tuner_gpu.py tests/gpu/test_bench_gpu.py"})
   local i=0
   for g in "${groups[@]}"; do
     timeout "$TEST_BUDGET" python3 -m pytest -m gpu -v -rfEs -p no:cacheprovider $g > "$OUT/tests-$i.txt" 2>&1 &
     i=$((i + 1))
   done
   wait
-  for f in "$OUT"/tests-*.txt; do echo "== $f: $(tail -1 "$f")"; done
+  for f in "$OUT"/tests-*.txt; do [ -f "$f" ] || continue; echo "== $f: $(tail -1 "$f")"; done
   grep -h -E "^(FAILED|ERROR)" "$OUT"/tests-*.txt | head -40
 }
 
@@ -43,12 +42,14 @@ run_tune() {
     'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":512}'; do
     timeout 45 python3 -m vidrial tune $common --kernel "${k%%|*}" --key "${k#*|}" 2>&1 | tail -8
   done
-  VIDRIAL_TUNED_DIR=$OUT/tuned python3 -m vidrial show 2>&1 | tail -20 || true
+  VIDRIAL_TUNED_DIR=$OUT/tuned python3 -m vidrial show 2>&1 | head -40 || true
+  # $OUT returns at most 8 files: the store and the reports travel as one archive
+  tar -C "$OUT" -czf "$OUT/tune.tgz" tuned tune && rm -rf "$OUT/tuned" "$OUT/tune"
 }
 
 run_bench() {
   VIDRIAL_TUNED_DIR=$OUT/tuned timeout $((BENCH_BUDGET + 60)) python3 -m vidrial bench --preset quick \
-    --budget "$BENCH_BUDGET" --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt" | tail -60
+    --budget "$BENCH_BUDGET" --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | tail -60
 }
 
 for s in $STEPS; do echo "##### $s $(date -u +%T)"; "run_$s"; done

@@ -15,9 +15,9 @@ IN_DTYPES = ("bfloat16", "float16")
 
 # Default of RowLoopConfig.mma in the families' default_config (tensor cores for the two GEMMs of
 # update_state_bwd and the query_state_bwd rows pass). CPU-verified (tests/bwd_host_emu.py emulates
-# mma.sync m16n8k8 tf32 from its documented fragment layout); flip to True once the GPU tests pass
-# with it (tests/gpu/test_backward_gpu.py runs both).
-MMA_DEFAULT = False
+# mma.sync m16n8k8 tf32 from its documented fragment layout); GPU-verified on the H200 2026-11-28
+# (tests/gpu/test_backward_gpu.py runs both paths: 43 passed).
+MMA_DEFAULT = True
 
 
 class RowLoopConfig(KernelConfig):
