@@ -146,7 +146,11 @@ def test_query_state_bwd_kernels(d, p, r, gating, mma):
         assert rel_err(out[name], want) < (3e-3 if mma else 1e-3), name
     wS, ws = em.qs_bwd_state(Q.double(), out["qscale"].double(), out["dAh"].double(), out["dBh"].double(), h, p, dt,
                              scale, c)
-    assert rel_err(out["dSbar"], wS) < 1e-4 and rel_err(out["dsbar"], ws) < 1e-4
+    # the state pass runs its default config: tensor cores (tf32, ~3e-4) when MMA_DEFAULT, else fp32
+    from vidrial.kernels.power_retention import _bwd_util
+
+    state_tol = 1e-3 if _bwd_util.MMA_DEFAULT else 1e-4
+    assert rel_err(out["dSbar"], wS) < state_tol and rel_err(out["dsbar"], ws) < state_tol
 
 
 @pytest.mark.parametrize("mma", [False, True])
