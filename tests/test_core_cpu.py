@@ -152,3 +152,36 @@ def test_cache_stats_and_clear(tmp_path, monkeypatch):
     assert compiling.cache_stats()["entries"] == 1
     compiling.clear_cache()
     assert compiling.cache_stats()["entries"] == 0
+
+
+def test_declarative_field_rules_name_field_value_and_rule():
+    from typing import ClassVar
+
+    import pydantic
+
+    from vidrial.core.config import KernelConfig
+    from vidrial.core.rules import Between, MultipleOf, OneOf, PowerOfTwo, Rule
+
+    class Cfg(KernelConfig):
+        RULES: ClassVar[dict[str, Rule]] = {"warps": OneOf((2, 4), "whole warps"), "stages": Between(2, 4),
+                                            "tile": MultipleOf(16, 16, 64), "chunk": MultipleOf(16, allow_zero=True),
+                                            "bucket": PowerOfTwo()}
+        warps: int = 4
+        stages: int = 2
+        tile: int = 32
+        chunk: int = 0
+        bucket: int = 8
+
+        @pydantic.model_validator(mode="after")
+        def _split(self) -> "Cfg":  # runs after the rules: may rely on warps being valid
+            assert self.warps in (2, 4)
+            return self
+
+    assert Cfg().warps == 4 and Cfg(chunk=32).chunk == 32
+    bad = {"warps": (3, "one of (2, 4) (whole warps)"), "stages": (5, "between 2 and 4"),
+           "tile": (80, "a positive multiple of 16 between 16 and 64"), "chunk": (8, "0 or a positive multiple of 16"),
+           "bucket": (6, "a power of two >= 1")}
+    for name, (value, text) in bad.items():
+        with pytest.raises(pydantic.ValidationError) as err:
+            Cfg(**{name: value})
+        assert f"{name}={value}: {text}" in str(err.value)

@@ -7,11 +7,24 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from vidrial.core.errors import ConfigError
+from vidrial.core.rules import Rule
 
 
 class FrozenModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # simple per-field rules (vidrial.core.rules), checked before the subclasses' model validators
+    RULES: ClassVar[dict[str, Rule]] = {}
+
+    @model_validator(mode="after")
+    def _apply_rules(self) -> "FrozenModel":
+        for name, rule in self.RULES.items():
+            value = getattr(self, name)
+            if not rule.ok(value):
+                raise ConfigError(name, value, rule.describe())
+        return self
 
     def label(self) -> str:
         """Compact one-line form for tables and logs: 'tile_m=64 warps=4 ...'."""

@@ -32,11 +32,12 @@ import math
 from functools import cache
 from typing import Any, ClassVar, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import model_validator
 
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
+from vidrial.core.rules import Between, MultipleOf, OneOf, PowerOfTwo, Rule
 from vidrial.kernels import register
 from vidrial.kernels.power_retention.sympow import SUPPORTED_DEGREES, default_d_tile, layout
 
@@ -65,6 +66,12 @@ class DecodeConfig(KernelConfig):
     per cache CTA; unroll: state loads in flight per thread; load_bytes: bytes per state load;
     min_ctas: __launch_bounds__ minimum CTAs per SM (caps registers per thread, raises occupancy)."""
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "min_ctas": Between(1, 4, "__launch_bounds__ minimum CTAs per SM"),
+        "tile_f": OneOf(TILE_FS), "warps": OneOf(WARP_CHOICES), "cache_tile": OneOf(CACHE_TILES),
+        "unroll": OneOf(UNROLLS), "load_bytes": OneOf(LOAD_BYTES),
+    }
+
     tile_f: int = 128
     warps: int = 8
     cache_tile: int = 64
@@ -72,52 +79,14 @@ class DecodeConfig(KernelConfig):
     load_bytes: int = 16
     min_ctas: int = 1
 
-    @field_validator("min_ctas")
-    @classmethod
-    def _min_ctas(cls, v: int) -> int:
-        if not 1 <= v <= 4:
-            raise ConfigError("min_ctas", v, "between 1 and 4 (__launch_bounds__ minimum CTAs per SM)")
-        return v
-
-    @field_validator("tile_f")
-    @classmethod
-    def _tile_f(cls, v: int) -> int:
-        if v not in TILE_FS:
-            raise ConfigError("tile_f", v, f"one of {TILE_FS}")
-        return v
-
-    @field_validator("warps")
-    @classmethod
-    def _warps(cls, v: int) -> int:
-        if v not in WARP_CHOICES:
-            raise ConfigError("warps", v, f"one of {WARP_CHOICES}")
-        return v
-
-    @field_validator("cache_tile")
-    @classmethod
-    def _ct(cls, v: int) -> int:
-        if v not in CACHE_TILES:
-            raise ConfigError("cache_tile", v, f"one of {CACHE_TILES}")
-        return v
-
-    @field_validator("unroll")
-    @classmethod
-    def _unroll(cls, v: int) -> int:
-        if v not in UNROLLS:
-            raise ConfigError("unroll", v, f"one of {UNROLLS}")
-        return v
-
-    @field_validator("load_bytes")
-    @classmethod
-    def _lb(cls, v: int) -> int:
-        if v not in LOAD_BYTES:
-            raise ConfigError("load_bytes", v, f"one of {LOAD_BYTES}")
-        return v
-
 
 class DecodeKey(ProblemKey):
     """Compile-time: layout (head_dim, deg, d_tile, state_dtype), Q/K/V dtype, GQA group, new tokens
     per step (q_len), gating. Runtime bucket: b * kv_heads."""
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "head_dim": OneOf(HEAD_DIMS), "deg": OneOf(SUPPORTED_DEGREES), "bh_bucket": PowerOfTwo(),
+    }
 
     COMPILE_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "deg", "d_tile", "dtype", "state_dtype", "group",
                                                  "q_len", "gating")
@@ -131,27 +100,6 @@ class DecodeKey(ProblemKey):
     q_len: int = 1
     gating: bool = True
     bh_bucket: int = 64
-
-    @field_validator("head_dim")
-    @classmethod
-    def _head_dim(cls, v: int) -> int:
-        if v not in HEAD_DIMS:
-            raise ConfigError("head_dim", v, f"one of {HEAD_DIMS}")
-        return v
-
-    @field_validator("deg")
-    @classmethod
-    def _deg(cls, v: int) -> int:
-        if v not in SUPPORTED_DEGREES:
-            raise ConfigError("deg", v, f"one of {SUPPORTED_DEGREES}")
-        return v
-
-    @field_validator("bh_bucket")
-    @classmethod
-    def _bucket(cls, v: int) -> int:
-        if v < 1 or v & (v - 1):
-            raise ConfigError("bh_bucket", v, "a power of two >= 1")
-        return v
 
     @model_validator(mode="after")
     def _valid(self) -> "DecodeKey":

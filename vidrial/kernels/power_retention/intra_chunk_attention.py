@@ -29,11 +29,12 @@ import math
 from functools import cache
 from typing import Any, ClassVar, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import model_validator
 
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
+from vidrial.core.rules import Between, MultipleOf, OneOf, PowerOfTwo, Rule
 from vidrial.kernels import register
 from vidrial.kernels.power_retention.sympow import SUPPORTED_DEGREES
 
@@ -67,6 +68,12 @@ class IntraChunkAttentionConfig(KernelConfig):
     q_in_regs: keep the Q fragments in registers for the whole key loop (else re-read them from
     shared memory at every k-step: fewer registers, more shared-memory traffic)."""
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "tile_m": OneOf(TILE_MS), "tile_n": OneOf(TILE_NS, "16-key MMA steps"), "warps": OneOf(WARP_CHOICES),
+        "stages": Between(2, 4, "cp.async pipeline depth"),
+        "rescale_log2": Between(0, 12, "P <= 2^rescale_log2 must fit fp16"), "min_ctas": Between(1, 4),
+    }
+
     tile_m: int = 128
     tile_n: int = 64
     warps: int = 4
@@ -74,48 +81,6 @@ class IntraChunkAttentionConfig(KernelConfig):
     rescale_log2: int = 8
     min_ctas: int = 1
     q_in_regs: bool = True
-
-    @field_validator("tile_m")
-    @classmethod
-    def _tile_m(cls, v: int) -> int:
-        if v not in TILE_MS:
-            raise ConfigError("tile_m", v, f"one of {TILE_MS}")
-        return v
-
-    @field_validator("tile_n")
-    @classmethod
-    def _tile_n(cls, v: int) -> int:
-        if v not in TILE_NS:
-            raise ConfigError("tile_n", v, f"one of {TILE_NS} (16-key MMA steps)")
-        return v
-
-    @field_validator("warps")
-    @classmethod
-    def _warps(cls, v: int) -> int:
-        if v not in WARP_CHOICES:
-            raise ConfigError("warps", v, f"one of {WARP_CHOICES}")
-        return v
-
-    @field_validator("stages")
-    @classmethod
-    def _stages(cls, v: int) -> int:
-        if not 2 <= v <= 4:
-            raise ConfigError("stages", v, "between 2 and 4 (cp.async pipeline depth)")
-        return v
-
-    @field_validator("rescale_log2")
-    @classmethod
-    def _rescale(cls, v: int) -> int:
-        if not 0 <= v <= 12:
-            raise ConfigError("rescale_log2", v, "between 0 and 12 (P <= 2^rescale_log2 must fit fp16)")
-        return v
-
-    @field_validator("min_ctas")
-    @classmethod
-    def _min_ctas(cls, v: int) -> int:
-        if not 1 <= v <= 4:
-            raise ConfigError("min_ctas", v, "between 1 and 4")
-        return v
 
     @model_validator(mode="after")
     def _split(self) -> "IntraChunkAttentionConfig":
@@ -141,6 +106,12 @@ class IntraChunkAttentionKey(ProblemKey):
 
     chunk_size 0 means the quadratic path (one causal block over the whole sequence)."""
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "head_dim": OneOf(HEAD_DIMS), "deg": OneOf(SUPPORTED_DEGREES),
+        "chunk_size": MultipleOf(16, allow_zero=True, why="0 is the quadratic path"),
+        "bh_bucket": PowerOfTwo(), "t_bucket": PowerOfTwo(),
+    }
+
     COMPILE_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "deg", "dtype", "chunk_size", "gating", "normalize")
 
     head_dim: int
@@ -151,34 +122,6 @@ class IntraChunkAttentionKey(ProblemKey):
     normalize: bool = False
     bh_bucket: int = 8  # power of two >= batch * q_heads
     t_bucket: int = 65536  # power of two >= t
-
-    @field_validator("head_dim")
-    @classmethod
-    def _head_dim(cls, v: int) -> int:
-        if v not in HEAD_DIMS:
-            raise ConfigError("head_dim", v, f"one of {HEAD_DIMS}")
-        return v
-
-    @field_validator("deg")
-    @classmethod
-    def _deg(cls, v: int) -> int:
-        if v not in SUPPORTED_DEGREES:
-            raise ConfigError("deg", v, f"one of {SUPPORTED_DEGREES}")
-        return v
-
-    @field_validator("chunk_size")
-    @classmethod
-    def _chunk(cls, v: int) -> int:
-        if v != 0 and (v < 16 or v % 16):
-            raise ConfigError("chunk_size", v, "0 (quadratic path) or a positive multiple of 16")
-        return v
-
-    @field_validator("bh_bucket", "t_bucket")
-    @classmethod
-    def _bucket(cls, v: int) -> int:
-        if v < 1 or v & (v - 1):
-            raise ConfigError("bucket", v, "a power of two >= 1")
-        return v
 
 
 def _register_estimate(key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig) -> int:

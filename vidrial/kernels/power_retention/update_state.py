@@ -13,12 +13,13 @@ import math
 from functools import cache
 from typing import Any, ClassVar, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import model_validator
 
 from vidrial.core.arch import arch_limits
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
+from vidrial.core.rules import Between, MultipleOf, OneOf, PowerOfTwo, Rule
 from vidrial.kernels import register
 from vidrial.kernels.power_retention.sympow import SUPPORTED_DEGREES, default_d_tile, layout
 
@@ -42,46 +43,17 @@ class UpdateStateConfig(KernelConfig):
     warps: warps per CTA (they split tile_m); stages: cp.async pipeline depth (K and V tiles);
     min_ctas: __launch_bounds__ minimum CTAs per SM (steers ptxas' register allocation)."""
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "tile_m": MultipleOf(16, 16, 1024, why="MMA rows are 16"),
+        "tile_k": OneOf(TILE_KS, "16-step MMA reduction, 32-step panels"), "warps": OneOf(WARP_CHOICES),
+        "stages": Between(2, 6, "cp.async pipeline depth"), "min_ctas": Between(1, 4),
+    }
+
     tile_m: int = 128
     tile_k: int = 64
     warps: int = 4
     stages: int = 3
     min_ctas: int = 1
-
-    @field_validator("tile_m")
-    @classmethod
-    def _tile_m(cls, v: int) -> int:
-        if v < 16 or v > 1024 or v % 16:
-            raise ConfigError("tile_m", v, "a multiple of 16 between 16 and 1024 (MMA rows are 16)")
-        return v
-
-    @field_validator("tile_k")
-    @classmethod
-    def _tile_k(cls, v: int) -> int:
-        if v not in TILE_KS:
-            raise ConfigError("tile_k", v, f"one of {TILE_KS} (16-step MMA reduction, 32-step panels)")
-        return v
-
-    @field_validator("warps")
-    @classmethod
-    def _warps(cls, v: int) -> int:
-        if v not in WARP_CHOICES:
-            raise ConfigError("warps", v, f"one of {WARP_CHOICES}")
-        return v
-
-    @field_validator("stages")
-    @classmethod
-    def _stages(cls, v: int) -> int:
-        if not 2 <= v <= 6:
-            raise ConfigError("stages", v, "between 2 and 6 (cp.async pipeline depth)")
-        return v
-
-    @field_validator("min_ctas")
-    @classmethod
-    def _min_ctas(cls, v: int) -> int:
-        if not 1 <= v <= 4:
-            raise ConfigError("min_ctas", v, "between 1 and 4")
-        return v
 
     @model_validator(mode="after")
     def _split(self) -> "UpdateStateConfig":
@@ -98,6 +70,11 @@ class UpdateStateConfig(KernelConfig):
 class UpdateStateKey(ProblemKey):
     """Compile-time layout and shape constants, plus a bucket of the runtime work size."""
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "head_dim": OneOf(HEAD_DIMS), "deg": OneOf(SUPPORTED_DEGREES), "chunk_size": MultipleOf(16),
+        "bh_chunks_bucket": PowerOfTwo(),
+    }
+
     COMPILE_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "deg", "d_tile", "dtype", "chunk_size", "gating")
 
     head_dim: int
@@ -107,34 +84,6 @@ class UpdateStateKey(ProblemKey):
     chunk_size: int = 1024
     gating: bool = True
     bh_chunks_bucket: int = 512  # power of two >= b * h * n_chunks
-
-    @field_validator("head_dim")
-    @classmethod
-    def _head_dim(cls, v: int) -> int:
-        if v not in HEAD_DIMS:
-            raise ConfigError("head_dim", v, f"one of {HEAD_DIMS}")
-        return v
-
-    @field_validator("deg")
-    @classmethod
-    def _deg(cls, v: int) -> int:
-        if v not in SUPPORTED_DEGREES:
-            raise ConfigError("deg", v, f"one of {SUPPORTED_DEGREES}")
-        return v
-
-    @field_validator("chunk_size")
-    @classmethod
-    def _chunk(cls, v: int) -> int:
-        if v < 16 or v % 16:
-            raise ConfigError("chunk_size", v, "a positive multiple of 16")
-        return v
-
-    @field_validator("bh_chunks_bucket")
-    @classmethod
-    def _bucket(cls, v: int) -> int:
-        if v < 1 or v & (v - 1):
-            raise ConfigError("bh_chunks_bucket", v, "a power of two >= 1")
-        return v
 
     @model_validator(mode="after")
     def _layout(self) -> "UpdateStateKey":
