@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 
 import torch
+
+from vidrial.tuning.measure import time_cuda
 
 SHAPES = {
     "A": dict(b=1, t=65536, h=8, d=64, p=2, chunk=1024),
@@ -29,30 +30,9 @@ SHAPES = {
 ANCHOR_RETENTION_MS = {"A": 5.80, "B": 5.97}
 ANCHOR_SDPA_MS = {"A": 9.57, "B": 1.26}
 
-_FLUSH = None
-
-
-def flush_l2():
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    _FLUSH.zero_()
-
-
 def bench(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush_l2()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median ms of fn() over `reps` runs: CUDA events, L2 flushed before each (vidrial.tuning.measure)."""
+    return time_cuda(fn, warmup=warmup, repeats=reps).median_ms
 
 
 def useful_flops(b, t, h, d, p, c) -> float:

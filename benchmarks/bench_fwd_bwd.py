@@ -15,41 +15,21 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 
 import torch
+
+from vidrial.tuning.measure import time_cuda
 
 SHAPES = {
     "A": dict(b=1, t=65536, h=8, d=64, p=2, chunk=1024),
     "B": dict(b=8, t=8192, h=8, d=64, p=2, chunk=1024),
 }
 ANCHOR_MS = {"A": dict(retention=17.05, sdpa=34.40), "B": dict(retention=17.19, sdpa=4.61)}
-_FLUSH = None
-
-
-def flush_l2():
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    _FLUSH.zero_()
-
-
 def bench(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush_l2()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median ms of fn() over `reps` runs: CUDA events, L2 flushed before each (vidrial.tuning.measure)."""
+    return time_cuda(fn, warmup=warmup, repeats=reps).median_ms
 
 
 def peak_mb(fn, leaves=()) -> float:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,8 @@ if str(_REPO) not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from vidrial.tuning.measure import time_cuda  # noqa: E402
 
 from vidrial.kernels.power_retention.intra_chunk_attention import (  # noqa: E402
     IntraChunkAttentionConfig as Config,
@@ -68,30 +69,9 @@ SWEEP = [
     Config(tile_m=128, tile_n=64, warps=4, stages=2, rescale_log2=0),
 ]
 
-_FLUSH = None
-
-
-def _flush():
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
-    _FLUSH.zero_()
-
-
 def time_ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        _flush()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms of fn() over `reps` runs: CUDA events, L2 flushed before each (vidrial.tuning.measure)."""
+    return time_cuda(fn, warmup=warmup, repeats=reps).median_ms
 
 
 def make_inputs(b, t, h, d, gating, seed=0, **_):

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from vidrial.tuning.measure import time_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,30 +45,9 @@ SWEEP = [  # (tile_m, tile_k, warps, stages, min_ctas)
 ]
 SWEEP_D_TILES = (8, 1)
 
-_FLUSH = None
-
-
-def flush_l2():
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
-    _FLUSH.zero_()
-
-
 def time_ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush_l2()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms of fn() over `reps` runs: CUDA events, L2 flushed before each (vidrial.tuning.measure)."""
+    return time_cuda(fn, warmup=warmup, repeats=reps).median_ms
 
 
 def inputs(b, t, seed=0):
