@@ -2,7 +2,7 @@
 intra_chunk_attention_bwd): the row-loop geometry of templates/common/bwd_prims.cuh, arch lookup."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field, model_validator
 
@@ -84,6 +84,38 @@ def check_row_loop(head_dim: int, deg: int, d_tile: int, cfg: RowLoopConfig, max
 
 
 _ARCH: dict[int, str] = {}
+
+
+C = TypeVar("C", bound=RowLoopConfig)
+
+
+def default_row_loop(config_cls: type[C], head_dim: int, deg: int, d_tile: int) -> C:
+    """The row-loop families' default: a feature tile of one to four sympow blocks, 8 warps, and the
+    tensor cores (MMA_DEFAULT) where the tiling allows them."""
+    from vidrial.core.errors import ConfigError
+    from vidrial.kernels.power_retention.sympow import layout
+
+    bs = layout(head_dim, deg, d_tile).block_size
+    cfg = config_cls(tile_f=max(64, min(bs, 256)), warps=8, rows_per_lane=2 if bs <= 64 else 1)
+    if MMA_DEFAULT:
+        mma = cfg.model_copy(update={"mma": True})
+        try:
+            check_row_loop(head_dim, deg, d_tile, mma)
+            return mma
+        except ConfigError:
+            pass
+    return cfg
+
+
+def row_loop_context(key: Any, config: RowLoopConfig) -> dict[str, Any]:
+    """Template variables shared by the row-loop templates (key: head_dim, deg, d_tile, dtype)."""
+    from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES
+
+    geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
+    return dict(head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile, n_blocks=geo["n_blocks"],
+                blocks_per_tile=geo["blocks_per_tile"], warps=config.warps, rows_per_lane=config.rows_per_lane,
+                min_ctas=1 if config.rows_per_lane == 2 else 2,  # registers: 255 (no spills) / 128
+                mma=config.mma, in_type=DTYPE_NAMES[key.dtype], key_label=key.label(), config_label=config.label())
 
 
 def device_arch(device) -> str:

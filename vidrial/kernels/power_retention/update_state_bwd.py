@@ -28,11 +28,13 @@ from vidrial.kernels.power_retention._bwd_util import (
     stream_of,
     RowLoopConfig,
     check_row_loop,
+    default_row_loop,
     ptr,
+    row_loop_context,
     row_loop_geometry,
     row_loop_smem_floats,
 )
-from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pow2_bucket
+from vidrial.kernels.power_retention._fwd_util import block_table, compile_key, pow2_bucket
 
 __all__ = ["UpdateStateBwdConfig", "UpdateStateBwdKey", "FAMILY", "update_state_bwd"]
 
@@ -67,29 +69,10 @@ class UpdateStateBwdFamily(KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]
     signature = ("ptr",) * 9 + ("i32",) * 5
 
     def default_config(self, key: UpdateStateBwdKey) -> UpdateStateBwdConfig:
-        from vidrial.kernels.power_retention.sympow import layout
-
-        bs = layout(key.head_dim, key.deg, key.d_tile).block_size
-        cfg = UpdateStateBwdConfig(tile_f=max(64, min(bs, 256)), warps=8, rows_per_lane=2 if bs <= 64 else 1)
-        from vidrial.kernels.power_retention import _bwd_util
-
-        if _bwd_util.MMA_DEFAULT:
-            mma = cfg.model_copy(update={"mma": True})
-            try:
-                check_row_loop(key.head_dim, key.deg, key.d_tile, mma)
-                return mma
-            except ConfigError:
-                pass
-        return cfg
+        return default_row_loop(UpdateStateBwdConfig, key.head_dim, key.deg, key.d_tile)
 
     def render_context(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> dict[str, Any]:
-        geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
-        return dict(head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile, n_blocks=geo["n_blocks"],
-                    blocks_per_tile=geo["blocks_per_tile"], warps=config.warps, rows_per_lane=config.rows_per_lane,
-                    min_ctas=1 if config.rows_per_lane == 2 else 2,  # registers: 255 (no spills) / 128
-                    mma=config.mma,
-                    in_type=DTYPE_NAMES[key.dtype],
-                    key_label=key.label(), config_label=config.label())
+        return row_loop_context(key, config)
 
     def threads_per_block(self, config: UpdateStateBwdConfig) -> int:
         return config.warps * 32
