@@ -2,7 +2,7 @@
 # One batched call on the H200 test machine (see ../shared/gpu/README.md):
 #   GPU test suite (files in parallel groups: compile-bound, correctness only),
 #   then tuning of the shape-A/B keys (alone on the GPU), then `vidrial bench`.
-# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|tune|bench ...]
+# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|tune|bench|profile ...]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VIDRIAL_CACHE_DIR=/tmp/vidrial-cache
@@ -50,6 +50,15 @@ run_tune() {
 run_bench() {
   VIDRIAL_TUNED_DIR=$OUT/tuned timeout $((BENCH_BUDGET + 60)) python3 -m vidrial bench --preset quick \
     --budget "$BENCH_BUDGET" --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | tail -60
+}
+
+run_profile() {
+  # Nsight Compute over one fwd+bwd at shape A (clocks left alone); text summary back in one file
+  timeout 400 ncu --clock-control none --profile-from-start off --set full -o "$OUT/fwd_bwd" -f \
+    python3 benchmarks/profile_fwd_bwd.py --shape A > "$OUT/ncu-run.txt" 2>&1
+  ncu -i "$OUT/fwd_bwd.ncu-rep" --page details --csv > "$OUT/ncu-details.csv" 2>&1
+  ncu -i "$OUT/fwd_bwd.ncu-rep" --print-summary per-kernel > "$OUT/ncu-summary.txt" 2>&1
+  tail -40 "$OUT/ncu-summary.txt"
 }
 
 for s in $STEPS; do echo "##### $s $(date -u +%T)"; "run_$s"; done
