@@ -117,7 +117,31 @@ ptxas info    : Used 255 registers, used 1 barriers, 8192 bytes smem
     facts = parse_ptxas_log(log, "mine")
     assert (facts.registers, facts.spill_store_bytes, facts.spill_load_bytes) == (255, 40, 36)
     assert (facts.stack_frame_bytes, facts.static_smem_bytes, facts.barriers) == (48, 8192, 1)
-    assert facts.spills
+    assert facts.spills and facts.reported
+
+
+def test_missing_ptxas_report_is_unknown_retried_and_never_cached(tmp_path, monkeypatch):
+    import vidrial.core.compile as C
+
+    assert not parse_ptxas_log("", "mine").reported
+    monkeypatch.setenv("VIDRIAL_CACHE_DIR", str(tmp_path))
+    real = C._nvrtc_compile
+    calls = []
+
+    def flaky(kernel, arch, options, label):
+        cubin, log = real(kernel, arch, options, label)
+        calls.append(1)
+        return cubin, "" if len(calls) == 1 else log  # first log without the report, as seen once on an H200
+
+    monkeypatch.setattr(C, "_nvrtc_compile", flaky)
+    kernel = render("testing/axpy.cu.j2", "axpy_flaky", {"vec": 1})
+    ok = compile_source(kernel, "sm_90")
+    assert len(calls) == 2 and ok.facts.reported and ok.facts.registers > 0
+    assert compile_source(kernel, "sm_90").cached
+    monkeypatch.setattr(C, "_nvrtc_compile", lambda *a: (real(*a)[0], ""))
+    other = render("testing/axpy.cu.j2", "axpy_silent", {"vec": 2})
+    silent = compile_source(other, "sm_90")
+    assert not silent.facts.reported and not compile_source(other, "sm_90").cached  # unknown facts not cached
 
 
 def test_launch_argument_mismatch_is_reported_before_touching_a_gpu(tmp_path, monkeypatch):

@@ -82,9 +82,12 @@ def run(args: argparse.Namespace) -> int:
         if spill and is_default:
             failures += 1
             flag = "  [DEFAULT CONFIG SPILLS]"
+        if not f.reported:
+            flag += "  [no ptxas resource report: registers/spills unknown]"
         cached = " (cached)" if res.cached else ""
         smem = f.static_smem_bytes + note_or_smem
-        print(f"{name:<24} {arch:<6} {f.registers:>4} {spill:>6} {smem:>7} "
+        regs = f.registers if f.reported else "?"
+        print(f"{name:<24} {arch:<6} {regs:>4} {spill:>6} {smem:>7} "
               f"{res.seconds:>6.2f}  {key_label} | {cfg_label}{flag}{cached}")
     print(f"\n{len(jobs)} compiles in {wall:.1f} s, {failures} problem(s).")
     if not gpu_available():

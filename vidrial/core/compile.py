@@ -40,6 +40,9 @@ class CompileFacts(BaseModel):
     stack_frame_bytes: int
     static_smem_bytes: int
     barriers: int = 0
+    # False when the log carried no resource report for the entry (the numbers above are then
+    # unknown, not zero); such facts are never cached, and the CLI shows them as unknown
+    reported: bool = True
 
     @property
     def spills(self) -> bool:
@@ -84,6 +87,7 @@ def parse_ptxas_log(log: str, entry: str) -> CompileFacts:
         return int(m.group(1)) if m else 0
 
     return CompileFacts(
+        reported=start >= 0 and re.search(rf"Used {_NUM} registers", section) is not None,
         registers=grab(rf"Used {_NUM} registers"),
         spill_store_bytes=grab(rf"{_NUM} bytes spill stores"),
         spill_load_bytes=grab(rf"{_NUM} bytes spill loads"),
@@ -147,8 +151,25 @@ def compile_source(
         hit = _load_cached(key, kernel.entry, arch)
         if hit is not None:
             return hit
-    nvrtc = nvrtc_module()
     started = time.perf_counter()
+    cubin, log = _nvrtc_compile(kernel, arch, options, label)
+    facts = parse_ptxas_log(log, kernel.entry)
+    if not facts.reported:
+        # seen once on an H200: a compile whose log lacked ptxas' report; a second compile had it
+        cubin, log = _nvrtc_compile(kernel, arch, options, label)
+        facts = parse_ptxas_log(log, kernel.entry)
+    seconds = time.perf_counter() - started
+    if use_cache and facts.reported:
+        base = cubin_cache_dir() / key[:2] / key
+        _write_atomic(base.with_suffix(".cubin"), cubin)
+        # facts last: a reader that finds the facts also finds the cubin
+        _write_atomic(base.with_suffix(".json"), facts.model_dump_json().encode())
+    return CompiledKernel(kernel.entry, arch, cubin, facts, key, seconds, False)
+
+
+def _nvrtc_compile(kernel: RenderedKernel, arch: str, options: Sequence[str], label: str) -> tuple[bytes, str]:
+    """(cubin, NVRTC log) of one compile; CompileError with the numbered source on failure."""
+    nvrtc = nvrtc_module()
     prog = nvrtc.createProgram(kernel.source, f"{kernel.entry}.cu", [], [])
     try:
         all_options = [*options, f"-I{cuda_include_dir()}"]
@@ -165,14 +186,7 @@ def compile_source(
         cubin = nvrtc.getCUBIN(prog)
     finally:
         nvrtc.destroyProgram(prog)
-    seconds = time.perf_counter() - started
-    facts = parse_ptxas_log(log, kernel.entry)
-    if use_cache:
-        base = cubin_cache_dir() / key[:2] / key
-        _write_atomic(base.with_suffix(".cubin"), cubin)
-        # facts last: a reader that finds the facts also finds the cubin
-        _write_atomic(base.with_suffix(".json"), facts.model_dump_json().encode())
-    return CompiledKernel(kernel.entry, arch, cubin, facts, key, seconds, False)
+    return cubin, log
 
 
 def _compile_job(job: tuple[RenderedKernel, str, tuple[str, ...], str]) -> CompiledKernel | CompileError:
