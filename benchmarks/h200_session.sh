@@ -2,7 +2,7 @@
 # One batched call on the H200 test machine (see ../shared/gpu/README.md):
 #   GPU test suite (files in parallel groups: compile-bound, correctness only),
 #   then tuning of the shape-A/B keys (alone on the GPU), then `vidrial bench`.
-# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|tune|bench|profile ...]
+# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|tune|tune_all|bench|profile ...]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VIDRIAL_CACHE_DIR=/tmp/vidrial-cache
@@ -45,6 +45,17 @@ run_tune() {
   VIDRIAL_TUNED_DIR=$OUT/tuned python3 -m vidrial show 2>&1 | head -40 || true
   # $OUT returns at most 8 files: the store and the reports travel as one archive
   tar -C "$OUT" -czf "$OUT/tune.tgz" tuned tune && rm -rf "$OUT/tuned" "$OUT/tune"
+}
+
+run_tune_all() {
+  # Every family's standard keys (issue 7's shipped set), resumable across calls: the journal and the
+  # store live in .tune-state/ (git-ignored; extract $OUT/tune-state.tgz here and carry .tune-state next time)
+  mkdir -p .tune-state
+  timeout "${TUNE_ALL_BUDGET:-480}" python3 -m vidrial tune --kernel all --preset standard --trials "$TUNE_TRIALS" \
+    --timeout 20 --resume --out .tune-state/out --tuned-dir .tune-state/tuned --no-progress --job-timeout 60 \
+    ${TUNE_GPUS:+--gpus $TUNE_GPUS} 2>&1 | tee "$OUT/tune-all.txt" | grep -v "^report:" | tail -40
+  VIDRIAL_TUNED_DIR=.tune-state/tuned python3 -m vidrial show 2>&1 | grep -E "tuned entries" || true
+  tar -czf "$OUT/tune-state.tgz" .tune-state
 }
 
 run_bench() {
