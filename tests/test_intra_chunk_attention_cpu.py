@@ -151,11 +151,12 @@ def test_search_space_contains_defaults():
 def test_tuner_protocol_inputs_and_reference(normalize, chunk):
     key = Key(head_dim=32, chunk_size=chunk, normalize=normalize, t_bucket=128)
     inputs = family.make_inputs(key, "cpu", seed=1)
-    assert inputs["Q"].shape == (1, 125, 4, 32) and inputs["log_G"].shape == (1, 125, 2)
-    ref = family.reference(key, inputs)
+    # the key's own sizes: b*hq = bh_bucket = 8 query heads on 4 KV heads, t = t_bucket - 3
+    assert inputs["Q"].shape == (1, 125, 8, 32) and inputs["log_G"].shape == (1, 125, 4)
+    ref = family.reference(key, inputs)  # float64 on the first KV head's 2 query heads
     if normalize:
-        assert ref.shape == (1, 125, 4, 32)
+        assert ref.shape == (1, 125, 2, 32)
     else:
         O, l, m = ref
-        assert O.shape == (1, 125, 4, 32) and l.shape == m.shape == (1, 125, 4)
+        assert O.shape == (1, 125, 2, 32) and l.shape == m.shape == (1, 125, 2)
         assert (l >= 1).all()

@@ -125,7 +125,10 @@ class KernelFamily(ABC, Generic[K, C]):
 
     def check_outputs(self, key: K, inputs: dict[str, Any], outputs: Any, expected: Any) -> float:
         """Relative error of `outputs` against `expected` (= reference(key, inputs), computed once
-        per key): max over tensors of max|out - exp| / max(max|exp|, 1e-6), in float32."""
+        per key): max over tensors of max|out - exp| / max(max|exp|, 1e-6), in float32.
+
+        reference() may cover a leading slice of each output (e.g. the first heads and chunks of a
+        problem timed at full size, to bound the float64 work): outputs are compared on that slice."""
         import torch
 
         outs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
@@ -140,7 +143,10 @@ class KernelFamily(ABC, Generic[K, C]):
                 out, exp = torch.as_tensor(out, dtype=torch.float64), torch.as_tensor(exp, dtype=torch.float64)
             out, exp = out.float(), exp.to(out.device).float()
             if out.shape != exp.shape:
-                raise ValueError(f"{self.name}: output shape {tuple(out.shape)} != reference {tuple(exp.shape)}")
+                if out.dim() != exp.dim() or any(e > o for e, o in zip(exp.shape, out.shape)):
+                    raise ValueError(f"{self.name}: output shape {tuple(out.shape)} != reference {tuple(exp.shape)} "
+                                     "(a reference may only cover a leading slice of an output)")
+                out = out[tuple(slice(0, n) for n in exp.shape)]
             if not torch.isfinite(out).all():
                 return float("inf")
             scale = max(exp.abs().max().item() if exp.numel() else 0.0, 1e-6)

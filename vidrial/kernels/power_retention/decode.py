@@ -256,6 +256,11 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
         assert out["state"].shape[-2] == D
         return out
 
+    def inputs_key(self, inputs: dict[str, Any], key: DecodeKey) -> DecodeKey:
+        """The key the public op computes for `inputs`."""
+        x = inputs
+        return problem_key(x["Q"], x["K"], x["log_G"], x["state"], key.deg, key.d_tile)
+
     def run(self, key: DecodeKey, config: DecodeConfig, inputs: dict[str, Any]) -> Any:
         return decode_step(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], inputs["state"],
                            inputs["sum_of_keys"], deg=key.deg, d_tile=key.d_tile, scale=None, config=config)
@@ -343,6 +348,17 @@ def select_config(key: DecodeKey, device_index: int) -> DecodeConfig:
 _DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
 
 
+def problem_key(Q: Any, K: Any, log_G: Any, state: Any, deg: int, d_tile: int) -> DecodeKey:
+    """The dispatch key of a step (b*h bucketed to a power of two); the tuner's make_inputs must
+    produce inputs whose key is the key it tunes."""
+    b, tq, hq, d = Q.shape
+    L = 0 if K is None else K.shape[1]
+    h = state.shape[1] if state is not None else K.shape[2]
+    sdt = _DTYPES[str(state.dtype)] if state is not None else "fp32"
+    return _key(d, deg, d_tile, _DTYPES[str(Q.dtype)], sdt, hq // h, tq, log_G is not None and L > 0,
+                _pow2_bucket(b * h))
+
+
 def prepare(Q, K, V, log_G, state, sum_of_keys, *, deg: int, d_tile: int | None, scale: float | None,
             config: DecodeConfig | None = None, arch: str | None = None):
     """Everything a launch needs, without launching: (key, config, grid, block, args, Y, (ws, counters)).
@@ -350,17 +366,15 @@ def prepare(Q, K, V, log_G, state, sum_of_keys, *, deg: int, d_tile: int | None,
     import torch
 
     b, tq, hq, d = Q.shape
-    L = 0 if K is None else K.shape[1]
     h = state.shape[1] if state is not None else K.shape[2]
-    group = hq // h
     if d_tile is None:
         d_tile = default_d_tile(d, deg)
     if not scale:
         scale = 1.0 / math.sqrt(d)
+    L = 0 if K is None else K.shape[1]
     gating = log_G is not None and L > 0
-    sdt = _DTYPES[str(state.dtype)] if state is not None else "fp32"
     bh = b * h
-    key = _key(d, deg, d_tile, _DTYPES[str(Q.dtype)], sdt, group, tq, gating, _pow2_bucket(bh))
+    key = problem_key(Q, K, log_G, state, deg, d_tile)
     if config is None:
         dev = Q.device.index if Q.device.index is not None else torch.cuda.current_device()
         config = select_config(key, dev)

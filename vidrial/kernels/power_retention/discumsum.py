@@ -122,6 +122,10 @@ class DiscumsumFamily(KernelFamily[DiscumsumKey, DiscumsumConfig]):
         L = -torch.rand(1, n, bh, generator=gen).to(device)
         return dict(S=S, s=s, chunk_gates=L)
 
+    def inputs_key(self, inputs: dict[str, Any], key: DiscumsumKey) -> DiscumsumKey:
+        """The key the public op computes for `inputs`."""
+        return problem_key(inputs["S"])
+
     def run(self, key: DiscumsumKey, config: DiscumsumConfig, inputs: dict[str, Any]) -> Any:
         return discumsum(inputs["S"], inputs["s"], inputs["chunk_gates"], config=config)
 
@@ -132,6 +136,12 @@ class DiscumsumFamily(KernelFamily[DiscumsumKey, DiscumsumConfig]):
 
 
 FAMILY = register(DiscumsumFamily())
+
+
+def problem_key(S: Any) -> DiscumsumKey:
+    """The dispatch key of a call on chunk states S [b, n, h, D, d] (b*h and n bucketed)."""
+    b, n, h, D, d = S.shape
+    return DiscumsumKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
 
 
 def _grid(key: DiscumsumKey, config: DiscumsumConfig, b: int, h: int) -> tuple[tuple[int, int, int], int]:
@@ -174,7 +184,7 @@ def discumsum_forward(S, s, chunk_gates=None, initial_state=None, sum_of_keys=No
     from vidrial.core.launch import current_stream_handle
 
     b, n, h, D, d = _check_inputs(S, s, chunk_gates, initial_state, sum_of_keys)
-    key = DiscumsumKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
+    key = problem_key(S)
     if config is None:
         config = pick_config(FAMILY, key)
     dev = S.device

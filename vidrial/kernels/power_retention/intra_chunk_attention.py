@@ -214,30 +214,45 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
 
     # ---- tuner protocol (vidrial/tuning): inputs, a run, the float64 reference -------------------
     def make_inputs(self, key: IntraChunkAttentionKey, device: Any, seed: int) -> dict[str, Any]:
-        """One problem of `key`: b=1, 2 KV heads with GQA ratio 2, t = min(t_bucket, 4096) (not a
-        multiple of the chunk, so the partial last chunk is exercised), logsigmoid gates."""
+        """One problem at the key's own runtime sizes (what the winner is dispatched for): b=1,
+        b*hq = bh_bucket query heads (GQA ratio 2 when there are two or more), t = t_bucket - 3 (same
+        bucket; not a multiple of the chunk, so the partial last chunk runs), logsigmoid gates.
+        The float64 reference covers a leading slice (reference())."""
         import torch
 
         gen = torch.Generator(device="cpu").manual_seed(seed)
         dt = torch.bfloat16 if key.dtype == "bf16" else torch.float16
-        t = max(1, min(key.t_bucket, 4096) - 3)
-        b, h, r, d = 1, 2, 2, key.head_dim
-        Q = torch.randn(b, t, h * r, d, generator=gen).to(dt).to(device)
-        K = torch.randn(b, t, h, d, generator=gen).to(dt).to(device)
-        V = torch.randn(b, t, h, d, generator=gen).to(dt).to(device)
+        t = max(1, key.t_bucket - 3) if key.t_bucket > 4 else key.t_bucket
+        r = 2 if key.bh_bucket >= 2 else 1
+        b, h, d = 1, key.bh_bucket // r, key.head_dim
+
+        def randn(*shape: int) -> Any:
+            return torch.randn(*shape, generator=gen).to(dt).to(device)
+
+        Q, K, V = randn(b, t, h * r, d), randn(b, t, h, d), randn(b, t, h, d)
         log_G = None
         if key.gating:
             log_G = torch.nn.functional.logsigmoid(torch.rand(b, t, h, generator=gen) * 6 - 1).to(device)
         return dict(Q=Q, K=K, V=V, log_G=log_G)
+
+    def inputs_key(self, inputs: dict[str, Any], key: IntraChunkAttentionKey) -> IntraChunkAttentionKey:
+        """The key the public op computes for `inputs` (same bucketing as the launcher)."""
+        return problem_key(inputs["Q"], inputs["log_G"], key.deg, key.chunk_size, key.normalize)
 
     def run(self, key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig, inputs: dict[str, Any]) -> Any:
         return intra_chunk_attention(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], deg=key.deg,
                                      chunk_size=key.chunk_size or None, normalize=key.normalize, config=config)
 
     def reference(self, key: IntraChunkAttentionKey, inputs: dict[str, Any]) -> Any:
+        """float64 on the first KV head (its query heads) and, chunked, the first two chunks: the
+        attention is chunk-local, so the slice is exact; check_outputs compares that slice."""
         from vidrial.kernels.power_retention.reference import attention_reference, intra_chunk_attention_reference
 
         Q, K, V, log_G = inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"]
+        r = Q.shape[2] // K.shape[2]
+        t = min(Q.shape[1], 2 * key.chunk_size) if key.chunk_size else min(Q.shape[1], 4096)
+        Q, K, V = Q[:, :t, :r], K[:, :t, :1], V[:, :t, :1]
+        log_G = log_G[:, :t, :1] if log_G is not None else None
         if key.normalize and not key.chunk_size:
             return attention_reference(Q, K, V, log_G, key.deg)
         O, l, m = intra_chunk_attention_reference(Q, K, V, log_G, key.deg, None, key.chunk_size or Q.shape[1])
@@ -263,6 +278,14 @@ def _key(d: int, deg: int, dtype: str, chunk: int, gating: bool, normalize: bool
          t: int) -> IntraChunkAttentionKey:
     return IntraChunkAttentionKey(head_dim=d, deg=deg, dtype=dtype, chunk_size=chunk, gating=gating,
                                   normalize=normalize, bh_bucket=bh, t_bucket=t)
+
+
+def problem_key(Q: Any, log_G: Any, deg: int, chunk_size: int, normalize: bool) -> IntraChunkAttentionKey:
+    """The dispatch key of a call (runtime sizes bucketed to powers of two); the tuner's
+    make_inputs must produce inputs whose key is the key it tunes."""
+    b, t, hq, d = Q.shape
+    return _key(d, deg, _DTYPE_NAMES[str(Q.dtype)], chunk_size, log_G is not None, bool(normalize),
+                _pow2_bucket(b * hq), _pow2_bucket(t))
 
 
 @cache
@@ -380,8 +403,7 @@ def intra_chunk_attention(Q, K, V, log_G=None, *, deg: int, scale: float | None 
         raise InputError("config", type(config).__name__, "None or an IntraChunkAttentionConfig")
 
     n_bh = b * hq
-    key = _key(d, deg, _DTYPE_NAMES[str(Q.dtype)], chunk_size, log_G is not None, bool(normalize),
-               _pow2_bucket(n_bh), _pow2_bucket(t))
+    key = problem_key(Q, log_G, deg, chunk_size, normalize)
     if out is None:
         if normalize:
             out = torch.empty((b, t, hq, d), device=Q.device, dtype=Q.dtype)

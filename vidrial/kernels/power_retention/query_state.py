@@ -170,8 +170,15 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
 
     # ---- tuner protocol ------------------------------------------------------------------
     def make_inputs(self, key: QueryStateKey, device: Any, seed: int) -> dict[str, Any]:
-        return make_test_inputs(key, b=1, t=min(key.tokens, 8192), hq=2, h=1, chunk_size=key.chunk_size,
-                                gating=True, device=device, seed=seed)
+        """One problem at the key's own size (what the winner is dispatched for): b=1, t = tokens - 3
+        (same bucket, a partial last chunk), 8 query heads on 4 KV heads. reference() checks a slice."""
+        t = max(1, key.tokens - 3) if key.tokens > 4 else key.tokens
+        return make_test_inputs(key, b=1, t=t, hq=8, h=4, chunk_size=key.chunk_size, gating=True, device=device,
+                                seed=seed)
+
+    def inputs_key(self, inputs: dict[str, Any], key: QueryStateKey) -> QueryStateKey:
+        """The key the public op computes for `inputs`."""
+        return problem_key(inputs["Q"], inputs["O"], key.deg, key.d_tile, inputs["chunk_size"])
 
     def run(self, key: QueryStateKey, config: QueryStateConfig, inputs: dict[str, Any]) -> Any:
         return query_state(inputs["Q"], inputs["Sbar"], inputs["sbar"], inputs["O"], inputs["l"], inputs["m"],
@@ -179,12 +186,30 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
                            chunk_size=inputs["chunk_size"], config=config)
 
     def reference(self, key: QueryStateKey, inputs: dict[str, Any]) -> Any:
-        return query_state_reference(inputs["Q"], inputs["Sbar"], inputs["sbar"], inputs["O"], inputs["l"],
-                                     inputs["m"], inputs["log_G"], deg=key.deg, d_tile=key.d_tile,
-                                     scale=inputs["scale"], chunk_size=inputs["chunk_size"])
+        """float64 on the first two chunks of the first KV head (each chunk reads only its own state,
+        so the slice is exact); check_outputs compares that leading slice."""
+        x = inputs
+        c = x["chunk_size"]
+        t = min(x["Q"].shape[1], 2 * c)
+        r = x["Q"].shape[2] // x["Sbar"].shape[2]
+        n = -(-t // c)
+        rows = (slice(None), slice(0, t), slice(0, r))
+        return query_state_reference(x["Q"][rows], x["Sbar"][:, :n, :1], x["sbar"][:, :n, :1], x["O"][rows],
+                                     x["l"][rows], x["m"][rows],
+                                     x["log_G"][:, :t, :1] if x["log_G"] is not None else None, deg=key.deg,
+                                     d_tile=key.d_tile, scale=x["scale"], chunk_size=c)
 
 
 FAMILY = register(QueryStateFamily())
+
+
+def problem_key(Q: Any, O: Any, deg: int, d_tile: int, chunk_size: int) -> QueryStateKey:
+    """The dispatch key of a call (chunk and b*t bucketed to powers of two); the tuner's make_inputs
+    must produce inputs whose key is the key it tunes."""
+    b, t, _, d = Q.shape
+    return QueryStateKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=dtype_name(Q.dtype),
+                         o_dtype=dtype_name(O.dtype) if O is not None else dtype_name(Q.dtype),
+                         chunk_size=pow2_bucket(chunk_size), tokens=pow2_bucket(b * t))
 
 
 def make_test_inputs(key: QueryStateKey, *, b, t, hq, h, chunk_size, gating, device, seed=0, state_scale=1.0):
@@ -307,9 +332,7 @@ def query_state(Q, Sbar, sbar, O, l, m, log_G=None, *, deg, d_tile, scale=None, 
         check_tensor("log_G", log_G, dtypes=("float32",), shape=(b, t, h), device=dev, what="[batch, time, kv_heads]")
     if scale is None or scale == 0:
         scale = 1.0 / math.sqrt(d)
-    key = QueryStateKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=dtype_name(Q.dtype),
-                        o_dtype=dtype_name(O.dtype) if merge else dtype_name(Q.dtype),
-                        chunk_size=pow2_bucket(c), tokens=pow2_bucket(b * t))
+    key = problem_key(Q, O, deg, d_tile, c)
     if config is None:
         config = pick_config(FAMILY, key)
     if Sbar.dtype != torch.bfloat16:

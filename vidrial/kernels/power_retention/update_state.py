@@ -227,12 +227,16 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
         n = max(1, key.bh_chunks_bucket // h)
         t, d = n * key.chunk_size, key.head_dim
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[key.dtype]
-        gen = torch.Generator(device=device).manual_seed(seed)
-        K = (torch.randn(1, t, h, d, device=device, generator=gen) / d**0.25).to(dtype)
-        V = torch.randn(1, t, h, d, device=device, generator=gen).to(dtype)
-        G = (torch.nn.functional.logsigmoid(torch.randn(1, t, h, device=device, generator=gen) + 3.0)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        K = (torch.randn(1, t, h, d, generator=gen) / d**0.25).to(dtype).to(device)
+        V = torch.randn(1, t, h, d, generator=gen).to(dtype).to(device)
+        G = (torch.nn.functional.logsigmoid(torch.randn(1, t, h, generator=gen) + 3.0).to(device)
              if key.gating else None)
         return {"K": K, "V": V, "G": G}
+
+    def inputs_key(self, inputs: dict[str, Any], key: UpdateStateKey) -> UpdateStateKey:
+        """The key the public op computes for `inputs`."""
+        return problem_key(inputs["K"], inputs["G"], key.deg, key.d_tile, key.chunk_size)
 
     def run(self, key: UpdateStateKey, config: UpdateStateConfig, inputs: dict[str, Any]) -> Any:
         return update_state(inputs["K"], inputs["V"], inputs["G"], deg=key.deg, d_tile=key.d_tile,
@@ -297,6 +301,14 @@ def block_table(head_dim: int, deg: int, d_tile: int, device) -> Any:
 
 # ---- public launcher ----------------------------------------------------------------------------
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def problem_key(K: Any, log_G: Any, deg: int, d_tile: int, chunk_size: int) -> UpdateStateKey:
+    """The dispatch key of a call (b*h*chunks bucketed to a power of two); the tuner's make_inputs
+    must produce inputs whose key is the key it tunes."""
+    b, t, h, d = K.shape
+    return _key(d, deg, d_tile, _DTYPE_NAMES[str(K.dtype).removeprefix("torch.")], chunk_size, log_G is not None,
+                _pow2_bucket(b * h * (t // chunk_size)))
 
 
 @cache
@@ -394,8 +406,7 @@ def update_state(K, V, log_G=None, *, deg: int = 2, d_tile: int | None = None, c
 
     n = t // chunk_size
     bhc = b * h * n
-    key = _key(d, deg, d_tile, _DTYPE_NAMES[str(K.dtype).removeprefix("torch.")], chunk_size, log_G is not None,
-               _pow2_bucket(bhc))
+    key = problem_key(K, log_G, deg, d_tile, chunk_size)
     D = key.feature_dim
     S = torch.empty((b, n, h, D, d), device=K.device, dtype=torch.float32)
     s = torch.empty((b, n, h, D), device=K.device, dtype=torch.float32)
