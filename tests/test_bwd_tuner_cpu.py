@@ -141,6 +141,17 @@ def test_check_is_zero_on_the_reference_and_fails_perturbed_copies(name, kw):
         assert fam.check_outputs(key, inputs, tuple(bad), ref) == math.inf
 
 
+def test_intra_forward_per_head_is_the_whole_reference():
+    from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference
+
+    gen = bt.generator(CPU, 3)
+    Q, K, V = bt.randn((2, 64, 6, 16), gen, CPU), bt.randn((2, 64, 3, 16), gen, CPU), bt.randn((2, 64, 3, 16), gen, CPU)
+    log_G, _ = bt.chunk_gates(2, 64, 3, 16, gen, CPU)
+    for got, want in zip(bt.intra_forward(Q, K, V, log_G, 2, 0.25, 16),
+                         intra_chunk_attention_reference(Q, K, V, log_G, 2, 0.25, 16)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
 def test_query_state_rows_inputs_are_a_consistent_forward():
     """Y = (O e^m + A) / (l e^m + B): recomputing A, B with phi from Sbar16/sbar gives Y back (to the bf16
     rounding of the stored states and Y), and the first chunk has no state (no initial state)."""

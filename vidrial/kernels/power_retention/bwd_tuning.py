@@ -66,6 +66,16 @@ def chunk_gates(b: int, t: int, h: int, c: int, gen: torch.Generator, device: An
     return log_G, log_G.view(b, t // c, c, h).cumsum(2).view(b, t, h)
 
 
+def intra_forward(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, log_G: torch.Tensor, deg: int, scale: float,
+                  c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(O, l, m) of the intra-chunk forward (float64 reference), one KV head at a time: its [chunks, c, c]
+    float64 temporaries stay at 1/h of the whole (~3 GB per head at shape A, t = 65536, c = 1024)."""
+    h, r = K.shape[2], Q.shape[2] // K.shape[2]
+    parts = [intra_chunk_attention_reference(Q[:, :, i * r:(i + 1) * r], K[:, :, i:i + 1], V[:, :, i:i + 1],
+                                             log_G[:, :, i:i + 1], deg, scale, c) for i in range(h)]
+    return tuple(torch.cat([p[j] for p in parts], 2) for j in range(3))  # type: ignore[return-value]
+
+
 def query_state_problem(*, t: int, hq: int, h: int, d: int, deg: int, d_tile: int, c: int, dtype: torch.dtype,
                         device: Any, seed: int) -> dict[str, Any]:
     """What query_state_bwd receives (vidrial/autograd.py), b = 1: Q, K, V, per-step log_G and the
@@ -80,7 +90,7 @@ def query_state_problem(*, t: int, hq: int, h: int, d: int, deg: int, d_tile: in
     K = randn((1, t, h, d), gen, device, dtype)
     V = randn((1, t, h, d), gen, device, dtype)
     log_G, g = chunk_gates(1, t, h, c, gen, device)
-    O, l, m = intra_chunk_attention_reference(Q, K, V, log_G, deg, scale, c)
+    O, l, m = intra_forward(Q, K, V, log_G, deg, scale, c)
     Ks = randn((1, n + 1, STATE_KEYS, h, d), gen, device, torch.float64)
     Vs = randn((1, n + 1, STATE_KEYS, h, d), gen, device, torch.float64)
     Ks[:, 0] = 0.0  # phi(0) = 0: Sbar_0 = sbar_0 = 0
@@ -136,5 +146,5 @@ def check_slice(n_chunks: int) -> int:
     return min(CHECK_CHUNKS, n_chunks)
 
 
-__all__ = ["TUNE_CHUNK", "TUNE_HEADS", "CHECK_CHUNKS", "TOLERANCE", "split_tokens", "generator", "randn", "rand", "chunk_gates",
-           "query_state_problem", "leading", "rel_err", "slice_error", "check_slice"]
+__all__ = ["TUNE_CHUNK", "TUNE_HEADS", "CHECK_CHUNKS", "TOLERANCE", "split_tokens", "generator", "randn", "rand",
+           "chunk_gates", "intra_forward", "query_state_problem", "leading", "rel_err", "slice_error", "check_slice"]

@@ -110,17 +110,16 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
     # ---- tuner protocol (shared pieces and the checked slice: bwd_tuning.py) ----------------------
     def make_inputs(self, key: IntraBwdKey, device: Any, seed: int) -> dict[str, Any]:
         """b = 1, `key.tokens` split into up to 8 heads (no GQA) of chunks of `key.chunk_size`; real gates,
-        the forward's row shift m (exact, reference.intra_chunk_attention_reference), Gaussian dO, dl
+        the forward's row shift m (exact, float64: bwd_tuning.intra_forward), Gaussian dO, dl
         (the passes are linear in them)."""
         from vidrial.kernels.power_retention import bwd_tuning as bt
-        from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference
 
         t, h, c = bt.split_tokens(key.tokens, key.chunk_size)
         d, dt = key.head_dim, bt.DTYPES[key.dtype]
         gen = bt.generator(device, seed)
         Q, K, V = (bt.randn((1, t, h, d), gen, device, dt) for _ in range(3))
         log_G, g = bt.chunk_gates(1, t, h, c, gen, device)
-        _, _, m = intra_chunk_attention_reference(Q, K, V, log_G, key.deg, d**-0.5, c)
+        _, _, m = bt.intra_forward(Q, K, V, log_G, key.deg, d**-0.5, c)
         return dict(Q=Q, K=K, V=V, G=g, m=m.float(), dO=bt.randn((1, t, h, d), gen, device),
                     dl=bt.randn((1, t, h), gen, device), scale=d**-0.5, chunk_size=c)
 
