@@ -7,13 +7,15 @@
   key), reference() is a bounded slice, check_outputs(reference, reference) is 0 and a perturbed or NaN
   copy fails the tolerance;
 * run() executed on the CPU (tests/bwd_host_emu.py runs the rendered kernels as C++) passes the check,
-  also for several configs on the same inputs (the worker reuses inputs; discumsum_bwd works in place).
+  also for several configs on the same inputs (the worker reuses inputs; discumsum_bwd works in place);
+* a short study (tuner + the GPU worker's measurement code, CPU tensors) checks, times and records a winner.
 """
 from __future__ import annotations
 
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +204,55 @@ def test_run_on_the_cpu_passes_the_check_for_several_configs(name, kw, host_kern
         assert all(o.shape[2] >= e.shape[2] for o, e in zip(outputs, expected))
         err = fam.check_outputs(key, inputs, outputs, expected)
         assert err <= fam.tolerance(key), (config.label(), err)
+
+
+# ---- a whole study on the CPU: the tuner's measurement path with the kernels run as C++ ---------------------
+class HostBackend:
+    """vidrial.tuning.worker.GpuBackend's run() (make_inputs once per key, reference once, each config's
+    first run checked, then timed) with CPU tensors: the launchers run the kernels through bwd_host_emu."""
+
+    def __new__(cls):
+        from vidrial.tuning.worker import GpuBackend
+
+        backend = object.__new__(type("HostGpuBackend", (GpuBackend,), {"hello": cls.hello}))
+        backend.torch, backend.device_index, backend.device = torch, 0, CPU
+        backend._inputs_key = backend._inputs = backend._expected = None
+        return backend
+
+    @staticmethod
+    def hello(self):
+        return {"gpu": {"name": "Host Emulation", "arch": "sm_90", "sm_count": 1}, "arch": "sm_90", "toolchain": {},
+                "device_index": 0, "pid": os.getpid()}
+
+
+def _cpu_timer(fn, device=None, **_):
+    import time
+
+    from vidrial.tuning.measure import Timing
+
+    started = time.perf_counter()
+    fn()
+    return Timing.from_times([(time.perf_counter() - started) * 1e3])
+
+
+@needs_gxx
+@pytest.mark.parametrize("name,kw", [SMALL[4], SMALL[6]], ids=["discumsum_bwd", "intra_dq"])
+def test_a_short_study_on_the_cpu_checks_times_and_records(name, kw, host_kernels, monkeypatch, tmp_path):
+    import json
+
+    from vidrial.tuning import measure
+    from vidrial.tuning.tuner import tune
+    from vidrial.tuning.worker import InProcessMeasurer
+
+    monkeypatch.setattr(measure, "time_cuda", _cpu_timer)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    fam = get_family(name)
+    (result,) = tune(fam, [kw], trials=3, out=tmp_path / "out", tuned_dir=tmp_path / "tuned", progress=False,
+                     retime_rounds=1, measurer=InProcessMeasurer(HostBackend()))
+    # every measured config passed the check ("invalid": suggestions outside the constraints, not measured)
+    assert result.status_counts.get("ok", 0) >= 2 and set(result.status_counts) <= {"ok", "invalid"}, \
+        result.status_counts
+    assert result.default_time_ms is not None and result.winner is not None
+    stored = json.loads(Path(result.store_path).read_text())
+    (entry,) = stored["entries"].values()
+    assert fam.Config.model_validate(entry["config"]) == fam.Config.model_validate(result.winner)
