@@ -9,7 +9,7 @@ Upstream gradients (dY, dS, dSbar, dO, dl, ...) are Gaussian: the kernels are li
 
 Check: reference() runs the float64 emulation (bwd_emulation.py) on a bounded slice, the first batch
 entry, KV head 0 with its r query heads and the first CHECK_CHUNKS chunks. That is exact because
-these kernels never mix chunks or heads (discumsum_bwd scans over chunks: it checks head 0, all
+these kernels never mix chunks or KV heads (discumsum_bwd scans over chunks: it checks head 0, all
 chunks). The slice is a leading block of every dimension, so slice_error compares out[:ref.shape]
 with ref, and check_outputs(reference, reference) is 0.
 """
