@@ -160,3 +160,18 @@ def pick(family, key, device):
     from vidrial.kernels.power_retention._fwd_util import pick_config
 
     return pick_config(family, key)
+
+
+class SliceCheck:
+    """check_outputs and tolerance of the backward families' tuner protocol: the outputs' leading block
+    (the slice reference() computes, bwd_tuning.py) against reference(), 2-norm relative error."""
+
+    def check_outputs(self, key: Any, inputs: dict[str, Any], outputs: Any, expected: Any) -> float:
+        from vidrial.kernels.power_retention.bwd_tuning import slice_error
+
+        return slice_error(outputs, expected)
+
+    def tolerance(self, key: Any) -> float:
+        from vidrial.kernels.power_retention.bwd_tuning import TOLERANCE
+
+        return TOLERANCE

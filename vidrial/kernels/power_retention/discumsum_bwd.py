@@ -19,8 +19,8 @@ from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
 from vidrial.kernels import register
-from vidrial.kernels.power_retention._bwd_util import launchable, pick, ptr, stream_of
-from vidrial.kernels.power_retention._fwd_util import compile_key, pick_config, pow2_bucket
+from vidrial.kernels.power_retention._bwd_util import SliceCheck, launchable, pick, ptr, stream_of
+from vidrial.kernels.power_retention._fwd_util import compile_key, pow2_bucket
 
 __all__ = ["DiscumsumBwdConfig", "DiscumsumBwdKey", "FAMILY", "discumsum_bwd"]
 
@@ -52,7 +52,7 @@ class DiscumsumBwdKey(ProblemKey):
         return self
 
 
-class DiscumsumBwdFamily(KernelFamily[DiscumsumBwdKey, DiscumsumBwdConfig]):
+class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdConfig]):
     name = "discumsum_bwd"
     template = "discumsum_bwd.cu.j2"
     Config = DiscumsumBwdConfig
@@ -89,6 +89,46 @@ class DiscumsumBwdFamily(KernelFamily[DiscumsumBwdKey, DiscumsumBwdConfig]):
     def corner_configs(self, key: DiscumsumBwdKey) -> list[DiscumsumBwdConfig]:
         return [self.default_config(key), DiscumsumBwdConfig(threads=64, per_thread=1),
                 DiscumsumBwdConfig(threads=1024, per_thread=4)]
+
+    # ---- tuner protocol (shared pieces: bwd_tuning.py) -------------------------------------------
+    def make_inputs(self, key: DiscumsumBwdKey, device: Any, seed: int) -> dict[str, Any]:
+        """b = 1, h = batch_heads, n = chunks; Gaussian gradients and states (the scan is linear in the
+        gradients and only reads the states), chunk gates that vary across chunks (MATH.md section 4:
+        a constant gate hides index bugs). The kernel works in place: dSbar0/dsbar0 keep head 0's
+        original gradients, the checked slice."""
+        from vidrial.kernels.power_retention import bwd_tuning as bt
+
+        b, n, h, D, d = 1, key.chunks, key.batch_heads, key.feature_dim, key.head_dim
+        gen = bt.generator(device, seed)
+        dSbar, dsbar = bt.randn((b, n, h, D, d), gen, device), bt.randn((b, n, h, D), gen, device)
+        L = -2.0 * bt.rand((b, n, h), gen, device)
+        return dict(dSbar=dSbar, dsbar=dsbar, dSbar0=dSbar[:, :, :1].clone(), dsbar0=dsbar[:, :, :1].clone(),
+                    Sbar16=bt.randn((b, n, h, D, d), gen, device, bt.DTYPES["bfloat16"]),
+                    sbar=bt.randn((b, n + 1, h, D), gen, device), L=L)
+
+    def run(self, key: DiscumsumBwdKey, config: DiscumsumBwdConfig, inputs: dict[str, Any]) -> Any:
+        """(dS, ds, dL). Restores head 0 of the in-place buffers first, so every config's checked run
+        sees the original gradients there (a copy of 1/batch_heads of the gradients in each timed run,
+        the same for every config); the other heads are rescanned each run (values do not change the
+        time, and the strictly triangular reverse scan never overflows: it reaches 0 after n runs)."""
+        inputs["dSbar"][:, :, :1].copy_(inputs["dSbar0"])
+        inputs["dsbar"][:, :, :1].copy_(inputs["dsbar0"])
+        dS, ds, dL, _, _ = discumsum_bwd(inputs["dSbar"], inputs["dsbar"], inputs["Sbar16"], inputs["sbar"],
+                                         inputs["L"], config=config)
+        return dS, ds, dL
+
+    def reference(self, key: DiscumsumBwdKey, inputs: dict[str, Any]) -> Any:
+        """(dS, ds, dL) of head 0, all chunks (the scan runs over them), float64."""
+        from vidrial.kernels.power_retention import bwd_emulation as em
+
+        n = inputs["L"].shape[1]
+        dS, ds, dL, _, _ = em.discumsum_bwd(inputs["dSbar0"].double(), inputs["dsbar0"].double(),
+                                            inputs["Sbar16"][:, :, :1].double(), inputs["sbar"][:, :n, :1].double(),
+                                            inputs["L"][:, :, :1].double())
+        return dS, ds, dL
+
+    def tolerance(self, key: DiscumsumBwdKey) -> float:
+        return 1e-4  # fp32 sums of exactly representable inputs: ~1e-6 (GPU test: 1e-5)
 
 
 FAMILY = register(DiscumsumBwdFamily())

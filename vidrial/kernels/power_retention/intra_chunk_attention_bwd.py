@@ -21,10 +21,10 @@ from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
 from vidrial.kernels import register
-from vidrial.kernels.power_retention._bwd_util import launchable, pick, ptr, stream_of
+from vidrial.kernels.power_retention._bwd_util import SliceCheck, launchable, pick, ptr, stream_of
 from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, compile_key, pow2_bucket
 
-__all__ = ["IntraBwdConfig", "IntraBwdKey", "FAMILY", "intra_chunk_attention_bwd"]
+__all__ = ["IntraBwdConfig", "IntraBwdKey", "FAMILY", "intra_chunk_attention_bwd", "intra_chunk_attention_bwd_pass"]
 
 
 class IntraBwdConfig(KernelConfig):
@@ -60,7 +60,7 @@ def _smem_floats(d: int, tile: int) -> int:
     return 4 * tile * (d + 4) + 3 * tile * (tile + 4) + 4 * tile + 16 * tile
 
 
-class IntraBwdFamily(KernelFamily[IntraBwdKey, IntraBwdConfig]):
+class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
     name = "intra_chunk_attention_bwd"
     template = "intra_chunk_attention_bwd.cu.j2"
     Config = IntraBwdConfig
@@ -107,8 +107,90 @@ class IntraBwdFamily(KernelFamily[IntraBwdKey, IntraBwdConfig]):
                 pass
         return list(dict.fromkeys(out))
 
+    # ---- tuner protocol (shared pieces and the checked slice: bwd_tuning.py) ----------------------
+    def make_inputs(self, key: IntraBwdKey, device: Any, seed: int) -> dict[str, Any]:
+        """b = 1, `key.tokens` split into up to 8 heads (no GQA) of chunks of `key.chunk_size`; real gates,
+        the forward's row shift m (exact, float64: bwd_tuning.intra_forward), Gaussian dO, dl
+        (the passes are linear in them)."""
+        from vidrial.kernels.power_retention import bwd_tuning as bt
+
+        t, h, c = bt.split_tokens(key.tokens, key.chunk_size)
+        d, dt = key.head_dim, bt.DTYPES[key.dtype]
+        gen = bt.generator(device, seed)
+        Q, K, V = (bt.randn((1, t, h, d), gen, device, dt) for _ in range(3))
+        log_G, g = bt.chunk_gates(1, t, h, c, gen, device)
+        _, _, m = bt.intra_forward(Q, K, V, log_G, key.deg, d**-0.5, c)
+        return dict(Q=Q, K=K, V=V, G=g, m=m.float(), dO=bt.randn((1, t, h, d), gen, device),
+                    dl=bt.randn((1, t, h), gen, device), scale=d**-0.5, chunk_size=c)
+
+    def run(self, key: IntraBwdKey, config: IntraBwdConfig, inputs: dict[str, Any]) -> Any:
+        """This stage's pass only: dkv -> (dK, dV, dgcol), dq -> (dQ,)."""
+        x = inputs
+        out = intra_chunk_attention_bwd_pass(key.stage, x["Q"], x["K"], x["V"], x["G"], x["m"], x["dO"], x["dl"],
+                                             deg=key.deg, scale=x["scale"], chunk_size=x["chunk_size"],
+                                             config=config)
+        return out if key.stage == "dkv" else (out,)
+
+    def reference(self, key: IntraBwdKey, inputs: dict[str, Any]) -> Any:
+        """The float64 emulation on KV head 0 (its r query heads), first chunks."""
+        from vidrial.kernels.power_retention import bwd_emulation as em
+        from vidrial.kernels.power_retention import bwd_tuning as bt
+
+        x, c = inputs, inputs["chunk_size"]
+        t, hq = x["Q"].shape[1:3]
+        r = hq // x["K"].shape[2]
+        rows = slice(0, bt.check_slice(t // c) * c)
+        q = {k: x[k][:1, rows, :r].double() for k in ("Q", "m", "dO", "dl")}
+        kv = {k: x[k][:1, rows, :1].double() for k in ("K", "V", "G")}
+        dQ, dK, dV, dg = em.intra_bwd(q["Q"], kv["K"], kv["V"], kv["G"], q["m"], q["dO"], q["dl"], key.deg,
+                                      x["scale"], c)
+        return (dK, dV, dg) if key.stage == "dkv" else (dQ,)
+
 
 FAMILY = register(IntraBwdFamily())
+
+
+def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: int, scale: float,
+                                   chunk_size: int | None, want_dg: bool = True, config=None):
+    """One pass (inputs as intra_chunk_attention_bwd): stage "dkv" returns (dK, dV [b,t,h,d], dgcol [b,t,h]
+    or None), stage "dq" returns dQ [b,t,hq,d] (fp32). Current stream, no host sync."""
+    import torch
+
+    if stage not in ("dkv", "dq"):
+        raise InputError("stage", repr(stage), "'dkv' or 'dq'")
+    b, t, hq, d = Q.shape
+    h = K.shape[2]
+    if h < 1 or hq % h:
+        raise InputError("Q", tuple(Q.shape), f"query heads a multiple of the KV heads {h}")
+    c = int(chunk_size) if chunk_size else t
+    n = -(-t // c) if t else 0
+    key = IntraBwdKey(head_dim=d, deg=deg, dtype=str(Q.dtype).replace("torch.", ""), stage=stage,
+                      chunk_size=pow2_bucket(c), tokens=pow2_bucket(b * t * hq))
+    dev = Q.device
+    if config is None:
+        config = pick(FAMILY, key, dev)
+    Q, K, V, m, dO, dl = (x.contiguous() for x in (Q, K, V, m, dO, dl))
+    G = G.contiguous() if G is not None else None
+    f32 = dict(device=dev, dtype=torch.float32)
+    if stage == "dkv":
+        dQ, dK, dV = None, torch.empty(b, t, h, d, **f32), torch.empty(b, t, h, d, **f32)
+        dg = torch.empty(b, t, h, **f32) if (want_dg and G is not None) else None
+        out, heads = (dK, dV, dg), h
+    else:
+        dQ, dK, dV, dg = torch.empty(b, t, hq, d, **f32), None, None, None
+        out, heads = dQ, hq
+    if Q.numel() == 0:
+        return out
+    tiles = -(-c // config.tile)
+    grid = b * heads * n * tiles
+    if grid >= 2**31:
+        raise InputError("Q", tuple(Q.shape), "fewer than 2^31 tiles")
+    kernel = launchable(FAMILY, compile_key(key), config, dev)
+    kernel.launch((grid, 1, 1), (256, 1, 1),
+                  (Q.data_ptr(), K.data_ptr(), V.data_ptr(), ptr(G), m.data_ptr(), dO.data_ptr(), dl.data_ptr(),
+                   ptr(dQ), ptr(dK), ptr(dV), ptr(dg), t, n, c, hq, hq // h, tiles, float(scale)),
+                  dev.index, stream_of(dev))
+    return out
 
 
 def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, chunk_size: int | None,
@@ -116,41 +198,9 @@ def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, 
     """Q [b,t,hq,d], K, V [b,t,h,d] bf16/fp16; G [b,t,h] fp32 cumulative log gates (chunk-local; global for
     chunk_size None) or None; m, dl [b,t,hq], dO [b,t,hq,d] fp32. t need not be a multiple of the chunk.
     Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dgcol [b,t,h] (or None) fp32. Current stream, no host sync."""
-    import torch
-
-    b, t, hq, d = Q.shape
-    h = K.shape[2]
-    if h < 1 or hq % h:
-        raise InputError("Q", tuple(Q.shape), f"query heads a multiple of the KV heads {h}")
-    r = hq // h
-    c = int(chunk_size) if chunk_size else t
-    n = -(-t // c) if t else 0
-    dt = str(Q.dtype).replace("torch.", "")
-    key_kv = IntraBwdKey(head_dim=d, deg=deg, dtype=dt, stage="dkv", chunk_size=pow2_bucket(c),
-                         tokens=pow2_bucket(b * t * hq))
-    key_q = key_kv.model_copy(update={"stage": "dq"})
-    dev = Q.device
-    if config is None:
-        config = pick(FAMILY, key_kv, dev)
-    if dq_config is None:
-        dq_config = pick(FAMILY, key_q, dev)
-    Q, K, V, m, dO, dl = (x.contiguous() for x in (Q, K, V, m, dO, dl))
+    Q, K, V, m, dO, dl = (x.contiguous() for x in (Q, K, V, m, dO, dl))  # once for both passes
     G = G.contiguous() if G is not None else None
-    f32 = dict(device=dev, dtype=torch.float32)
-    dQ = torch.empty(b, t, hq, d, **f32)
-    dK = torch.empty(b, t, h, d, **f32)
-    dV = torch.empty(b, t, h, d, **f32)
-    dg = torch.empty(b, t, h, **f32) if (want_dg and G is not None) else None
-    if Q.numel() == 0:
-        return dQ, dK, dV, dg
-    for key, cfg, heads in ((key_kv, config, h), (key_q, dq_config, hq)):
-        tiles = -(-c // cfg.tile)
-        grid = b * heads * n * tiles
-        if grid >= 2**31:
-            raise InputError("Q", tuple(Q.shape), "fewer than 2^31 tiles")
-        kernel = launchable(FAMILY, compile_key(key), cfg, dev)
-        kernel.launch((grid, 1, 1), (256, 1, 1),
-                      (Q.data_ptr(), K.data_ptr(), V.data_ptr(), ptr(G), m.data_ptr(), dO.data_ptr(), dl.data_ptr(),
-                       dQ.data_ptr(), dK.data_ptr(), dV.data_ptr(), ptr(dg), t, n, c, hq, r, tiles, float(scale)),
-                      dev.index, stream_of(dev))
+    kw = dict(deg=deg, scale=scale, chunk_size=chunk_size)
+    dK, dV, dg = intra_chunk_attention_bwd_pass("dkv", Q, K, V, G, m, dO, dl, want_dg=want_dg, config=config, **kw)
+    dQ = intra_chunk_attention_bwd_pass("dq", Q, K, V, G, m, dO, dl, config=dq_config, **kw)
     return dQ, dK, dV, dg

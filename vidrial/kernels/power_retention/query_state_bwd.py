@@ -28,6 +28,7 @@ from vidrial.kernels.power_retention._bwd_util import (
     pick,
     stream_of,
     RowLoopConfig,
+    SliceCheck,
     check_row_loop,
     default_row_loop,
     ptr,
@@ -37,7 +38,8 @@ from vidrial.kernels.power_retention._bwd_util import (
 )
 from vidrial.kernels.power_retention._fwd_util import block_table, compile_key, pow2_bucket
 
-__all__ = ["QueryStateBwdConfig", "QueryStateBwdKey", "FAMILY", "query_state_bwd"]
+__all__ = ["QueryStateBwdConfig", "QueryStateBwdKey", "FAMILY", "query_state_bwd", "query_state_bwd_rows",
+           "query_state_bwd_state"]
 
 
 class QueryStateBwdConfig(RowLoopConfig):
@@ -63,12 +65,16 @@ class QueryStateBwdKey(ProblemKey):
         return self
 
 
+# the row pass's outputs in the order of bwd_emulation.qs_bwd_rows (what run() returns for stage "rows")
+ROW_OUTPUTS = ("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg")
+
+
 def _state_smem_floats(d: int, F: int, rows: int) -> int:
     """S_PHI + F * SPS of the state pass (templates/query_state_bwd.cu.j2)."""
     return -(-(rows * (d + 1)) // 4) * 4 + rows * (d + 8) + rows + F * (rows + 4)
 
 
-class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
+class QueryStateBwdFamily(SliceCheck, KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
     name = "query_state_bwd"
     template = "query_state_bwd.cu.j2"
     Config = QueryStateBwdConfig
@@ -141,6 +147,69 @@ class QueryStateBwdFamily(KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
             self._launchables[memo_key] = kernel
         return kernel
 
+    # ---- tuner protocol (shared pieces and the checked slice: bwd_tuning.py) ----------------------
+    def make_inputs(self, key: QueryStateBwdKey, device: Any, seed: int) -> dict[str, Any]:
+        """b = 1, `key.tokens` split into up to 8 heads (no GQA) of chunks of TUNE_CHUNK[deg].
+        rows: bwd_tuning.query_state_problem (states, (O, l, m) and Y as the forward leaves them).
+        state: the row pass's outputs at their typical size, qscale = exp((g - M)/p) with a row shift
+        M in [1, 3), Gaussian dAh, dBh (the pass is linear in them)."""
+        from vidrial.kernels.power_retention import bwd_tuning as bt
+
+        t, h, c = bt.split_tokens(key.tokens, bt.TUNE_CHUNK[key.deg])
+        d, dt = key.head_dim, bt.DTYPES[key.dtype]
+        if key.stage == "rows":
+            return bt.query_state_problem(t=t, hq=h, h=h, d=d, deg=key.deg, d_tile=key.d_tile, c=c, dtype=dt,
+                                          device=device, seed=seed)
+        gen = bt.generator(device, seed)
+        Q = bt.randn((1, t, h, d), gen, device, dt)
+        _, g = bt.chunk_gates(1, t, h, c, gen, device)
+        qscale = ((g - 1.0 - 2.0 * bt.rand((1, t, h), gen, device)) / key.deg).exp()
+        return dict(Q=Q, qscale=qscale, dAh=bt.randn((1, t, h, d), gen, device), dBh=bt.randn((1, t, h), gen, device),
+                    scale=d**-0.5, chunk_size=c, kv_heads=h)
+
+    def run(self, key: QueryStateBwdKey, config: QueryStateBwdConfig, inputs: dict[str, Any]) -> Any:
+        """This stage's pass only: rows -> ROW_OUTPUTS in order; state -> (dSbar, dsbar)."""
+        x = inputs
+        kw = dict(deg=key.deg, d_tile=key.d_tile, scale=x["scale"], chunk_size=x["chunk_size"], config=config)
+        if key.stage == "rows":
+            out = query_state_bwd_rows(x["Q"], x["G"], x["Sbar16"], x["sbar"], x["O"], x["l"], x["m"], x["Y"],
+                                       x["dY"], **kw)
+            return tuple(out[k] for k in ROW_OUTPUTS)
+        return query_state_bwd_state(x["Q"], x["qscale"], x["dAh"], x["dBh"], kv_heads=x["kv_heads"], **kw)
+
+    def reference(self, key: QueryStateBwdKey, inputs: dict[str, Any]) -> Any:
+        """The pass's float64 emulation on KV head 0 (its r query heads), first chunks."""
+        from vidrial.kernels.power_retention import bwd_emulation as em
+        from vidrial.kernels.power_retention import bwd_tuning as bt
+
+        x, c = inputs, inputs["chunk_size"]
+        b, t, hq, _ = x["Q"].shape
+        r = hq // x["kv_heads"]
+        nm = bt.check_slice(t // c)
+        rows = slice(0, nm * c)
+        if key.stage == "state":
+            q = {k: x[k][:1, rows, :r].double() for k in ("Q", "qscale", "dAh", "dBh")}
+            return em.qs_bwd_state(q["Q"], q["qscale"], q["dAh"], q["dBh"], 1, key.deg, key.d_tile, x["scale"], c)
+        q = {k: x[k][:1, rows, :r].double() for k in ("Q", "O", "l", "m", "Y", "dY")}
+        return em.qs_bwd_rows(q["Q"], x["G"][:1, rows, :1].double(), x["Sbar16"][:1, :nm, :1].double(),
+                              x["sbar"][:1, :nm, :1].double(), q["O"], q["l"], q["m"], q["Y"], q["dY"], key.deg,
+                              key.d_tile, x["scale"], c)
+
+    def check_outputs(self, key: QueryStateBwdKey, inputs: dict[str, Any], outputs: Any, expected: Any) -> float:
+        """As SliceCheck; the row gate gradient dg = phi.dphi + dO.O + dl (l - 1e-6) is a sum of
+        terms that cancel (exactly, up to 1e-6, for a consistent Y), so its error is measured against
+        the size of the terms, ||dl l||, as in tests/gpu/test_backward_gpu.py."""
+        from vidrial.kernels.power_retention import bwd_tuning as bt
+
+        if key.stage == "state":
+            return bt.slice_error(outputs, expected)
+        i_dg, i_dl = ROW_OUTPUTS.index("dg"), ROW_OUTPUTS.index("dl")
+        rest = [j for j in range(len(ROW_OUTPUTS)) if j != i_dg]
+        err = bt.slice_error([outputs[j] for j in rest], [expected[j] for j in rest])
+        dg = expected[i_dg]
+        terms = expected[i_dl] * bt.leading(inputs["l"], dg.shape).to(dg)
+        return max(err, bt.rel_err(outputs[i_dg], dg, norm=terms if terms.norm() > dg.norm() else dg))
+
 
 FAMILY = register(QueryStateBwdFamily())
 
@@ -150,13 +219,17 @@ def state_ftiles(D: int, config: QueryStateBwdConfig) -> int:
     return -(-D // config.tile_f)
 
 
-def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int, scale: float, chunk_size: int,
-                    config=None, state_config=None):
-    """Both passes. Q, Y, dY [b,t,hq,d] bf16/fp16 (t a multiple of chunk_size), G [b,t,h] fp32 chunk-local
-    cumulative log gates or None, Sbar16 [b,n',h,D,d] bf16 (n' >= n: states at the start of each chunk),
-    sbar [b,n'',h,D] fp32, O [b,t,hq,d], l, m [b,t,hq] fp32 (intra-chunk attention, merge mode).
-    Returns dict dQ, dO, dAh [b,t,hq,d], dl, dBh, qscale, dg [b,t,hq], dSbar [b,n,h,D,d], dsbar [b,n,h,D]
-    (all fp32). Current stream, no host sync."""
+def _keys(Q, deg: int, d_tile: int) -> tuple[QueryStateBwdKey, QueryStateBwdKey]:
+    b, t, hq, d = Q.shape
+    key_r = QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=str(Q.dtype).replace("torch.", ""),
+                             stage="rows", tokens=pow2_bucket(b * t * hq))
+    return key_r, key_r.model_copy(update={"stage": "state"})
+
+
+def query_state_bwd_rows(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int, scale: float,
+                         chunk_size: int, config=None):
+    """The row pass alone (inputs as query_state_bwd). Returns dict dQ, dO, dAh [b,t,hq,d], dl, dBh,
+    qscale, dg [b,t,hq] (fp32). Current stream, no host sync."""
     import torch
 
     b, t, hq, d = Q.shape
@@ -165,43 +238,78 @@ def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int
     if t % c:
         raise InputError("Q", tuple(Q.shape), f"a time length that is a multiple of chunk_size={c}")
     n = t // c
-    r = hq // h
-    geo0 = row_loop_geometry(d, deg, d_tile, RowLoopConfig())
-    D = geo0["D"]
+    D = row_loop_geometry(d, deg, d_tile, RowLoopConfig())["D"]
     if Sbar16.dtype != torch.bfloat16 or Sbar16.shape[1] < n or tuple(Sbar16.shape[3:]) != (D, d):
         raise InputError("Sbar16", (tuple(Sbar16.shape), str(Sbar16.dtype)), f"bfloat16 [{b}, >={n}, {h}, {D}, {d}]")
-    dt = str(Q.dtype).replace("torch.", "")
-    key_r = QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=dt, stage="rows", tokens=pow2_bucket(b * t * hq))
-    key_s = key_r.model_copy(update={"stage": "state"})
+    key = _keys(Q, deg, d_tile)[0]
     dev = Q.device
     if config is None:
-        config = pick(FAMILY, key_r, dev)
-    if state_config is None:
-        state_config = pick(FAMILY, key_s, dev)
+        config = pick(FAMILY, key, dev)
     Q, Y, dY, O, l, m = (x.contiguous() for x in (Q, Y, dY, O, l, m))
     Sbar16, sbar = Sbar16.contiguous(), sbar.contiguous()
     G = G.contiguous() if G is not None else None
     f32 = dict(device=dev, dtype=torch.float32)
     out = dict(dQ=torch.empty(b, t, hq, d, **f32), dO=torch.empty(b, t, hq, d, **f32),
                dAh=torch.empty(b, t, hq, d, **f32), dl=torch.empty(b, t, hq, **f32), dBh=torch.empty(b, t, hq, **f32),
-               qscale=torch.empty(b, t, hq, **f32), dg=torch.empty(b, t, hq, **f32),
-               dSbar=torch.empty(b, n, h, D, d, **f32), dsbar=torch.empty(b, n, h, D, **f32))
+               qscale=torch.empty(b, t, hq, **f32), dg=torch.empty(b, t, hq, **f32))
     if Q.numel() == 0:
         return out
-    table = block_table(d, deg, d_tile, dev)
-    sp = float(scale) ** deg
     rt = -(-c // config.rows)
-    kr = launchable(FAMILY, compile_key(key_r), config, dev)
-    kr.launch((b * hq * n * rt, 1, 1), (config.warps * 32, 1, 1),
-              (Q.data_ptr(), ptr(G), Sbar16.data_ptr(), sbar.data_ptr(), O.data_ptr(), l.data_ptr(), m.data_ptr(),
-               Y.data_ptr(), dY.data_ptr(), table.data_ptr(), out["dQ"].data_ptr(), out["dO"].data_ptr(),
-               out["dl"].data_ptr(), out["dAh"].data_ptr(), out["dBh"].data_ptr(), out["qscale"].data_ptr(),
-               out["dg"].data_ptr(), t, n, c, hq, r, Sbar16.shape[1], sbar.shape[1], rt, sp),
-              dev.index, stream_of(dev))
-    ftiles = state_ftiles(D, state_config)
-    ks = launchable(FAMILY, compile_key(key_s), state_config, dev)
-    ks.launch((b * h * n * ftiles, 1, 1), (state_config.warps * 32, 1, 1),
-              (Q.data_ptr(), out["qscale"].data_ptr(), out["dAh"].data_ptr(), out["dBh"].data_ptr(), table.data_ptr(),
-               out["dSbar"].data_ptr(), out["dsbar"].data_ptr(), t, n, c, hq, r, ftiles, sp),
-              dev.index, stream_of(dev))
+    kernel = launchable(FAMILY, compile_key(key), config, dev)
+    kernel.launch((b * hq * n * rt, 1, 1), (config.warps * 32, 1, 1),
+                  (Q.data_ptr(), ptr(G), Sbar16.data_ptr(), sbar.data_ptr(), O.data_ptr(), l.data_ptr(), m.data_ptr(),
+                   Y.data_ptr(), dY.data_ptr(), block_table(d, deg, d_tile, dev).data_ptr(), out["dQ"].data_ptr(),
+                   out["dO"].data_ptr(), out["dl"].data_ptr(), out["dAh"].data_ptr(), out["dBh"].data_ptr(),
+                   out["qscale"].data_ptr(), out["dg"].data_ptr(), t, n, c, hq, hq // h, Sbar16.shape[1],
+                   sbar.shape[1], rt, float(scale) ** deg),
+                  dev.index, stream_of(dev))
+    return out
+
+
+def query_state_bwd_state(Q, qscale, dAh, dBh, *, kv_heads: int, deg: int, d_tile: int, scale: float,
+                          chunk_size: int, config=None):
+    """The state pass alone, from the row pass's qscale, dAh, dBh: (dSbar [b,n,h,D,d], dsbar [b,n,h,D])
+    fp32 with h = kv_heads. Current stream, no host sync."""
+    import torch
+
+    b, t, hq, d = Q.shape
+    h, c = int(kv_heads), int(chunk_size)
+    if h < 1 or hq % h:
+        raise InputError("kv_heads", kv_heads, f"a divisor of the query heads {hq}")
+    if t % c:
+        raise InputError("Q", tuple(Q.shape), f"a time length that is a multiple of chunk_size={c}")
+    n = t // c
+    D = row_loop_geometry(d, deg, d_tile, RowLoopConfig())["D"]
+    key = _keys(Q, deg, d_tile)[1]
+    dev = Q.device
+    if config is None:
+        config = pick(FAMILY, key, dev)
+    Q, qscale, dAh, dBh = (x.contiguous() for x in (Q, qscale, dAh, dBh))
+    dSbar = torch.empty(b, n, h, D, d, device=dev, dtype=torch.float32)
+    dsbar = torch.empty(b, n, h, D, device=dev, dtype=torch.float32)
+    if Q.numel() == 0:
+        return dSbar, dsbar
+    ftiles = state_ftiles(D, config)
+    kernel = launchable(FAMILY, compile_key(key), config, dev)
+    kernel.launch((b * h * n * ftiles, 1, 1), (config.warps * 32, 1, 1),
+                  (Q.data_ptr(), qscale.data_ptr(), dAh.data_ptr(), dBh.data_ptr(),
+                   block_table(d, deg, d_tile, dev).data_ptr(), dSbar.data_ptr(), dsbar.data_ptr(), t, n, c, hq,
+                   hq // h, ftiles, float(scale) ** deg),
+                  dev.index, stream_of(dev))
+    return dSbar, dsbar
+
+
+def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int, scale: float, chunk_size: int,
+                    config=None, state_config=None):
+    """Both passes. Q, Y, dY [b,t,hq,d] bf16/fp16 (t a multiple of chunk_size), G [b,t,h] fp32 chunk-local
+    cumulative log gates or None, Sbar16 [b,n',h,D,d] bf16 (n' >= n: states at the start of each chunk),
+    sbar [b,n'',h,D] fp32, O [b,t,hq,d], l, m [b,t,hq] fp32 (intra-chunk attention, merge mode).
+    Returns dict dQ, dO, dAh [b,t,hq,d], dl, dBh, qscale, dg [b,t,hq], dSbar [b,n,h,D,d], dsbar [b,n,h,D]
+    (all fp32). Current stream, no host sync."""
+    Q = Q.contiguous()  # once for both passes
+    out = query_state_bwd_rows(Q, G, Sbar16, sbar, O, l, m, Y, dY, deg=deg, d_tile=d_tile, scale=scale,
+                               chunk_size=chunk_size, config=config)
+    out["dSbar"], out["dsbar"] = query_state_bwd_state(Q, out["qscale"], out["dAh"], out["dBh"],
+                                                       kv_heads=Sbar16.shape[2], deg=deg, d_tile=d_tile, scale=scale,
+                                                       chunk_size=chunk_size, config=state_config)
     return out

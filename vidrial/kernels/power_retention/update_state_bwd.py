@@ -27,6 +27,7 @@ from vidrial.kernels.power_retention._bwd_util import (
     pick,
     stream_of,
     RowLoopConfig,
+    SliceCheck,
     check_row_loop,
     default_row_loop,
     ptr,
@@ -61,7 +62,7 @@ class UpdateStateBwdKey(ProblemKey):
         return self
 
 
-class UpdateStateBwdFamily(KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]):
+class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]):
     name = "update_state_bwd"
     template = "update_state_bwd.cu.j2"
     Config = UpdateStateBwdConfig
@@ -100,6 +101,39 @@ class UpdateStateBwdFamily(KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]
             except ConfigError:
                 pass
         return out
+
+    # ---- tuner protocol (shared pieces and the checked slice: bwd_tuning.py) ----------------------
+    def make_inputs(self, key: UpdateStateBwdKey, device: Any, seed: int) -> dict[str, Any]:
+        """b = 1, `key.tokens` split into up to 8 heads of chunks of TUNE_CHUNK[deg]; real gates;
+        Gaussian chunk-state gradients dS, ds (ds scaled by sqrt(d) so that both terms of
+        dphi = dS v + ds count, as in training where dsbar carries dY.Y)."""
+        from vidrial.kernels.power_retention import bwd_tuning as bt
+        from vidrial.kernels.power_retention.sympow import feature_dim
+
+        t, h, c = bt.split_tokens(key.tokens, bt.TUNE_CHUNK[key.deg])
+        n, d, D = t // c, key.head_dim, feature_dim(key.head_dim, key.deg, key.d_tile)
+        gen = bt.generator(device, seed)
+        dt = bt.DTYPES[key.dtype]
+        K, V = bt.randn((1, t, h, d), gen, device, dt), bt.randn((1, t, h, d), gen, device, dt)
+        _, g = bt.chunk_gates(1, t, h, c, gen, device)
+        return dict(K=K, V=V, G=g, dS=bt.randn((1, n, h, D, d), gen, device),
+                    ds=bt.randn((1, n, h, D), gen, device, scale=d**0.5), chunk_size=c)
+
+    def run(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig, inputs: dict[str, Any]) -> Any:
+        return update_state_bwd(inputs["K"], inputs["V"], inputs["G"], inputs["dS"], inputs["ds"], deg=key.deg,
+                                d_tile=key.d_tile, chunk_size=inputs["chunk_size"], config=config)
+
+    def reference(self, key: UpdateStateBwdKey, inputs: dict[str, Any]) -> Any:
+        """(dK, dV, E) of KV head 0, first chunks (chunks and heads are independent), float64."""
+        from vidrial.kernels.power_retention import bwd_emulation as em
+        from vidrial.kernels.power_retention import bwd_tuning as bt
+
+        c = inputs["chunk_size"]
+        nm = bt.check_slice(inputs["K"].shape[1] // c)
+        rows = nm * c
+        f64 = {k: inputs[k][:1, :rows, :1].double() for k in ("K", "V", "G")}
+        return em.update_state_bwd(f64["K"], f64["V"], f64["G"], inputs["dS"][:1, :nm, :1].double(),
+                                   inputs["ds"][:1, :nm, :1].double(), key.deg, key.d_tile, c)
 
 
 FAMILY = register(UpdateStateBwdFamily())
