@@ -6,7 +6,7 @@
 //   dot[row] += phi(x[row]) . xs                       (optional)
 // query_state_bwd rows: U = dY, X = Sbar, xs = sbar, w = -(dY.Y). update_state_bwd (dK) can reuse it
 // with U = V, X = dS (bf16), xs = ds, w = 1.
-// Pieces (include common/fwd_prims.cuh and common/bwd_prims.cuh first):
+// Pieces (include common/mma.cuh and common/bwd_prims.cuh first):
 //   StateTile      cp.async staging of TK features of X (bf16) and xs (fp32), STAGES buffers
 //   load_u_frags   a warp's 32 rows of U as mma A fragments, kept in registers for the whole loop
 //   dphi_gemm      32 rows x SUB=64 features: mma.sync m16n8k16 bf16, fp32 accumulate
@@ -100,7 +100,8 @@ __device__ __forceinline__ void add_scaled(float* p, const float (&v)[N], float 
   }
 }
 
-// TK features of X (rows padded to LD) and of xs per stage; features >= D are zeros.
+// TK features of X (rows padded to LD) and of xs per stage. Features >= D repeat the last valid
+// row / 4 values (no zero-fill needed): their dphi' columns are computed but never read.
 template <int HD, int TK, int STAGES>
 struct StateTile {
   using Geo = Geometry<HD>;
@@ -114,39 +115,37 @@ struct StateTile {
   static __device__ __forceinline__ const float* xs(const float* base, int st) {
     return base + STAGES * X_FLOATS + st * TK;
   }
-  // Every thread of the CTA calls it (then cp_async_commit); X: [D][HD] bf16, xs: [D] fp32.
+  // Every thread of the CTA calls it (then cp_async_commit); X: [D][HD] bf16, xs: [D] fp32 (16-byte
+  // aligned, D % 4 == 0).
   static __device__ __forceinline__ void load(float* base, int st, int f0, const __nv_bfloat16* __restrict__ X,
                                               const float* __restrict__ xsg, int D) {
-    __nv_bfloat16* sx = reinterpret_cast<__nv_bfloat16*>(base + st * X_FLOATS);
+    const u32 sx = smem_u32(base + st * X_FLOATS);
     for (int i = threadIdx.x; i < TK * Geo::CH; i += blockDim.x) {
       const int row = i / Geo::CH, ch = i % Geo::CH;
-      const int f = f0 + row;
-      const bool ok = f < D;
-      vfwd::cp_async_16(sx + row * Geo::LD + ch * 8, X + (long long)(ok ? f : 0) * HD + ch * 8, ok ? 16 : 0);
+      const int f = min(f0 + row, D - 1);
+      cp_async_16(sx + (row * Geo::LD + ch * 8) * 2, X + (long long)f * HD + ch * 8);
     }
-    float* ss = base + STAGES * X_FLOATS + st * TK;
-    for (int i = threadIdx.x; i < TK; i += blockDim.x) {
-      const bool ok = f0 + i < D;
-      vfwd::cp_async_4(ss + i, xsg + (ok ? f0 + i : 0), ok ? 4 : 0);
-    }
+    const u32 ss = smem_u32(base + STAGES * X_FLOATS + st * TK);
+    for (int i = threadIdx.x; i < TK / 4; i += blockDim.x) cp_async_16(ss + 16 * i, xsg + min(f0 + 4 * i, D - 4));
   }
 };
 
 // A fragments (m16n8k16, row-major) of the warp's 32 rows of U (bf16 [32][LD] in shared memory).
 template <int HD>
-__device__ __forceinline__ void load_u_frags(unsigned (&a)[2][HD / 16][4], const __nv_bfloat16* u) {
+__device__ __forceinline__ void load_u_frags(u32 (&a)[2][HD / 16][4], const __nv_bfloat16* u) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
     for (int ks = 0; ks < HD / 16; ++ks)
-      vfwd::ldmatrix_x4(a[mt][ks], u + (mt * 16 + (lane & 15)) * Geometry<HD>::LD + ks * 16 + (lane >> 4) * 8);
+      ldmatrix_x4(a[mt][ks][0], a[mt][ks][1], a[mt][ks][2], a[mt][ks][3],
+                  smem_u32(u + (mt * 16 + (lane & 15)) * Geometry<HD>::LD + ks * 16 + (lane >> 4) * 8));
 }
 
 // c[mt][nt] = U rows (mt*16..) x X features (nt*8..) over HD, for SUB features starting at x
 // (bf16 rows of LD): B fragments of two n tiles per ldmatrix.x4, each used for both m tiles.
 template <int HD>
-__device__ __forceinline__ void dphi_gemm(float (&c)[2][SUB / 8][4], const unsigned (&a)[2][HD / 16][4],
+__device__ __forceinline__ void dphi_gemm(float (&c)[2][SUB / 8][4], const u32 (&a)[2][HD / 16][4],
                                           const __nv_bfloat16* x) {
   constexpr int LD = Geometry<HD>::LD;
   const int lane = threadIdx.x & 31;
@@ -155,17 +154,17 @@ __device__ __forceinline__ void dphi_gemm(float (&c)[2][SUB / 8][4], const unsig
 #pragma unroll
     for (int nt = 0; nt < SUB / 8; ++nt) c[mt][nt][0] = c[mt][nt][1] = c[mt][nt][2] = c[mt][nt][3] = 0.f;
   // matrices of one x4: (n tile 2np, k lo), (2np, k hi), (2np+1, k lo), (2np+1, k hi)
-  const __nv_bfloat16* xr = x + ((lane >> 4) * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8;
+  const u32 xr = smem_u32(x + ((lane >> 4) * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8);
 #pragma unroll
   for (int ks = 0; ks < HD / 16; ++ks)
 #pragma unroll
     for (int np = 0; np < SUB / 16; ++np) {
-      unsigned b[4];
-      vfwd::ldmatrix_x4(b, xr + np * 16 * LD + ks * 16);
+      u32 b0, b1, b2, b3;
+      ldmatrix_x4(b0, b1, b2, b3, xr + (np * 16 * LD + ks * 16) * 2);
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
-        vfwd::mma_bf16_16816(c[mt][2 * np], a[mt][ks], b[0], b[1]);
-        vfwd::mma_bf16_16816(c[mt][2 * np + 1], a[mt][ks], b[2], b[3]);
+        mma_16816_bf16(c[mt][2 * np], a[mt][ks], b0, b1);
+        mma_16816_bf16(c[mt][2 * np + 1], a[mt][ks], b2, b3);
       }
     }
 }

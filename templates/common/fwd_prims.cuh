@@ -50,13 +50,6 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // ---- ldmatrix / mma ------------------------------------------------------------------
-// Four 8x8 b16 matrices (lanes 8i..8i+7 give the row addresses of matrix i); thread t receives
-// row t/4, columns 2(t%4), 2(t%4)+1 of each: the A operand, or B from a [n][k] tile.
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem_row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 { %0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(smem_row)));
-}
 // Four 8x8 b16 matrices, transposed on the way in (B operand from a row-major [k][n] tile).
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem_row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 { %0,%1,%2,%3}, [%4];\n"
