@@ -65,7 +65,8 @@ def test_mma16_key_rules_and_geometry():
 
 # ---- the kernel executed on the CPU ---------------------------------------------------------------
 def _emulates_mma16() -> bool:
-    return all(name in bwd_host_emu.SHIM for name in ("m16n8k16", "ldmatrix", "cp_async"))
+    shim = getattr(bwd_host_emu, "SHIM", "") + getattr(bwd_host_emu, "PTX_EMU", "")
+    return all(f in shim for f in ("mma_16816_bf16", "ldmatrix_x4", "cp_async_16", "__syncwarp"))
 
 
 needs_emu = pytest.mark.skipif(
@@ -82,8 +83,8 @@ def _run(key, cfg, args):
     launch(b * hq * n * rt, QB.threads_per_block(cfg), QB.dynamic_smem_bytes(key, cfg), args)
 
 
-def _problem(d, deg, d_tile, c, gqa, gating, seed):
-    b, h, n = 1, 1, 2
+def _problem(d, deg, d_tile, c, gqa, gating, seed, n=2):
+    b, h = 1, 1
     hq, t = h * gqa, n * c
     gen = torch.Generator().manual_seed(seed)
     Q = torch.randn(b, t, hq, d, generator=gen).bfloat16()
@@ -123,15 +124,16 @@ def _close(name, got, want, terms, tol):
 
 
 @needs_emu
-@pytest.mark.parametrize("d,deg,d_tile,c,gqa,gating,cfg", [
-    (32, 2, 8, 48, 2, True, QueryStateBwdConfig(impl="mma16", warps=2)),            # one partial tile, GQA
-    (64, 2, 8, 96, 1, False, QueryStateBwdConfig(impl="mma16", warps=2)),           # second tile partial
-    (32, 2, 16, 64, 1, True, QueryStateBwdConfig(impl="mma16", warps=2, tile_f=128, stages=3)),  # high digit
-    (32, 2, 1, 32, 2, True, QueryStateBwdConfig(impl="mma16", warps=2)),            # T=1: scalar chunks, D tail
+@pytest.mark.parametrize("d,deg,d_tile,c,n,gqa,gating,cfg", [
+    (32, 2, 8, 48, 2, 2, True, QueryStateBwdConfig(impl="mma16", warps=2)),          # one partial tile, GQA
+    (64, 2, 8, 96, 2, 1, False, QueryStateBwdConfig(impl="mma16", warps=2)),         # second tile partial
+    (32, 2, 16, 64, 2, 1, True, QueryStateBwdConfig(impl="mma16", warps=2, tile_f=128, stages=3)),  # high digit
+    (32, 2, 1, 32, 2, 2, True, QueryStateBwdConfig(impl="mma16", warps=2)),          # T=1: scalar chunks, D tail
+    (32, 4, 4, 32, 1, 1, True, QueryStateBwdConfig(impl="mma16", warps=2, tile_f=128)),  # p=4: D=84480, one CTA
 ])
-def test_mma16_rows_pass_on_cpu(d, deg, d_tile, c, gqa, gating, cfg):
+def test_mma16_rows_pass_on_cpu(d, deg, d_tile, c, n, gqa, gating, cfg):
     key = QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile)
-    p = _problem(d, deg, d_tile, c, gqa, gating, seed=11)
+    p = _problem(d, deg, d_tile, c, gqa, gating, seed=11, n=n)
     got = _kernel_outputs(key, cfg, p)
     # float64 row pass on the kernel's own inputs (bf16 Q, Y, dY, Sbar; fp32 sbar, O, l, m, g)
     gz = p["g"].float().double() if gating else torch.zeros(p["Q"].shape[0], p["Q"].shape[1], 1, dtype=F64)
@@ -141,7 +143,30 @@ def test_mma16_rows_pass_on_cpu(d, deg, d_tile, c, gqa, gating, cfg):
     terms = (want[2].abs() * p["l"].double()).max().item()
     for name, w in zip(OUTS, want):
         _close(name, got[name], w, terms, 1e-4 if name == "dg" else 1e-3)
+    if deg == 4:
+        return  # the row loop's host execution of 84480 features would add a minute
     # the row-loop kernel (fp32 CUDA cores) on the same inputs
     ref = _kernel_outputs(key, QB.default_config(key).model_copy(update={"mma": False}), p)
     for name in OUTS:
         _close(name, got[name], ref[name], terms, 1e-4 if name == "dg" else 1e-3)
+
+
+@needs_emu
+def test_launcher_with_mma16_matches_rowloop_on_cpu():
+    """query_state_bwd (grid from config.rows = 32 * warps, then the state pass on its outputs) with
+    impl="mma16" equals the row-loop launch."""
+    from vidrial.kernels.power_retention.query_state_bwd import query_state_bwd
+
+    d, deg, d_tile, c = 32, 2, 8, 96
+    p = _problem(d, deg, d_tile, c, 2, True, seed=5, n=1)
+    args = (p["Q"], p["g"].float(), p["Sb16"], p["sb"], p["O"], p["l"], p["m"], p["Y"], p["dY"])
+    kw = dict(deg=deg, d_tile=d_tile, scale=p["scale"], chunk_size=c)
+    undo = bwd_host_emu.install()
+    try:
+        got = query_state_bwd(*args, config=QueryStateBwdConfig(impl="mma16", warps=2), **kw)
+        want = query_state_bwd(*args, config=QueryStateBwdConfig(), **kw)
+    finally:
+        undo()
+    terms = (want["dl"].abs() * p["l"]).max().item()
+    for name in OUTS + ("dSbar", "dsbar"):
+        _close(name, got[name], want[name], terms, 1e-4 if name == "dg" else 1e-3)
