@@ -154,7 +154,7 @@ def test_mma16_rows_pass_on_cpu(d, deg, d_tile, c, n, gqa, gating, cfg):
 @needs_emu
 def test_launcher_with_mma16_matches_rowloop_on_cpu():
     """query_state_bwd (grid from config.rows = 32 * warps, then the state pass on its outputs) with
-    impl="mma16" equals the row-loop launch."""
+    impl="mma16" equals the row-loop launch; state=False runs the rows pass alone."""
     from vidrial.kernels.power_retention.query_state_bwd import query_state_bwd
 
     d, deg, d_tile, c = 32, 2, 8, 96
@@ -165,8 +165,10 @@ def test_launcher_with_mma16_matches_rowloop_on_cpu():
     try:
         got = query_state_bwd(*args, config=QueryStateBwdConfig(impl="mma16", warps=2), **kw)
         want = query_state_bwd(*args, config=QueryStateBwdConfig(), **kw)
+        rows = query_state_bwd(*args, config=QueryStateBwdConfig(impl="mma16", warps=2), state=False, **kw)
     finally:
         undo()
+    assert "dSbar" not in rows and all(torch.equal(rows[k], got[k]) for k in OUTS)  # state=False: rows pass only
     terms = (want["dl"].abs() * p["l"]).max().item()
     for name in OUTS + ("dSbar", "dsbar"):
         _close(name, got[name], want[name], terms, 1e-4 if name == "dg" else 1e-3)

@@ -235,12 +235,12 @@ def state_ftiles(D: int, config: QueryStateBwdConfig) -> int:
 
 
 def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int, scale: float, chunk_size: int,
-                    config=None, state_config=None):
-    """Both passes. Q, Y, dY [b,t,hq,d] bf16/fp16 (t a multiple of chunk_size), G [b,t,h] fp32 chunk-local
-    cumulative log gates or None, Sbar16 [b,n',h,D,d] bf16 (n' >= n: states at the start of each chunk),
-    sbar [b,n'',h,D] fp32, O [b,t,hq,d], l, m [b,t,hq] fp32 (intra-chunk attention, merge mode).
-    Returns dict dQ, dO, dAh [b,t,hq,d], dl, dBh, qscale, dg [b,t,hq], dSbar [b,n,h,D,d], dsbar [b,n,h,D]
-    (all fp32). Current stream, no host sync."""
+                    config=None, state_config=None, state: bool = True):
+    """Both passes (state=False: the rows pass only). Q, Y, dY [b,t,hq,d] bf16/fp16 (t a multiple of
+    chunk_size), G [b,t,h] fp32 chunk-local cumulative log gates or None, Sbar16 [b,n',h,D,d] bf16 (n' >= n:
+    states at the start of each chunk), sbar [b,n'',h,D] fp32, O [b,t,hq,d], l, m [b,t,hq] fp32 (intra-chunk
+    attention, merge mode). Returns dict dQ, dO, dAh [b,t,hq,d], dl, dBh, qscale, dg [b,t,hq], and with
+    state=True dSbar [b,n,h,D,d], dsbar [b,n,h,D] (all fp32). Current stream, no host sync."""
     import torch
 
     b, t, hq, d = Q.shape
@@ -260,7 +260,7 @@ def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int
     dev = Q.device
     if config is None:
         config = pick(FAMILY, key_r, dev)
-    if state_config is None:
+    if state_config is None and state:
         state_config = pick(FAMILY, key_s, dev)
     Q, Y, dY, O, l, m = (x.contiguous() for x in (Q, Y, dY, O, l, m))
     Sbar16, sbar = Sbar16.contiguous(), sbar.contiguous()
@@ -268,8 +268,9 @@ def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int
     f32 = dict(device=dev, dtype=torch.float32)
     out = dict(dQ=torch.empty(b, t, hq, d, **f32), dO=torch.empty(b, t, hq, d, **f32),
                dAh=torch.empty(b, t, hq, d, **f32), dl=torch.empty(b, t, hq, **f32), dBh=torch.empty(b, t, hq, **f32),
-               qscale=torch.empty(b, t, hq, **f32), dg=torch.empty(b, t, hq, **f32),
-               dSbar=torch.empty(b, n, h, D, d, **f32), dsbar=torch.empty(b, n, h, D, **f32))
+               qscale=torch.empty(b, t, hq, **f32), dg=torch.empty(b, t, hq, **f32))
+    if state:
+        out.update(dSbar=torch.empty(b, n, h, D, d, **f32), dsbar=torch.empty(b, n, h, D, **f32))
     if Q.numel() == 0:
         return out
     table = block_table(d, deg, d_tile, dev)
@@ -282,6 +283,8 @@ def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int
                out["dl"].data_ptr(), out["dAh"].data_ptr(), out["dBh"].data_ptr(), out["qscale"].data_ptr(),
                out["dg"].data_ptr(), t, n, c, hq, r, Sbar16.shape[1], sbar.shape[1], rt, sp),
               dev.index, stream_of(dev))
+    if not state:
+        return out
     ftiles = state_ftiles(D, state_config)
     ks = launchable(FAMILY, compile_key(key_s), state_config, dev)
     ks.launch((b * h * n * ftiles, 1, 1), (state_config.warps * 32, 1, 1),
