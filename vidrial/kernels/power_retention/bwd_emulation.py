@@ -203,9 +203,17 @@ def update_state_bwd(K, V, g, dS, ds, deg, d_tile, c):
     return dK, dV, e
 
 
-def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c):
+def _round_bf16(x):
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
+def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c, bf16_operands: bool = False):
     """Flash-style intra-chunk backward. Q, dO [b,t,hq,d], K, V [b,t,h,d], g [b,t,h] chunk-local
-    cumsum or None, m, dl [b,t,hq]. Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dg_col [b,t,h]."""
+    cumsum or None, m, dl [b,t,hq]. Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dg_col [b,t,h].
+    bf16_operands: round what impl="flash" feeds its tensor cores to bf16 (dO, then P and s*dx before
+    the second GEMMs), so that the emulation matches that kernel up to fp32 accumulation."""
+    if bf16_operands:
+        dO = _round_bf16(dO)
     b, t, hq, d = Q.shape
     h = K.shape[2]
     r, n = hq // h, t // c
@@ -227,9 +235,12 @@ def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c):
     P = ax**deg * E
     dP = dOc @ Vc.transpose(-1, -2) + dlc.unsqueeze(-1)
     dx = deg * torch.sign(x) * ax ** (deg - 1) * E * dP
-    dQ = scale * dx @ Kc
-    dKr = scale * dx.transpose(-1, -2) @ Qc
-    dVr = P.transpose(-1, -2) @ dOc
+    ds, Pm = scale * dx, P
+    if bf16_operands:
+        ds, Pm = _round_bf16(ds), _round_bf16(P)
+    dQ = ds @ Kc
+    dKr = ds.transpose(-1, -2) @ Qc
+    dVr = Pm.transpose(-1, -2) @ dOc
     col = (P * dP).sum(-2)  # [b,n,hq,c]
 
     def back(x, last):
