@@ -5,7 +5,7 @@ after the other. Slow, but it executes exactly the kernel's index math, so the C
 the kernels themselves with float64 references before any GPU run.
 
 Warp-collective operations (shuffles, mma.sync, ldmatrix) exchange values through a per-warp buffer
-between two per-warp barriers, so warps may diverge (skip work) as on the GPU. The inline PTX of
+between two per-warp barriers, so warps may diverge (skip work) as on the GPU; __syncwarp is that barrier. The inline PTX of
 templates/common/mma.cuh and common/attn_prims.cuh is replaced by host versions (PTX_EMU) written from
 the PTX ISA's documented semantics:
   * mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} (fragments: g = lane/4, t = lane%4; A regs
@@ -58,6 +58,7 @@ constexpr int WARP_WORDS = 8;
 static std::vector<std::barrier<>*>* g_warp_bars = nullptr;
 static unsigned* g_warp_buf = nullptr;  // [warps][32][WARP_WORDS]
 inline void warp_sync() { (*g_warp_bars)[threadIdx.x >> 5]->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { warp_sync(); }  // orders shared memory between a warp's lanes
 inline unsigned* warp_slot(int lane) { return g_warp_buf + (((threadIdx.x >> 5) * 32) + lane) * WARP_WORDS; }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
   const int lane = threadIdx.x & 31;

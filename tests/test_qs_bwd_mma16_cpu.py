@@ -64,15 +64,7 @@ def test_mma16_key_rules_and_geometry():
 
 
 # ---- the kernel executed on the CPU ---------------------------------------------------------------
-def _emulates_mma16() -> bool:
-    shim = getattr(bwd_host_emu, "SHIM", "") + getattr(bwd_host_emu, "PTX_EMU", "")
-    return all(f in shim for f in ("mma_16816_bf16", "ldmatrix_x4", "cp_async_16", "__syncwarp"))
-
-
-needs_emu = pytest.mark.skipif(
-    not (bwd_host_emu.available() and _emulates_mma16()),
-    reason="tests/bwd_host_emu.py does not yet emulate mma.sync m16n8k16 bf16 / ldmatrix / cp.async (being added "
-           "on branch h3-intra-bwd-flash), or g++ is missing")
+needs_emu = pytest.mark.skipif(not bwd_host_emu.available(), reason="g++ not found (host execution of the kernels)")
 
 
 def _run(key, cfg, args):
@@ -143,8 +135,8 @@ def test_mma16_rows_pass_on_cpu(d, deg, d_tile, c, n, gqa, gating, cfg):
     terms = (want[2].abs() * p["l"].double()).max().item()
     for name, w in zip(OUTS, want):
         _close(name, got[name], w, terms, 1e-4 if name == "dg" else 1e-3)
-    if deg == 4:
-        return  # the row loop's host execution of 84480 features would add a minute
+    if d != 64:
+        return  # the row-loop cross-check once (and in the launcher test): each host build costs seconds
     # the row-loop kernel (fp32 CUDA cores) on the same inputs
     ref = _kernel_outputs(key, QB.default_config(key).model_copy(update={"mma": False}), p)
     for name in OUTS:
