@@ -28,6 +28,8 @@ import bwd_host_emu  # noqa: E402
 
 F64 = torch.float64
 OUTS = ("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg")
+# bf16 inputs are exact in the bf16 mma (products exact, fp32 sums): the kernel is fp32-accurate (~2e-7)
+TOL = 2e-5
 
 
 @pytest.mark.parametrize("fields,field", [
@@ -134,13 +136,13 @@ def test_mma16_rows_pass_on_cpu(d, deg, d_tile, c, n, gqa, gating, cfg):
                           p["scale"], c)
     terms = (want[2].abs() * p["l"].double()).max().item()
     for name, w in zip(OUTS, want):
-        _close(name, got[name], w, terms, 1e-4 if name == "dg" else 1e-3)
+        _close(name, got[name], w, terms, TOL)
     if d != 64:
         return  # the row-loop cross-check once (and in the launcher test): each host build costs seconds
     # the row-loop kernel (fp32 CUDA cores) on the same inputs
     ref = _kernel_outputs(key, QB.default_config(key).model_copy(update={"mma": False}), p)
     for name in OUTS:
-        _close(name, got[name], ref[name], terms, 1e-4 if name == "dg" else 1e-3)
+        _close(name, got[name], ref[name], terms, TOL)
 
 
 @needs_emu
@@ -163,4 +165,4 @@ def test_launcher_with_mma16_matches_rowloop_on_cpu():
     assert "dSbar" not in rows and all(torch.equal(rows[k], got[k]) for k in OUTS)  # state=False: rows pass only
     terms = (want["dl"].abs() * p["l"]).max().item()
     for name in OUTS + ("dSbar", "dsbar"):
-        _close(name, got[name], want[name], terms, 1e-4 if name == "dg" else 1e-3)
+        _close(name, got[name], want[name], terms, TOL)
