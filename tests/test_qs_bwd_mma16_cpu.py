@@ -166,3 +166,15 @@ def test_launcher_with_mma16_matches_rowloop_on_cpu():
     terms = (want["dl"].abs() * p["l"]).max().item()
     for name in OUTS + ("dSbar", "dsbar"):
         _close(name, got[name], want[name], terms, TOL)
+
+
+def test_rows_impl_default_switch(monkeypatch):
+    """ROWS_IMPL_DEFAULT='mma16' (after the GPU tests pass) makes it the rows pass's default; the state
+    pass keeps the row loop."""
+    from vidrial.kernels.power_retention import query_state_bwd as qsb
+
+    key = QueryStateBwdKey(head_dim=64)
+    assert QB.default_config(key).impl == "rowloop"
+    monkeypatch.setattr(qsb, "ROWS_IMPL_DEFAULT", "mma16")
+    assert QB.default_config(key) == mma16_config(key)
+    assert QB.default_config(key.model_copy(update={"stage": "state"})).impl == "rowloop"
