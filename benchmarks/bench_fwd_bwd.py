@@ -212,6 +212,11 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     icfg_mma = IBF.default_config(IntraBwdKey(head_dim=d, deg=p)).model_copy(update={"mma": True})
     qscfg_mma = QBF.default_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt, stage="state")).model_copy(
         update={"mma": True})
+    from vidrial.kernels.power_retention.query_state_bwd import mma16_config
+
+    qcfg_mma16 = mma16_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt))
+    qs_rows = lambda cfg: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale,  # noqa: E731
+                                          chunk_size=c, config=cfg, state=False)
     ksplit = {
         "query_state_bwd (rows+state)": bench(
             lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c),
@@ -223,6 +228,8 @@ def run_shape(name, shp, reps, retention_configs, split=True):
         "query_state_bwd (mma)": bench(
             lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c,
                                     config=qcfg_mma, state_config=qscfg_mma), reps),
+        "  query_state_bwd rows pass (default)": bench(lambda: qs_rows(None), reps),
+        "  query_state_bwd rows pass (mma16)": bench(lambda: qs_rows(qcfg_mma16), reps),
         "intra_chunk_attention_bwd (dkv+dq)": bench(
             lambda: intra_chunk_attention_bwd(Q, K, V, gc, m, qs["dO"], qs["dl"], deg=p, scale=scale, chunk_size=c),
             reps),
@@ -232,8 +239,9 @@ def run_shape(name, shp, reps, retention_configs, split=True):
         "forward op (all 4 fwd kernels)": bench(
             lambda: power_retention_fwd(Q, K, V, log_G, None, None, p, scale, c, dt, False), reps),
     }
-    print("vidrial per-kernel split (each alone; the (mma) lines are alternatives, not in the sum):")
-    tot = sum(v for k, v in ksplit.items() if "mma" not in k)
+    print("vidrial per-kernel split (each alone; the (mma) lines are alternatives and the indented lines parts, "
+          "not in the sum):")
+    tot = sum(v for k, v in ksplit.items() if "mma" not in k and not k.startswith(" "))
     for k, v in ksplit.items():
         print(f"  {k:<38}{v:>8.3f} ms  ({100 * v / tot:4.1f}%)")
     print(f"  {'sum':<38}{tot:>8.3f} ms; fwd+bwd total {ms_v:.3f} ms (rest: glue, casts, gate sums)", flush=True)

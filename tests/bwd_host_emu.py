@@ -1,10 +1,24 @@
-"""Runs the backward CUDA templates on the CPU: the rendered source is compiled as C++ (g++ -std=c++20)
-against a small shim (threads of a CTA = std::threads with a std::barrier for __syncthreads, shared
-memory = one buffer per CTA, warp shuffles through shared memory, bf16/fp16 = float). CTAs run one
+"""Runs CUDA templates on the CPU: the rendered source is compiled as C++ (g++ -std=c++20) against a
+small shim (threads of a CTA = std::threads with a std::barrier for __syncthreads, shared memory = one
+buffer per CTA poisoned with NaN bytes, bf16/fp16 = storage types converted through float). CTAs run one
 after the other. Slow, but it executes exactly the kernel's index math, so the CPU tests can compare
-the kernels themselves with the float64 emulation (bwd_emulation.py) before any GPU run.
+the kernels themselves with float64 references before any GPU run.
 
-Only for the backward templates (they use nothing beyond the shim: no inline PTX, no MMA)."""
+Warp-collective operations (shuffles, mma.sync, ldmatrix) exchange values through a per-warp buffer
+between two per-warp barriers, so warps may diverge (skip work) as on the GPU; __syncwarp is that barrier. The inline PTX of
+templates/common/mma.cuh and common/attn_prims.cuh is replaced by host versions (PTX_EMU) written from
+the PTX ISA's documented semantics:
+  * mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} (fragments: g = lane/4, t = lane%4; A regs
+    (g,2t) (g+8,2t) (g,2t+8) (g+8,2t+8), low half = lower column; B regs (k=2t,n=g) (k=2t+8,n=g); C/D
+    (g,2t..2t+1) (g+8,2t..2t+1)); exact products, sum in double, rounded to fp32 once;
+  * mma.sync m16n8k8 tf32 (bwd_prims.cuh's host hook), operands rounded with cvt.rna.tf32;
+  * ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (lanes 8i..8i+7 give the row addresses of matrix
+    i; thread T gets row T/4, elements 2(T%4), 2(T%4)+1, or with .trans elements (2(T%4), T/4) and
+    (2(T%4)+1, T/4)); 16-byte aligned rows inside the shared allocation, else abort;
+  * cp.async (16 bytes .cg with zero fill): queued per thread and performed at the cp.async.wait_group
+    that covers its commit group (data issued but not waited for is not there: a missing wait fails);
+  * cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32 (round to nearest even), ex2.approx.ftz (denormals -> 0).
+"""
 from __future__ import annotations
 
 import ctypes
@@ -30,18 +44,37 @@ struct U3 { unsigned x = 0, y = 0, z = 0; };
 thread_local U3 threadIdx, blockIdx;
 U3 blockDim, gridDim;
 thread_local std::barrier<>* g_bar = nullptr;
-static float* g_shfl = nullptr;
 static float* g_dyn_smem = nullptr;
+static long long g_smem_bytes = 0;
 void __syncthreads() { g_bar->arrive_and_wait(); }
 template <class T> inline T __ldg(const T* p) { return *p; }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+// warp collectives: each lane posts up to 8 words, the warp meets at a barrier, reads, meets again
+constexpr int WARP_WORDS = 8;
+static std::vector<std::barrier<>*>* g_warp_bars = nullptr;
+static unsigned* g_warp_buf = nullptr;  // [warps][32][WARP_WORDS]
+inline void warp_sync() { (*g_warp_bars)[threadIdx.x >> 5]->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { warp_sync(); }  // orders shared memory between a warp's lanes
+inline unsigned* warp_slot(int lane) { return g_warp_buf + (((threadIdx.x >> 5) * 32) + lane) * WARP_WORDS; }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
-  const int tid = threadIdx.x;
-  __syncthreads();
-  g_shfl[tid] = v;
-  __syncthreads();
-  const float r = g_shfl[tid ^ o];
+  const int lane = threadIdx.x & 31;
+  warp_slot(lane)[0] = __float_as_uint(v);
+  warp_sync();
+  const float r = __uint_as_float(warp_slot(lane ^ o)[0]);
+  warp_sync();
+  return r;
+}
+inline bool __any_sync(unsigned, bool p) {
+  const int lane = threadIdx.x & 31;
+  warp_slot(lane)[0] = p;
+  warp_sync();
+  bool r = false;
+  for (int l = 0; l < 32; ++l) r = r || warp_slot(l)[0];
+  warp_sync();
   return r;
 }
 using std::isfinite;
@@ -59,6 +92,11 @@ inline float __half2float(__half v) { return (float)v; }
 #define __align__(x)
 struct float4 { float x, y, z, w; };
 struct float2 { float x, y; };
+struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+inline float2 make_float2(float a, float b) { return {a, b}; }
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
@@ -69,24 +107,25 @@ inline void vbwd_check_align16(const void* p) {
 inline void vbwd_check_align8(const void* p) {
   if (reinterpret_cast<std::uintptr_t>(p) & 7) { std::fprintf(stderr, "misaligned 8-byte load %p\n", p); std::abort(); }
 }
-static float* g_mma = nullptr;  // per-warp fragment exchange of the emulated mma.sync
 inline float vbwd_tf32(float x) {  // cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero
   unsigned u; std::memcpy(&u, &x, 4); u = (u + 0x1000u) & 0xffffe000u; std::memcpy(&x, &u, 4); return x;
 }
-void __syncthreads();
+// mma.sync m16n8k8 tf32 (bwd_prims.cuh): a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]; b = B[t][g], B[t+4][g]
 inline void vbwd_host_mma_tf32(float (&c)[4], const float (&a)[4], const float (&b)[2]) {
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  float* buf = g_mma + w * 32 * 8;
-  for (int i = 0; i < 4; ++i) buf[lane * 8 + i] = a[i];
-  buf[lane * 8 + 4] = b[0]; buf[lane * 8 + 5] = b[1];
-  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  unsigned* mine = warp_slot(lane);
+  for (int i = 0; i < 4; ++i) mine[i] = __float_as_uint(a[i]);
+  mine[4] = __float_as_uint(b[0]); mine[5] = __float_as_uint(b[1]);
+  warp_sync();
   float A[16][8], B[8][8];
   for (int l = 0; l < 32; ++l) {
+    const unsigned* w = warp_slot(l);
     const int g = l >> 2, t = l & 3;
-    A[g][t] = buf[l * 8 + 0]; A[g + 8][t] = buf[l * 8 + 1]; A[g][t + 4] = buf[l * 8 + 2]; A[g + 8][t + 4] = buf[l * 8 + 3];
-    B[t][g] = buf[l * 8 + 4]; B[t + 4][g] = buf[l * 8 + 5];
+    A[g][t] = __uint_as_float(w[0]); A[g + 8][t] = __uint_as_float(w[1]);
+    A[g][t + 4] = __uint_as_float(w[2]); A[g + 8][t + 4] = __uint_as_float(w[3]);
+    B[t][g] = __uint_as_float(w[4]); B[t + 4][g] = __uint_as_float(w[5]);
   }
-  __syncthreads();
+  warp_sync();
   const int g = lane >> 2, t = lane & 3;
   for (int q = 0; q < 4; ++q) {
     const int m = g + (q >> 1) * 8, n = 2 * t + (q & 1);
@@ -99,20 +138,145 @@ struct Arg {
   void* p; long long i; double f;
   template <class T> operator T*() const { return (T*)p; }
   operator int() const { return (int)i; }
+  operator long long() const { return i; }
   operator float() const { return (float)f; }
 };
 """
+
+PTX_EMU = r"""
+// ---- host versions of common/mma.cuh + common/attn_prims.cuh (PTX ISA semantics) ----
+#include <deque>
+#include <cfloat>
+typedef unsigned int u32;
+typedef unsigned long long u64;
+inline unsigned char* emu_smem_ptr(u32 addr, int bytes, int align) {
+  if ((long long)addr + bytes > g_smem_bytes || addr % align) {
+    std::fprintf(stderr, "bad shared address %u (%d bytes, align %d, allocation %lld)\n", addr, bytes, align,
+                 g_smem_bytes);
+    std::abort();
+  }
+  return reinterpret_cast<unsigned char*>(g_dyn_smem) + addr;
+}
+inline u32 smem_u32(const void* p) {
+  const long long off = (const unsigned char*)p - (const unsigned char*)g_dyn_smem;
+  if (off < 0 || off > g_smem_bytes) { std::fprintf(stderr, "smem_u32 of a non-shared pointer\n"); std::abort(); }
+  return (u32)off;
+}
+inline float emu_bf16(unsigned short h) { return __uint_as_float((unsigned)h << 16); }
+inline float emu_f16(unsigned short h) { _Float16 f; std::memcpy(&f, &h, 2); return (float)f; }
+inline unsigned short emu_to_bf16(float x) {  // round to nearest even
+  unsigned u = __float_as_uint(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (unsigned short)(u >> 16);
+}
+inline unsigned short emu_to_f16(float x) { _Float16 h = (_Float16)x; unsigned short r; std::memcpy(&r, &h, 2); return r; }
+template <bool BF16>
+inline void emu_mma_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  const int lane = threadIdx.x & 31;
+  unsigned* mine = warp_slot(lane);
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b0; mine[5] = b1;
+  warp_sync();
+  double A[16][16], B[16][8];
+  auto cv = [](unsigned short h) { return (double)(BF16 ? emu_bf16(h) : emu_f16(h)); };
+  for (int l = 0; l < 32; ++l) {
+    const unsigned* w = warp_slot(l);
+    const int g = l >> 2, t = l & 3;
+    const int ar[4] = {g, g + 8, g, g + 8}, ac[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+    for (int i = 0; i < 4; ++i) {
+      A[ar[i]][ac[i]] = cv(w[i] & 0xffffu);
+      A[ar[i]][ac[i] + 1] = cv(w[i] >> 16);
+    }
+    for (int i = 0; i < 2; ++i) {
+      B[2 * t + 8 * i][g] = cv(w[4 + i] & 0xffffu);
+      B[2 * t + 8 * i + 1][g] = cv(w[4 + i] >> 16);
+    }
+  }
+  warp_sync();
+  const int g = lane >> 2, t = lane & 3;
+  for (int q = 0; q < 4; ++q) {
+    const int m = g + (q >> 1) * 8, n = 2 * t + (q & 1);
+    double acc = c[q];
+    for (int k = 0; k < 16; ++k) acc += A[m][k] * B[k][n];
+    c[q] = (float)acc;
+  }
+}
+inline void mma_16816_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) { emu_mma_16816<true>(c, a, b0, b1); }
+inline void mma_16816_f16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) { emu_mma_16816<false>(c, a, b0, b1); }
+template <bool TRANS>
+inline void emu_ldmatrix_x4(u32 (&r)[4], u32 addr) {
+  const int lane = threadIdx.x & 31;
+  warp_slot(lane)[0] = addr;
+  warp_sync();
+  for (int i = 0; i < 4; ++i) {
+    if (TRANS) {  // (row 2(T%4), col T/4) low, (row 2(T%4)+1, col T/4) high
+      unsigned short lo, hi;
+      std::memcpy(&lo, emu_smem_ptr(warp_slot(8 * i + 2 * (lane & 3))[0], 16, 16) + 2 * (lane >> 2), 2);
+      std::memcpy(&hi, emu_smem_ptr(warp_slot(8 * i + 2 * (lane & 3) + 1)[0], 16, 16) + 2 * (lane >> 2), 2);
+      r[i] = (u32)lo | ((u32)hi << 16);
+    } else {      // row T/4, elements 2(T%4), 2(T%4)+1
+      std::memcpy(&r[i], emu_smem_ptr(warp_slot(8 * i + (lane >> 2))[0], 16, 16) + 4 * (lane & 3), 4);
+    }
+  }
+  warp_sync();
+}
+inline void ldmatrix_x4(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
+  u32 r[4]; emu_ldmatrix_x4<false>(r, addr); r0 = r[0]; r1 = r[1]; r2 = r[2]; r3 = r[3];
+}
+inline void ldmatrix_x4_trans(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
+  u32 r[4]; emu_ldmatrix_x4<true>(r, addr); r0 = r[0]; r1 = r[1]; r2 = r[2]; r3 = r[3];
+}
+// cp.async: queued per thread, performed by the wait_group that covers the copy's commit group
+struct EmuCopy { u32 dst; const void* src; int src_bytes; };
+thread_local std::vector<EmuCopy> emu_open_group;
+thread_local std::deque<std::vector<EmuCopy>> emu_groups;
+inline void cp_async_16_zfill(u32 dst, const void* src, int src_bytes) {
+  emu_smem_ptr(dst, 16, 16);
+  if (src_bytes && (reinterpret_cast<std::uintptr_t>(src) & 15)) { std::fprintf(stderr, "cp.async src %p\n", src); std::abort(); }
+  emu_open_group.push_back({dst, src, src_bytes});
+}
+inline void cp_async_16(u32 dst, const void* src) { cp_async_16_zfill(dst, src, 16); }
+inline void cp_async_commit() { emu_groups.push_back(std::move(emu_open_group)); emu_open_group.clear(); }
+template <int N>
+inline void cp_async_wait() {
+  while ((int)emu_groups.size() > N) {
+    for (const EmuCopy& cp : emu_groups.front()) {
+      unsigned char* d = emu_smem_ptr(cp.dst, 16, 16);
+      std::memset(d, 0, 16);
+      if (cp.src_bytes) std::memcpy(d, cp.src, cp.src_bytes);
+    }
+    emu_groups.pop_front();
+  }
+}
+inline u32 pack_bf16(float lo, float hi) { return (u32)emu_to_bf16(lo) | ((u32)emu_to_bf16(hi) << 16); }
+inline u32 pack_f16(float lo, float hi) { return (u32)emu_to_f16(lo) | ((u32)emu_to_f16(hi) << 16); }
+inline float2 unpack_bf16(u32 v) { return make_float2(emu_bf16(v & 0xffffu), emu_bf16(v >> 16)); }
+inline float2 unpack_f16(u32 v) { return make_float2(emu_f16(v & 0xffffu), emu_f16(v >> 16)); }
+inline float attn_exp2(float x) {  // ex2.approx.ftz: denormal results flush to +0
+  const float y = std::exp2(x);
+  return y < FLT_MIN ? 0.f : y;
+}
+// ---- end of the host versions ----
+"""
+
+# The headers whose inline PTX PTX_EMU replaces (from the header's banner to its include guard's #endif).
+_PTX_HEADERS = re.compile(r"// ---- common/(mma|attn_prims)\.cuh:.*?#endif  // VIDRIAL_COMMON_(MMA|ATTN_PRIMS)_CUH", re.S)
 
 RUNNER = r"""
 extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_bytes, const Arg* a) {
   gridDim.x = gx; gridDim.y = gy; blockDim.x = threads;
   const size_t smem_floats = smem_bytes / 4 + 16;
-  float* smem_buf = static_cast<float*>(std::aligned_alloc(64, (smem_floats * 4 + 63) / 64 * 64));
-  std::vector<float> shfl(threads), mma(threads * 8);
-  g_dyn_smem = smem_buf; g_shfl = shfl.data(); g_mma = mma.data();
+  float* smem_buf = static_cast<float*>(std::aligned_alloc(128, (smem_floats * 4 + 127) / 128 * 128));
+  const int warps = (threads + 31) / 32;
+  std::vector<unsigned> warp_buf(warps * 32 * WARP_WORDS);
+  g_dyn_smem = smem_buf; g_smem_bytes = smem_bytes; g_warp_buf = warp_buf.data();
   for (int by = 0; by < gy; ++by)
     for (int bx = 0; bx < gx; ++bx) {
       std::barrier<> bar(threads);
+      std::vector<std::barrier<>*> warp_bars;
+      for (int w = 0; w < warps; ++w) warp_bars.push_back(new std::barrier<>(std::min(32, threads - 32 * w)));
+      g_warp_bars = &warp_bars;
       std::memset(smem_buf, 0xff, smem_floats * 4);  // NaN garbage: catches reads before writes
       std::vector<std::thread> ts;
       for (int t = 0; t < threads; ++t)
@@ -121,6 +285,7 @@ extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_
           {{CALL}};
         });
       for (auto& th : ts) th.join();
+      for (auto* b : warp_bars) delete b;
     }
   std::free(smem_buf);
 }
@@ -130,11 +295,14 @@ extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_
 def _host_source(cuda_source: str, entry: str, nargs: int) -> str:
     src = cuda_source
     src = re.sub(r"#include <cuda_(bf16|fp16)\.h>", "", src)
+    src, n_ptx = _PTX_HEADERS.subn("", src)
     src = src.replace("extern __shared__ __align__(16) float sm[];", "float* sm = g_dyn_smem;")
+    src = re.sub(r"extern __shared__ __align__\(\d+\) unsigned char (\w+)\[\];",
+                 r"unsigned char* \1 = reinterpret_cast<unsigned char*>(g_dyn_smem);", src)
     src = re.sub(r"__shared__ float (\w+)\[([^\]]+)\];", r"static float \1[\2];", src)
     src = src.replace('extern "C" __global__', "")
     call = f"{entry}(" + ", ".join(f"a[{i}]" for i in range(nargs)) + ")"
-    return SHIM + src + RUNNER.replace("{{CALL}}", call)
+    return SHIM + (PTX_EMU if n_ptx else "") + src + RUNNER.replace("{{CALL}}", call)
 
 
 class _ArgC(ctypes.Structure):

@@ -109,3 +109,19 @@ def test_discumsum_bwd_varying_gate_against_autograd():
                            dSbar[:, n], dsbar[:, n])
     for a, w in zip(got, grads):
         _close(a, w, 1e-12)
+
+
+@pytest.mark.parametrize("deg,d_tile,gating,gqa", [(2, 4, True, 2), (4, 2, True, 1), (2, 1, False, 1)])
+def test_rows_pass_as_the_tensor_core_kernel_computes_it(deg, d_tile, gating, gqa):
+    """qs_bwd_rows_mma16 (raw-q chain, row factors applied last, dg by Euler's theorem) equals the
+    row pass qs_bwd_rows, including rows whose state term dominates the intra-chunk half."""
+    b, h, c, n, d = 1, 2, 16, 3, 8
+    hq, t = h * gqa, n * c
+    Q, K, V, lg, dY, _, _ = _inputs(b, t, hq, h, d, gating, 7)
+    f = em.forward_pieces(Q, K, V, lg, deg, 1 / math.sqrt(d), c, d_tile)
+    g = f["g"] if gating else torch.zeros(b, t, h, dtype=F64)
+    args = (Q, g, f["Sbar"][:, :n], f["sbar"][:, :n], f["O"], f["l"], f["m"] - 3.0, f["Y"], dY, deg, d_tile,
+            1 / math.sqrt(d), c)
+    for name, a, w in zip(("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg"), em.qs_bwd_rows_mma16(*args),
+                          em.qs_bwd_rows(*args)):
+        _close(a, w, 1e-11)

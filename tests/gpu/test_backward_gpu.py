@@ -153,6 +153,36 @@ def test_query_state_bwd_kernels(d, p, r, gating, mma):
     assert rel_err(out["dSbar"], wS) < state_tol and rel_err(out["dsbar"], ws) < state_tol
 
 
+@pytest.mark.parametrize("d,p,r,gating,c", [(64, 2, 1, True, 128), (64, 2, 2, True, 96), (32, 2, 4, False, 128),
+                                            (32, 4, 1, True, 64), (128, 2, 2, True, 128), (64, 2, 1, True, 1024)])
+def test_query_state_bwd_mma16_rows(d, p, r, gating, c):
+    """The tensor-core rows pass (impl="mma16") against the float64 row pass and the row-loop kernel
+    (partial row tiles: c=96 with 128-row CTAs; GQA; p=4; d=128 with 64-row CTAs; the training chunk)."""
+    from vidrial.kernels.power_retention.query_state_bwd import FAMILY, QueryStateBwdKey, mma16_config, query_state_bwd
+
+    b, h, n = 1, 2, 3
+    t, hq = n * c, h * r
+    Q, K, V, lg, dt, scale, Y, O, l, m, Sb16, sb = _forward_pieces(b, t, hq, h, d, p, c, gating, 4)
+    dY = torch.randn(b, t, hq, d, device=DEV, generator=gen(5)).bfloat16()
+    gc = lg.view(b, n, c, h).cumsum(2).view(b, t, h) if gating else None
+    key = QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt)
+    args = (Q, gc, Sb16, sb, O, l, m, Y, dY)
+    kw = dict(deg=p, d_tile=dt, scale=scale, chunk_size=c)
+    poison()
+    out = query_state_bwd(*args, config=mma16_config(key), **kw)
+    rowloop = query_state_bwd(*args, config=FAMILY.default_config(key).model_copy(update={"mma": False}), **kw)
+    gz = gc.double() if gating else torch.zeros(b, t, h, device=DEV, dtype=F64)
+    w = em.qs_bwd_rows(Q.double(), gz, Sb16[:, :n].double(), sb[:, :n].double(), O.double(), l.double(), m.double(),
+                       Y.double(), dY.double(), p, dt, scale, c)
+    terms = (out["dl"].abs() * l).norm().item()
+    for name, want in zip(("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg"), w):
+        for got in (out[name], rowloop[name]):
+            if name == "dg":  # phi.dphi + dO.O + dl l: cancelling terms; error relative to their size
+                assert torch.isfinite(got).all() and (got.double() - want).norm().item() < 1e-4 * terms, name
+            else:
+                assert rel_err(got, want) < 1e-3, name
+
+
 @pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("d,p,r,c,gating", [(64, 2, 1, 128, True), (64, 2, 2, 256, True), (128, 2, 1, 64, False),
                                             (32, 4, 2, 128, True)])
@@ -272,6 +302,24 @@ def test_gradients_with_tensor_core_row_loops(case, monkeypatch):
         test_gradients_match_float64_autograd(case)
     finally:
         monkeypatch.setattr(_bwd_util, "MMA_DEFAULT", False)
+        dispatch.reload()
+
+
+@pytest.mark.parametrize("case", [GRAD_CASES[1], GRAD_CASES[3], GRAD_CASES[4], GRAD_CASES[8]],
+                         ids=["gqa-pad-state", "d128", "p4", "c1024"])
+def test_gradients_with_mma16_rows_pass(case, monkeypatch):
+    """The same comparison with query_state_bwd's rows pass on bf16 tensor cores (impl="mma16")."""
+    from vidrial import dispatch
+    from vidrial.kernels.power_retention import query_state_bwd as qsb
+
+    monkeypatch.setattr(qsb, "ROWS_IMPL_DEFAULT", "mma16")
+    dispatch.reload()
+    key = qsb.QueryStateBwdKey(head_dim=case[1], deg=case[2], d_tile=default_d_tile(case[1], case[2]))
+    assert qsb.FAMILY.default_config(key).impl == "mma16"
+    try:
+        test_gradients_match_float64_autograd(case)
+    finally:
+        monkeypatch.setattr(qsb, "ROWS_IMPL_DEFAULT", "rowloop")
         dispatch.reload()
 
 

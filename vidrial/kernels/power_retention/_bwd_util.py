@@ -34,13 +34,17 @@ class RowLoopConfig(KernelConfig):
 
     @model_validator(mode="after")
     def _valid(self):
+        self.check_fields()
+        return self
+
+    def check_fields(self) -> None:
+        """The per-field rules (families with another kernel variant override them); raises ConfigError."""
         if self.rows_per_lane not in (1, 2):
             raise ConfigError("rows_per_lane", self.rows_per_lane, "1 or 2")
         if self.tile_f not in (16, 32, 64, 128, 256):
             raise ConfigError("tile_f", self.tile_f, "one of 16, 32, 64, 128, 256")
         if self.warps not in (4, 8):
             raise ConfigError("warps", self.warps, "4 or 8")
-        return self
 
 
 def blocks_per_tile(block_size: int, tile_f: int) -> int:

@@ -51,8 +51,8 @@ from vidrial.kernels.power_retention.reference import (
 )
 from vidrial.kernels.power_retention.sympow import default_d_tile, layout
 
-__all__ = ["sympow_chain", "qs_bwd_rows", "qs_bwd_state", "discumsum_bwd", "update_state_bwd", "intra_bwd",
-           "forward_pieces", "emulate_backward", "dlog_G_from_dg"]
+__all__ = ["sympow_chain", "qs_bwd_rows", "qs_bwd_rows_mma16", "qs_bwd_state", "discumsum_bwd", "update_state_bwd",
+           "intra_bwd", "forward_pieces", "emulate_backward", "dlog_G_from_dg"]
 
 _F64 = torch.float64
 EPS = LOG_EPS          # the forward kernels' weight guard: w = (|x| + 1e-7)^p
@@ -114,6 +114,43 @@ def qs_bwd_rows(Q, g, Sbar, sbar, O, l, m, Y, dY, deg, d_tile, scale, c):
     return dq, dO, dl, dAh, dBh, qscale, dg_row
 
 
+def qs_bwd_rows_mma16(Q, g, Sbar, sbar, O, l, m, Y, dY, deg, d_tile, scale, c):
+    """The rows pass as the tensor-core kernel (impl="mma16", templates/query_state_bwd_mma16.cu.j2)
+    computes it: one loop over the features with no row scalar known in advance. Since
+    dAh = dY inv and dBh = -(dY.Y) inv share the row factor inv = 1/Den, and phi is homogeneous
+    of degree p (q~ = q e^(g/p), qh = q e^((g-M)/p)):
+
+        dphi' = Sbar dY - (dY.Y) sbar            (bf16 x bf16 GEMM, fp32; no B needed yet)
+        u     = chain(q, dphi'),  Bq = phi(q).sbar  (raw q: the input itself, no exponentials)
+        B = s^p e^g Bq,  fq = s^p inv e^(g-M):  dq = fq u,  phi(qh).dphi = fq (q.u) / p  (Euler)
+
+    Same signature and outputs as qs_bwd_rows."""
+    b, t, hq, d = Q.shape
+    h = Sbar.shape[2]
+    r, n = hq // h, t // c
+    sp = scale**deg
+    gq = _rep(g, r, 2)
+    D = sbar.shape[-1]
+    rows = lambda x: x.reshape(b, n, c, h, r, *x.shape[3:])  # noqa: E731
+    yy = (dY * Y).sum(-1)
+    dphi = (torch.einsum("bnhDe,bnchre->bnchrD", Sbar, rows(dY))
+            - sbar[:, :, None, :, None, :] * rows(yy).unsqueeze(-1)).reshape(b, t, hq, D)
+    u = sympow_chain(Q, dphi, deg, d_tile)
+    Bq = torch.einsum("bnchrD,bnhD->bnchr", rows(phi(Q, deg, d_tile)), sbar).reshape(b, t, hq)
+    B = sp * torch.exp(gq) * Bq
+    logB = torch.log(B.clamp_min(1e-300)).where(B > 0, torch.full_like(B, -math.inf))
+    M = torch.maximum(m, logB)
+    em = torch.exp(m - M)
+    inv = 1.0 / (l * em + B * torch.exp(-M))
+    fq = sp * inv * torch.exp(gq - M)
+    dBh = -yy * inv
+    dl = dBh * em
+    dAh = dY * inv.unsqueeze(-1)
+    dO = dAh * em.unsqueeze(-1)
+    dg = fq * (Q * u).sum(-1) / deg + em * inv * (dY * O).sum(-1) + dl * (l - D_EPS)
+    return fq.unsqueeze(-1) * u, dO, dl, dAh, dBh, torch.exp((gq - M) / deg), dg
+
+
 def qs_bwd_state(Q, qscale, dAh, dBh, h, deg, d_tile, scale, c):
     """State pass: dSbar [b,n,h,D,d], dsbar [b,n,h,D] (gradient w.r.t. the state at the start of
     each chunk), summed over the r query heads of each KV head and the rows of the chunk."""
@@ -166,9 +203,17 @@ def update_state_bwd(K, V, g, dS, ds, deg, d_tile, c):
     return dK, dV, e
 
 
-def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c):
+def _round_bf16(x):
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
+def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c, bf16_operands: bool = False):
     """Flash-style intra-chunk backward. Q, dO [b,t,hq,d], K, V [b,t,h,d], g [b,t,h] chunk-local
-    cumsum or None, m, dl [b,t,hq]. Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dg_col [b,t,h]."""
+    cumsum or None, m, dl [b,t,hq]. Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dg_col [b,t,h].
+    bf16_operands: round what impl="flash" feeds its tensor cores to bf16 (dO, then P and s*dx before
+    the second GEMMs), so that the emulation matches that kernel up to fp32 accumulation."""
+    if bf16_operands:
+        dO = _round_bf16(dO)
     b, t, hq, d = Q.shape
     h = K.shape[2]
     r, n = hq // h, t // c
@@ -190,9 +235,12 @@ def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c):
     P = ax**deg * E
     dP = dOc @ Vc.transpose(-1, -2) + dlc.unsqueeze(-1)
     dx = deg * torch.sign(x) * ax ** (deg - 1) * E * dP
-    dQ = scale * dx @ Kc
-    dKr = scale * dx.transpose(-1, -2) @ Qc
-    dVr = P.transpose(-1, -2) @ dOc
+    ds, Pm = scale * dx, P
+    if bf16_operands:
+        ds, Pm = _round_bf16(ds), _round_bf16(P)
+    dQ = ds @ Kc
+    dKr = ds.transpose(-1, -2) @ Qc
+    dVr = Pm.transpose(-1, -2) @ dOc
     col = (P * dP).sum(-2)  # [b,n,hq,c]
 
     def back(x, last):

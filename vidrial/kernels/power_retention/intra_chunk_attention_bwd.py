@@ -9,13 +9,15 @@ Inside each chunk (the quadratic path: one chunk of the whole sequence), j <= i:
 (dO, dl: gradients w.r.t. the shifted O, l from the query_state backward; m is a constant because
 O e^m and l e^m do not depend on it). Two passes of one template: ``stage="dkv"`` (key-stationary,
 loops over the r query heads: GQA sums without atomics) and ``stage="dq"`` (query-stationary).
-fp32 SIMT, P recomputed in each pass.
+``impl="rowloop"`` (default): fp32 SIMT (or tf32 mma with ``mma=True``), P recomputed in each pass.
+``impl="flash"`` (opt-in, CPU-verified only: not yet run on a GPU): FlashAttention-2 style on bf16
+tensor cores (templates/intra_chunk_attention_bwd_flash.cu.j2), same passes, outputs and semantics.
 """
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
@@ -27,15 +29,46 @@ from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, compile_key, 
 __all__ = ["IntraBwdConfig", "IntraBwdKey", "FAMILY", "intra_chunk_attention_bwd", "intra_chunk_attention_bwd_pass"]
 
 
+FLASH_HEAD_DIMS = (16, 32, 64, 128)
+# Accumulator floats per thread above which a flash config spills on sm_80/sm_90 (ptxas, 255 registers).
+FLASH_MAX_ACC = 160
+
+
 class IntraBwdConfig(KernelConfig):
-    tile: int = Field(64, description="queries and keys per tile (256 threads, (tile/16)^2 scores per thread)")
-    mma: bool = Field(False, description="the five GEMMs on tensor cores (mma.sync m16n8k8 tf32)")
+    impl: Literal["rowloop", "flash"] = Field(
+        "rowloop", description="rowloop: the SIMT/tf32 row loops; flash: FlashAttention-2 style on bf16 tensor cores "
+                               "(opt-in: CPU-verified, not yet GPU-verified)")
+    tile: int = Field(64, description="rowloop: queries and keys per tile (256 threads, (tile/16)^2 scores per "
+                                      "thread); flash: stationary rows per CTA (keys in dkv, queries in dq)")
+    mma: bool = Field(False, description="rowloop: the five GEMMs on tensor cores (mma.sync m16n8k8 tf32)")
+    step: int = Field(64, description="flash: rows of the other side per pipeline step")
+    warps: int = Field(4, description="flash: warps per CTA, each owns tile / warps stationary rows")
 
     @model_validator(mode="after")
     def _valid(self):
-        if self.tile not in (32, 64):
-            raise ConfigError("tile", self.tile, "32 or 64")
+        if self.impl == "rowloop":
+            if self.tile not in (32, 64):
+                raise ConfigError("tile", self.tile, "32 or 64")
+            if (self.step, self.warps) != (64, 4):
+                raise ConfigError("step" if self.step != 64 else "warps", self.step if self.step != 64 else self.warps,
+                                  "left at its default with impl='rowloop' (the row loops use 256 threads)")
+            return self
+        if self.mma:
+            raise ConfigError("mma", self.mma, "False with impl='flash' (always bf16 tensor cores)")
+        if self.tile not in (32, 64, 128):
+            raise ConfigError("tile", self.tile, "32, 64 or 128 with impl='flash'")
+        if self.step not in (16, 32, 64):
+            raise ConfigError("step", self.step, "16, 32 or 64")
+        if self.warps not in (1, 2, 4, 8):
+            raise ConfigError("warps", self.warps, "1, 2, 4 or 8")
+        if self.tile % (16 * self.warps) or self.tile // (16 * self.warps) > 2:
+            raise ConfigError("warps", self.warps, f"16 or 32 rows per warp: tile={self.tile} = 16 * warps * (1 or 2)")
         return self
+
+    @property
+    def row_blocks(self) -> int:
+        """flash: 16-row blocks per warp."""
+        return self.tile // (16 * self.warps)
 
 
 class IntraBwdKey(ProblemKey):
@@ -60,9 +93,21 @@ def _smem_floats(d: int, tile: int) -> int:
     return 4 * tile * (d + 4) + 3 * tile * (tile + 4) + 4 * tile + 16 * tile
 
 
+def _flash_smem_bytes(key: IntraBwdKey, cfg: IntraBwdConfig) -> int:
+    """templates/intra_chunk_attention_bwd_flash.cu.j2: bf16 R1, R2 [tile][d], C1, C2 [2][step][d]; fp32 stats."""
+    nstat = 2 if key.stage == "dkv" else 1
+    return 2 * key.head_dim * (2 * cfg.tile + 4 * cfg.step) + 4 * 2 * nstat * cfg.step
+
+
+def flash_accumulators(key: IntraBwdKey, cfg: IntraBwdConfig) -> int:
+    """fp32 accumulators per thread of a flash config: scores s1, s2 and dK, dV (dkv) or dQ (dq)."""
+    outs = 2 if key.stage == "dkv" else 1
+    return cfg.row_blocks * (cfg.step + outs * key.head_dim // 2)
+
+
 class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
     name = "intra_chunk_attention_bwd"
-    template = "intra_chunk_attention_bwd.cu.j2"
+    template = "intra_chunk_attention_bwd.cu.j2"  # includes the flash template for impl="flash"
     Config = IntraBwdConfig
     Key = IntraBwdKey
     signature = ("ptr",) * 11 + ("i32",) * 6 + ("f32",)
@@ -70,25 +115,38 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
     def default_config(self, key: IntraBwdKey) -> IntraBwdConfig:
         from vidrial.kernels.power_retention import _bwd_util
 
+        if IMPL_DEFAULT == "flash" and key.head_dim in FLASH_HEAD_DIMS:
+            return flash_default(key)
         return IntraBwdConfig(tile=64 if key.head_dim <= 64 else 32, mma=_bwd_util.MMA_DEFAULT)
 
     def render_context(self, key: IntraBwdKey, config: IntraBwdConfig) -> dict[str, Any]:
-        # 64-tiles: 1 CTA per SM minimum (registers up to 255: no spills); 32-tiles: 2
-        return dict(head_dim=key.head_dim, deg=key.deg, tile=config.tile, in_type=DTYPE_NAMES[key.dtype],
-                    min_ctas=1 if config.tile == 64 else 2, mma=config.mma,
-                    pass_=key.stage, key_label=key.label(), config_label=config.label())
+        # rowloop 64-tiles: 1 CTA per SM minimum (registers up to 255: no spills); 32-tiles: 2
+        return dict(impl=config.impl, head_dim=key.head_dim, deg=key.deg, tile=config.tile, step=config.step,
+                    warps=config.warps, in_type=DTYPE_NAMES[key.dtype], min_ctas=1 if config.tile == 64 else 2,
+                    mma=config.mma, pass_=key.stage, key_label=key.label(), config_label=config.label())
 
     def threads_per_block(self, config: IntraBwdConfig) -> int:
-        return 256
+        return 32 * config.warps if config.impl == "flash" else 256
 
     def dynamic_smem_bytes(self, key: IntraBwdKey, config: IntraBwdConfig) -> int:
+        if config.impl == "flash":
+            return _flash_smem_bytes(key, config)
         return 4 * _smem_floats(key.head_dim, config.tile)
 
     def check(self, key: IntraBwdKey, config: IntraBwdConfig, arch: str) -> None:
-        acc = (config.tile // 16) * (key.head_dim // 16) * (2 if key.stage == "dkv" else 1)
-        if acc > 64:
-            raise ConfigError("tile", config.tile, f"{acc} accumulators per thread exceed 64 for head_dim="
-                                                   f"{key.head_dim}; use tile=32")
+        if config.impl == "flash":
+            if key.head_dim not in FLASH_HEAD_DIMS:
+                raise ConfigError("impl", config.impl, f"head_dim in {FLASH_HEAD_DIMS} (given {key.head_dim})")
+            acc = flash_accumulators(key, config)
+            if acc > FLASH_MAX_ACC:
+                raise ConfigError("step", config.step, f"{acc} fp32 accumulators per thread exceed {FLASH_MAX_ACC} "
+                                                       f"(head_dim={key.head_dim}, {key.stage}): use a smaller step "
+                                                       "or 16 rows per warp")
+        else:
+            acc = (config.tile // 16) * (key.head_dim // 16) * (2 if key.stage == "dkv" else 1)
+            if acc > 64:
+                raise ConfigError("tile", config.tile, f"{acc} accumulators per thread exceed 64 for head_dim="
+                                                       f"{key.head_dim}; use tile=32")
         super().check(key, config, arch)
 
     def standard_keys(self) -> list[IntraBwdKey]:
@@ -97,13 +155,18 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
                 for st in ("dkv", "dq")]
 
     def corner_configs(self, key: IntraBwdKey) -> list[IntraBwdConfig]:
+        cands = [self.default_config(key), dict(tile=32), dict(tile=64), dict(tile=64 if key.head_dim <= 64 else 32,
+                                                                           mma=True)]
+        if key.head_dim in FLASH_HEAD_DIMS:
+            cands += [flash_default(key), dict(impl="flash", tile=32, step=16, warps=2),
+                      dict(impl="flash", tile=128, step=32, warps=4)]
         out = []
-        for cfg in (self.default_config(key), IntraBwdConfig(tile=32), IntraBwdConfig(tile=64),
-                    self.default_config(key).model_copy(update={"mma": True})):
+        for cand in cands:
             try:
+                cfg = cand if isinstance(cand, IntraBwdConfig) else IntraBwdConfig(**cand)
                 self.check(key, cfg, "sm_80")
                 out.append(cfg)
-            except ConfigError:
+            except (ConfigError, ValidationError):
                 pass
         return list(dict.fromkeys(out))
 
@@ -147,6 +210,20 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
         return (dK, dV, dg) if key.stage == "dkv" else (dQ,)
 
 
+# Which implementation default_config picks. "flash" only after tests/gpu/test_backward_gpu.py passed
+# with it on a GPU (the flash kernels are so far verified on the CPU only, through tests/bwd_host_emu.py).
+IMPL_DEFAULT: Literal["rowloop", "flash"] = "rowloop"
+
+
+def flash_default(key: IntraBwdKey) -> IntraBwdConfig:
+    """The flash config used when nothing is tuned: 64 stationary rows over 4 warps; 64-row steps,
+    32 where d = 128 would exceed the register budget."""
+    cfg = IntraBwdConfig(impl="flash", tile=64, step=64, warps=4)
+    if flash_accumulators(key, cfg) > FLASH_MAX_ACC:
+        cfg = cfg.model_copy(update={"step": 32})
+    return cfg
+
+
 FAMILY = register(IntraBwdFamily())
 
 
@@ -185,8 +262,10 @@ def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: in
     grid = b * heads * n * tiles
     if grid >= 2**31:
         raise InputError("Q", tuple(Q.shape), "fewer than 2^31 tiles")
+    if config.impl == "flash":  # bf16 tensor-core operands (no-op for bf16 inputs; fp16 and the fp32 dO convert)
+        Q, K, V, dO = (x.to(torch.bfloat16) for x in (Q, K, V, dO))
     kernel = launchable(FAMILY, compile_key(key), config, dev)
-    kernel.launch((grid, 1, 1), (256, 1, 1),
+    kernel.launch((grid, 1, 1), (FAMILY.threads_per_block(config), 1, 1),
                   (Q.data_ptr(), K.data_ptr(), V.data_ptr(), ptr(G), m.data_ptr(), dO.data_ptr(), dl.data_ptr(),
                    ptr(dQ), ptr(dK), ptr(dV), ptr(dg), t, n, c, hq, hq // h, tiles, float(scale)),
                   dev.index, stream_of(dev))
@@ -197,7 +276,8 @@ def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, 
                               want_dg: bool = True, config=None, dq_config=None):
     """Q [b,t,hq,d], K, V [b,t,h,d] bf16/fp16; G [b,t,h] fp32 cumulative log gates (chunk-local; global for
     chunk_size None) or None; m, dl [b,t,hq], dO [b,t,hq,d] fp32. t need not be a multiple of the chunk.
-    Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dgcol [b,t,h] (or None) fp32. Current stream, no host sync."""
+    Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dgcol [b,t,h] (or None) fp32. Current stream, no host sync.
+    `config` (dkv pass) and `dq_config` (dq pass) choose the implementation of each pass independently."""
     Q, K, V, m, dO, dl = (x.contiguous() for x in (Q, K, V, m, dO, dl))  # once for both passes
     G = G.contiguous() if G is not None else None
     kw = dict(deg=deg, scale=scale, chunk_size=chunk_size)

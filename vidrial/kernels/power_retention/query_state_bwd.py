@@ -12,6 +12,11 @@ B = s^p phi(q~).sbar_nu, the stabiliser M = max(m, log B), Den = l e^(m-M) + B e
 
 phi is formed tile by tile in shared memory, never written. The GEMMs run in fp32 on the CUDA cores,
 or with ``mma=True`` on the tensor cores (mma.sync m16n8k8 tf32, fp32 accumulate).
+
+``impl="mma16"`` (rows pass only; opt-in: CPU-verified, not yet GPU-verified) runs the rows pass as one
+loop over the features (bwd_emulation.qs_bwd_rows_mma16): dphi' = Sbar dY - (dY.Y) sbar on bf16 tensor
+cores (mma.sync m16n8k16, dY's fragments in registers, Sbar tiles by cp.async) and the sympow chain rule
+on the CUDA cores, one row per thread (templates/common/feature_bwd.cuh); CTA = 32 * warps rows.
 """
 from __future__ import annotations
 
@@ -36,14 +41,69 @@ from vidrial.kernels.power_retention._bwd_util import (
     row_loop_geometry,
     row_loop_smem_floats,
 )
-from vidrial.kernels.power_retention._fwd_util import block_table, compile_key, pow2_bucket
+from vidrial.kernels.power_retention._feature_bwd import (
+    SUB,
+    check_layout,
+    padded_row,
+    scratch_floats,
+    state_tile_floats,
+)
+from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pow2_bucket
 
 __all__ = ["QueryStateBwdConfig", "QueryStateBwdKey", "FAMILY", "query_state_bwd", "query_state_bwd_rows",
-           "query_state_bwd_state"]
+           "query_state_bwd_state", "mma16_config"]
+
+
+
+# The rows pass's default implementation: "mma16" once tests/gpu/test_backward_gpu.py has passed with it.
+ROWS_IMPL_DEFAULT = "rowloop"
+MMA16_WARPS = (2, 4, 8)
+MMA16_TILE_F = (64, 128)
 
 
 class QueryStateBwdConfig(RowLoopConfig):
-    pass
+    impl: Literal["rowloop", "mma16"] = Field(
+        "rowloop", description="rows pass: 'rowloop' (common/bwd_prims.cuh RowLoop; the state pass always) or "
+                               "'mma16' (bf16 tensor cores + per-row chain rule, common/feature_bwd.cuh)")
+    stages: int = Field(2, description="impl='mma16': cp.async buffers of the Sbar feature tile")
+
+    @property
+    def rows(self) -> int:
+        return 32 * self.warps if self.impl == "mma16" else super().rows
+
+    def check_fields(self) -> None:
+        if self.impl == "rowloop":
+            super().check_fields()
+            if self.stages != 2:
+                raise ConfigError("stages", self.stages, "2 with impl='rowloop' (only 'mma16' pipelines the state)")
+            return
+        if self.warps not in MMA16_WARPS:
+            raise ConfigError("warps", self.warps, f"one of {MMA16_WARPS} with impl='mma16' (32 rows per warp)")
+        if self.tile_f not in MMA16_TILE_F:
+            raise ConfigError("tile_f", self.tile_f, f"one of {MMA16_TILE_F} with impl='mma16' (features per "
+                                                     f"cp.async stage, whole {SUB}-feature GEMM steps)")
+        if not 2 <= self.stages <= 4:
+            raise ConfigError("stages", self.stages, "between 2 and 4")
+        if self.rows_per_lane != 2:
+            raise ConfigError("rows_per_lane", self.rows_per_lane,
+                              "2 (the default) with impl='mma16': unused, a CTA holds 32 * warps rows")
+        if self.mma:
+            raise ConfigError("mma", True, "False with impl='mma16': it is the row loop's tf32 switch; 'mma16' "
+                                           "always runs bf16 tensor cores")
+
+
+def mma16_config(key: "QueryStateBwdKey") -> QueryStateBwdConfig:
+    """The tensor-core rows pass's default tiles for `key` (2 warps at head_dim 128: fits sm_80)."""
+    return QueryStateBwdConfig(impl="mma16", warps=4 if key.head_dim <= 64 else 2, tile_f=64, stages=2)
+
+
+def mma16_smem_bytes(head_dim: int, config: QueryStateBwdConfig) -> int:
+    """Dynamic shared memory of templates/query_state_bwd_mma16.cu.j2 (its static_assert checks it):
+    state tiles | q rows (16-bit) | u rows (fp32, stride d+4) | per-warp scratch | 5 row scalars."""
+    rows = 32 * config.warps
+    floats = (state_tile_floats(head_dim, config.tile_f, config.stages) + rows * padded_row(head_dim) // 2
+              + rows * (head_dim + 4) + config.warps * scratch_floats(head_dim) + 5 * rows)
+    return 4 * floats
 
 
 class QueryStateBwdKey(ProblemKey):
@@ -89,22 +149,44 @@ class QueryStateBwdFamily(SliceCheck, KernelFamily[QueryStateBwdKey, QueryStateB
 
             return QueryStateBwdConfig(tile_f=64 if key.head_dim <= 64 else 32, warps=8, rows_per_lane=2,
                                        mma=_bwd_util.MMA_DEFAULT)
+        if ROWS_IMPL_DEFAULT == "mma16":
+            cfg = mma16_config(key)
+            try:
+                self.check(key, cfg, "sm_80")
+                return cfg
+            except ConfigError:
+                pass
         return default_row_loop(QueryStateBwdConfig, key.head_dim, key.deg, key.d_tile)
 
     def render_context(self, key: QueryStateBwdKey, config: QueryStateBwdConfig) -> dict[str, Any]:
-        return row_loop_context(key, config) | dict(state_tile_f=config.tile_f, pass_=key.stage)
+        if config.impl == "mma16":
+            from vidrial.kernels.power_retention.sympow import layout
+
+            return dict(impl="mma16", pass_=key.stage, head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile,
+                        n_blocks=layout(key.head_dim, key.deg, key.d_tile).n_blocks, warps=config.warps,
+                        tile_f=config.tile_f, stages=config.stages, in_type=DTYPE_NAMES[key.dtype],
+                        smem_bytes=mma16_smem_bytes(key.head_dim, config), key_label=key.label(),
+                        config_label=config.label())
+        return row_loop_context(key, config) | dict(state_tile_f=config.tile_f, pass_=key.stage, impl="rowloop")
 
     def threads_per_block(self, config: QueryStateBwdConfig) -> int:
         return config.warps * 32
 
     def dynamic_smem_bytes(self, key: QueryStateBwdKey, config: QueryStateBwdConfig) -> int:
+        if config.impl == "mma16":
+            return mma16_smem_bytes(key.head_dim, config)
         geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
         if key.stage == "state":
             return 4 * _state_smem_floats(key.head_dim, config.tile_f, config.rows)
         return 4 * (row_loop_smem_floats(key.head_dim, geo["F"], config.warps, config.rows) + 6 * config.rows)
 
     def check(self, key: QueryStateBwdKey, config: QueryStateBwdConfig, arch: str) -> None:
-        if key.stage == "state":
+        config.check_fields()  # again: model_copy(update=...) skips the validators
+        if config.impl == "mma16":
+            if key.stage != "rows":
+                raise ConfigError("impl", "mma16", "the rows pass only (stage='rows'); the state pass is 'rowloop'")
+            check_layout(key.head_dim, key.d_tile, "impl", "mma16")
+        elif key.stage == "state":
             if config.mma and (config.tile_f % 16 or (config.tile_f // 16) * (key.head_dim // 8) % config.warps):
                 raise ConfigError("mma", True, f"tensor-core tiling needs tile_f % 16 == 0 and the 16x8 tiles "
                                                f"divided evenly over warps={config.warps}")
@@ -126,7 +208,10 @@ class QueryStateBwdFamily(SliceCheck, KernelFamily[QueryStateBwdKey, QueryStateB
 
     def corner_configs(self, key: QueryStateBwdKey) -> list[QueryStateBwdConfig]:
         out = [self.default_config(key)]
-        for cfg in (QueryStateBwdConfig(tile_f=32, warps=4, rows_per_lane=1), self.default_config(key).model_copy(update={"mma": True})):
+        mma16 = [mma16_config(key), QueryStateBwdConfig(impl="mma16", warps=2, tile_f=128, stages=4),
+                 QueryStateBwdConfig(impl="mma16", warps=8, tile_f=64, stages=2)]
+        for cfg in (QueryStateBwdConfig(tile_f=32, warps=4, rows_per_lane=1),
+                    self.default_config(key).model_copy(update={"mma": True}), *mma16):
             try:
                 self.check(key, cfg, "sm_80")
                 out.append(cfg)
@@ -300,15 +385,17 @@ def query_state_bwd_state(Q, qscale, dAh, dBh, *, kv_heads: int, deg: int, d_til
 
 
 def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int, scale: float, chunk_size: int,
-                    config=None, state_config=None):
+                    config=None, state_config=None, state: bool = True):
     """Both passes. Q, Y, dY [b,t,hq,d] bf16/fp16 (t a multiple of chunk_size), G [b,t,h] fp32 chunk-local
     cumulative log gates or None, Sbar16 [b,n',h,D,d] bf16 (n' >= n: states at the start of each chunk),
     sbar [b,n'',h,D] fp32, O [b,t,hq,d], l, m [b,t,hq] fp32 (intra-chunk attention, merge mode).
     Returns dict dQ, dO, dAh [b,t,hq,d], dl, dBh, qscale, dg [b,t,hq], dSbar [b,n,h,D,d], dsbar [b,n,h,D]
-    (all fp32). Current stream, no host sync."""
+    (all fp32; state=False: the rows pass's outputs only). Current stream, no host sync."""
     Q = Q.contiguous()  # once for both passes
     out = query_state_bwd_rows(Q, G, Sbar16, sbar, O, l, m, Y, dY, deg=deg, d_tile=d_tile, scale=scale,
                                chunk_size=chunk_size, config=config)
+    if not state:  # the rows pass only
+        return out
     out["dSbar"], out["dsbar"] = query_state_bwd_state(Q, out["qscale"], out["dAh"], out["dBh"],
                                                        kv_heads=Sbar16.shape[2], deg=deg, d_tile=d_tile, scale=scale,
                                                        chunk_size=chunk_size, config=state_config)
