@@ -223,8 +223,9 @@ def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, 
         return dQ, dK, dV, dg
     bf16 = None  # flash operands: bf16 Q, K, V, dO (fp16 inputs and the fp32 dO converted once, see the template)
     for key, cfg, heads in ((key_kv, config, h), (key_q, dq_config, hq)):
-        if cfg.impl == "flash" and bf16 is None:
+        if cfg.impl == "flash" and bf16 is None:  # cp.async needs 16-byte aligned rows
             bf16 = [x.to(torch.bfloat16) for x in (Q, K, V, dO)]
+            bf16 = [x if x.data_ptr() % 16 == 0 else x.clone() for x in bf16]
         q, k, v, do = bf16 if cfg.impl == "flash" else (Q, K, V, dO)
         tiles = -(-c // cfg.tile)
         grid = b * heads * n * tiles
