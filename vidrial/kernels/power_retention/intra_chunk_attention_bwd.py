@@ -157,9 +157,8 @@ class IntraBwdFamily(KernelFamily[IntraBwdKey, IntraBwdConfig]):
     def corner_configs(self, key: IntraBwdKey) -> list[IntraBwdConfig]:
         cands = [self.default_config(key), dict(tile=32), dict(tile=64), dict(tile=64 if key.head_dim <= 64 else 32,
                                                                            mma=True)]
-        if key.head_dim in FLASH_HEAD_DIMS:
-            cands += [flash_default(key), dict(impl="flash", tile=32, step=16, warps=2),
-                      dict(impl="flash", tile=128, step=32, warps=4)]
+        if key.head_dim in FLASH_HEAD_DIMS:  # (only its default: the CI compiles every corner on two archs)
+            cands.append(flash_default(key))
         out = []
         for cand in cands:
             try:
