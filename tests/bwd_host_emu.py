@@ -170,7 +170,9 @@ inline unsigned short emu_to_bf16(float x) {  // round to nearest even
   u += 0x7fffu + ((u >> 16) & 1u);
   return (unsigned short)(u >> 16);
 }
-inline unsigned short emu_to_f16(float x) { _Float16 h = (_Float16)x; unsigned short r; std::memcpy(&r, &h, 2); return r; }
+inline unsigned short emu_to_f16(float x) {
+  _Float16 h = (_Float16)x; unsigned short r; std::memcpy(&r, &h, 2); return r;
+}
 template <bool BF16>
 inline void emu_mma_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
   const int lane = threadIdx.x & 31;
@@ -233,7 +235,10 @@ thread_local std::vector<EmuCopy> emu_open_group;
 thread_local std::deque<std::vector<EmuCopy>> emu_groups;
 inline void cp_async_16_zfill(u32 dst, const void* src, int src_bytes) {
   std::memset(emu_smem_ptr(dst, 16, 16), 0xff, 16);  // in flight: NaN until the wait (catches early reuse)
-  if (src_bytes && (reinterpret_cast<std::uintptr_t>(src) & 15)) { std::fprintf(stderr, "cp.async src %p\n", src); std::abort(); }
+  if (src_bytes && (reinterpret_cast<std::uintptr_t>(src) & 15)) {
+    std::fprintf(stderr, "misaligned cp.async source %p\n", src);
+    std::abort();
+  }
   emu_open_group.push_back({dst, src, src_bytes});
 }
 inline void cp_async_16(u32 dst, const void* src) { cp_async_16_zfill(dst, src, 16); }
@@ -261,7 +266,8 @@ inline float attn_exp2(float x) {  // ex2.approx.ftz: denormal results flush to 
 """
 
 # The headers whose inline PTX PTX_EMU replaces (from the header's banner to its include guard's #endif).
-_PTX_HEADERS = re.compile(r"// ---- common/(mma|attn_prims)\.cuh:.*?#endif  // VIDRIAL_COMMON_(MMA|ATTN_PRIMS)_CUH", re.S)
+_PTX_HEADERS = re.compile(r"// ---- common/(mma|attn_prims)\.cuh:.*?#endif  // VIDRIAL_COMMON_(MMA|ATTN_PRIMS)_CUH",
+                          re.S)
 
 RUNNER = r"""
 extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_bytes, const Arg* a) {
