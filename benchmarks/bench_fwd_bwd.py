@@ -134,6 +134,27 @@ def run_shape(name, shp, reps, retention_configs, split=True):
         _bwd_util.MMA_DEFAULT = False
         dispatch.reload()
 
+    # the same with the intra-chunk backward on impl="flash" (bf16 tensor cores; opt-in until GPU-verified)
+    from vidrial.kernels.power_retention import intra_chunk_attention_bwd as icb
+
+    flash_diff = None
+    try:
+        _bwd_util.MMA_DEFAULT, icb.IMPL_DEFAULT = True, "flash"
+        dispatch.reload()
+        lf = _leaves(Q, K, V, log_G)
+        run_f = _fwd_bwd(fv, lf, dY)
+        run_f()
+        ms_f = bench(run_f, reps)
+        mem_f = peak_mb(run_f, lf)
+        flash_diff = [((x.grad.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(lf, grads_v)]
+        rows.append(("vidrial_flash", ms_f, mem_f, ms_vf))
+        del lf
+    except Exception as exc:
+        print(f"[{name}] vidrial with the flash intra backward failed: {type(exc).__name__}: {exc}", flush=True)
+    finally:
+        _bwd_util.MMA_DEFAULT, icb.IMPL_DEFAULT = False, "rowloop"
+        dispatch.reload()
+
     # retention (Triton)
     grads_r = None
     try:
@@ -190,6 +211,9 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     if mma_diff is not None:
         print("rel diff of gradients vidrial_mma vs vidrial (Q, K, V, log_G): "
               + ", ".join(f"{x:.2e}" for x in mma_diff))
+    if flash_diff is not None:
+        print("rel diff of gradients vidrial_flash vs vidrial (Q, K, V, log_G): "
+              + ", ".join(f"{x:.2e}" for x in flash_diff))
     print(f"first call (compile/load) vidrial {first:.2f} s", flush=True)
 
     if not split:
@@ -210,6 +234,14 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     from vidrial.kernels.power_retention.intra_chunk_attention_bwd import FAMILY as IBF, IntraBwdKey
 
     icfg_mma = IBF.default_config(IntraBwdKey(head_dim=d, deg=p)).model_copy(update={"mma": True})
+    ikey = IntraBwdKey(head_dim=d, deg=p)
+    icfg_flash = (icb.flash_default(ikey), icb.flash_default(ikey.model_copy(update={"stage": "dq"})))
+    intra_args = (Q, K, V, gc, m, qs["dO"], qs["dl"])
+    rowloop_out = intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale, chunk_size=c)
+    flash_out = intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale, chunk_size=c, config=icfg_flash[0],
+                                          dq_config=icfg_flash[1])
+    print("intra_chunk_attention_bwd flash vs rowloop, rel diff (dQ, dK, dV, dgcol): " + ", ".join(
+        f"{((x.double() - y.double()).norm() / y.double().norm()).item():.2e}" for x, y in zip(flash_out, rowloop_out)))
     qscfg_mma = QBF.default_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt, stage="state")).model_copy(
         update={"mma": True})
     from vidrial.kernels.power_retention.query_state_bwd import mma16_config
@@ -236,12 +268,15 @@ def run_shape(name, shp, reps, retention_configs, split=True):
         "intra_chunk_attention_bwd (mma)": bench(
             lambda: intra_chunk_attention_bwd(Q, K, V, gc, m, qs["dO"], qs["dl"], deg=p, scale=scale, chunk_size=c,
                                               config=icfg_mma, dq_config=icfg_mma), reps),
+        "intra_chunk_attention_bwd (flash)": bench(
+            lambda: intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale, chunk_size=c, config=icfg_flash[0],
+                                              dq_config=icfg_flash[1]), reps),
         "forward op (all 4 fwd kernels)": bench(
             lambda: power_retention_fwd(Q, K, V, log_G, None, None, p, scale, c, dt, False), reps),
     }
-    print("vidrial per-kernel split (each alone; the (mma) lines are alternatives and the indented lines parts, "
-          "not in the sum):")
-    tot = sum(v for k, v in ksplit.items() if "mma" not in k and not k.startswith(" "))
+    print("vidrial per-kernel split (each alone; the (mma), (mma16) and (flash) lines are alternatives and the "
+          "indented lines parts, not in the sum):")
+    tot = sum(v for k, v in ksplit.items() if "mma" not in k and "(flash)" not in k and not k.startswith(" "))
     for k, v in ksplit.items():
         print(f"  {k:<38}{v:>8.3f} ms  ({100 * v / tot:4.1f}%)")
     print(f"  {'sum':<38}{tot:>8.3f} ms; fwd+bwd total {ms_v:.3f} ms (rest: glue, casts, gate sums)", flush=True)

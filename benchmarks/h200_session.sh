@@ -2,7 +2,7 @@
 # One batched call on the H200 test machine (see ../shared/gpu/README.md):
 #   GPU test suite (files in parallel groups: compile-bound, correctness only),
 #   then tuning of the shape-A/B keys (alone on the GPU), then `vidrial bench`.
-# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|tune|tune_all|bench|profile ...]
+# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|tune|tune_all|bench|profile|flash ...]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VIDRIAL_CACHE_DIR=/tmp/vidrial-cache
@@ -70,6 +70,15 @@ run_profile() {
   ncu -i "$OUT/fwd_bwd.ncu-rep" --page details --csv > "$OUT/ncu-details.csv" 2>&1
   ncu -i "$OUT/fwd_bwd.ncu-rep" --print-summary per-kernel > "$OUT/ncu-summary.txt" 2>&1
   tail -40 "$OUT/ncu-summary.txt"
+}
+
+run_flash() {
+  # impl="flash" of intra_chunk_attention_bwd (opt-in, CPU-verified): its GPU tests, then fwd+bwd at shape A
+  # with the per-kernel split (lines "intra_chunk_attention_bwd (flash)" and "vidrial_flash").
+  timeout "$TEST_BUDGET" python3 -m pytest -m gpu -v -rfEs -p no:cacheprovider tests/gpu/test_backward_gpu.py \
+    -k flash > "$OUT/tests-flash.txt" 2>&1
+  echo "== flash tests: $(tail -1 "$OUT/tests-flash.txt")"; grep -E "^(FAILED|ERROR)" "$OUT/tests-flash.txt" | head -20
+  timeout 400 python3 benchmarks/bench_fwd_bwd.py --shapes A --reps 10 2>&1 | tee "$OUT/bench-flash.txt" | tail -40
 }
 
 for s in $STEPS; do echo "##### $s $(date -u +%T)"; "run_$s"; done

@@ -15,8 +15,9 @@ the PTX ISA's documented semantics:
   * ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (lanes 8i..8i+7 give the row addresses of matrix
     i; thread T gets row T/4, elements 2(T%4), 2(T%4)+1, or with .trans elements (2(T%4), T/4) and
     (2(T%4)+1, T/4)); 16-byte aligned rows inside the shared allocation, else abort;
-  * cp.async (16 bytes .cg with zero fill): queued per thread and performed at the cp.async.wait_group
-    that covers its commit group (data issued but not waited for is not there: a missing wait fails);
+  * cp.async (16 bytes .cg with zero fill): the destination reads NaN from the issue on, the copy is
+    queued per thread and performed at the cp.async.wait_group that covers its commit group (a missing
+    wait, or a refill of a buffer still being read, shows up as NaN);
   * cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32 (round to nearest even), ex2.approx.ftz (denormals -> 0).
 """
 from __future__ import annotations
@@ -170,7 +171,9 @@ inline unsigned short emu_to_bf16(float x) {  // round to nearest even
   u += 0x7fffu + ((u >> 16) & 1u);
   return (unsigned short)(u >> 16);
 }
-inline unsigned short emu_to_f16(float x) { _Float16 h = (_Float16)x; unsigned short r; std::memcpy(&r, &h, 2); return r; }
+inline unsigned short emu_to_f16(float x) {
+  _Float16 h = (_Float16)x; unsigned short r; std::memcpy(&r, &h, 2); return r;
+}
 template <bool BF16>
 inline void emu_mma_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
   const int lane = threadIdx.x & 31;
@@ -232,8 +235,11 @@ struct EmuCopy { u32 dst; const void* src; int src_bytes; };
 thread_local std::vector<EmuCopy> emu_open_group;
 thread_local std::deque<std::vector<EmuCopy>> emu_groups;
 inline void cp_async_16_zfill(u32 dst, const void* src, int src_bytes) {
-  emu_smem_ptr(dst, 16, 16);
-  if (src_bytes && (reinterpret_cast<std::uintptr_t>(src) & 15)) { std::fprintf(stderr, "cp.async src %p\n", src); std::abort(); }
+  std::memset(emu_smem_ptr(dst, 16, 16), 0xff, 16);  // in flight: NaN until the wait (catches early reuse)
+  if (src_bytes && (reinterpret_cast<std::uintptr_t>(src) & 15)) {
+    std::fprintf(stderr, "misaligned cp.async source %p\n", src);
+    std::abort();
+  }
   emu_open_group.push_back({dst, src, src_bytes});
 }
 inline void cp_async_16(u32 dst, const void* src) { cp_async_16_zfill(dst, src, 16); }
@@ -261,7 +267,8 @@ inline float attn_exp2(float x) {  // ex2.approx.ftz: denormal results flush to 
 """
 
 # The headers whose inline PTX PTX_EMU replaces (from the header's banner to its include guard's #endif).
-_PTX_HEADERS = re.compile(r"// ---- common/(mma|attn_prims)\.cuh:.*?#endif  // VIDRIAL_COMMON_(MMA|ATTN_PRIMS)_CUH", re.S)
+_PTX_HEADERS = re.compile(r"// ---- common/(mma|attn_prims)\.cuh:.*?#endif  // VIDRIAL_COMMON_(MMA|ATTN_PRIMS)_CUH",
+                          re.S)
 
 RUNNER = r"""
 extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_bytes, const Arg* a) {

@@ -294,8 +294,9 @@ def test_intra_bwd_kernels_on_cpu(d, deg, tile, c, gqa, gating, mma):
 # ---- the whole backward op (launchers + glue of vidrial.autograd) on the CPU --------------------------
 @needs_gxx
 @pytest.mark.parametrize("gating,state,gqa,chunk,mma,impl", [
-    (True, True, 2, 48, False, "rowloop"), (False, False, 1, 32, False, "rowloop"), (True, False, 1, 0, False, "rowloop"),
-    (True, True, 2, 48, True, "rowloop"), (True, True, 2, 48, True, "flash"), (True, False, 1, 0, True, "flash")])
+    (True, True, 2, 48, False, "rowloop"), (False, False, 1, 32, False, "rowloop"),
+    (True, False, 1, 0, False, "rowloop"), (True, True, 2, 48, True, "rowloop"), (True, True, 2, 48, True, "flash"),
+    (True, False, 1, 0, True, "flash")])
 def test_backward_op_on_cpu_matches_float64_autograd(gating, state, gqa, chunk, mma, impl, monkeypatch):
     """vidrial::power_retention_bwd with every kernel executed on the CPU (real launchers, real glue), fed
     with the forward's saved tensors (float64 forward, cast as the forward kernels store them). impl: the

@@ -160,14 +160,16 @@ def _emulate(p, bf16_operands):
     return [x[:, :t] for x in out]
 
 
-def _run_flash(p, cfg_kv, cfg_q, render=None):
-    """Both passes as the launcher runs them (bf16 operands), outputs poisoned with NaN."""
+def _run_flash(p, cfg_kv, cfg_q, render=None, stages=("dkv", "dq")):
+    """The passes as the launcher runs them (bf16 operands), outputs poisoned with NaN."""
     Q, K, V, dO = p["Q"], p["K"], p["V"], p["dO"]
     b, t, hq, d = Q.shape
     h = K.shape[2]
     out = dict(dQ=torch.full((b, t, hq, d), NAN), dK=torch.full((b, t, h, d), NAN),
                dV=torch.full((b, t, h, d), NAN), dg=torch.full((b, t, h), NAN) if p["g"] is not None else None)
     for stage, cfg, heads in (("dkv", cfg_kv, h), ("dq", cfg_q, hq)):
+        if stage not in stages:
+            continue
         key = IntraBwdKey(head_dim=d, deg=p["deg"], stage=stage)
         launch = bwd_host_emu.host_kernel((render or IB.render)(key, cfg), IB.signature)
         tiles = -(-p["c"] // cfg.tile)
@@ -219,11 +221,12 @@ def test_emulation_catches_kernel_bugs(mutation):
         return RenderedKernel(entry=r.entry, source=r.source.replace(old, new), template=r.template)
 
     p = _problem(32, 2, 64, 1, True)
-    cfgs = [flash_default(IntraBwdKey(head_dim=32, stage=st)) for st in ("dkv", "dq")]
-    out = _run_flash(p, *cfgs, render=render)
+    cfg = flash_default(IntraBwdKey(head_dim=32))
+    out = _run_flash(p, cfg, cfg, render=render, stages=("dkv",))  # the dq pass shares the mutated code
     want = _emulate(p, True)
-    errs = [rel(out[k], w) if torch.isfinite(out[k]).all() else math.inf for k, w in zip(("dQ", "dK", "dV"), want)]
+    errs = [rel(out[k], w) if torch.isfinite(out[k]).all() else math.inf for k, w in zip(("dK", "dV"), want[1:3])]
     assert max(errs) > 0.1, errs
+    assert rel(_run_flash(p, cfg, cfg, stages=("dkv",))["dK"], want[1]) < 1e-3  # the unmutated kernel passes
 
 
 # ---- launcher and the backward op ---------------------------------------------------------------------
@@ -248,7 +251,7 @@ def test_launcher_flash_matches_rowloop(dtype, chunk):
     finally:
         undo()
     for a, b_ in zip(outs["flash"], outs["rowloop"]):
-        assert rel(a, b_) < 1e-2
+        assert rel(a, b_) < 6e-3
 
 
 def test_flash_config_rules():

@@ -183,12 +183,13 @@ def test_query_state_bwd_mma16_rows(d, p, r, gating, c):
                 assert rel_err(got, want) < 1e-3, name
 
 
-@pytest.mark.parametrize("mma", [False, True])
+@pytest.mark.parametrize("impl", ["rowloop", "rowloop_mma", "flash"])
 @pytest.mark.parametrize("d,p,r,c,gating", [(64, 2, 1, 128, True), (64, 2, 2, 256, True), (128, 2, 1, 64, False),
                                             (32, 4, 2, 128, True)])
-def test_intra_chunk_attention_bwd_kernels(d, p, r, c, gating, mma):
+def test_intra_chunk_attention_bwd_kernels(d, p, r, c, gating, impl):
     from vidrial.kernels.power_retention.intra_chunk_attention import intra_chunk_attention
-    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import FAMILY, IntraBwdKey, intra_chunk_attention_bwd
+    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import (FAMILY, IntraBwdKey, flash_default,
+                                                                           intra_chunk_attention_bwd)
 
     b, h, n = 2, 2, 3
     t, hq = n * c, h * r
@@ -202,16 +203,57 @@ def test_intra_chunk_attention_bwd_kernels(d, p, r, c, gating, mma):
     dO = torch.randn(b, t, hq, d, device=DEV, generator=g)
     dl = torch.randn(b, t, hq, device=DEV, generator=g)
     gc = lg.view(b, n, c, h).cumsum(2).view(b, t, h) if gating else None
-    cfg = FAMILY.default_config(IntraBwdKey(head_dim=d, deg=p)).model_copy(update={"mma": mma})
+    key = IntraBwdKey(head_dim=d, deg=p)
+    if impl == "flash":
+        cfg, qcfg = flash_default(key), flash_default(key.model_copy(update={"stage": "dq"}))
+    else:
+        cfg = qcfg = FAMILY.default_config(key).model_copy(update={"mma": impl == "rowloop_mma"})
     poison()
     dQ, dK, dV, dg = intra_chunk_attention_bwd(Q, K, V, gc, m, dO, dl, deg=p, scale=scale, chunk_size=c,
-                                               config=cfg, dq_config=cfg)
-    wQ, wK, wV, wg = em.intra_bwd(Q.double(), K.double(), V.double(), None if gc is None else gc.double(), m.double(),
-                                  dO.double(), dl.double(), p, scale, c)
-    tol = 2e-3 if mma else 1e-4
+                                               config=cfg, dq_config=qcfg)
+    args = (Q.double(), K.double(), V.double(), None if gc is None else gc.double(), m.double(), dO.double(),
+            dl.double(), p, scale, c)
+    wQ, wK, wV, wg = em.intra_bwd(*args)
+    tol = {"rowloop": 1e-4, "rowloop_mma": 2e-3, "flash": 6e-3}[impl]  # fp32 / tf32 / bf16 operands
     assert rel_err(dQ, wQ) < tol and rel_err(dK, wK) < tol and rel_err(dV, wV) < tol
     if gating:
         assert rel_err(dg, wg) < tol
+    if impl == "flash":  # the flash algorithm with its bf16 operand rounding, up to fp32 accumulation
+        for got, want in zip((dQ, dK, dV, dg), em.intra_bwd(*args, bf16_operands=True)):
+            if got is not None:
+                assert rel_err(got, want) < 1e-3
+
+
+@pytest.mark.parametrize("dtype,chunk", [(torch.float16, 128), (torch.bfloat16, None)])
+def test_intra_chunk_attention_bwd_flash_launcher(dtype, chunk):
+    """impl='flash' through the launcher with fp16 inputs (converted to bf16 operands) and on the
+    quadratic path (one chunk of the whole sequence, partial tiles), against the rowloop kernels."""
+    from vidrial.kernels.power_retention.intra_chunk_attention import intra_chunk_attention
+    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import (IntraBwdConfig, IntraBwdKey, flash_default,
+                                                                           intra_chunk_attention_bwd)
+
+    b, h, r, d, t = 2, 2, 2, 64, 1000
+    g = gen(5)
+    Q = torch.randn(b, t, h * r, d, device=DEV, generator=g).to(dtype)
+    K = torch.randn(b, t, h, d, device=DEV, generator=g).to(dtype)
+    V = torch.randn(b, t, h, d, device=DEV, generator=g).to(dtype)
+    lg = varying_gates(b, t, h, g)
+    _, _, m = intra_chunk_attention(Q, K, V, lg, deg=2, scale=0.125, chunk_size=chunk, normalize=False)
+    dO = torch.randn(b, t, h * r, d, device=DEV, generator=g)
+    dl = torch.randn(b, t, h * r, device=DEV, generator=g)
+    c = chunk or t
+    n = -(-t // c)
+    G = torch.nn.functional.pad(lg, (0, 0, 0, n * c - t)).view(b, n, c, h).cumsum(2).view(b, n * c, h)[:, :t]
+    key = IntraBwdKey(head_dim=d)
+    outs = {}
+    for impl in ("rowloop", "flash"):
+        cfg = flash_default(key) if impl == "flash" else IntraBwdConfig(tile=64)
+        qcfg = flash_default(key.model_copy(update={"stage": "dq"})) if impl == "flash" else cfg
+        poison()
+        outs[impl] = intra_chunk_attention_bwd(Q, K, V, G.contiguous(), m, dO, dl, deg=2, scale=0.125,
+                                               chunk_size=chunk, config=cfg, dq_config=qcfg)
+    for a, w in zip(outs["flash"], outs["rowloop"]):
+        assert rel_err(a, w) < 6e-3
 
 
 # ---- the differentiable op vs float64 autograd -------------------------------------------------------
@@ -320,6 +362,21 @@ def test_gradients_with_mma16_rows_pass(case, monkeypatch):
         test_gradients_match_float64_autograd(case)
     finally:
         monkeypatch.setattr(qsb, "ROWS_IMPL_DEFAULT", "rowloop")
+
+
+@pytest.mark.parametrize("case", [GRAD_CASES[i] for i in (1, 2, 3, 4, 6, 8)],
+                         ids=["gqa-pad-state", "fp16", "d128", "p4", "quadratic", "c1024"])
+def test_gradients_with_flash_intra_backward(case, monkeypatch):
+    """The same comparison with impl='flash' as the intra-chunk backward's default (bf16 tensor cores)."""
+    from vidrial import dispatch
+    from vidrial.kernels.power_retention import intra_chunk_attention_bwd as icb
+
+    monkeypatch.setattr(icb, "IMPL_DEFAULT", "flash")
+    dispatch.reload()
+    try:
+        test_gradients_match_float64_autograd(case)
+    finally:
+        monkeypatch.setattr(icb, "IMPL_DEFAULT", "rowloop")
         dispatch.reload()
 
 

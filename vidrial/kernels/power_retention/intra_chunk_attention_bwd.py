@@ -157,9 +157,8 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
     def corner_configs(self, key: IntraBwdKey) -> list[IntraBwdConfig]:
         cands = [self.default_config(key), dict(tile=32), dict(tile=64), dict(tile=64 if key.head_dim <= 64 else 32,
                                                                            mma=True)]
-        if key.head_dim in FLASH_HEAD_DIMS:
-            cands += [flash_default(key), dict(impl="flash", tile=32, step=16, warps=2),
-                      dict(impl="flash", tile=128, step=32, warps=4)]
+        if key.head_dim in FLASH_HEAD_DIMS:  # (only its default: the CI compiles every corner on two archs)
+            cands.append(flash_default(key))
         out = []
         for cand in cands:
             try:
@@ -262,8 +261,10 @@ def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: in
     grid = b * heads * n * tiles
     if grid >= 2**31:
         raise InputError("Q", tuple(Q.shape), "fewer than 2^31 tiles")
-    if config.impl == "flash":  # bf16 tensor-core operands (no-op for bf16 inputs; fp16 and the fp32 dO convert)
+    if config.impl == "flash":  # bf16 tensor-core operands (no-op for bf16 inputs; fp16 and the fp32 dO convert);
+        # cp.async needs 16-byte aligned rows
         Q, K, V, dO = (x.to(torch.bfloat16) for x in (Q, K, V, dO))
+        Q, K, V, dO = (x if x.data_ptr() % 16 == 0 else x.clone() for x in (Q, K, V, dO))
     kernel = launchable(FAMILY, compile_key(key), config, dev)
     kernel.launch((grid, 1, 1), (FAMILY.threads_per_block(config), 1, 1),
                   (Q.data_ptr(), K.data_ptr(), V.data_ptr(), ptr(G), m.data_ptr(), dO.data_ptr(), dl.data_ptr(),
