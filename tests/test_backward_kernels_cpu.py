@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -82,7 +81,6 @@ def _jobs():
 
 def test_compile_standard_keys_default_and_corner_configs():
     jobs, labels = _jobs()
-    started = time.perf_counter()
     results = compile_many(jobs, workers=2)
     bad = [str(r)[:2000] for r in results if not isinstance(r, CompiledKernel)]
     assert not bad, "\n\n".join(bad)
@@ -91,7 +89,6 @@ def test_compile_standard_keys_default_and_corner_configs():
     assert not spills, "\n".join(spills)
     for r, (fam, key, cfg, arch) in zip(results, labels):
         assert fam.infeasible_reason(key, cfg, r) is None, (fam.name, key.label(), cfg.label())
-    assert time.perf_counter() - started < 100
 
 
 # ---- kernels executed on the CPU ------------------------------------------------------------------
