@@ -12,9 +12,13 @@ B = s^p phi(q~).sbar_nu, the stabiliser M = max(m, log B), Den = l e^(m-M) + B e
 
 phi is formed tile by tile in shared memory, never written. The GEMMs run in fp32 on the CUDA cores,
 or with ``mma=True`` on the tensor cores (mma.sync m16n8k8 tf32, fp32 accumulate).
+
+The state pass has a second, opt-in implementation on the forward update_state kernel
+(``state_impl="update_state"``, qs_bwd_state_update.py; CPU-verified, not yet on a GPU).
 """
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -36,7 +40,14 @@ from vidrial.kernels.power_retention._bwd_util import (
 )
 from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pow2_bucket
 
-__all__ = ["QueryStateBwdConfig", "QueryStateBwdKey", "FAMILY", "query_state_bwd"]
+__all__ = ["QueryStateBwdConfig", "QueryStateBwdKey", "FAMILY", "query_state_bwd", "state_pass_kernel",
+           "STATE_IMPLS"]
+
+STATE_IMPLS = ("kernel", "update_state")
+# The state pass query_state_bwd runs when the caller does not choose: "kernel" (this family's state
+# stage, GPU-verified) or "update_state" (the forward update_state kernel + a moment GEMM; CPU-verified
+# only, hence opt-in: VIDRIAL_QS_BWD_STATE=update_state, or set this attribute).
+STATE_IMPL_DEFAULT = os.environ.get("VIDRIAL_QS_BWD_STATE", "kernel")
 
 
 class QueryStateBwdConfig(RowLoopConfig):
@@ -168,13 +179,51 @@ def state_ftiles(D: int, config: QueryStateBwdConfig) -> int:
     return -(-D // config.tile_f)
 
 
+def state_pass_kernel(Q, qscale, dAh, dBh, h: int, *, deg: int, d_tile: int, scale: float, chunk_size: int,
+                      config: QueryStateBwdConfig | None = None):
+    """The state stage of this family: dSbar [b,n,h,D,d], dsbar [b,n,h,D] (fp32) from the rows pass's
+    Q [b,t,hq,d], qscale [b,t,hq] (fp32), dAh [b,t,hq,d] (fp32), dBh [b,t,hq] (fp32), all contiguous."""
+    import torch
+
+    b, t, hq, d = Q.shape
+    c = int(chunk_size)
+    n, r = t // c, hq // h
+    dev = Q.device
+    key = QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=str(Q.dtype).replace("torch.", ""),
+                           stage="state", tokens=pow2_bucket(b * t * hq))
+    if config is None:
+        config = pick(FAMILY, key, dev)
+    D = row_loop_geometry(d, deg, d_tile, RowLoopConfig())["D"]
+    dSbar = torch.empty(b, n, h, D, d, device=dev, dtype=torch.float32)
+    dsbar = torch.empty(b, n, h, D, device=dev, dtype=torch.float32)
+    if Q.numel() == 0:
+        return dSbar, dsbar
+    ftiles = state_ftiles(D, config)
+    ks = launchable(FAMILY, compile_key(key), config, dev)
+    ks.launch((b * h * n * ftiles, 1, 1), (config.warps * 32, 1, 1),
+              (Q.data_ptr(), qscale.data_ptr(), dAh.data_ptr(), dBh.data_ptr(),
+               block_table(d, deg, d_tile, dev).data_ptr(), dSbar.data_ptr(), dsbar.data_ptr(), t, n, c, hq, r,
+               ftiles, float(scale) ** deg),
+              dev.index, stream_of(dev))
+    return dSbar, dsbar
+
+
+def _state_impl(state_impl: str | None) -> str:
+    impl = STATE_IMPL_DEFAULT if state_impl is None else state_impl
+    if impl not in STATE_IMPLS:
+        where = "state_impl" if state_impl is not None else "VIDRIAL_QS_BWD_STATE"
+        raise InputError(where, repr(impl), f"one of {STATE_IMPLS}")
+    return impl
+
+
 def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int, scale: float, chunk_size: int,
-                    config=None, state_config=None):
+                    config=None, state_config=None, state_impl: str | None = None):
     """Both passes. Q, Y, dY [b,t,hq,d] bf16/fp16 (t a multiple of chunk_size), G [b,t,h] fp32 chunk-local
     cumulative log gates or None, Sbar16 [b,n',h,D,d] bf16 (n' >= n: states at the start of each chunk),
     sbar [b,n'',h,D] fp32, O [b,t,hq,d], l, m [b,t,hq] fp32 (intra-chunk attention, merge mode).
     Returns dict dQ, dO, dAh [b,t,hq,d], dl, dBh, qscale, dg [b,t,hq], dSbar [b,n,h,D,d], dsbar [b,n,h,D]
-    (all fp32). Current stream, no host sync."""
+    (all fp32). state_impl: "kernel" or "update_state" (None: STATE_IMPL_DEFAULT); state_config is
+    the chosen state pass's config (QueryStateBwdConfig / UpdateStateConfig). Current stream, no host sync."""
     import torch
 
     b, t, hq, d = Q.shape
@@ -184,27 +233,29 @@ def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int
         raise InputError("Q", tuple(Q.shape), f"a time length that is a multiple of chunk_size={c}")
     n = t // c
     r = hq // h
+    impl = _state_impl(state_impl)
+    if impl == "update_state":
+        from vidrial.kernels.power_retention.qs_bwd_state_update import check_supported
+
+        check_supported(d, r, c)
     geo0 = row_loop_geometry(d, deg, d_tile, RowLoopConfig())
     D = geo0["D"]
     if Sbar16.dtype != torch.bfloat16 or Sbar16.shape[1] < n or tuple(Sbar16.shape[3:]) != (D, d):
         raise InputError("Sbar16", (tuple(Sbar16.shape), str(Sbar16.dtype)), f"bfloat16 [{b}, >={n}, {h}, {D}, {d}]")
     dt = str(Q.dtype).replace("torch.", "")
     key_r = QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=dt, stage="rows", tokens=pow2_bucket(b * t * hq))
-    key_s = key_r.model_copy(update={"stage": "state"})
     dev = Q.device
     if config is None:
         config = pick(FAMILY, key_r, dev)
-    if state_config is None:
-        state_config = pick(FAMILY, key_s, dev)
     Q, Y, dY, O, l, m = (x.contiguous() for x in (Q, Y, dY, O, l, m))
     Sbar16, sbar = Sbar16.contiguous(), sbar.contiguous()
     G = G.contiguous() if G is not None else None
     f32 = dict(device=dev, dtype=torch.float32)
     out = dict(dQ=torch.empty(b, t, hq, d, **f32), dO=torch.empty(b, t, hq, d, **f32),
                dAh=torch.empty(b, t, hq, d, **f32), dl=torch.empty(b, t, hq, **f32), dBh=torch.empty(b, t, hq, **f32),
-               qscale=torch.empty(b, t, hq, **f32), dg=torch.empty(b, t, hq, **f32),
-               dSbar=torch.empty(b, n, h, D, d, **f32), dsbar=torch.empty(b, n, h, D, **f32))
+               qscale=torch.empty(b, t, hq, **f32), dg=torch.empty(b, t, hq, **f32))
     if Q.numel() == 0:
+        out.update(dSbar=torch.empty(b, n, h, D, d, **f32), dsbar=torch.empty(b, n, h, D, **f32))
         return out
     table = block_table(d, deg, d_tile, dev)
     sp = float(scale) ** deg
@@ -216,10 +267,10 @@ def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int
                out["dl"].data_ptr(), out["dAh"].data_ptr(), out["dBh"].data_ptr(), out["qscale"].data_ptr(),
                out["dg"].data_ptr(), t, n, c, hq, r, Sbar16.shape[1], sbar.shape[1], rt, sp),
               dev.index, stream_of(dev))
-    ftiles = state_ftiles(D, state_config)
-    ks = launchable(FAMILY, compile_key(key_s), state_config, dev)
-    ks.launch((b * h * n * ftiles, 1, 1), (state_config.warps * 32, 1, 1),
-              (Q.data_ptr(), out["qscale"].data_ptr(), out["dAh"].data_ptr(), out["dBh"].data_ptr(), table.data_ptr(),
-               out["dSbar"].data_ptr(), out["dsbar"].data_ptr(), t, n, c, hq, r, ftiles, sp),
-              dev.index, stream_of(dev))
+    if impl == "update_state":
+        from vidrial.kernels.power_retention.qs_bwd_state_update import state_pass_update_state as state_pass
+    else:
+        state_pass = state_pass_kernel
+    out["dSbar"], out["dsbar"] = state_pass(Q, out["qscale"], out["dAh"], out["dBh"], h, deg=deg, d_tile=d_tile,
+                                            scale=scale, chunk_size=c, config=state_config)
     return out
