@@ -186,12 +186,12 @@ def test_weighted_feature_sums_in_batches(deg, d_tile, monkeypatch):
 
 def test_update_state_kernels_for_the_state_pass_compile():
     """The update_state kernels this path launches (no gating, chunk r*c) compile for sm_80/sm_90
-    without spills: shape A (r=1, c=1024), GQA 4 at c=1024, and p=4."""
+    without spills: shape A (r=1, c=1024), GQA 4 at c=1024, d=128, p=4, and r*c = 304 (tile_k 16)."""
     from vidrial.core.compile import CompiledKernel, compile_many
     from vidrial.kernels.power_retention.update_state import UpdateStateKey, family
 
     jobs = []
-    for d, p, dt, chunk in ((64, 2, 8, 1024), (64, 2, 8, 4096), (32, 4, 4, 512)):
+    for d, p, dt, chunk in ((64, 2, 8, 1024), (64, 2, 8, 4096), (128, 2, 8, 256), (32, 4, 4, 512), (64, 2, 8, 304)):
         key = UpdateStateKey(head_dim=d, deg=p, d_tile=dt, dtype="bf16", chunk_size=chunk, gating=False)
         cfg = family.default_config(key)
         for arch in ("sm_80", "sm_90"):

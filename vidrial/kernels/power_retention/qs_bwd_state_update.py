@@ -38,8 +38,8 @@ from vidrial.kernels.power_retention.update_state import HEAD_DIMS, UpdateStateC
 __all__ = ["check_supported", "state_pass_inputs", "weighted_feature_sums", "state_pass_update_state"]
 
 # fp32 elements of Z and M per batch of (chunk, KV head) pairs in weighted_feature_sums: its
-# temporaries stay below ~3 x 128 MB whatever the problem size (shape A: two batches).
-MOMENT_ELEMS = 1 << 25
+# temporaries stay below ~3 x 64 MB whatever the problem size (shape A: three batches).
+MOMENT_ELEMS = 1 << 24
 
 
 def check_supported(head_dim: int, r: int, chunk_size: int) -> None:
@@ -119,7 +119,9 @@ def state_pass_update_state(Q, qscale, dAh, dBh, h: int, *, deg: int, d_tile: in
                             config: UpdateStateConfig | None = None):
     """dSbar [b,n,h,D,d], dsbar [b,n,h,D] (fp32, contiguous: what query_state_bwd's state kernel
     writes) from the rows pass's Q [b,t,hq,d], qscale [b,t,hq], dAh [b,t,hq,d] and dBh [b,t,hq].
-    config: update_state's (None: its dispatcher). Current stream, no host sync."""
+    config: update_state's (None: its dispatcher). Current stream, no host sync; the first call per
+    layout and device copies a feature index table to the device (and update_state its block table):
+    run once before capturing a CUDA graph."""
     b, t, hq, d = Q.shape
     c = int(chunk_size)
     n, r = t // c, hq // h
