@@ -13,6 +13,7 @@ what was allocated before it (inputs and dY excluded, gradients included). Per-k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -78,6 +79,38 @@ def _fwd_bwd(f, leaves, dY):
     return run
 
 
+@contextlib.contextmanager
+def _patched(obj, attr: str, value):
+    """obj.attr = value inside the block (the dispatcher reloaded around it: defaults may depend on it)."""
+    from vidrial import dispatch
+
+    prev = getattr(obj, attr)
+    setattr(obj, attr, value)
+    dispatch.reload()
+    try:
+        yield
+    finally:
+        setattr(obj, attr, prev)
+        dispatch.reload()
+
+
+def _variant(label, patch, fv, inputs, dY, reps, ms_vf, grads_ref, rows, shape_name):
+    """fwd+bwd of vidrial with `patch` active: appends (label, ms, peak MB, fwd ms) to rows and returns the
+    gradients' relative differences to grads_ref, or None (printed) when it fails."""
+    try:
+        with patch:
+            lv = _leaves(*inputs)
+            run = _fwd_bwd(fv, lv, dY)
+            run()
+            ms = bench(run, reps)
+            mem = peak_mb(run, lv)
+            rows.append((label, ms, mem, ms_vf))
+            return [((x.grad.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(lv, grads_ref)]
+    except Exception as exc:
+        print(f"[{shape_name}] {label} failed: {type(exc).__name__}: {exc}", flush=True)
+        return None
+
+
 def run_shape(name, shp, reps, retention_configs, split=True):
     import vidrial
     from vidrial.autograd import power_retention_fwd
@@ -112,27 +145,15 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     rows.append(("vidrial", ms_v, mem_v, ms_vf))
     del leaves
 
-    # the same with the row loops' GEMMs on tensor cores (RowLoopConfig.mma, tf32; off by default)
-    from vidrial import dispatch
+    # the same with the row loops' GEMMs on tensor cores (RowLoopConfig.mma, tf32), and with
+    # query_state_bwd's state pass on the forward update_state kernel (opt-in state_impl)
     from vidrial.kernels.power_retention import _bwd_util
+    from vidrial.kernels.power_retention import query_state_bwd as qsb_mod
 
-    mma_diff = None
-    try:
-        _bwd_util.MMA_DEFAULT = True
-        dispatch.reload()
-        lm = _leaves(Q, K, V, log_G)
-        run_m = _fwd_bwd(fv, lm, dY)
-        run_m()
-        ms_m = bench(run_m, reps)
-        mem_m = peak_mb(run_m, lm)
-        mma_diff = [((x.grad.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(lm, grads_v)]
-        rows.append(("vidrial_mma", ms_m, mem_m, ms_vf))
-        del lm
-    except Exception as exc:
-        print(f"[{name}] vidrial with mma failed: {type(exc).__name__}: {exc}", flush=True)
-    finally:
-        _bwd_util.MMA_DEFAULT = False
-        dispatch.reload()
+    mma_diff = _variant("vidrial_mma", _patched(_bwd_util, "MMA_DEFAULT", True), fv, (Q, K, V, log_G), dY, reps,
+                        ms_vf, grads_v, rows, name)
+    us_diff = _variant("vidrial_state_us", _patched(qsb_mod, "STATE_IMPL_DEFAULT", "update_state"), fv,
+                       (Q, K, V, log_G), dY, reps, ms_vf, grads_v, rows, name)
 
     # the same with the intra-chunk backward on impl="flash" (bf16 tensor cores; opt-in until GPU-verified)
     from vidrial.kernels.power_retention import intra_chunk_attention_bwd as icb
@@ -208,12 +229,9 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     if grads_r is not None:
         diffs = [((x.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(grads_v, grads_r)]
         print("rel diff of gradients vidrial vs retention (Q, K, V, log_G): " + ", ".join(f"{x:.2e}" for x in diffs))
-    if mma_diff is not None:
-        print("rel diff of gradients vidrial_mma vs vidrial (Q, K, V, log_G): "
-              + ", ".join(f"{x:.2e}" for x in mma_diff))
-    if flash_diff is not None:
-        print("rel diff of gradients vidrial_flash vs vidrial (Q, K, V, log_G): "
-              + ", ".join(f"{x:.2e}" for x in flash_diff))
+    for label, diff in (("vidrial_mma", mma_diff), ("vidrial_flash", flash_diff), ("vidrial_state_us", us_diff)):
+        if diff is not None:
+            print(f"rel diff of gradients {label} vs vidrial (Q, K, V, log_G): " + ", ".join(f"{x:.2e}" for x in diff))
     print(f"first call (compile/load) vidrial {first:.2f} s", flush=True)
 
     if not split:
@@ -226,7 +244,8 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     L = log_G.float().view(b, n, c, h).sum(2)
     qs = query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c)
     dS, ds = qs["dSbar"].clone(), qs["dsbar"].clone()
-    from vidrial.kernels.power_retention.query_state_bwd import FAMILY as QBF, QueryStateBwdKey
+    from vidrial.kernels.power_retention.qs_bwd_state_update import state_pass_update_state
+    from vidrial.kernels.power_retention.query_state_bwd import FAMILY as QBF, QueryStateBwdKey, state_pass_kernel
     from vidrial.kernels.power_retention.update_state_bwd import FAMILY as UBF, UpdateStateBwdKey
 
     ucfg_mma = UBF.default_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": True})
@@ -262,6 +281,15 @@ def run_shape(name, shp, reps, retention_configs, split=True):
                                     config=qcfg_mma, state_config=qscfg_mma), reps),
         "  query_state_bwd rows pass (default)": bench(lambda: qs_rows(None), reps),
         "  query_state_bwd rows pass (mma16)": bench(lambda: qs_rows(qcfg_mma16), reps),
+        "query_state_bwd state pass alone (kernel)": bench(
+            lambda: state_pass_kernel(Q, qs["qscale"], qs["dAh"], qs["dBh"], h, deg=p, d_tile=dt, scale=scale,
+                                      chunk_size=c), reps),
+        "query_state_bwd state pass alone (update_state)": bench(
+            lambda: state_pass_update_state(Q, qs["qscale"], qs["dAh"], qs["dBh"], h, deg=p, d_tile=dt, scale=scale,
+                                            chunk_size=c), reps),
+        "query_state_bwd (state_impl=update_state)": bench(
+            lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c,
+                                    state_impl="update_state"), reps),
         "intra_chunk_attention_bwd (dkv+dq)": bench(
             lambda: intra_chunk_attention_bwd(Q, K, V, gc, m, qs["dO"], qs["dl"], deg=p, scale=scale, chunk_size=c),
             reps),
@@ -274,12 +302,13 @@ def run_shape(name, shp, reps, retention_configs, split=True):
         "forward op (all 4 fwd kernels)": bench(
             lambda: power_retention_fwd(Q, K, V, log_G, None, None, p, scale, c, dt, False), reps),
     }
-    print("vidrial per-kernel split (each alone; the (mma), (mma16) and (flash) lines are alternatives and the "
-          "indented lines parts, not in the sum):")
-    tot = sum(v for k, v in ksplit.items() if "mma" not in k and "(flash)" not in k and not k.startswith(" "))
+    alternative = ("mma", "(flash)", "state pass alone", "state_impl")  # alternatives: not summed
+    print("vidrial per-kernel split (each alone; the (mma), (mma16), (flash), state pass and state_impl lines are "
+          "alternatives and the indented lines parts, not in the sum):")
+    tot = sum(v for k, v in ksplit.items() if not any(a in k for a in alternative) and not k.startswith(" "))
     for k, v in ksplit.items():
-        print(f"  {k:<38}{v:>8.3f} ms  ({100 * v / tot:4.1f}%)")
-    print(f"  {'sum':<38}{tot:>8.3f} ms; fwd+bwd total {ms_v:.3f} ms (rest: glue, casts, gate sums)", flush=True)
+        print(f"  {k:<50}{v:>8.3f} ms  ({100 * v / tot:4.1f}%)")
+    print(f"  {'sum':<50}{tot:>8.3f} ms; fwd+bwd total {ms_v:.3f} ms (rest: glue, casts, gate sums)", flush=True)
 
 
 def main(argv=None):

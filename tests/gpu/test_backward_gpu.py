@@ -183,6 +183,31 @@ def test_query_state_bwd_mma16_rows(d, p, r, gating, c):
                 assert rel_err(got, want) < 1e-3, name
 
 
+@pytest.mark.parametrize("d,p,r,gating", [(64, 2, 1, True), (64, 2, 4, True), (32, 2, 2, False), (32, 4, 2, True)])
+def test_query_state_bwd_update_state_pass(d, p, r, gating):
+    """The opt-in state pass on the forward update_state kernel (state_impl="update_state"; bf16
+    operands, hence the 1e-2 tolerance) vs the emulation, and vs the state kernel; same rows pass."""
+    from vidrial.kernels.power_retention.query_state_bwd import query_state_bwd
+
+    b, h, c, n = 1, 2, 128, 3
+    t, hq = n * c, h * r
+    Q, K, V, lg, dt, scale, Y, O, l, m, Sb16, sb = _forward_pieces(b, t, hq, h, d, p, c, gating, 5)
+    dY = torch.randn(b, t, hq, d, device=DEV, generator=gen(6)).bfloat16()
+    gc = lg.view(b, n, c, h).cumsum(2).view(b, t, h) if gating else None
+    args = (Q, gc, Sb16, sb, O, l, m, Y, dY)
+    kw = dict(deg=p, d_tile=dt, scale=scale, chunk_size=c)
+    poison()
+    out = query_state_bwd(*args, **kw, state_impl="update_state")
+    ker = query_state_bwd(*args, **kw, state_impl="kernel")
+    wS, ws = em.qs_bwd_state(Q.double(), out["qscale"].double(), out["dAh"].double(), out["dBh"].double(), h, p, dt,
+                             scale, c)
+    assert out["dSbar"].shape == ker["dSbar"].shape and out["dsbar"].shape == ker["dsbar"].shape
+    assert out["dSbar"].is_contiguous() and out["dsbar"].is_contiguous()
+    assert rel_err(out["dSbar"], wS) < 1e-2 and rel_err(out["dsbar"], ws) < 1e-2
+    assert rel_err(out["dSbar"], ker["dSbar"]) < 1e-2 and rel_err(out["dsbar"], ker["dsbar"]) < 1e-2
+    assert torch.equal(out["dQ"], ker["dQ"])
+
+
 @pytest.mark.parametrize("impl", ["rowloop", "rowloop_mma", "flash"])
 @pytest.mark.parametrize("d,p,r,c,gating", [(64, 2, 1, 128, True), (64, 2, 2, 256, True), (128, 2, 1, 64, False),
                                             (32, 4, 2, 128, True)])
@@ -378,6 +403,42 @@ def test_gradients_with_flash_intra_backward(case, monkeypatch):
     finally:
         monkeypatch.setattr(icb, "IMPL_DEFAULT", "rowloop")
         dispatch.reload()
+
+
+def _runs_chunked(case) -> bool:
+    """Whether vidrial.autograd takes the chunked path (so query_state_bwd's state pass) for a GRAD_CASES row."""
+    t, _, _, _, _, c, init, final, _ = case
+    if init:
+        return True
+    if c is None:
+        return False
+    t_pad = -(-t // c) * c
+    return t_pad > c or (final and t_pad == c)
+
+
+STATE_PASS_CASES = [c for c in GRAD_CASES if _runs_chunked(c)]
+
+
+@pytest.mark.parametrize("case", STATE_PASS_CASES)
+def test_gradients_with_update_state_pass(case, monkeypatch):
+    """Full fwd+bwd gradients vs float64 with the opt-in state pass on the forward update_state kernel
+    (VIDRIAL_QS_BWD_STATE=update_state); checks that the path ran."""
+    from vidrial.kernels.power_retention import qs_bwd_state_update as qsu
+    from vidrial.kernels.power_retention import query_state_bwd as qsb
+
+    calls = []
+    real = qsu.state_pass_update_state
+    monkeypatch.setattr(qsu, "state_pass_update_state", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(qsb, "STATE_IMPL_DEFAULT", "update_state")
+    test_gradients_match_float64_autograd(case)
+    assert calls, "the update_state state pass did not run"
+
+
+def test_cuda_graph_with_update_state_pass(monkeypatch):
+    from vidrial.kernels.power_retention import query_state_bwd as qsb
+
+    monkeypatch.setattr(qsb, "STATE_IMPL_DEFAULT", "update_state")
+    test_cuda_graph_capture_and_replay()
 
 
 def test_constant_and_varying_gate_both_match():

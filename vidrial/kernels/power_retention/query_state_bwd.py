@@ -17,9 +17,13 @@ or with ``mma=True`` on the tensor cores (mma.sync m16n8k8 tf32, fp32 accumulate
 loop over the features (bwd_emulation.qs_bwd_rows_mma16): dphi' = Sbar dY - (dY.Y) sbar on bf16 tensor
 cores (mma.sync m16n8k16, dY's fragments in registers, Sbar tiles by cp.async) and the sympow chain rule
 on the CUDA cores, one row per thread (templates/common/feature_bwd.cuh); CTA = 32 * warps rows.
+
+The state pass has a second, opt-in implementation on the forward update_state kernel
+(``state_impl="update_state"``, qs_bwd_state_update.py; CPU-verified, not yet on a GPU).
 """
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -51,7 +55,8 @@ from vidrial.kernels.power_retention._feature_bwd import (
 from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pow2_bucket
 
 __all__ = ["QueryStateBwdConfig", "QueryStateBwdKey", "FAMILY", "query_state_bwd", "query_state_bwd_rows",
-           "query_state_bwd_state", "mma16_config"]
+           "query_state_bwd_state", "state_pass_kernel", "mma16_config", "STATE_IMPLS"]
+
 
 
 
@@ -59,6 +64,13 @@ __all__ = ["QueryStateBwdConfig", "QueryStateBwdKey", "FAMILY", "query_state_bwd
 ROWS_IMPL_DEFAULT = "rowloop"
 MMA16_WARPS = (2, 4, 8)
 MMA16_TILE_F = (64, 128)
+
+
+STATE_IMPLS = ("kernel", "update_state")
+# The state pass query_state_bwd runs when the caller does not choose: "kernel" (this family's state
+# stage, GPU-verified) or "update_state" (the forward update_state kernel + a moment GEMM; CPU-verified
+# only, hence opt-in: VIDRIAL_QS_BWD_STATE=update_state, or set this attribute).
+STATE_IMPL_DEFAULT = os.environ.get("VIDRIAL_QS_BWD_STATE", "kernel")
 
 
 class QueryStateBwdConfig(RowLoopConfig):
@@ -304,6 +316,14 @@ def state_ftiles(D: int, config: QueryStateBwdConfig) -> int:
     return -(-D // config.tile_f)
 
 
+def _state_impl(state_impl: str | None) -> str:
+    impl = STATE_IMPL_DEFAULT if state_impl is None else state_impl
+    if impl not in STATE_IMPLS:
+        where = "state_impl" if state_impl is not None else "VIDRIAL_QS_BWD_STATE"
+        raise InputError(where, repr(impl), f"one of {STATE_IMPLS}")
+    return impl
+
+
 def _keys(Q, deg: int, d_tile: int) -> tuple[QueryStateBwdKey, QueryStateBwdKey]:
     b, t, hq, d = Q.shape
     key_r = QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=str(Q.dtype).replace("torch.", ""),
@@ -338,6 +358,7 @@ def query_state_bwd_rows(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile
                dAh=torch.empty(b, t, hq, d, **f32), dl=torch.empty(b, t, hq, **f32), dBh=torch.empty(b, t, hq, **f32),
                qscale=torch.empty(b, t, hq, **f32), dg=torch.empty(b, t, hq, **f32))
     if Q.numel() == 0:
+        out.update(dSbar=torch.empty(b, n, h, D, d, **f32), dsbar=torch.empty(b, n, h, D, **f32))
         return out
     rt = -(-c // config.rows)
     kernel = launchable(FAMILY, compile_key(key), config, dev)
@@ -384,19 +405,36 @@ def query_state_bwd_state(Q, qscale, dAh, dBh, *, kv_heads: int, deg: int, d_til
     return dSbar, dsbar
 
 
+def state_pass_kernel(Q, qscale, dAh, dBh, h: int, *, deg: int, d_tile: int, scale: float, chunk_size: int,
+                      config: QueryStateBwdConfig | None = None):
+    """This family's state stage with the signature of qs_bwd_state_update.state_pass_update_state."""
+    return query_state_bwd_state(Q, qscale, dAh, dBh, kv_heads=h, deg=deg, d_tile=d_tile, scale=scale,
+                                 chunk_size=chunk_size, config=config)
+
+
 def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int, scale: float, chunk_size: int,
-                    config=None, state_config=None, state: bool = True):
+                    config=None, state_config=None, state: bool = True, state_impl: str | None = None):
     """Both passes. Q, Y, dY [b,t,hq,d] bf16/fp16 (t a multiple of chunk_size), G [b,t,h] fp32 chunk-local
     cumulative log gates or None, Sbar16 [b,n',h,D,d] bf16 (n' >= n: states at the start of each chunk),
     sbar [b,n'',h,D] fp32, O [b,t,hq,d], l, m [b,t,hq] fp32 (intra-chunk attention, merge mode).
     Returns dict dQ, dO, dAh [b,t,hq,d], dl, dBh, qscale, dg [b,t,hq], dSbar [b,n,h,D,d], dsbar [b,n,h,D]
-    (all fp32; state=False: the rows pass's outputs only). Current stream, no host sync."""
+    (all fp32; state=False: the rows pass's outputs only). state_impl: "kernel" or "update_state" (None:
+    STATE_IMPL_DEFAULT); state_config is the chosen state pass's config (QueryStateBwdConfig /
+    UpdateStateConfig). Current stream, no host sync."""
+    impl = _state_impl(state_impl)
+    if impl == "update_state" and state:
+        from vidrial.kernels.power_retention.qs_bwd_state_update import check_supported
+
+        check_supported(Q.shape[3], Q.shape[2] // Sbar16.shape[2], int(chunk_size))
     Q = Q.contiguous()  # once for both passes
     out = query_state_bwd_rows(Q, G, Sbar16, sbar, O, l, m, Y, dY, deg=deg, d_tile=d_tile, scale=scale,
                                chunk_size=chunk_size, config=config)
     if not state:  # the rows pass only
         return out
-    out["dSbar"], out["dsbar"] = query_state_bwd_state(Q, out["qscale"], out["dAh"], out["dBh"],
-                                                       kv_heads=Sbar16.shape[2], deg=deg, d_tile=d_tile, scale=scale,
-                                                       chunk_size=chunk_size, config=state_config)
+    if impl == "update_state":
+        from vidrial.kernels.power_retention.qs_bwd_state_update import state_pass_update_state as state_pass
+    else:
+        state_pass = state_pass_kernel
+    out["dSbar"], out["dsbar"] = state_pass(Q, out["qscale"], out["dAh"], out["dBh"], Sbar16.shape[2], deg=deg,
+                                            d_tile=d_tile, scale=scale, chunk_size=chunk_size, config=state_config)
     return out
