@@ -123,6 +123,13 @@ class KernelFamily(ABC, Generic[K, C]):
         raise NotImplementedError(f"kernel family {self.name!r} does not implement reference(key, inputs); "
                                   "the tuner needs it (see docs/HELPERS.md, 'Tuner protocol')")
 
+    def inputs_key(self, inputs: dict[str, Any], key: K) -> K | None:
+        """The key the public op computes (and dispatches on) when run(key, config, inputs) launches
+        `inputs`, from shapes and dtypes only. The tuner stores its winner under `key`, so this must
+        be `key` itself; the worker refuses inputs that break it (docs/TUNING.md, "What the tuner
+        times"). None: the family does not say, and nothing is checked."""
+        return None
+
     def check_outputs(self, key: K, inputs: dict[str, Any], outputs: Any, expected: Any) -> float:
         """Relative error of `outputs` against `expected` (= reference(key, inputs), computed once
         per key): max over tensors of max|out - exp| / max(max|exp|, 1e-6), in float32.

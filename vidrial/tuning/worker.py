@@ -67,6 +67,25 @@ def family_ref(family: Any) -> str:
     return getattr(family, "REF", None) or family.name
 
 
+class ProblemMismatchError(VidrialError, ValueError):
+    """make_inputs built a problem that the op dispatches under another key than the tuned one."""
+
+
+def check_inputs_key(family: Any, key: Any, inputs: Any) -> None:
+    """Raises ProblemMismatchError unless the public op would dispatch `inputs` under `key` itself:
+    the winner is stored under `key`, so timing another problem would store a winner for the wrong
+    sizes. A family whose inputs_key says nothing (None) passes."""
+    actual = family.inputs_key(inputs, key)
+    if actual is None or actual == key:
+        return
+    differ = ", ".join(f"{k}: {v} (key {getattr(key, k)})" for k, v in actual.model_dump().items()
+                       if v != getattr(key, k))
+    raise ProblemMismatchError(
+        f"{family.name}: make_inputs builds a problem that the op dispatches under another key ({differ}); "
+        "the tuner would store a winner timed on other sizes. make_inputs must build sizes inside the key's "
+        "buckets (docs/TUNING.md, 'What the tuner times')")
+
+
 # ---- the GPU backend (runs inside the worker) ------------------------------------------------
 _FATAL_WORDS = ("illegal", "launch failure", "misaligned", "unspecified launch", "trap", "hardware stack",
                 "an illegal instruction", "context is destroyed", "device-side assert", "CUDA_ERROR_LAUNCH_FAILED")
@@ -105,8 +124,9 @@ class GpuBackend:
         if self._inputs_key != memo:
             self._inputs = self._expected = None
             self.torch.cuda.empty_cache()
-            self._inputs = family.make_inputs(key, self.device, seed)
-            self._inputs_key = memo
+            inputs = family.make_inputs(key, self.device, seed)
+            check_inputs_key(family, key, inputs)
+            self._inputs, self._inputs_key = inputs, memo
         return self._inputs
 
     def _expected_for(self, family: Any, key: Any, inputs: Any):

@@ -232,28 +232,32 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
 
     # ---- tuner protocol ------------------------------------------------------------------------
     def make_inputs(self, key: DecodeKey, device: Any, seed: int) -> dict[str, Any]:
+        """One step of the key's own bucket: b * h = bh_bucket (up to 8 KV heads; fewer heads only past
+        the tuner's input cap), a 200-token cache, a state from a short float64 history, on `device`."""
         import torch
 
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        b, h, L, d = max(1, key.bh_bucket // 8), min(8, key.bh_bucket), 200, key.head_dim
-        dt = torch.bfloat16 if key.dtype == "bf16" else torch.float16
-        sdt = torch.float32 if key.state_dtype == "fp32" else torch.bfloat16
-        D = key.feature_dim
-        Q = torch.randn(b, key.q_len, h * key.group, d, generator=g).to(dt)
-        K = torch.randn(b, L, h, d, generator=g).to(dt)
-        V = torch.randn(b, L, h, d, generator=g).to(dt)
-        G = torch.nn.functional.logsigmoid(4 + torch.randn(b, L, h, generator=g)) if key.gating else None
-        out = dict(Q=Q, K=K, V=V, log_G=G)
-        out = {k: (v.to(device) if v is not None else None) for k, v in out.items()}
-        # a realistic state (non-negative phi(q).z): the float64 update over a short random history
+        from vidrial.core.protocol import generator, size_in_bucket
         from vidrial.kernels.power_retention.reference import update_state_reference
 
-        K0 = torch.randn(b, 32, h, d, generator=g).to(device)
-        V0 = torch.randn(b, 32, h, d, generator=g).to(device)
-        S, z = update_state_reference(K0, V0, None, key.deg, key.d_tile, 32)
+        L, d, D = 200, key.head_dim, key.feature_dim
+        per_head = D * d * key.state_bytes + D * 4 + L * (4 * d + 4)  # state, sum of keys, K/V/log_G cache
+        bh = size_in_bucket(key.bh_bucket, per_head, field="bh_bucket")
+        h = math.gcd(bh, 8)
+        b = bh // h
+        g = generator(device, seed)
+        dt = torch.bfloat16 if key.dtype == "bf16" else torch.float16
+        sdt = torch.float32 if key.state_dtype == "fp32" else torch.bfloat16
+
+        def randn(*shape: int) -> Any:
+            return torch.randn(*shape, generator=g, device=device)
+
+        out = dict(Q=randn(b, key.q_len, h * key.group, d).to(dt), K=randn(b, L, h, d).to(dt),
+                   V=randn(b, L, h, d).to(dt),
+                   log_G=torch.nn.functional.logsigmoid(4 + randn(b, L, h)) if key.gating else None)
+        # a realistic state (non-negative phi(q).z): the float64 update over a short random history
+        S, z = update_state_reference(randn(b, 32, h, d), randn(b, 32, h, d), None, key.deg, key.d_tile, 32)
         out["state"] = S[:, 0].to(sdt).contiguous()
         out["sum_of_keys"] = z[:, 0].float().contiguous()
-        assert out["state"].shape[-2] == D
         return out
 
     def inputs_key(self, inputs: dict[str, Any], key: DecodeKey) -> DecodeKey:

@@ -216,23 +216,28 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
     def make_inputs(self, key: IntraChunkAttentionKey, device: Any, seed: int) -> dict[str, Any]:
         """One problem at the key's own runtime sizes (what the winner is dispatched for): b=1,
         b*hq = bh_bucket query heads (GQA ratio 2 when there are two or more), t = t_bucket - 3 (same
-        bucket; not a multiple of the chunk, so the partial last chunk runs), logsigmoid gates.
-        The float64 reference covers a leading slice (reference())."""
+        bucket; not a multiple of the chunk, so the partial last chunk runs; shorter only past the
+        tuner's input cap), logsigmoid gates, drawn on `device`. The float64 reference covers a
+        leading slice (reference())."""
         import torch
 
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        from vidrial.core.protocol import generator, size_in_bucket
+
         dt = torch.bfloat16 if key.dtype == "bf16" else torch.float16
-        t = max(1, key.t_bucket - 3) if key.t_bucket > 4 else key.t_bucket
         r = 2 if key.bh_bucket >= 2 else 1
-        b, h, d = 1, key.bh_bucket // r, key.head_dim
+        b, hq, d = 1, key.bh_bucket, key.head_dim
+        h = hq // r
+        t_max = size_in_bucket(key.t_bucket, b * (hq * d * 2 + 2 * h * d * 2 + h * 4), field="t_bucket")
+        t = max(key.t_bucket // 2 + 1, t_max - 3)
+        gen = generator(device, seed)
 
         def randn(*shape: int) -> Any:
-            return torch.randn(*shape, generator=gen).to(dt).to(device)
+            return torch.randn(*shape, generator=gen, device=device).to(dt)
 
-        Q, K, V = randn(b, t, h * r, d), randn(b, t, h, d), randn(b, t, h, d)
+        Q, K, V = randn(b, t, hq, d), randn(b, t, h, d), randn(b, t, h, d)
         log_G = None
         if key.gating:
-            log_G = torch.nn.functional.logsigmoid(torch.rand(b, t, h, generator=gen) * 6 - 1).to(device)
+            log_G = torch.nn.functional.logsigmoid(torch.rand(b, t, h, generator=gen, device=device) * 6 - 1)
         return dict(Q=Q, K=K, V=V, log_G=log_G)
 
     def inputs_key(self, inputs: dict[str, Any], key: IntraChunkAttentionKey) -> IntraChunkAttentionKey:

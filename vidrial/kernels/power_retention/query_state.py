@@ -171,10 +171,15 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
     # ---- tuner protocol ------------------------------------------------------------------
     def make_inputs(self, key: QueryStateKey, device: Any, seed: int) -> dict[str, Any]:
         """One problem at the key's own size (what the winner is dispatched for): b=1, t = tokens - 3
-        (same bucket, a partial last chunk), 8 query heads on 4 KV heads. reference() checks a slice."""
-        t = max(1, key.tokens - 3) if key.tokens > 4 else key.tokens
-        return make_test_inputs(key, b=1, t=t, hq=8, h=4, chunk_size=key.chunk_size, gating=True, device=device,
-                                seed=seed)
+        (same bucket, a partial last chunk; shorter only past the tuner's input cap), 8 query heads on
+        4 KV heads. reference() checks a slice."""
+        from vidrial.core.protocol import size_in_bucket
+
+        hq, h, d, c = 8, 4, key.head_dim, key.chunk_size
+        o_bytes = 4 if key.o_dtype == "float32" else 2
+        per_token = hq * d * (2 + o_bytes) + hq * 8 + h * 4 + h * (key.feature_dim * (d + 1)) * 4 / c  # + states
+        t = max(key.tokens // 2 + 1, size_in_bucket(key.tokens, per_token, field="tokens") - 3)
+        return make_test_inputs(key, b=1, t=t, hq=hq, h=h, chunk_size=c, gating=True, device=device, seed=seed)
 
     def inputs_key(self, inputs: dict[str, Any], key: QueryStateKey) -> QueryStateKey:
         """The key the public op computes for `inputs`."""
@@ -216,24 +221,25 @@ def make_test_inputs(key: QueryStateKey, *, b, t, hq, h, chunk_size, gating, dev
     """Random inputs of query_state: Q, log_G, states (fp32, any scale) and an (O, l, m) triple."""
     import torch
 
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    d, D = key.head_dim, key.feature_dim
-    n = -(-t // chunk_size)
-    dt = getattr(torch, key.dtype)
-    Q = torch.randn(b, t, hq, d, generator=gen).to(dt).to(device)
-    log_G = (-torch.rand(b, t, h, generator=gen) * 0.1).to(device) if gating else None
-    # states that are sums of phi(k) v^T like real ones (so phi(q).sbar >= 0), 16 keys per chunk
+    from vidrial.core.protocol import generator
     from vidrial.kernels.power_retention.reference import phi
 
-    Kf = torch.randn(b, n, 16, h, d, generator=gen, dtype=torch.float64).to(device)
-    Vf = torch.randn(b, n, 16, h, d, generator=gen, dtype=torch.float64).to(device)
+    gen = generator(device, seed)  # drawn on `device` (shapes only on 'meta')
+    d = key.head_dim
+    n = -(-t // chunk_size)
+    dt = getattr(torch, key.dtype)
+    Q = torch.randn(b, t, hq, d, generator=gen, device=device).to(dt)
+    log_G = -torch.rand(b, t, h, generator=gen, device=device) * 0.1 if gating else None
+    # states that are sums of phi(k) v^T like real ones (so phi(q).sbar >= 0), 16 keys per chunk
+    Kf = torch.randn(b, n, 16, h, d, generator=gen, device=device, dtype=torch.float64)
+    Vf = torch.randn(b, n, 16, h, d, generator=gen, device=device, dtype=torch.float64)
     pk = phi(Kf, key.deg, key.d_tile)  # [b, n, 16, h, D]
     Sbar = (torch.einsum("bnchD,bnche->bnhDe", pk, Vf) * state_scale).float()
     sbar = (pk.sum(2) * state_scale).float()
     del pk
-    O = torch.randn(b, t, hq, d, generator=gen).to(getattr(torch, key.o_dtype)).to(device)
-    m = torch.randn(b, t, hq, generator=gen).to(device)
-    l = (1.0 + torch.rand(b, t, hq, generator=gen) * 3).to(device)
+    O = torch.randn(b, t, hq, d, generator=gen, device=device).to(getattr(torch, key.o_dtype))
+    m = torch.randn(b, t, hq, generator=gen, device=device)
+    l = 1.0 + torch.rand(b, t, hq, generator=gen, device=device) * 3
     return dict(Q=Q, log_G=log_G, Sbar=Sbar, sbar=sbar, O=O, l=l, m=m, scale=1.0 / math.sqrt(d),
                 chunk_size=chunk_size)
 

@@ -219,18 +219,22 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
 
     # ---- tuner protocol (vidrial/tuning): inputs, a run, the float64 reference -------------------
     def make_inputs(self, key: UpdateStateKey, device: Any, seed: int) -> dict[str, Any]:
-        """One problem of `key`: up to 8 heads, enough chunks to fill the bucket, logsigmoid gates;
+        """One problem of the key's own bucket: b = 1, h * n = bh_chunks_bucket (up to 8 heads, n
+        chunks; fewer chunks only past the tuner's input cap), logsigmoid gates, drawn on `device`;
         the reference checks the first head and first two chunks (bounds its memory)."""
         import torch
 
-        h = min(8, key.bh_chunks_bucket)
-        n = max(1, key.bh_chunks_bucket // h)
-        t, d = n * key.chunk_size, key.head_dim
+        from vidrial.core.protocol import generator, size_in_bucket
+
+        d, c = key.head_dim, key.chunk_size
+        bhc = size_in_bucket(key.bh_chunks_bucket, c * (4 * d + 4), field="bh_chunks_bucket")  # K, V, log_G
+        h = math.gcd(bhc, 8)
+        t = bhc // h * c
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[key.dtype]
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        K = (torch.randn(1, t, h, d, generator=gen) / d**0.25).to(dtype).to(device)
-        V = torch.randn(1, t, h, d, generator=gen).to(dtype).to(device)
-        G = (torch.nn.functional.logsigmoid(torch.randn(1, t, h, generator=gen) + 3.0).to(device)
+        gen = generator(device, seed)
+        K = (torch.randn(1, t, h, d, generator=gen, device=device) / d**0.25).to(dtype)
+        V = torch.randn(1, t, h, d, generator=gen, device=device).to(dtype)
+        G = (torch.nn.functional.logsigmoid(torch.randn(1, t, h, generator=gen, device=device) + 3.0)
              if key.gating else None)
         return {"K": K, "V": V, "G": G}
 
