@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
+from vidrial.core.rules import PowerOfTwo, Rule
 from vidrial.kernels import register
 from vidrial.kernels.power_retention._fwd_util import (
     check_tensor,
@@ -53,6 +54,8 @@ class DiscumsumConfig(KernelConfig):
 
 
 class DiscumsumKey(ProblemKey):
+    # buckets are what problem_key() gives: another value could never be dispatched to (nor tuned)
+    RULES: ClassVar[dict[str, Rule]] = {"batch_heads": PowerOfTwo(), "chunks": PowerOfTwo()}
     COMPILE_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "feature_dim")
     head_dim: int = Field(64, description="d")
     feature_dim: int = Field(2304, description="D (features of the state)")

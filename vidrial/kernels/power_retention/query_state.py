@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
+from vidrial.core.rules import PowerOfTwo, Rule
 from vidrial.kernels import register
 from vidrial.kernels.power_retention._fwd_util import (
     DTYPE_NAMES,
@@ -73,6 +74,8 @@ class QueryStateConfig(KernelConfig):
 
 
 class QueryStateKey(ProblemKey):
+    # buckets are what problem_key() gives: another value could never be dispatched to (nor tuned)
+    RULES: ClassVar[dict[str, Rule]] = {"chunk_size": PowerOfTwo(), "tokens": PowerOfTwo()}
     COMPILE_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "deg", "d_tile", "dtype", "o_dtype")
     head_dim: int = 64
     deg: int = 2
