@@ -175,14 +175,19 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
     def make_inputs(self, key: QueryStateKey, device: Any, seed: int) -> dict[str, Any]:
         """One problem at the key's own size (what the winner is dispatched for): b=1, t = tokens - 3
         (same bucket, a partial last chunk; shorter only past the tuner's input cap), 8 query heads on
-        4 KV heads. reference() checks a slice."""
+        4 KV heads, the states in bf16 as the forward passes them (discumsum's copy: an fp32 state
+        would add its conversion to every timing). reference() checks a slice."""
+        import torch
+
         from vidrial.core.protocol import size_in_bucket
 
-        hq, h, d, c = 8, 4, key.head_dim, key.chunk_size
+        hq, h, d, c, D = 8, 4, key.head_dim, key.chunk_size, key.feature_dim
         o_bytes = 4 if key.o_dtype == "float32" else 2
-        per_token = hq * d * (2 + o_bytes) + hq * 8 + h * 4 + h * (key.feature_dim * (d + 1)) * 4 / c  # + states
+        per_token = hq * d * (2 + o_bytes) + hq * 8 + h * 4 + h * D * (2 * d + 4) / c  # + Sbar bf16, sbar fp32
         t = max(key.tokens // 2 + 1, size_in_bucket(key.tokens, per_token, field="tokens") - 3)
-        return make_test_inputs(key, b=1, t=t, hq=hq, h=h, chunk_size=c, gating=True, device=device, seed=seed)
+        x = make_test_inputs(key, b=1, t=t, hq=hq, h=h, chunk_size=c, gating=True, device=device, seed=seed)
+        x["Sbar"] = x["Sbar"].to(torch.bfloat16)
+        return x
 
     def inputs_key(self, inputs: dict[str, Any], key: QueryStateKey) -> QueryStateKey:
         """The key the public op computes for `inputs`."""
