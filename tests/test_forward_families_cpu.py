@@ -182,8 +182,8 @@ def test_tuner_protocol_inputs_and_references_on_cpu():
     dkey = DiscumsumKey(head_dim=32, feature_dim=640, batch_heads=2, chunks=4)
     inp = DFAM.make_inputs(dkey, "cpu", seed=0)
     assert inp["S"].shape == (1, 4, 2, 640, 32)
-    Sbar, sbar = DFAM.reference(dkey, inp)  # float64 on head 0, all chunks
-    assert Sbar.shape == (1, 5, 1, 640, 32) and sbar.shape == (1, 5, 1, 640)
+    Sbar, sbar = DFAM.reference(dkey, inp)  # float64 on head 0, all chunks, as run()'s (Sbar16, sbar)
+    assert Sbar.shape == (1, 4, 1, 640, 32) and sbar.shape == (1, 5, 1, 640)
     qkey = QueryStateKey(head_dim=32, deg=2, d_tile=8, chunk_size=64, tokens=128)
     inp = QFAM.make_inputs(qkey, "cpu", seed=0)
     Y = QFAM.reference(qkey, inp)  # float64 on the first KV head's query heads, first two chunks

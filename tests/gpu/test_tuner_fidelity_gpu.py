@@ -58,13 +58,13 @@ def _shape_a_query_state():
 
 
 def _shape_a_discumsum():
-    from vidrial.kernels.power_retention.discumsum import discumsum, problem_key
+    from vidrial.kernels.power_retention.discumsum import discumsum_forward, problem_key
     from vidrial.kernels.power_retention.sympow import feature_dim
 
     n, D = T // CHUNK, feature_dim(D_HEAD, DEG, D_TILE)
     S, s = torch.randn(B, n, H, D, D_HEAD, device=DEV), torch.randn(B, n, H, D, device=DEV)
     L = -torch.rand(B, n, H, device=DEV)
-    return problem_key(S), lambda cfg: discumsum(S, s, L, config=cfg)
+    return problem_key(S), lambda cfg: discumsum_forward(S, s, L, config=cfg, fp32_states=False, bf16_copy=True)
 
 
 SHAPE_A = {"update_state": _shape_a_update_state, "intra_chunk_attention": _shape_a_intra,

@@ -136,14 +136,19 @@ class DiscumsumFamily(KernelFamily[DiscumsumKey, DiscumsumConfig]):
         return problem_key(inputs["S"])
 
     def run(self, key: DiscumsumKey, config: DiscumsumConfig, inputs: dict[str, Any]) -> Any:
-        return discumsum(inputs["S"], inputs["s"], inputs["chunk_gates"], config=config)
+        """The call the chunked forward makes (ops._chunked_states): the bf16 copy of Sbar_0..n-1 and
+        sbar, no fp32 states (twice the bytes written: another problem for a memory-bound kernel)."""
+        out = discumsum_forward(inputs["S"], inputs["s"], inputs["chunk_gates"], config=config, fp32_states=False,
+                                bf16_copy=True)
+        return out["Sbar16"], out["sbar"]
 
     def reference(self, key: DiscumsumKey, inputs: dict[str, Any]) -> Any:
         """float64 on head 0, all chunks (heads never mix, and the scan needs every chunk): a leading
-        slice of the outputs, which check_outputs compares."""
+        slice of run()'s (Sbar16, sbar), which check_outputs compares."""
         from vidrial.kernels.power_retention.reference import discumsum_reference
 
-        return discumsum_reference(inputs["S"][:, :, :1], inputs["s"][:, :, :1], inputs["chunk_gates"][:, :, :1])
+        Sbar, sbar = discumsum_reference(inputs["S"][:, :, :1], inputs["s"][:, :, :1], inputs["chunk_gates"][:, :, :1])
+        return Sbar[:, :-1], sbar
 
 
 FAMILY = register(DiscumsumFamily())
