@@ -54,7 +54,8 @@ def _shape_a_query_state():
     x["Sbar"] = x["Sbar"].bfloat16()  # the forward's bf16 copy (ops.power_retention)
     key = problem_key(x["Q"], x["O"], DEG, D_TILE, CHUNK)
     return key, lambda cfg: query_state(x["Q"], x["Sbar"], x["sbar"], x["O"], x["l"], x["m"], x["log_G"], deg=DEG,
-                                        d_tile=D_TILE, scale=x["scale"], chunk_size=CHUNK, config=cfg)
+                                        d_tile=D_TILE, scale=x["scale"], chunk_size=CHUNK, config=cfg,
+                                        zero_first_state=True)
 
 
 def _shape_a_discumsum():

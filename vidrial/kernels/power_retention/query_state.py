@@ -175,8 +175,9 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
     def make_inputs(self, key: QueryStateKey, device: Any, seed: int) -> dict[str, Any]:
         """One problem at the key's own size (what the winner is dispatched for): b=1, t = tokens - 3
         (same bucket, a partial last chunk; shorter only past the tuner's input cap), 8 query heads on
-        4 KV heads, the states in bf16 as the forward passes them (discumsum's copy: an fp32 state
-        would add its conversion to every timing). reference() checks a slice."""
+        4 KV heads, the states as the forward passes them: bf16 (discumsum's copy; an fp32 state would
+        add its conversion to every timing) with Sbar_0 = 0 (no initial state: run() lets the kernel
+        skip chunk 0's GEMM, as ops.power_retention does). reference() checks a slice."""
         import torch
 
         from vidrial.core.protocol import size_in_bucket
@@ -187,6 +188,8 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
         t = max(key.tokens // 2 + 1, size_in_bucket(key.tokens, per_token, field="tokens") - 3)
         x = make_test_inputs(key, b=1, t=t, hq=hq, h=h, chunk_size=c, gating=True, device=device, seed=seed)
         x["Sbar"] = x["Sbar"].to(torch.bfloat16)
+        x["Sbar"][:, 0] = 0
+        x["sbar"][:, 0] = 0
         return x
 
     def inputs_key(self, inputs: dict[str, Any], key: QueryStateKey) -> QueryStateKey:
@@ -196,7 +199,7 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
     def run(self, key: QueryStateKey, config: QueryStateConfig, inputs: dict[str, Any]) -> Any:
         return query_state(inputs["Q"], inputs["Sbar"], inputs["sbar"], inputs["O"], inputs["l"], inputs["m"],
                            inputs["log_G"], deg=key.deg, d_tile=key.d_tile, scale=inputs["scale"],
-                           chunk_size=inputs["chunk_size"], config=config)
+                           chunk_size=inputs["chunk_size"], config=config, zero_first_state=True)
 
     def reference(self, key: QueryStateKey, inputs: dict[str, Any]) -> Any:
         """float64 on the first two chunks of the first KV head (each chunk reads only its own state,
