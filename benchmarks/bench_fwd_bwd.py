@@ -158,23 +158,8 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     # the same with the intra-chunk backward on impl="flash" (bf16 tensor cores; opt-in until GPU-verified)
     from vidrial.kernels.power_retention import intra_chunk_attention_bwd as icb
 
-    flash_diff = None
-    try:
-        _bwd_util.MMA_DEFAULT, icb.IMPL_DEFAULT = True, "flash"
-        dispatch.reload()
-        lf = _leaves(Q, K, V, log_G)
-        run_f = _fwd_bwd(fv, lf, dY)
-        run_f()
-        ms_f = bench(run_f, reps)
-        mem_f = peak_mb(run_f, lf)
-        flash_diff = [((x.grad.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(lf, grads_v)]
-        rows.append(("vidrial_flash", ms_f, mem_f, ms_vf))
-        del lf
-    except Exception as exc:
-        print(f"[{name}] vidrial with the flash intra backward failed: {type(exc).__name__}: {exc}", flush=True)
-    finally:
-        _bwd_util.MMA_DEFAULT, icb.IMPL_DEFAULT = False, "rowloop"
-        dispatch.reload()
+    flash_diff = _variant("vidrial_flash", _patched(icb, "IMPL_DEFAULT", "flash"), fv, (Q, K, V, log_G), dY, reps,
+                          ms_vf, grads_v, rows, name)
 
     # retention (Triton)
     grads_r = None
