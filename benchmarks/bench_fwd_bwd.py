@@ -94,6 +94,14 @@ def _patched(obj, attr: str, value):
         dispatch.reload()
 
 
+@contextlib.contextmanager
+def _all_patched(*patches):
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        yield
+
+
 def _variant(label, patch, fv, inputs, dY, reps, ms_vf, grads_ref, rows, shape_name):
     """fwd+bwd of vidrial with `patch` active: appends (label, ms, peak MB, fwd ms) to rows and returns the
     gradients' relative differences to grads_ref, or None (printed) when it fails."""
@@ -160,6 +168,13 @@ def run_shape(name, shp, reps, retention_configs, split=True):
 
     flash_diff = _variant("vidrial_flash", _patched(icb, "IMPL_DEFAULT", "flash"), fv, (Q, K, V, log_G), dY, reps,
                           ms_vf, grads_v, rows, name)
+    mma16_diff = _variant("vidrial_mma16", _patched(qsb_mod, "ROWS_IMPL_DEFAULT", "mma16"), fv, (Q, K, V, log_G),
+                          dY, reps, ms_vf, grads_v, rows, name)
+    # every opt-in backward kernel at once (what the defaults become once each passes its GPU tests)
+    all_diff = _variant("vidrial_optin", _all_patched(_patched(icb, "IMPL_DEFAULT", "flash"),
+                                                      _patched(qsb_mod, "ROWS_IMPL_DEFAULT", "mma16"),
+                                                      _patched(qsb_mod, "STATE_IMPL_DEFAULT", "update_state")),
+                        fv, (Q, K, V, log_G), dY, reps, ms_vf, grads_v, rows, name)
 
     # retention (Triton)
     grads_r = None
@@ -214,7 +229,8 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     if grads_r is not None:
         diffs = [((x.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(grads_v, grads_r)]
         print("rel diff of gradients vidrial vs retention (Q, K, V, log_G): " + ", ".join(f"{x:.2e}" for x in diffs))
-    for label, diff in (("vidrial_mma", mma_diff), ("vidrial_flash", flash_diff), ("vidrial_state_us", us_diff)):
+    for label, diff in (("vidrial_mma", mma_diff), ("vidrial_flash", flash_diff), ("vidrial_state_us", us_diff),
+                        ("vidrial_mma16", mma16_diff), ("vidrial_optin", all_diff)):
         if diff is not None:
             print(f"rel diff of gradients {label} vs vidrial (Q, K, V, log_G): " + ", ".join(f"{x:.2e}" for x in diff))
     print(f"first call (compile/load) vidrial {first:.2f} s", flush=True)

@@ -73,10 +73,10 @@ run_profile() {
 }
 
 run_flash() {
-  # impl="flash" of intra_chunk_attention_bwd (opt-in, CPU-verified): its GPU tests, then fwd+bwd at shape A
-  # with the per-kernel split (lines "intra_chunk_attention_bwd (flash)" and "vidrial_flash").
+  # the opt-in backward kernels (flash intra, mma16 rows, update_state state pass): their GPU tests
+  # (FLASH_K selects them), then fwd+bwd at shape A with each variant and the per-kernel split.
   timeout "$TEST_BUDGET" python3 -m pytest -m gpu -v -rfEs -p no:cacheprovider tests/gpu/test_backward_gpu.py \
-    -k flash > "$OUT/tests-flash.txt" 2>&1
+    -k "${FLASH_K:-flash or mma16 or update_state}" > "$OUT/tests-flash.txt" 2>&1
   echo "== flash tests: $(tail -1 "$OUT/tests-flash.txt")"; grep -E "^(FAILED|ERROR)" "$OUT/tests-flash.txt" | head -20
   timeout 400 python3 benchmarks/bench_fwd_bwd.py --shapes A --reps 10 2>&1 | tee "$OUT/bench-flash.txt" | tail -40
 }
