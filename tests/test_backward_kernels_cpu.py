@@ -294,18 +294,23 @@ def test_intra_bwd_kernels_on_cpu(d, deg, tile, c, gqa, gating, mma):
     (True, True, 2, 48, False, "rowloop"), (False, False, 1, 32, False, "rowloop"),
     (True, False, 1, 0, False, "rowloop"), (True, True, 2, 48, True, "rowloop"), (True, True, 2, 48, True, "flash"),
     (True, False, 1, 0, True, "flash")])
-def test_backward_op_on_cpu_matches_float64_autograd(gating, state, gqa, chunk, mma, impl, monkeypatch):
+def test_backward_op_on_cpu_matches_float64_autograd(gating, state, gqa, chunk, mma, impl, monkeypatch,
+                                                    state_impl: str = "kernel"):
     """vidrial::power_retention_bwd with every kernel executed on the CPU (real launchers, real glue), fed
     with the forward's saved tensors (float64 forward, cast as the forward kernels store them). impl: the
-    intra-chunk backward's default implementation (the op switches by config)."""
+    intra-chunk backward's default implementation (the op switches by config); state_impl: query_state_bwd's
+    state pass (the default "update_state" runs the forward update_state kernel, which the CPU emulates only
+    in tests/test_qs_bwd_state_update_cpu.py, the caller that passes it)."""
     import vidrial.autograd  # noqa: F401
     from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference, power_retention_reference
 
     from vidrial.kernels.power_retention import _bwd_util
     from vidrial.kernels.power_retention import intra_chunk_attention_bwd as icb
+    from vidrial.kernels.power_retention import query_state_bwd as qsb
 
     monkeypatch.setattr(_bwd_util, "MMA_DEFAULT", mma)
     monkeypatch.setattr(icb, "IMPL_DEFAULT", impl)
+    monkeypatch.setattr(qsb, "STATE_IMPL_DEFAULT", state_impl)
     assert IB.default_config(IntraBwdKey(head_dim=32)).impl == impl
     undo = bwd_host_emu.install()
     try:

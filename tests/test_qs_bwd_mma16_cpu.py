@@ -154,7 +154,7 @@ def test_launcher_with_mma16_matches_rowloop_on_cpu():
     d, deg, d_tile, c = 32, 2, 8, 96
     p = _problem(d, deg, d_tile, c, 2, True, seed=5, n=1)
     args = (p["Q"], p["g"].float(), p["Sb16"], p["sb"], p["O"], p["l"], p["m"], p["Y"], p["dY"])
-    kw = dict(deg=deg, d_tile=d_tile, scale=p["scale"], chunk_size=c)
+    kw = dict(deg=deg, d_tile=d_tile, scale=p["scale"], chunk_size=c, state_impl="kernel")
     undo = bwd_host_emu.install()
     try:
         got = query_state_bwd(*args, config=QueryStateBwdConfig(impl="mma16", warps=2), **kw)
@@ -169,11 +169,13 @@ def test_launcher_with_mma16_matches_rowloop_on_cpu():
 
 
 def test_rows_impl_default_switch(monkeypatch):
-    """ROWS_IMPL_DEFAULT='mma16' (after the GPU tests pass) makes it the rows pass's default; the state
+    """ROWS_IMPL_DEFAULT ('mma16' since its GPU tests passed) picks the rows pass's default; the state
     pass keeps the row loop."""
     from vidrial.kernels.power_retention import query_state_bwd as qsb
 
     key = QueryStateBwdKey(head_dim=64)
+    assert QB.default_config(key) == mma16_config(key)
+    monkeypatch.setattr(qsb, "ROWS_IMPL_DEFAULT", "rowloop")
     assert QB.default_config(key).impl == "rowloop"
     monkeypatch.setattr(qsb, "ROWS_IMPL_DEFAULT", "mma16")
     assert QB.default_config(key) == mma16_config(key)

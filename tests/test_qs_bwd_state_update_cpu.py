@@ -215,8 +215,8 @@ def test_backward_op_on_cpu_with_update_state_pass(monkeypatch):
         return emulated(*args, **kwargs)
 
     monkeypatch.setattr(mod, "update_state", counted)
-    monkeypatch.setattr(qsb, "STATE_IMPL_DEFAULT", "update_state")
-    kernels_cpu.test_backward_op_on_cpu_matches_float64_autograd(True, True, 2, 48, True, "rowloop", monkeypatch)
+    kernels_cpu.test_backward_op_on_cpu_matches_float64_autograd(True, True, 2, 48, True, "rowloop", monkeypatch,
+                                                                 state_impl="update_state")
     assert calls == [2 * 48]  # one update_state chunk per (chunk, KV head): r * c rows
 
 

@@ -374,19 +374,22 @@ def test_gradients_with_tensor_core_row_loops(case, monkeypatch):
 
 @pytest.mark.parametrize("case", [GRAD_CASES[1], GRAD_CASES[3], GRAD_CASES[4], GRAD_CASES[8]],
                          ids=["gqa-pad-state", "d128", "p4", "c1024"])
-def test_gradients_with_mma16_rows_pass(case, monkeypatch):
-    """The same comparison with query_state_bwd's rows pass on bf16 tensor cores (impl="mma16")."""
+@pytest.mark.parametrize("rows_impl", ["mma16", "rowloop"])
+def test_gradients_with_each_rows_pass(case, rows_impl, monkeypatch):
+    """The same comparison with query_state_bwd's rows pass on bf16 tensor cores (impl="mma16", the
+    default) and on the row loop (the fallback where mma16's check rejects a key)."""
     from vidrial import dispatch
     from vidrial.kernels.power_retention import query_state_bwd as qsb
 
-    monkeypatch.setattr(qsb, "ROWS_IMPL_DEFAULT", "mma16")
+    monkeypatch.setattr(qsb, "ROWS_IMPL_DEFAULT", rows_impl)
     dispatch.reload()
     key = qsb.QueryStateBwdKey(head_dim=case[1], deg=case[2], d_tile=default_d_tile(case[1], case[2]))
-    assert qsb.FAMILY.default_config(key).impl == "mma16"
+    assert qsb.FAMILY.default_config(key).impl == rows_impl
     try:
         test_gradients_match_float64_autograd(case)
     finally:
-        monkeypatch.setattr(qsb, "ROWS_IMPL_DEFAULT", "rowloop")
+        monkeypatch.undo()
+        dispatch.reload()
 
 
 @pytest.mark.parametrize("case", [GRAD_CASES[i] for i in (1, 2, 3, 4, 6, 8)],
@@ -419,25 +422,26 @@ def _runs_chunked(case) -> bool:
 STATE_PASS_CASES = [c for c in GRAD_CASES if _runs_chunked(c)]
 
 
+@pytest.mark.parametrize("state_impl", ["update_state", "kernel"])
 @pytest.mark.parametrize("case", STATE_PASS_CASES)
-def test_gradients_with_update_state_pass(case, monkeypatch):
-    """Full fwd+bwd gradients vs float64 with the opt-in state pass on the forward update_state kernel
-    (VIDRIAL_QS_BWD_STATE=update_state); checks that the path ran."""
+def test_gradients_with_each_state_pass(case, state_impl, monkeypatch):
+    """Full fwd+bwd gradients vs float64 with query_state_bwd's state pass on the forward update_state kernel
+    (the default) and on the family's state kernel (VIDRIAL_QS_BWD_STATE=kernel); checks which path ran."""
     from vidrial.kernels.power_retention import qs_bwd_state_update as qsu
     from vidrial.kernels.power_retention import query_state_bwd as qsb
 
     calls = []
     real = qsu.state_pass_update_state
     monkeypatch.setattr(qsu, "state_pass_update_state", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(qsb, "STATE_IMPL_DEFAULT", "update_state")
+    monkeypatch.setattr(qsb, "STATE_IMPL_DEFAULT", state_impl)
     test_gradients_match_float64_autograd(case)
-    assert calls, "the update_state state pass did not run"
+    assert bool(calls) == (state_impl == "update_state"), f"state pass ran {len(calls)} times with {state_impl}"
 
 
-def test_cuda_graph_with_update_state_pass(monkeypatch):
+def test_cuda_graph_with_state_kernel_pass(monkeypatch):
     from vidrial.kernels.power_retention import query_state_bwd as qsb
 
-    monkeypatch.setattr(qsb, "STATE_IMPL_DEFAULT", "update_state")
+    monkeypatch.setattr(qsb, "STATE_IMPL_DEFAULT", "kernel")
     test_cuda_graph_capture_and_replay()
 
 
