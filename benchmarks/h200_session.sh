@@ -2,7 +2,7 @@
 # One batched call on the H200 test machine (see ../shared/gpu/README.md):
 #   GPU test suite (files in parallel groups: compile-bound, correctness only),
 #   then tuning of the shape-A/B keys (alone on the GPU), then `vidrial bench`.
-# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|tune|tune_all|bench|profile|flash ...]
+# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|compare|tune|tune_all|bench|profile|flash ...]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VIDRIAL_CACHE_DIR=/tmp/vidrial-cache
@@ -31,7 +31,7 @@ run_tests() {
 
 run_tune() {
   # Shapes A (b=1,t=64k) and B (b=8,t=8k) at h=8, d=64, p=2, chunk 1024, bf16, gated; decode at b=1/8/64.
-  local common="--trials $TUNE_TRIALS --timeout 15 --out $OUT/tune --tuned-dir $OUT/tuned --no-progress --job-timeout 60"
+  local common="--trials $TUNE_TRIALS --timeout ${TUNE_TIMEOUT:-15} --out $OUT/tune --tuned-dir $OUT/tuned --no-progress --job-timeout 60"
   for k in \
     'update_state|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","chunk_size":1024,"gating":true,"bh_chunks_bucket":512}' \
     'intra_chunk_attention|{"head_dim":64,"deg":2,"dtype":"bf16","chunk_size":1024,"gating":true,"normalize":false,"bh_bucket":8,"t_bucket":65536}' \
@@ -40,11 +40,20 @@ run_tune() {
     'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":64}' \
     'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":8}' \
     'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":512}'; do
-    timeout 45 python3 -m vidrial tune $common --kernel "${k%%|*}" --key "${k#*|}" 2>&1 | tail -8
+    timeout $((${TUNE_TIMEOUT:-15} + 30)) python3 -m vidrial tune $common --kernel "${k%%|*}" --key "${k#*|}" 2>&1 | tail -8
   done
   VIDRIAL_TUNED_DIR=$OUT/tuned python3 -m vidrial show 2>&1 | head -40 || true
   # $OUT returns at most 8 files: the store and the reports travel as one archive
   tar -C "$OUT" -czf "$OUT/tune.tgz" tuned tune && rm -rf "$OUT/tuned" "$OUT/tune"
+}
+
+run_compare() {
+  # issue 6: exhaustive grid at shape A, then TPE/GP/random replayed on its results (best after N trials vs
+  # the exhaustive best); the grid's winner is recorded like any study's (run before `tune`, which packs $OUT)
+  local k=${COMPARE_KEY:-'update_state|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","chunk_size":1024,"gating":true,"bh_chunks_bucket":512}'}
+  timeout $((${COMPARE_BUDGET:-240} + 60)) python3 -m vidrial tune --kernel "${k%%|*}" --key "${k#*|}" --sampler grid \
+    --compare 5,10,20,40 --timeout "${COMPARE_BUDGET:-240}" --out "$OUT/tune/compare-${k%%|*}" --tuned-dir "$OUT/tuned" \
+    --no-progress --job-timeout 60 2>&1 | tee "$OUT/compare-${k%%|*}.txt" | tail -30
 }
 
 run_tune_all() {
