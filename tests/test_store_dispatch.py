@@ -15,7 +15,7 @@ import pytest
 
 from vidrial import dispatch
 from vidrial.core.config import KernelConfig, ProblemKey
-from vidrial.core.errors import ConfigError
+from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
 from vidrial.tuning import store
 from vidrial.tuning.store import (
@@ -141,6 +141,31 @@ def test_record_keeps_faster_entry_unless_template_changed(tmp_path):
     _record(key, NoopConfig(block=32), tmp_path, time_ms=9.0)
     entry = load_file(path).entries[key.key_string()]
     assert entry.config == {"block": 32, "unroll": 1} and entry.template_hash == FAM.template_hash
+
+
+def test_merge_ships_a_run_replacing_its_keys_and_keeping_the_rest(tmp_path):
+    """`vidrial ship` (store.merge): the run's entry replaces the shipped one for the same key even when
+    the shipped time is faster (the run is the newer measurement); other shipped keys stay."""
+    from vidrial.cli import main
+
+    run, shipped = tmp_path / "run", tmp_path / "shipped"
+    kept, retuned, new = NoopKey(n=256), NoopKey(n=512), NoopKey(n=1024)
+    _record(kept, NoopConfig(block=64), shipped, time_ms=1.0)
+    _record(retuned, NoopConfig(block=64), shipped, time_ms=0.1)
+    _record(retuned, NoopConfig(block=128), run, time_ms=0.9)
+    _record(new, NoopConfig(block=32), run, time_ms=0.5)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["ship", str(run), "--into", str(shipped)]) == 0
+    assert "1 entries added, 1 replaced" in out.getvalue()
+    entries = load_file(shipped / "nvidia-h200" / "test_noop.json").entries
+    assert entries[kept.key_string()].config == {"block": 64, "unroll": 1}
+    assert entries[retuned.key_string()].config == {"block": 128, "unroll": 1}
+    assert entries[retuned.key_string()].time_ms == 0.9
+    assert entries[new.key_string()].config == {"block": 32, "unroll": 1}
+    assert list(entries) == sorted(entries)
+    with pytest.raises(InputError, match=r"^source: got"):
+        main(["ship", str(tmp_path / "nothing")])
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):

@@ -321,3 +321,36 @@ def tuned_files(root: Path | None) -> list[Path]:
     if root is None or not Path(root).is_dir():
         return []
     return sorted(p for p in Path(root).glob("*/*.json") if p.is_file())
+
+
+def merge(source: Path, destination: Path) -> dict[str, int]:
+    """Copies every entry of the tuned files under `source` (a tuning run's store) into the files of the
+    same `<gpu>/<family>.json` under `destination` (e.g. the shipped tuned_configs/), each under that
+    file's lock with an atomic replace; entries of keys `source` does not hold are kept.
+
+    Unlike `record`, the source entry replaces the destination's for the same key even when the older
+    one is faster: a tuning run that is being shipped is the newer measurement of that key (an older
+    time may come from another measurement setup, e.g. a smaller problem in the same bucket).
+    Returns counts {"added", "replaced", "files"}."""
+    counts = {"added": 0, "replaced": 0, "files": 0}
+    for src in tuned_files(Path(source)):
+        tuned = load_file(src)
+        if tuned is None or tuned.schema_version != SCHEMA_VERSION or not tuned.entries:
+            continue
+        dst = Path(destination) / src.parent.name / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(dst) + ".lock", timeout=LOCK_TIMEOUT_S):
+            entries: dict[str, TunedEntry] = {}
+            if dst.exists():
+                existing = load_file(dst)
+                if existing is None or existing.schema_version != SCHEMA_VERSION:
+                    raise ValueError(f"tuned configs {dst}: unreadable or schema version differs; not merged into")
+                entries = dict(existing.entries)
+            for key_string, entry in tuned.entries.items():
+                counts["replaced" if key_string in entries else "added"] += 1
+                entries[key_string] = entry
+            out = TunedFile(schema_version=SCHEMA_VERSION, family=tuned.family, gpu=tuned.gpu,
+                            entries=dict(sorted(entries.items())))
+            write_atomic(dst, out.model_dump_json(indent=2) + "\n")
+        counts["files"] += 1
+    return counts
