@@ -68,7 +68,7 @@ run_tune_all() {
 }
 
 run_bench() {
-  VIDRIAL_TUNED_DIR=$OUT/tuned timeout $((BENCH_BUDGET + 60)) python3 -m vidrial bench --preset quick \
+  VIDRIAL_TUNED_DIR=${BENCH_TUNED_DIR:-$OUT/tuned} timeout $((BENCH_BUDGET + 120)) python3 -m vidrial bench --preset "${BENCH_PRESET:-quick}" \
     --budget "$BENCH_BUDGET" --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | tail -60
 }
 
