@@ -46,7 +46,9 @@ from vidrial.kernels.power_retention._bwd_util import (
     row_loop_smem_floats,
 )
 from vidrial.kernels.power_retention._feature_bwd import (
-    SUB,
+    MMA16_TILE_F,  # noqa: F401  (re-exported: the rows pass's choices)
+    MMA16_WARPS,  # noqa: F401
+    Mma16Config,
     check_layout,
     padded_row,
     scratch_floats,
@@ -62,8 +64,6 @@ __all__ = ["QueryStateBwdConfig", "QueryStateBwdKey", "FAMILY", "query_state_bwd
 
 # The rows pass's default implementation: "mma16" once tests/gpu/test_backward_gpu.py has passed with it.
 ROWS_IMPL_DEFAULT = "rowloop"
-MMA16_WARPS = (2, 4, 8)
-MMA16_TILE_F = (64, 128)
 
 
 STATE_IMPLS = ("kernel", "update_state")
@@ -73,35 +73,8 @@ STATE_IMPLS = ("kernel", "update_state")
 STATE_IMPL_DEFAULT = os.environ.get("VIDRIAL_QS_BWD_STATE", "kernel")
 
 
-class QueryStateBwdConfig(RowLoopConfig):
-    impl: Literal["rowloop", "mma16"] = Field(
-        "rowloop", description="rows pass: 'rowloop' (common/bwd_prims.cuh RowLoop; the state pass always) or "
-                               "'mma16' (bf16 tensor cores + per-row chain rule, common/feature_bwd.cuh)")
-    stages: int = Field(2, description="impl='mma16': cp.async buffers of the Sbar feature tile")
-
-    @property
-    def rows(self) -> int:
-        return 32 * self.warps if self.impl == "mma16" else super().rows
-
-    def check_fields(self) -> None:
-        if self.impl == "rowloop":
-            super().check_fields()
-            if self.stages != 2:
-                raise ConfigError("stages", self.stages, "2 with impl='rowloop' (only 'mma16' pipelines the state)")
-            return
-        if self.warps not in MMA16_WARPS:
-            raise ConfigError("warps", self.warps, f"one of {MMA16_WARPS} with impl='mma16' (32 rows per warp)")
-        if self.tile_f not in MMA16_TILE_F:
-            raise ConfigError("tile_f", self.tile_f, f"one of {MMA16_TILE_F} with impl='mma16' (features per "
-                                                     f"cp.async stage, whole {SUB}-feature GEMM steps)")
-        if not 2 <= self.stages <= 4:
-            raise ConfigError("stages", self.stages, "between 2 and 4")
-        if self.rows_per_lane != 2:
-            raise ConfigError("rows_per_lane", self.rows_per_lane,
-                              "2 (the default) with impl='mma16': unused, a CTA holds 32 * warps rows")
-        if self.mma:
-            raise ConfigError("mma", True, "False with impl='mma16': it is the row loop's tf32 switch; 'mma16' "
-                                           "always runs bf16 tensor cores")
+class QueryStateBwdConfig(Mma16Config):
+    """impl applies to the rows pass; the state pass is always 'rowloop'."""
 
 
 def mma16_config(key: "QueryStateBwdKey") -> QueryStateBwdConfig:
