@@ -10,8 +10,8 @@
 // Pieces (include common/mma.cuh and common/bwd_prims.cuh first):
 //   StateTile      cp.async staging of TK features of X (bf16) and xs (fp32), STAGES buffers
 //   load_u_frags   a warp's 32 rows of U as mma A fragments, kept in registers for the whole loop
-//   dphi_gemm      32 rows x SUB=64 features: mma.sync m16n8k16 bf16, fp32 accumulate
-//                  (dphi_gemm_smem: U's fragments read from shared memory at every step instead)
+//   dphi_gemm      32 rows x SUB=64 features (or NF=32, half the accumulators): mma.sync m16n8k16
+//                  bf16, fp32 accumulate (dphi_gemm_smem: U's fragments from shared memory instead)
 //   store_dphi     fragments -> the warp's scratch [32][SUB] fp32 (swizzled: conflict-free both ways)
 //   Chain::step    one thread = one row: the sympow chain rule over those SUB features; with PHI it
 //                  also writes phi(x[row]) over them (bf16) into its own scratch row (phi_idx)
@@ -160,17 +160,18 @@ __device__ __forceinline__ void load_u_frags(u32 (&a)[2][HD / 16][4], const __nv
     for (int ks = 0; ks < HD / 16; ++ks) load_a_frag<HD>(a[mt][ks], u, mt, ks);
 }
 
-// c[mt][nt] = U rows (mt*16..) x X features (nt*8..) over HD, for SUB features starting at x
-// (bf16 rows of LD): B fragments of two n tiles per ldmatrix.x4, each used for both m tiles.
-// a_of(ks, a) gives the A fragments of k step ks.
-template <int HD, typename AOf>
-__device__ __forceinline__ void dphi_gemm_by(float (&c)[2][SUB / 8][4], const AOf& a_of, const __nv_bfloat16* x) {
+// c[mt][nt] = U rows (mt*16..) x X features (nt*8..) over HD, for NF (SUB, or SUB/2 to halve the
+// accumulators) features starting at x (bf16 rows of LD): B fragments of two n tiles per ldmatrix.x4,
+// each used for both m tiles. a_of(ks, a) gives the A fragments of k step ks.
+template <int HD, int NF = SUB, typename AOf>
+__device__ __forceinline__ void dphi_gemm_by(float (&c)[2][NF / 8][4], const AOf& a_of, const __nv_bfloat16* x) {
   constexpr int LD = Geometry<HD>::LD;
+  static_assert(NF % 16 == 0 && NF <= SUB, "whole pairs of n tiles inside a step");
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < SUB / 8; ++nt) c[mt][nt][0] = c[mt][nt][1] = c[mt][nt][2] = c[mt][nt][3] = 0.f;
+    for (int nt = 0; nt < NF / 8; ++nt) c[mt][nt][0] = c[mt][nt][1] = c[mt][nt][2] = c[mt][nt][3] = 0.f;
   // matrices of one x4: (n tile 2np, k lo), (2np, k hi), (2np+1, k lo), (2np+1, k hi)
   const u32 xr = smem_u32(x + ((lane >> 4) * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8);
 #pragma unroll
@@ -178,7 +179,7 @@ __device__ __forceinline__ void dphi_gemm_by(float (&c)[2][SUB / 8][4], const AO
     u32 a[2][4];
     a_of(ks, a);
 #pragma unroll
-    for (int np = 0; np < SUB / 16; ++np) {
+    for (int np = 0; np < NF / 16; ++np) {
       u32 b0, b1, b2, b3;
       ldmatrix_x4(b0, b1, b2, b3, xr + (np * 16 * LD + ks * 16) * 2);
 #pragma unroll
@@ -191,10 +192,10 @@ __device__ __forceinline__ void dphi_gemm_by(float (&c)[2][SUB / 8][4], const AO
 }
 
 // U's fragments in registers (load_u_frags).
-template <int HD>
-__device__ __forceinline__ void dphi_gemm(float (&c)[2][SUB / 8][4], const u32 (&a)[2][HD / 16][4],
+template <int HD, int NF = SUB>
+__device__ __forceinline__ void dphi_gemm(float (&c)[2][NF / 8][4], const u32 (&a)[2][HD / 16][4],
                                           const __nv_bfloat16* x) {
-  dphi_gemm_by<HD>(c, [&](int ks, u32 (&o)[2][4]) {
+  dphi_gemm_by<HD, NF>(c, [&](int ks, u32 (&o)[2][4]) {
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -204,10 +205,10 @@ __device__ __forceinline__ void dphi_gemm(float (&c)[2][SUB / 8][4], const u32 (
 
 // U's fragments read from shared memory (u: the warp's 32 rows, bf16 [32][LD]) at every k step: for
 // head dims whose fragments do not fit in registers next to the caller's accumulators.
-template <int HD>
-__device__ __forceinline__ void dphi_gemm_smem(float (&c)[2][SUB / 8][4], const __nv_bfloat16* u,
+template <int HD, int NF = SUB>
+__device__ __forceinline__ void dphi_gemm_smem(float (&c)[2][NF / 8][4], const __nv_bfloat16* u,
                                                const __nv_bfloat16* x) {
-  dphi_gemm_by<HD>(c, [&](int ks, u32 (&o)[2][4]) {
+  dphi_gemm_by<HD, NF>(c, [&](int ks, u32 (&o)[2][4]) {
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) load_a_frag<HD>(o[mt], u, mt, ks);
   }, x);
@@ -245,16 +246,17 @@ __device__ __forceinline__ void phi_x_gemm(float (&out)[2][HD / 8][4], const flo
   }
 }
 
-// Accumulator fragments (row g / g+8, features 2t, 2t+1 of each n tile) -> scratch.
-__device__ __forceinline__ void store_dphi(float* scratch, const float (&c)[2][SUB / 8][4]) {
+// Accumulator fragments (row g / g+8, features 2t, 2t+1 of each n tile) -> scratch columns k0 + ..
+template <int NF = SUB>
+__device__ __forceinline__ void store_dphi(float* scratch, const float (&c)[2][NF / 8][4], int k0 = 0) {
   const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < SUB / 8; ++nt)
+    for (int nt = 0; nt < NF / 8; ++nt)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf)
-        *reinterpret_cast<float2*>(scratch + scratch_idx(mt * 16 + g + 8 * hf, nt * 8 + 2 * tq)) =
+        *reinterpret_cast<float2*>(scratch + scratch_idx(mt * 16 + g + 8 * hf, k0 + nt * 8 + 2 * tq)) =
             float2{c[mt][nt][2 * hf], c[mt][nt][2 * hf + 1]};
 }
 

@@ -164,7 +164,7 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
         out = [self.default_config(key)]
         for cfg in (UpdateStateBwdConfig(tile_f=32, warps=4, rows_per_lane=1),
                     self.default_config(key).model_copy(update={"mma": True}), mma16_config(key),
-                    UpdateStateBwdConfig(impl="mma16", warps=2, tile_f=128, stages=3)):
+                    UpdateStateBwdConfig(impl="mma16", warps=2, tile_f=64, stages=3)):
             try:
                 self.check(key, cfg, "sm_80")
                 out.append(cfg)
