@@ -160,6 +160,17 @@ __device__ __forceinline__ void load_u_frags(u32 (&a)[2][HD / 16][4], const __nv
     for (int ks = 0; ks < HD / 16; ++ks) load_a_frag<HD>(a[mt][ks], u, mt, ks);
 }
 
+// c[mt][2np] += a[mt] x (b0, b1), c[mt][2np+1] += a[mt] x (b2, b3) for both m tiles (one ldmatrix.x4 of B).
+template <int NT>
+__device__ __forceinline__ void mma_pair(float (&c)[2][NT][4], int np, const u32 (&a)[2][4], u32 b0, u32 b1, u32 b2,
+                                         u32 b3) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    mma_16816_bf16(c[mt][2 * np], a[mt], b0, b1);
+    mma_16816_bf16(c[mt][2 * np + 1], a[mt], b2, b3);
+  }
+}
+
 // c[mt][nt] = U rows (mt*16..) x X features (nt*8..) over HD, for NF (SUB, or SUB/2 to halve the
 // accumulators) features starting at x (bf16 rows of LD): B fragments of two n tiles per ldmatrix.x4,
 // each used for both m tiles. a_of(ks, a) gives the A fragments of k step ks.
@@ -182,11 +193,7 @@ __device__ __forceinline__ void dphi_gemm_by(float (&c)[2][NF / 8][4], const AOf
     for (int np = 0; np < NF / 16; ++np) {
       u32 b0, b1, b2, b3;
       ldmatrix_x4(b0, b1, b2, b3, xr + (np * 16 * LD + ks * 16) * 2);
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        mma_16816_bf16(c[mt][2 * np], a[mt], b0, b1);
-        mma_16816_bf16(c[mt][2 * np + 1], a[mt], b2, b3);
-      }
+      mma_pair(c, np, a, b0, b1, b2, b3);
     }
   }
 }
@@ -237,11 +244,7 @@ __device__ __forceinline__ void phi_x_gemm(float (&out)[2][HD / 8][4], const flo
     for (int np = 0; np < HD / 16; ++np) {
       u32 b0, b1, b2, b3;
       ldmatrix_x4_trans(b0, b1, b2, b3, xr + (kk * 16 * LD + np * 16) * 2);
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        mma_16816_bf16(out[mt][2 * np], a[mt], b0, b1);
-        mma_16816_bf16(out[mt][2 * np + 1], a[mt], b2, b3);
-      }
+      mma_pair(out, np, a, b0, b1, b2, b3);
     }
   }
 }

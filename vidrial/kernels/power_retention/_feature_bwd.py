@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from vidrial.core.errors import ConfigError
-from vidrial.kernels.power_retention._bwd_util import RowLoopConfig
+from vidrial.kernels.power_retention._bwd_util import RowLoopConfig, default_row_loop
 
 SUB = 64  # features per warp GEMM step (vfb::SUB)
 WROWS = 32  # rows per warp (vfb::WROWS)
@@ -89,3 +89,15 @@ class Mma16Config(RowLoopConfig):
         if self.mma:
             raise ConfigError("mma", True, "False with impl='mma16': it is the row loop's tf32 switch; 'mma16' "
                                            "always runs bf16 tensor cores")
+
+
+def default_for(family, key, impl: str, mma16: Mma16Config) -> Mma16Config:
+    """A family's default: `mma16` when `impl` (its module's switch, read per call) is "mma16" and
+    family.check accepts it on sm_80; else the row loop's default (family.Config)."""
+    if impl == "mma16":
+        try:
+            family.check(key, mma16, "sm_80")
+            return mma16
+        except ConfigError:
+            pass
+    return default_row_loop(family.Config, key.head_dim, key.deg, key.d_tile)

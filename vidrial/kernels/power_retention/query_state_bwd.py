@@ -39,7 +39,6 @@ from vidrial.kernels.power_retention._bwd_util import (
     RowLoopConfig,
     SliceCheck,
     check_row_loop,
-    default_row_loop,
     ptr,
     row_loop_context,
     row_loop_geometry,
@@ -49,6 +48,7 @@ from vidrial.kernels.power_retention._feature_bwd import (
     MMA16_TILE_F,  # noqa: F401  (re-exported: the rows pass's choices)
     MMA16_WARPS,  # noqa: F401
     Mma16Config,
+    default_for,
     check_layout,
     padded_row,
     scratch_floats,
@@ -134,14 +134,7 @@ class QueryStateBwdFamily(SliceCheck, KernelFamily[QueryStateBwdKey, QueryStateB
 
             return QueryStateBwdConfig(tile_f=64 if key.head_dim <= 64 else 32, warps=8, rows_per_lane=2,
                                        mma=_bwd_util.MMA_DEFAULT)
-        if ROWS_IMPL_DEFAULT == "mma16":
-            cfg = mma16_config(key)
-            try:
-                self.check(key, cfg, "sm_80")
-                return cfg
-            except ConfigError:
-                pass
-        return default_row_loop(QueryStateBwdConfig, key.head_dim, key.deg, key.d_tile)
+        return default_for(self, key, ROWS_IMPL_DEFAULT, mma16_config(key))
 
     def render_context(self, key: QueryStateBwdKey, config: QueryStateBwdConfig) -> dict[str, Any]:
         if config.impl == "mma16":

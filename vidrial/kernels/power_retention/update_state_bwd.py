@@ -37,7 +37,6 @@ from vidrial.kernels.power_retention._bwd_util import (
     RowLoopConfig,
     SliceCheck,
     check_row_loop,
-    default_row_loop,
     ptr,
     row_loop_context,
     row_loop_geometry,
@@ -45,6 +44,7 @@ from vidrial.kernels.power_retention._bwd_util import (
 )
 from vidrial.kernels.power_retention._feature_bwd import (
     Mma16Config,
+    default_for,
     chain_chunk,
     check_layout,
     padded_row,
@@ -117,14 +117,7 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
     signature = ("ptr",) * 9 + ("i32",) * 5
 
     def default_config(self, key: UpdateStateBwdKey) -> UpdateStateBwdConfig:
-        if IMPL_DEFAULT == "mma16":
-            cfg = mma16_config(key)
-            try:
-                self.check(key, cfg, "sm_80")
-                return cfg
-            except ConfigError:
-                pass
-        return default_row_loop(UpdateStateBwdConfig, key.head_dim, key.deg, key.d_tile)
+        return default_for(self, key, IMPL_DEFAULT, mma16_config(key))
 
     def render_context(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> dict[str, Any]:
         if config.impl == "mma16":
