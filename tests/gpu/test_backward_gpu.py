@@ -78,24 +78,26 @@ def test_discumsum_bwd_kernel(gating, final, init):
         assert rel_err(dS0, want[3]) < 1e-5 and rel_err(ds0, want[4]) < 1e-5
 
 
+def _us_bwd_inputs(b, h, c, n, d, p, dt, gating, seed):
+    """update_state_bwd's inputs: K, V [b,n*c,h,d] bf16, dS, ds fp32, chunk-local cumulative gates or None."""
+    t, D = n * c, feature_dim(d, p, dt)
+    g = gen(seed)
+    K = (torch.randn(b, t, h, d, device=DEV, generator=g) * 0.6).bfloat16()
+    V = torch.randn(b, t, h, d, device=DEV, generator=g).bfloat16()
+    dS = torch.randn(b, n, h, D, d, device=DEV, generator=g) * 0.1
+    ds = torch.randn(b, n, h, D, device=DEV, generator=g) * 0.1
+    gc = varying_gates(b, t, h, g).view(b, n, c, h).cumsum(2).view(b, t, h) if gating else None
+    return K, V, dS, ds, gc
+
+
 @pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("d,p,gating", [(64, 2, True), (32, 2, False), (128, 2, True), (32, 4, True)])
 def test_update_state_bwd_kernel(d, p, gating, mma):
     from vidrial.kernels.power_retention.update_state_bwd import FAMILY, UpdateStateBwdKey, update_state_bwd
 
     b, h, c, n = 1, 2, 128, 3
-    t = n * c
     dt = default_d_tile(d, p)
-    D = feature_dim(d, p, dt)
-    g = gen(1)
-    K = (torch.randn(b, t, h, d, device=DEV, generator=g) * 0.6).bfloat16()
-    V = torch.randn(b, t, h, d, device=DEV, generator=g).bfloat16()
-    dS = torch.randn(b, n, h, D, d, device=DEV, generator=g) * 0.1
-    ds = torch.randn(b, n, h, D, device=DEV, generator=g) * 0.1
-    gc = None
-    if gating:
-        lg = varying_gates(b, t, h, g)
-        gc = lg.view(b, n, c, h).cumsum(2).view(b, t, h)
+    K, V, dS, ds, gc = _us_bwd_inputs(b, h, c, n, d, p, dt, gating, seed=1)
     cfg = FAMILY.default_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": mma})
     poison()
     dK, dV, E = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=cfg)
@@ -117,15 +119,8 @@ def test_update_state_bwd_mma16_kernel(d, p, gating):
 
     b, h, n = 2, 3, 3
     for c in (128, 96):
-        t = n * c
         dt = default_d_tile(d, p)
-        D = feature_dim(d, p, dt)
-        g = gen(2)
-        K = (torch.randn(b, t, h, d, device=DEV, generator=g) * 0.6).bfloat16()
-        V = torch.randn(b, t, h, d, device=DEV, generator=g).bfloat16()
-        dS = torch.randn(b, n, h, D, d, device=DEV, generator=g) * 0.1
-        ds = torch.randn(b, n, h, D, device=DEV, generator=g) * 0.1
-        gc = varying_gates(b, t, h, g).view(b, n, c, h).cumsum(2).view(b, t, h) if gating else None
+        K, V, dS, ds, gc = _us_bwd_inputs(b, h, c, n, d, p, dt, gating, seed=2)
         key = UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt)
         poison()
         dK, dV, E = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=mma16_config(key))
