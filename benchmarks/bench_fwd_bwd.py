@@ -170,10 +170,16 @@ def run_shape(name, shp, reps, retention_configs, split=True):
                           ms_vf, grads_v, rows, name)
     mma16_diff = _variant("vidrial_rows_rowloop", _patched(qsb_mod, "ROWS_IMPL_DEFAULT", "rowloop"), fv,
                           (Q, K, V, log_G), dY, reps, ms_vf, grads_v, rows, name)
+    # update_state_bwd on impl="mma16" (bf16 tensor cores; opt-in until GPU-verified)
+    from vidrial.kernels.power_retention import update_state_bwd as usb_mod
+
+    us_mma16_diff = _variant("vidrial_us_mma16", _patched(usb_mod, "IMPL_DEFAULT", "mma16"), fv, (Q, K, V, log_G),
+                             dY, reps, ms_vf, grads_v, rows, name)
     # every opt-in backward kernel at once (what the defaults become once each passes its GPU tests)
     all_diff = _variant("vidrial_optin", _all_patched(_patched(icb, "IMPL_DEFAULT", "flash"),
                                                       _patched(qsb_mod, "ROWS_IMPL_DEFAULT", "mma16"),
-                                                      _patched(qsb_mod, "STATE_IMPL_DEFAULT", "update_state")),
+                                                      _patched(qsb_mod, "STATE_IMPL_DEFAULT", "update_state"),
+                                                      _patched(usb_mod, "IMPL_DEFAULT", "mma16")),
                         fv, (Q, K, V, log_G), dY, reps, ms_vf, grads_v, rows, name)
 
     # retention (Triton)
@@ -230,7 +236,8 @@ def run_shape(name, shp, reps, retention_configs, split=True):
         diffs = [((x.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(grads_v, grads_r)]
         print("rel diff of gradients vidrial vs retention (Q, K, V, log_G): " + ", ".join(f"{x:.2e}" for x in diffs))
     for label, diff in (("vidrial_mma", mma_diff), ("vidrial_flash", flash_diff), ("vidrial_state_kernel", us_diff),
-                        ("vidrial_rows_rowloop", mma16_diff), ("vidrial_optin", all_diff)):
+                        ("vidrial_rows_rowloop", mma16_diff), ("vidrial_us_mma16", us_mma16_diff),
+                        ("vidrial_optin", all_diff)):
         if diff is not None:
             print(f"rel diff of gradients {label} vs vidrial (Q, K, V, log_G): " + ", ".join(f"{x:.2e}" for x in diff))
     print(f"first call (compile/load) vidrial {first:.2f} s", flush=True)
@@ -250,6 +257,12 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     from vidrial.kernels.power_retention.update_state_bwd import FAMILY as UBF, UpdateStateBwdKey
 
     ucfg_mma = UBF.default_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": True})
+    ucfg_mma16 = usb_mod.mma16_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt))
+    us_default = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c)
+    us_mma16 = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=ucfg_mma16)
+    print("update_state_bwd mma16 vs default, rel diff (dK, dV, E): " + ", ".join(
+        f"{((x.double() - y.double()).norm() / y.double().norm()).item():.2e}" for x, y in zip(us_mma16, us_default)
+        if x is not None))
     qcfg_mma = QBF.default_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": True})
     from vidrial.kernels.power_retention.intra_chunk_attention_bwd import FAMILY as IBF, IntraBwdKey
 
@@ -277,6 +290,8 @@ def run_shape(name, shp, reps, retention_configs, split=True):
         "update_state_bwd": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c), reps),
         "update_state_bwd (mma)": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c,
                                                                  config=ucfg_mma), reps),
+        "update_state_bwd (mma16)": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c,
+                                                                   config=ucfg_mma16), reps),
         "query_state_bwd (mma)": bench(
             lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c,
                                     config=qcfg_mma, state_config=qscfg_mma), reps),

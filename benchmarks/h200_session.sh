@@ -82,7 +82,8 @@ run_profile() {
 }
 
 run_flash() {
-  # the opt-in backward kernels (flash intra, mma16 rows, update_state state pass): their GPU tests
+  # the opt-in backward kernels (flash intra, mma16 rows, update_state state pass, update_state_bwd mma16
+  # via "mma16"): their GPU tests
   # (FLASH_K selects them), then fwd+bwd at shape A with each variant and the per-kernel split.
   timeout "$TEST_BUDGET" python3 -m pytest -m gpu -v -rfEs -p no:cacheprovider tests/gpu/test_backward_gpu.py \
     -k "${FLASH_K:-flash or mma16 or update_state}" > "$OUT/tests-flash.txt" 2>&1

@@ -4,14 +4,18 @@
 //   dphi'[row][f] = U[row] . X[f] + w[row] xs[f]       (U: bf16 rows, e.g. dY; xs: fp32 [D])
 //   dx[row]  += chain(x[row], dphi'[row])              (d/dx of sum_f dphi'_f phi_f(x))
 //   dot[row] += phi(x[row]) . xs                       (optional)
-// query_state_bwd rows: U = dY, X = Sbar, xs = sbar, w = -(dY.Y). update_state_bwd (dK) can reuse it
-// with U = V, X = dS (bf16), xs = ds, w = 1.
+//   out[row] += phi(x[row])^T X                        (optional: phi written by the chain, bf16)
+// query_state_bwd rows: U = dY, X = Sbar, xs = sbar, w = -(dY.Y). update_state_bwd: U = V, X = dS
+// (bf16), xs = ds, w = 1, and dV = phi(k)^T dS from the phi the chain step writes.
 // Pieces (include common/mma.cuh and common/bwd_prims.cuh first):
 //   StateTile      cp.async staging of TK features of X (bf16) and xs (fp32), STAGES buffers
 //   load_u_frags   a warp's 32 rows of U as mma A fragments, kept in registers for the whole loop
-//   dphi_gemm      32 rows x SUB=64 features: mma.sync m16n8k16 bf16, fp32 accumulate
+//   dphi_gemm      32 rows x SUB=64 features (or NF=32, half the accumulators): mma.sync m16n8k16
+//                  bf16, fp32 accumulate (dphi_gemm_smem: U's fragments from shared memory instead)
 //   store_dphi     fragments -> the warp's scratch [32][SUB] fp32 (swizzled: conflict-free both ways)
-//   Chain::step    one thread = one row: the sympow chain rule over those SUB features
+//   Chain::step    one thread = one row: the sympow chain rule over those SUB features; with PHI it
+//                  also writes phi(x[row]) over them (bf16) into its own scratch row (phi_idx)
+//   phi_x_gemm     out[32 rows][HD] += phi (scratch, bf16) x X (the stage's rows, ldmatrix.trans)
 #ifndef VIDRIAL_COMMON_FEATURE_BWD_CUH
 #define VIDRIAL_COMMON_FEATURE_BWD_CUH
 
@@ -43,6 +47,14 @@ struct Geometry {
 __device__ __forceinline__ int scratch_idx(int row, int k) {
   return row * PS + (((k >> 2) ^ ((row >> 2) & 1)) << 2) + (k & 3);
 }
+
+// Float index of row's phi (bf16, SUB values = SUB/2 floats) inside a scratch: the row's own dphi'
+// row, shifted by 4 floats in rows 4..7 of every 8 so that the ldmatrix reads of phi_x_gemm (8 rows of
+// 16 bytes, row stride PS = 8 mod 32 floats) hit 32 distinct banks. Chain::step<.., PHI> writes the
+// phi of features [f, f+8) at phi_idx + f/2 after reading the dphi' of features [0, f+8); the floats
+// it overwrites hold dphi' of features < f/2 + 12 <= f + 8 (f >= 8; f = 0: features 0..3, read):
+// consumed, and only the thread's own row (row = lane) is touched, so no barrier is needed.
+__device__ __forceinline__ int phi_idx(int row) { return row * PS + (((row >> 2) & 1) << 2); }
 
 template <typename T> struct IsBf16 { static constexpr bool value = false; };
 template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
@@ -130,55 +142,124 @@ struct StateTile {
   }
 };
 
-// A fragments (m16n8k16, row-major) of the warp's 32 rows of U (bf16 [32][LD] in shared memory).
+// The A fragment (m16n8k16, row-major) of m tile mt, k step ks of a warp's 32 rows u (bf16 [32][LD]
+// in shared memory).
 template <int HD>
-__device__ __forceinline__ void load_u_frags(u32 (&a)[2][HD / 16][4], const __nv_bfloat16* u) {
+__device__ __forceinline__ void load_a_frag(u32 (&a)[4], const __nv_bfloat16* u, int mt, int ks) {
   const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int ks = 0; ks < HD / 16; ++ks)
-      ldmatrix_x4(a[mt][ks][0], a[mt][ks][1], a[mt][ks][2], a[mt][ks][3],
-                  smem_u32(u + (mt * 16 + (lane & 15)) * Geometry<HD>::LD + ks * 16 + (lane >> 4) * 8));
+  ldmatrix_x4(a[0], a[1], a[2], a[3],
+              smem_u32(u + (mt * 16 + (lane & 15)) * Geometry<HD>::LD + ks * 16 + (lane >> 4) * 8));
 }
 
-// c[mt][nt] = U rows (mt*16..) x X features (nt*8..) over HD, for SUB features starting at x
-// (bf16 rows of LD): B fragments of two n tiles per ldmatrix.x4, each used for both m tiles.
+// All A fragments of the warp's 32 rows of U.
 template <int HD>
-__device__ __forceinline__ void dphi_gemm(float (&c)[2][SUB / 8][4], const u32 (&a)[2][HD / 16][4],
-                                          const __nv_bfloat16* x) {
+__device__ __forceinline__ void load_u_frags(u32 (&a)[2][HD / 16][4], const __nv_bfloat16* u) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int ks = 0; ks < HD / 16; ++ks) load_a_frag<HD>(a[mt][ks], u, mt, ks);
+}
+
+// c[mt][2np] += a[mt] x (b0, b1), c[mt][2np+1] += a[mt] x (b2, b3) for both m tiles (one ldmatrix.x4 of B).
+template <int NT>
+__device__ __forceinline__ void mma_pair(float (&c)[2][NT][4], int np, const u32 (&a)[2][4], u32 b0, u32 b1, u32 b2,
+                                         u32 b3) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    mma_16816_bf16(c[mt][2 * np], a[mt], b0, b1);
+    mma_16816_bf16(c[mt][2 * np + 1], a[mt], b2, b3);
+  }
+}
+
+// c[mt][nt] = U rows (mt*16..) x X features (nt*8..) over HD, for NF (SUB, or SUB/2 to halve the
+// accumulators) features starting at x (bf16 rows of LD): B fragments of two n tiles per ldmatrix.x4,
+// each used for both m tiles. a_of(ks, a) gives the A fragments of k step ks.
+template <int HD, int NF = SUB, typename AOf>
+__device__ __forceinline__ void dphi_gemm_by(float (&c)[2][NF / 8][4], const AOf& a_of, const __nv_bfloat16* x) {
   constexpr int LD = Geometry<HD>::LD;
+  static_assert(NF % 16 == 0 && NF <= SUB, "whole pairs of n tiles inside a step");
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < SUB / 8; ++nt) c[mt][nt][0] = c[mt][nt][1] = c[mt][nt][2] = c[mt][nt][3] = 0.f;
+    for (int nt = 0; nt < NF / 8; ++nt) c[mt][nt][0] = c[mt][nt][1] = c[mt][nt][2] = c[mt][nt][3] = 0.f;
   // matrices of one x4: (n tile 2np, k lo), (2np, k hi), (2np+1, k lo), (2np+1, k hi)
   const u32 xr = smem_u32(x + ((lane >> 4) * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8);
 #pragma unroll
-  for (int ks = 0; ks < HD / 16; ++ks)
+  for (int ks = 0; ks < HD / 16; ++ks) {
+    u32 a[2][4];
+    a_of(ks, a);
 #pragma unroll
-    for (int np = 0; np < SUB / 16; ++np) {
+    for (int np = 0; np < NF / 16; ++np) {
       u32 b0, b1, b2, b3;
       ldmatrix_x4(b0, b1, b2, b3, xr + (np * 16 * LD + ks * 16) * 2);
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        mma_16816_bf16(c[mt][2 * np], a[mt][ks], b0, b1);
-        mma_16816_bf16(c[mt][2 * np + 1], a[mt][ks], b2, b3);
-      }
+      mma_pair(c, np, a, b0, b1, b2, b3);
     }
+  }
 }
 
-// Accumulator fragments (row g / g+8, features 2t, 2t+1 of each n tile) -> scratch.
-__device__ __forceinline__ void store_dphi(float* scratch, const float (&c)[2][SUB / 8][4]) {
+// U's fragments in registers (load_u_frags).
+template <int HD, int NF = SUB>
+__device__ __forceinline__ void dphi_gemm(float (&c)[2][NF / 8][4], const u32 (&a)[2][HD / 16][4],
+                                          const __nv_bfloat16* x) {
+  dphi_gemm_by<HD, NF>(c, [&](int ks, u32 (&o)[2][4]) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o[mt][i] = a[mt][ks][i];
+  }, x);
+}
+
+// U's fragments read from shared memory (u: the warp's 32 rows, bf16 [32][LD]) at every k step: for
+// head dims whose fragments do not fit in registers next to the caller's accumulators.
+template <int HD, int NF = SUB>
+__device__ __forceinline__ void dphi_gemm_smem(float (&c)[2][NF / 8][4], const __nv_bfloat16* u,
+                                               const __nv_bfloat16* x) {
+  dphi_gemm_by<HD, NF>(c, [&](int ks, u32 (&o)[2][4]) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) load_a_frag<HD>(o[mt], u, mt, ks);
+  }, x);
+}
+
+// out[mt][nt] += phi rows (mt*16..; the warp's scratch at phi_idx, bf16) x X over the first 16 * nk
+// of the SUB features starting at x (bf16 rows of LD, feature-major: B fragments by ldmatrix.trans,
+// two head-dim n tiles per x4). The forward query_state's GEMM shape.
+template <int HD>
+__device__ __forceinline__ void phi_x_gemm(float (&out)[2][HD / 8][4], const float* scratch,
+                                           const __nv_bfloat16* x, int nk) {
+  constexpr int LD = Geometry<HD>::LD;
+  const int lane = threadIdx.x & 31;
+  u32 pa[2];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) pa[mt] = smem_u32(scratch + phi_idx(mt * 16 + (lane & 15))) + (lane >> 4) * 16;
+  // matrices of one x4.trans: (features lo, n tile 2np), (features hi, 2np), (lo, 2np+1), (hi, 2np+1)
+  const u32 xr = smem_u32(x + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8);
+#pragma unroll
+  for (int kk = 0; kk < SUB / 16; ++kk) {
+    if (kk >= nk) break;  // uniform: the feature tail (D % 16 == 0)
+    u32 a[2][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3], pa[mt] + kk * 32);
+#pragma unroll
+    for (int np = 0; np < HD / 16; ++np) {
+      u32 b0, b1, b2, b3;
+      ldmatrix_x4_trans(b0, b1, b2, b3, xr + (kk * 16 * LD + np * 16) * 2);
+      mma_pair(out, np, a, b0, b1, b2, b3);
+    }
+  }
+}
+
+// Accumulator fragments (row g / g+8, features 2t, 2t+1 of each n tile) -> scratch columns k0 + ..
+template <int NF = SUB>
+__device__ __forceinline__ void store_dphi(float* scratch, const float (&c)[2][NF / 8][4], int k0 = 0) {
   const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < SUB / 8; ++nt)
+    for (int nt = 0; nt < NF / 8; ++nt)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf)
-        *reinterpret_cast<float2*>(scratch + scratch_idx(mt * 16 + g + 8 * hf, nt * 8 + 2 * tq)) =
+        *reinterpret_cast<float2*>(scratch + scratch_idx(mt * 16 + g + 8 * hf, k0 + nt * 8 + 2 * tq)) =
             float2{c[mt][nt][2 * hf], c[mt][nt][2 * hf + 1]};
 }
 
@@ -189,6 +270,7 @@ __device__ __forceinline__ void store_dphi(float* scratch, const float (&c)[2][S
 //   low slot l:  dx[i_l T + b] += H sum_{k: b_l(k) = b} dphi'_k prod_{l' != l} x_{l'}[b_l'(k)]
 //   high slot j: dx[ih_j]      += c prod_{j' != j} xh_j' * sum_k dphi'_k prod_l x_l[b_l(k)]
 //   dot          += H sum_k xs_k prod_l x_l[b_l(k)]
+//   phi_k         = H prod_l x_l[b_l(k)]                  (PHI: bf16 into the row's scratch, phi_idx)
 template <int T, int P>
 struct Chain {
   static constexpr int BS = ipow(T, P);
@@ -208,10 +290,13 @@ struct Chain {
 
   // x: the thread's row (16-bit, shared memory), scratch: its warp's dphi (row = lane), xs: the
   // stage's SUB values, f0: feature of scratch column 0, dx: the row's fp32 accumulators (shared).
-  template <bool DOT, typename TX>
-  static __device__ __forceinline__ void step(const TX* x, const float* scratch, const float* xs, float w,
+  // PHI: phi(x) of the SUB features replaces the row's dphi' in the scratch (phi_idx; needs whole
+  // 16-feature groups per chunk: CHUNK % 16 == 0).
+  template <bool DOT, bool PHI = false, typename TX>
+  static __device__ __forceinline__ void step(const TX* x, float* scratch, const float* xs, float w,
                                               const unsigned* __restrict__ blocks, int f0, int D, float* dx,
                                               float& dot) {
+    static_assert(!PHI || CHUNK % 16 == 0, "phi is written in groups of 8 inside a chunk, read in 16s");
     const int row = threadIdx.x & 31;
 #pragma unroll 1
     for (int j = 0; j < SUB / CHUNK; ++j) {
@@ -241,6 +326,7 @@ struct Chain {
         for (int b = 0; b < T; ++b) acc[l][b] = 0.f;
       }
       float sum_all = 0.f, sum_dot = 0.f;
+      float ph[8];  // PHI: the current group of 8 features
 #pragma unroll
       for (int k0 = 0; k0 < CHUNK; k0 += K4) {
         const int kk = j * CHUNK + k0;
@@ -273,6 +359,13 @@ struct Chain {
           }
           if constexpr (NH > 0) sum_all = fmaf(dp, pre[M], sum_all);
           if constexpr (DOT) sum_dot = fmaf(sv[q], pre[M], sum_dot);
+          if constexpr (PHI) {
+            ph[k % 8] = hp * pre[M];
+            if (k % 8 == 7)  // after the dphi' reads of features < j * CHUNK + k + 1 (see phi_idx)
+              *reinterpret_cast<float4*>(scratch + phi_idx(row) + (j * CHUNK + k - 7) / 2) =
+                  float4{__uint_as_float(pack_bf16(ph[0], ph[1])), __uint_as_float(pack_bf16(ph[2], ph[3])),
+                         __uint_as_float(pack_bf16(ph[4], ph[5])), __uint_as_float(pack_bf16(ph[6], ph[7]))};
+          }
         }
       }
       if constexpr (DOT) dot = fmaf(hp, sum_dot, dot);

@@ -78,24 +78,26 @@ def test_discumsum_bwd_kernel(gating, final, init):
         assert rel_err(dS0, want[3]) < 1e-5 and rel_err(ds0, want[4]) < 1e-5
 
 
+def _us_bwd_inputs(b, h, c, n, d, p, dt, gating, seed):
+    """update_state_bwd's inputs: K, V [b,n*c,h,d] bf16, dS, ds fp32, chunk-local cumulative gates or None."""
+    t, D = n * c, feature_dim(d, p, dt)
+    g = gen(seed)
+    K = (torch.randn(b, t, h, d, device=DEV, generator=g) * 0.6).bfloat16()
+    V = torch.randn(b, t, h, d, device=DEV, generator=g).bfloat16()
+    dS = torch.randn(b, n, h, D, d, device=DEV, generator=g) * 0.1
+    ds = torch.randn(b, n, h, D, device=DEV, generator=g) * 0.1
+    gc = varying_gates(b, t, h, g).view(b, n, c, h).cumsum(2).view(b, t, h) if gating else None
+    return K, V, dS, ds, gc
+
+
 @pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("d,p,gating", [(64, 2, True), (32, 2, False), (128, 2, True), (32, 4, True)])
 def test_update_state_bwd_kernel(d, p, gating, mma):
     from vidrial.kernels.power_retention.update_state_bwd import FAMILY, UpdateStateBwdKey, update_state_bwd
 
     b, h, c, n = 1, 2, 128, 3
-    t = n * c
     dt = default_d_tile(d, p)
-    D = feature_dim(d, p, dt)
-    g = gen(1)
-    K = (torch.randn(b, t, h, d, device=DEV, generator=g) * 0.6).bfloat16()
-    V = torch.randn(b, t, h, d, device=DEV, generator=g).bfloat16()
-    dS = torch.randn(b, n, h, D, d, device=DEV, generator=g) * 0.1
-    ds = torch.randn(b, n, h, D, device=DEV, generator=g) * 0.1
-    gc = None
-    if gating:
-        lg = varying_gates(b, t, h, g)
-        gc = lg.view(b, n, c, h).cumsum(2).view(b, t, h)
+    K, V, dS, ds, gc = _us_bwd_inputs(b, h, c, n, d, p, dt, gating, seed=1)
     cfg = FAMILY.default_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": mma})
     poison()
     dK, dV, E = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=cfg)
@@ -105,6 +107,32 @@ def test_update_state_bwd_kernel(d, p, gating, mma):
     assert rel_err(dK, wK) < tol and rel_err(dV, wV) < tol
     if gating:
         assert rel_err(E, wE) < tol
+
+
+@pytest.mark.parametrize("d,p,gating", [(64, 2, True), (32, 2, False), (128, 2, True), (32, 4, True)])
+def test_update_state_bwd_mma16_kernel(d, p, gating):
+    """impl="mma16" (bf16 tensor cores: dS rounded to bf16 by the launcher, phi(k) to bf16 for dV; CPU
+    runs measured ~2e-3 vs float64) against the float64 emulation and the row-loop kernel; c=96 leaves a
+    partial 128-row CTA at d <= 64, b = 2 and h = 3 check the grid."""
+    from vidrial.kernels.power_retention.update_state_bwd import (
+        FAMILY, UpdateStateBwdKey, mma16_config, update_state_bwd)
+
+    b, h, n = 2, 3, 3
+    for c in (128, 96):
+        dt = default_d_tile(d, p)
+        K, V, dS, ds, gc = _us_bwd_inputs(b, h, c, n, d, p, dt, gating, seed=2)
+        key = UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt)
+        poison()
+        dK, dV, E = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=mma16_config(key))
+        rK, rV, rE = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c,
+                                      config=FAMILY.default_config(key).model_copy(update={"mma": False}))
+        wK, wV, wE = em.update_state_bwd(K.double(), V.double(), None if gc is None else gc.double(), dS.double(),
+                                         ds.double(), p, dt, c)
+        assert (E is None) == (not gating)
+        for got, ref_, want in ((dK, rK, wK), (dV, rV, wV), (E, rE, wE)):
+            if got is None:  # E without gating
+                continue
+            assert rel_err(got, want) < 1e-2 and rel_err(got, ref_) < 1e-2
 
 
 def _forward_pieces(b, t, hq, h, d, p, c, gating, seed):
@@ -389,6 +417,39 @@ def test_gradients_with_each_rows_pass(case, rows_impl, monkeypatch):
         test_gradients_match_float64_autograd(case)
     finally:
         monkeypatch.undo()
+        dispatch.reload()
+
+
+@pytest.mark.parametrize("case", [GRAD_CASES[1], GRAD_CASES[2], GRAD_CASES[3], GRAD_CASES[4], GRAD_CASES[8]],
+                         ids=["gqa-pad-state", "fp16", "d128", "p4", "c1024"])
+def test_gradients_with_us_bwd_mma16(case, monkeypatch):
+    """The same comparison with update_state_bwd on bf16 tensor cores (impl="mma16" as its default)."""
+    from vidrial import dispatch
+    from vidrial.kernels.power_retention import update_state_bwd as usb
+
+    monkeypatch.setattr(usb, "IMPL_DEFAULT", "mma16")
+    dispatch.reload()
+    key = usb.UpdateStateBwdKey(head_dim=case[1], deg=case[2], d_tile=default_d_tile(case[1], case[2]))
+    assert usb.FAMILY.default_config(key).impl == "mma16"
+    try:
+        test_gradients_match_float64_autograd(case)
+    finally:
+        monkeypatch.setattr(usb, "IMPL_DEFAULT", "rowloop")
+        dispatch.reload()
+
+
+def test_cuda_graph_with_us_bwd_mma16(monkeypatch):
+    """CUDA-graph capture and replay with update_state_bwd impl="mma16" (the launcher's bf16 copy of dS
+    is a captured allocation)."""
+    from vidrial import dispatch
+    from vidrial.kernels.power_retention import update_state_bwd as usb
+
+    monkeypatch.setattr(usb, "IMPL_DEFAULT", "mma16")
+    dispatch.reload()
+    try:
+        test_cuda_graph_capture_and_replay()
+    finally:
+        monkeypatch.setattr(usb, "IMPL_DEFAULT", "rowloop")
         dispatch.reload()
 
 

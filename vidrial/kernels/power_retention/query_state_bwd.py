@@ -39,14 +39,16 @@ from vidrial.kernels.power_retention._bwd_util import (
     RowLoopConfig,
     SliceCheck,
     check_row_loop,
-    default_row_loop,
     ptr,
     row_loop_context,
     row_loop_geometry,
     row_loop_smem_floats,
 )
 from vidrial.kernels.power_retention._feature_bwd import (
-    SUB,
+    MMA16_TILE_F,  # noqa: F401  (re-exported: the rows pass's choices)
+    MMA16_WARPS,  # noqa: F401
+    Mma16Config,
+    default_for,
     check_layout,
     padded_row,
     scratch_floats,
@@ -63,8 +65,6 @@ __all__ = ["QueryStateBwdConfig", "QueryStateBwdKey", "FAMILY", "query_state_bwd
 # The rows pass's default implementation: "mma16" (bf16 tensor cores; GPU-verified on the H200 2026-11-28,
 # 1.26 ms vs 12.8 ms for the row loop at shape A); "rowloop" where mma16's check rejects the key.
 ROWS_IMPL_DEFAULT = "mma16"
-MMA16_WARPS = (2, 4, 8)
-MMA16_TILE_F = (64, 128)
 
 
 STATE_IMPLS = ("kernel", "update_state")
@@ -75,35 +75,8 @@ STATE_IMPLS = ("kernel", "update_state")
 STATE_IMPL_DEFAULT = os.environ.get("VIDRIAL_QS_BWD_STATE", "update_state")
 
 
-class QueryStateBwdConfig(RowLoopConfig):
-    impl: Literal["rowloop", "mma16"] = Field(
-        "rowloop", description="rows pass: 'rowloop' (common/bwd_prims.cuh RowLoop; the state pass always) or "
-                               "'mma16' (bf16 tensor cores + per-row chain rule, common/feature_bwd.cuh)")
-    stages: int = Field(2, description="impl='mma16': cp.async buffers of the Sbar feature tile")
-
-    @property
-    def rows(self) -> int:
-        return 32 * self.warps if self.impl == "mma16" else super().rows
-
-    def check_fields(self) -> None:
-        if self.impl == "rowloop":
-            super().check_fields()
-            if self.stages != 2:
-                raise ConfigError("stages", self.stages, "2 with impl='rowloop' (only 'mma16' pipelines the state)")
-            return
-        if self.warps not in MMA16_WARPS:
-            raise ConfigError("warps", self.warps, f"one of {MMA16_WARPS} with impl='mma16' (32 rows per warp)")
-        if self.tile_f not in MMA16_TILE_F:
-            raise ConfigError("tile_f", self.tile_f, f"one of {MMA16_TILE_F} with impl='mma16' (features per "
-                                                     f"cp.async stage, whole {SUB}-feature GEMM steps)")
-        if not 2 <= self.stages <= 4:
-            raise ConfigError("stages", self.stages, "between 2 and 4")
-        if self.rows_per_lane != 2:
-            raise ConfigError("rows_per_lane", self.rows_per_lane,
-                              "2 (the default) with impl='mma16': unused, a CTA holds 32 * warps rows")
-        if self.mma:
-            raise ConfigError("mma", True, "False with impl='mma16': it is the row loop's tf32 switch; 'mma16' "
-                                           "always runs bf16 tensor cores")
+class QueryStateBwdConfig(Mma16Config):
+    """impl applies to the rows pass; the state pass is always 'rowloop'."""
 
 
 def mma16_config(key: "QueryStateBwdKey") -> QueryStateBwdConfig:
@@ -163,14 +136,7 @@ class QueryStateBwdFamily(SliceCheck, KernelFamily[QueryStateBwdKey, QueryStateB
 
             return QueryStateBwdConfig(tile_f=64 if key.head_dim <= 64 else 32, warps=8, rows_per_lane=2,
                                        mma=_bwd_util.MMA_DEFAULT)
-        if ROWS_IMPL_DEFAULT == "mma16":
-            cfg = mma16_config(key)
-            try:
-                self.check(key, cfg, "sm_80")
-                return cfg
-            except ConfigError:
-                pass
-        return default_row_loop(QueryStateBwdConfig, key.head_dim, key.deg, key.d_tile)
+        return default_for(self, key, ROWS_IMPL_DEFAULT, mma16_config(key))
 
     def render_context(self, key: QueryStateBwdKey, config: QueryStateBwdConfig) -> dict[str, Any]:
         if config.impl == "mma16":

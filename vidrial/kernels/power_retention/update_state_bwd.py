@@ -11,6 +11,14 @@ CTA = 32 * rows_per_lane key rows of one chunk; the state dS_nu streams through 
 of whole sympow blocks. The two GEMMs (dphi = dS v, dv = phi^T dS) run in fp32 on the CUDA cores, or
 with ``mma=True`` on the tensor cores (mma.sync m16n8k8 tf32, fp32 accumulate); phi, the gate term and
 the sympow chain rule always on the CUDA cores.
+
+``impl="mma16"`` (opt-in: CPU-verified on the host PTX emulation, not yet GPU-verified; switch:
+``IMPL_DEFAULT``) runs both GEMMs on bf16 tensor cores in one loop over the features
+(templates/update_state_bwd_mma16.cu.j2 on common/feature_bwd.cuh): dphi = dS v + ds (mma.sync
+m16n8k16, V's fragments in registers), the chain rule at the raw k on the CUDA cores (one row per
+thread), which also writes phi(k) as bf16, and dV += phi(k)^T dS (m16n8k16 on the same dS tile);
+every gate factor is applied once per row at the end (phi is homogeneous of degree p). CTA = 32 *
+warps rows. The launcher hands it a bf16 copy of dS (see update_state_bwd for the accuracy).
 """
 from __future__ import annotations
 
@@ -29,19 +37,58 @@ from vidrial.kernels.power_retention._bwd_util import (
     RowLoopConfig,
     SliceCheck,
     check_row_loop,
-    default_row_loop,
     ptr,
     row_loop_context,
     row_loop_geometry,
     row_loop_smem_floats,
 )
-from vidrial.kernels.power_retention._fwd_util import block_table, compile_key, pow2_bucket
+from vidrial.kernels.power_retention._feature_bwd import (
+    Mma16Config,
+    default_for,
+    chain_chunk,
+    check_layout,
+    padded_row,
+    scratch_floats,
+    state_tile_floats,
+)
+from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pow2_bucket
 
-__all__ = ["UpdateStateBwdConfig", "UpdateStateBwdKey", "FAMILY", "update_state_bwd"]
+__all__ = ["UpdateStateBwdConfig", "UpdateStateBwdKey", "FAMILY", "update_state_bwd", "mma16_config", "IMPL_DEFAULT"]
+
+# The default implementation: "mma16" once tests/gpu/test_backward_gpu.py (-k us_bwd_mma16) has passed
+# with it. Read by default_config at every call (so vidrial.autograd follows a change at once).
+IMPL_DEFAULT = "rowloop"
 
 
-class UpdateStateBwdConfig(RowLoopConfig):
+class UpdateStateBwdConfig(Mma16Config):
     pass
+
+
+def mma16_config(key: "UpdateStateBwdKey") -> UpdateStateBwdConfig:
+    """The tensor-core kernel's default tiles for `key`: 4 warps (2 CTAs per SM at d=64), 2 at head_dim
+    128 (V's fragments move to shared memory there; fits sm_80)."""
+    return UpdateStateBwdConfig(impl="mma16", warps=4 if key.head_dim <= 64 else 2, tile_f=64, stages=2)
+
+
+def mma16_smem_bytes(head_dim: int, config: UpdateStateBwdConfig) -> int:
+    """Dynamic shared memory of templates/update_state_bwd_mma16.cu.j2 (its static_assert checks it):
+    state tiles | k rows (16-bit) | v rows (bf16, head_dim > 64 only) | u rows (fp32, stride d+4) |
+    per-warp scratch | row scales."""
+    rows = 32 * config.warps
+    row16 = rows * padded_row(head_dim) // 2
+    floats = (state_tile_floats(head_dim, config.tile_f, config.stages) + row16 * (1 if head_dim <= 64 else 2)
+              + rows * (head_dim + 4) + config.warps * scratch_floats(head_dim) + rows)
+    return 4 * floats
+
+
+def check_mma16_layout(key: "UpdateStateBwdKey") -> None:
+    """feature_bwd.cuh's layouts, and whole 16-feature groups per chain chunk (phi written in place)."""
+    check_layout(key.head_dim, key.d_tile, "impl", "mma16")
+    chunk = chain_chunk(key.head_dim, key.deg, key.d_tile)
+    if chunk % 16:
+        raise ConfigError("impl", "mma16", f"chain chunks of a multiple of 16 features (phi for the dV GEMM is "
+                                           f"written in place per chunk); d_tile={key.d_tile}, deg={key.deg} "
+                                           f"gives {chunk}")
 
 
 class UpdateStateBwdKey(ProblemKey):
@@ -70,20 +117,34 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
     signature = ("ptr",) * 9 + ("i32",) * 5
 
     def default_config(self, key: UpdateStateBwdKey) -> UpdateStateBwdConfig:
-        return default_row_loop(UpdateStateBwdConfig, key.head_dim, key.deg, key.d_tile)
+        return default_for(self, key, IMPL_DEFAULT, mma16_config(key))
 
     def render_context(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> dict[str, Any]:
-        return row_loop_context(key, config)
+        if config.impl == "mma16":
+            from vidrial.kernels.power_retention.sympow import layout
+
+            return dict(impl="mma16", head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile,
+                        n_blocks=layout(key.head_dim, key.deg, key.d_tile).n_blocks, warps=config.warps,
+                        tile_f=config.tile_f, stages=config.stages, in_type=DTYPE_NAMES[key.dtype],
+                        smem_bytes=mma16_smem_bytes(key.head_dim, config), key_label=key.label(),
+                        config_label=config.label())
+        return row_loop_context(key, config) | dict(impl="rowloop")
 
     def threads_per_block(self, config: UpdateStateBwdConfig) -> int:
         return config.warps * 32
 
     def dynamic_smem_bytes(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> int:
+        if config.impl == "mma16":
+            return mma16_smem_bytes(key.head_dim, config)
         geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
         return 4 * row_loop_smem_floats(key.head_dim, geo["F"], config.warps, config.rows)
 
     def check(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig, arch: str) -> None:
-        check_row_loop(key.head_dim, key.deg, key.d_tile, config)
+        config.check_fields()  # again: model_copy(update=...) skips the validators
+        if config.impl == "mma16":
+            check_mma16_layout(key)
+        else:
+            check_row_loop(key.head_dim, key.deg, key.d_tile, config)
         super().check(key, config, arch)
 
     def standard_keys(self) -> list[UpdateStateBwdKey]:
@@ -94,7 +155,9 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
 
     def corner_configs(self, key: UpdateStateBwdKey) -> list[UpdateStateBwdConfig]:
         out = [self.default_config(key)]
-        for cfg in (UpdateStateBwdConfig(tile_f=32, warps=4, rows_per_lane=1), self.default_config(key).model_copy(update={"mma": True})):
+        for cfg in (UpdateStateBwdConfig(tile_f=32, warps=4, rows_per_lane=1),
+                    self.default_config(key).model_copy(update={"mma": True}), mma16_config(key),
+                    UpdateStateBwdConfig(impl="mma16", warps=2, tile_f=64, stages=3)):
             try:
                 self.check(key, cfg, "sm_80")
                 out.append(cfg)
@@ -143,7 +206,13 @@ def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int,
     """dK, dV [b,t,h,d] fp32 and E [b,t,h] fp32 (phi(k~).dphi, None without gating).
 
     K, V [b,t,h,d] bf16/fp16 with t a multiple of chunk_size; G [b,t,h] fp32 chunk-local cumulative
-    log gates or None; dS [b,n,h,D,d], ds [b,n,h,D] fp32. Current stream, no host sync."""
+    log gates or None; dS [b,n,h,D,d], ds [b,n,h,D] fp32. Current stream, no host sync.
+
+    impl="mma16" reads dS as bf16 (one conversion here; ds stays fp32): 8 significant bits per entry,
+    relative rounding <= 2^-9, and both GEMMs sum D >= hundreds of products in fp32 with independent
+    rounding errors, so dK, dV and E stay within ~1e-3 of float64 (tests/test_us_bwd_mma16_cpu.py
+    measures it) -- well inside the project's bf16 tolerance of ~1e-2. Rounding phi(k) to bf16 for the
+    dV GEMM is the same size; V is exact (bf16 input), fp16 V is rounded to bf16."""
     import torch
 
     b, t, h, d = K.shape
@@ -159,7 +228,8 @@ def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int,
     dev = K.device
     if config is None:
         config = pick(FAMILY, key, dev)
-    K, V, dS, ds = K.contiguous(), V.contiguous(), dS.contiguous(), ds.contiguous()
+    K, V, ds = K.contiguous(), V.contiguous(), ds.contiguous()
+    dS = dS.to(torch.bfloat16).contiguous() if config.impl == "mma16" else dS.contiguous()
     G = G.contiguous() if G is not None else None
     dK = torch.empty(b, t, h, d, device=dev, dtype=torch.float32)
     dV = torch.empty(b, t, h, d, device=dev, dtype=torch.float32)
