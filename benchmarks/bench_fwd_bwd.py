@@ -253,75 +253,64 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     qs = query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c)
     dS, ds = qs["dSbar"].clone(), qs["dsbar"].clone()
     from vidrial.kernels.power_retention.qs_bwd_state_update import state_pass_update_state
-    from vidrial.kernels.power_retention.query_state_bwd import FAMILY as QBF, QueryStateBwdKey, state_pass_kernel
-    from vidrial.kernels.power_retention.update_state_bwd import FAMILY as UBF, UpdateStateBwdKey
+    from vidrial.kernels.power_retention._bwd_util import default_row_loop
+    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import IntraBwdConfig, IntraBwdKey
+    from vidrial.kernels.power_retention.query_state_bwd import (QueryStateBwdConfig, QueryStateBwdKey, mma16_config,
+                                                                 state_pass_kernel)
+    from vidrial.kernels.power_retention.update_state_bwd import UpdateStateBwdConfig, UpdateStateBwdKey
 
-    ucfg_mma = UBF.default_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": True})
+    # each backward kernel's implementations with explicit configs (the defaults are whatever dispatch picks)
+    ucfg_rowloop = default_row_loop(UpdateStateBwdConfig, d, p, dt)
     ucfg_mma16 = usb_mod.mma16_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt))
-    us_default = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c)
+    us_rowloop = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=ucfg_rowloop)
     us_mma16 = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=ucfg_mma16)
-    print("update_state_bwd mma16 vs default, rel diff (dK, dV, E): " + ", ".join(
-        f"{((x.double() - y.double()).norm() / y.double().norm()).item():.2e}" for x, y in zip(us_mma16, us_default)
+    print("update_state_bwd mma16 vs rowloop, rel diff (dK, dV, E): " + ", ".join(
+        f"{((x.double() - y.double()).norm() / y.double().norm()).item():.2e}" for x, y in zip(us_mma16, us_rowloop)
         if x is not None))
-    qcfg_mma = QBF.default_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": True})
-    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import FAMILY as IBF, IntraBwdKey
-
-    icfg_mma = IBF.default_config(IntraBwdKey(head_dim=d, deg=p)).model_copy(update={"mma": True})
     ikey = IntraBwdKey(head_dim=d, deg=p)
+    icfg_rowloop = IntraBwdConfig(tile=64 if d <= 64 else 32, mma=True)
     icfg_flash = (icb.flash_default(ikey), icb.flash_default(ikey.model_copy(update={"stage": "dq"})))
     intra_args = (Q, K, V, gc, m, qs["dO"], qs["dl"])
-    rowloop_out = intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale, chunk_size=c)
+    rowloop_out = intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale, chunk_size=c, config=icfg_rowloop,
+                                            dq_config=icfg_rowloop)
     flash_out = intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale, chunk_size=c, config=icfg_flash[0],
                                           dq_config=icfg_flash[1])
     print("intra_chunk_attention_bwd flash vs rowloop, rel diff (dQ, dK, dV, dgcol): " + ", ".join(
-        f"{((x.double() - y.double()).norm() / y.double().norm()).item():.2e}" for x, y in zip(flash_out, rowloop_out)))
-    qscfg_mma = QBF.default_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt, stage="state")).model_copy(
-        update={"mma": True})
-    from vidrial.kernels.power_retention.query_state_bwd import mma16_config
-
+        f"{((x.double() - y.double()).norm() / y.double().norm()).item():.2e}" for x, y in zip(flash_out, rowloop_out)
+        if x is not None and y is not None))
+    qcfg_rowloop = default_row_loop(QueryStateBwdConfig, d, p, dt)
     qcfg_mma16 = mma16_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt))
     qs_rows = lambda cfg: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale,  # noqa: E731
                                           chunk_size=c, config=cfg, state=False)
+    us_call = lambda cfg: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=cfg)  # noqa: E731
+    intra_call = lambda cfg, qcfg: intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale,  # noqa: E731
+                                                             chunk_size=c, config=cfg, dq_config=qcfg)
     ksplit = {
         "query_state_bwd (rows+state)": bench(
             lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c),
             reps),
-        "discumsum_bwd": bench(lambda: discumsum_bwd(qs["dSbar"], qs["dsbar"], Sb16, sb, L), reps),
-        "update_state_bwd": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c), reps),
-        "update_state_bwd (mma)": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c,
-                                                                 config=ucfg_mma), reps),
-        "update_state_bwd (mma16)": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c,
-                                                                   config=ucfg_mma16), reps),
-        "query_state_bwd (mma)": bench(
-            lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c,
-                                    config=qcfg_mma, state_config=qscfg_mma), reps),
-        "  query_state_bwd rows pass (default)": bench(lambda: qs_rows(None), reps),
+        "  query_state_bwd rows pass (rowloop)": bench(lambda: qs_rows(qcfg_rowloop), reps),
         "  query_state_bwd rows pass (mma16)": bench(lambda: qs_rows(qcfg_mma16), reps),
-        "query_state_bwd state pass alone (kernel)": bench(
+        "  query_state_bwd state pass alone (kernel)": bench(
             lambda: state_pass_kernel(Q, qs["qscale"], qs["dAh"], qs["dBh"], h, deg=p, d_tile=dt, scale=scale,
                                       chunk_size=c), reps),
-        "query_state_bwd state pass alone (update_state)": bench(
+        "  query_state_bwd state pass alone (update_state)": bench(
             lambda: state_pass_update_state(Q, qs["qscale"], qs["dAh"], qs["dBh"], h, deg=p, d_tile=dt, scale=scale,
                                             chunk_size=c), reps),
-        "query_state_bwd (state_impl=update_state)": bench(
-            lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c,
-                                    state_impl="update_state"), reps),
+        "discumsum_bwd": bench(lambda: discumsum_bwd(qs["dSbar"], qs["dsbar"], Sb16, sb, L), reps),
+        "update_state_bwd": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c), reps),
+        "  update_state_bwd (rowloop)": bench(lambda: us_call(ucfg_rowloop), reps),
+        "  update_state_bwd (mma16)": bench(lambda: us_call(ucfg_mma16), reps),
         "intra_chunk_attention_bwd (dkv+dq)": bench(
-            lambda: intra_chunk_attention_bwd(Q, K, V, gc, m, qs["dO"], qs["dl"], deg=p, scale=scale, chunk_size=c),
-            reps),
-        "intra_chunk_attention_bwd (mma)": bench(
-            lambda: intra_chunk_attention_bwd(Q, K, V, gc, m, qs["dO"], qs["dl"], deg=p, scale=scale, chunk_size=c,
-                                              config=icfg_mma, dq_config=icfg_mma), reps),
-        "intra_chunk_attention_bwd (flash)": bench(
-            lambda: intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale, chunk_size=c, config=icfg_flash[0],
-                                              dq_config=icfg_flash[1]), reps),
+            lambda: intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale, chunk_size=c), reps),
+        "  intra_chunk_attention_bwd (rowloop)": bench(lambda: intra_call(icfg_rowloop, icfg_rowloop), reps),
+        "  intra_chunk_attention_bwd (flash)": bench(lambda: intra_call(*icfg_flash), reps),
         "forward op (all 4 fwd kernels)": bench(
             lambda: power_retention_fwd(Q, K, V, log_G, None, None, p, scale, c, dt, False), reps),
     }
-    alternative = ("mma", "(flash)", "state pass alone", "state_impl")  # alternatives: not summed
-    print("vidrial per-kernel split (each alone; the (mma), (mma16), (flash), state pass and state_impl lines are "
-          "alternatives and the indented lines parts, not in the sum):")
-    tot = sum(v for k, v in ksplit.items() if not any(a in k for a in alternative) and not k.startswith(" "))
+    print("vidrial per-kernel split (each alone, with the default configs; indented lines: each implementation "
+          "with an explicit config, not in the sum):")
+    tot = sum(v for k, v in ksplit.items() if not k.startswith(" "))
     for k, v in ksplit.items():
         print(f"  {k:<50}{v:>8.3f} ms  ({100 * v / tot:4.1f}%)")
     print(f"  {'sum':<50}{tot:>8.3f} ms; fwd+bwd total {ms_v:.3f} ms (rest: glue, casts, gate sums)", flush=True)

@@ -17,6 +17,7 @@ from vidrial.core.compile import CompiledKernel, compile_many
 from vidrial.core.errors import ConfigError
 from vidrial.kernels import get_family
 from vidrial.kernels.power_retention import bwd_emulation as em
+from vidrial.kernels.power_retention._bwd_util import default_row_loop
 from vidrial.kernels.power_retention._fwd_util import block_table
 from vidrial.kernels.power_retention.discumsum_bwd import FAMILY as DB, DiscumsumBwdConfig, DiscumsumBwdKey
 from vidrial.kernels.power_retention.intra_chunk_attention_bwd import FAMILY as IB, IntraBwdConfig, IntraBwdKey
@@ -135,7 +136,7 @@ def test_update_state_bwd_kernel_on_cpu(d, deg, d_tile, cfg, gating):
     ds = torch.randn(b, n, h, D, generator=gen) * 0.1
     g = _chunk_g(b, t, h, c, 1).to(F32) if gating else None
     key = UpdateStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile)
-    cfg = cfg or UB.default_config(key)
+    cfg = cfg or default_row_loop(UpdateStateBwdConfig, d, deg, d_tile)  # the mma16 kernel: test_us_bwd_mma16_cpu.py
     dK, dV = torch.zeros(b, t, h, d), torch.zeros(b, t, h, d)
     E = torch.zeros(b, t, h)
     rt = -(-c // cfg.rows)

@@ -69,6 +69,8 @@ def test_us_bwd_mma16_key_rules_and_defaults(monkeypatch):
         assert mma16_config(key) in UB.corner_configs(key)
     # the switch, read per call
     key = UpdateStateBwdKey(head_dim=64)
+    assert UB.default_config(key) == mma16_config(key)
+    monkeypatch.setattr(usb, "IMPL_DEFAULT", "rowloop")
     assert UB.default_config(key).impl == "rowloop"
     monkeypatch.setattr(usb, "IMPL_DEFAULT", "mma16")
     assert UB.default_config(key) == mma16_config(key)

@@ -422,19 +422,21 @@ def test_gradients_with_each_rows_pass(case, rows_impl, monkeypatch):
 
 @pytest.mark.parametrize("case", [GRAD_CASES[1], GRAD_CASES[2], GRAD_CASES[3], GRAD_CASES[4], GRAD_CASES[8]],
                          ids=["gqa-pad-state", "fp16", "d128", "p4", "c1024"])
-def test_gradients_with_us_bwd_mma16(case, monkeypatch):
-    """The same comparison with update_state_bwd on bf16 tensor cores (impl="mma16" as its default)."""
+@pytest.mark.parametrize("us_impl", ["mma16", "rowloop"])
+def test_gradients_with_us_bwd_mma16(case, us_impl, monkeypatch):
+    """The same comparison with update_state_bwd on bf16 tensor cores (impl="mma16", the default) and on
+    the row loop (the fallback where mma16's check rejects a key)."""
     from vidrial import dispatch
     from vidrial.kernels.power_retention import update_state_bwd as usb
 
-    monkeypatch.setattr(usb, "IMPL_DEFAULT", "mma16")
+    monkeypatch.setattr(usb, "IMPL_DEFAULT", us_impl)
     dispatch.reload()
     key = usb.UpdateStateBwdKey(head_dim=case[1], deg=case[2], d_tile=default_d_tile(case[1], case[2]))
-    assert usb.FAMILY.default_config(key).impl == "mma16"
+    assert usb.FAMILY.default_config(key).impl == us_impl
     try:
         test_gradients_match_float64_autograd(case)
     finally:
-        monkeypatch.setattr(usb, "IMPL_DEFAULT", "rowloop")
+        monkeypatch.undo()
         dispatch.reload()
 
 
@@ -449,7 +451,7 @@ def test_cuda_graph_with_us_bwd_mma16(monkeypatch):
     try:
         test_cuda_graph_capture_and_replay()
     finally:
-        monkeypatch.setattr(usb, "IMPL_DEFAULT", "rowloop")
+        monkeypatch.undo()
         dispatch.reload()
 
 
