@@ -7,6 +7,7 @@ set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VIDRIAL_CACHE_DIR=/tmp/vidrial-cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+TUNED=/tmp/tuned-run  # this call's tuned store (later steps, e.g. bench, dispatch from it); packed into $OUT
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/gpu.txt" 2>&1
 STEPS=${*:-tests tune bench}
 TEST_BUDGET=${TEST_BUDGET:-270}; TUNE_TRIALS=${TUNE_TRIALS:-10}; BENCH_BUDGET=${BENCH_BUDGET:-90}
@@ -31,20 +32,22 @@ run_tests() {
 
 run_tune() {
   # Shapes A (b=1,t=64k) and B (b=8,t=8k) at h=8, d=64, p=2, chunk 1024, bf16, gated; decode at b=1/8/64.
-  local common="--trials $TUNE_TRIALS --timeout ${TUNE_TIMEOUT:-15} --out $OUT/tune --tuned-dir $OUT/tuned --no-progress --job-timeout 60"
-  for k in \
+  local common="--trials $TUNE_TRIALS --timeout ${TUNE_TIMEOUT:-15} --out $OUT/tune --tuned-dir $TUNED --no-progress --job-timeout 60"
+  local keys=(${TUNE_KEYS:-})  # space-separated family|json (no spaces inside the JSON); default: shapes A/B
+  [ ${#keys[@]} -gt 0 ] || keys=(\
     'update_state|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","chunk_size":1024,"gating":true,"bh_chunks_bucket":512}' \
     'intra_chunk_attention|{"head_dim":64,"deg":2,"dtype":"bf16","chunk_size":1024,"gating":true,"normalize":false,"bh_bucket":8,"t_bucket":65536}' \
     'intra_chunk_attention|{"head_dim":64,"deg":2,"dtype":"bf16","chunk_size":1024,"gating":true,"normalize":false,"bh_bucket":64,"t_bucket":8192}' \
     'query_state|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bfloat16","o_dtype":"float32","chunk_size":1024,"tokens":65536}' \
     'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":64}' \
     'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":8}' \
-    'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":512}'; do
+    'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":512}')
+  for k in "${keys[@]}"; do
     timeout $((${TUNE_TIMEOUT:-15} + 30)) python3 -m vidrial tune $common --kernel "${k%%|*}" --key "${k#*|}" 2>&1 | tail -8
   done
-  VIDRIAL_TUNED_DIR=$OUT/tuned python3 -m vidrial show 2>&1 | head -40 || true
-  # $OUT returns at most 8 files: the store and the reports travel as one archive
-  tar -C "$OUT" -czf "$OUT/tune.tgz" tuned tune && rm -rf "$OUT/tuned" "$OUT/tune"
+  VIDRIAL_TUNED_DIR=$TUNED python3 -m vidrial show 2>&1 | grep -E "tuned entries" || true
+  # $OUT returns at most 8 files: the store and the reports travel as one archive (vidrial ship tuned/)
+  cp -r "$TUNED" "$OUT/tuned" && tar -C "$OUT" -czf "$OUT/tune.tgz" tuned tune && rm -rf "$OUT/tuned" "$OUT/tune"
 }
 
 run_compare() {
@@ -52,7 +55,7 @@ run_compare() {
   # the exhaustive best); the grid's winner is recorded like any study's (run before `tune`, which packs $OUT)
   local k=${COMPARE_KEY:-'update_state|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","chunk_size":1024,"gating":true,"bh_chunks_bucket":512}'}
   timeout $((${COMPARE_BUDGET:-240} + 60)) python3 -m vidrial tune --kernel "${k%%|*}" --key "${k#*|}" --sampler grid \
-    --compare 5,10,20,40 --timeout "${COMPARE_BUDGET:-240}" --out "$OUT/tune/compare-${k%%|*}" --tuned-dir "$OUT/tuned" \
+    --compare 5,10,20,40 --timeout "${COMPARE_BUDGET:-240}" --out "$OUT/tune/compare-${k%%|*}" --tuned-dir "$TUNED" \
     --no-progress --job-timeout 60 2>&1 | tee "$OUT/compare-${k%%|*}.txt" | tail -30
 }
 
@@ -68,7 +71,7 @@ run_tune_all() {
 }
 
 run_bench() {
-  VIDRIAL_TUNED_DIR=${BENCH_TUNED_DIR:-$OUT/tuned} timeout $((BENCH_BUDGET + 120)) python3 -m vidrial bench --preset "${BENCH_PRESET:-quick}" \
+  VIDRIAL_TUNED_DIR=${BENCH_TUNED_DIR:-$TUNED} timeout $((BENCH_BUDGET + 120)) python3 -m vidrial bench --preset "${BENCH_PRESET:-quick}" \
     --budget "$BENCH_BUDGET" --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | tail -60
 }
 
