@@ -65,12 +65,17 @@ def test_check_rules_and_keys():
 
 def _jobs():
     """Every standard key with its default config on sm_80 and sm_90; the corner configs (extreme
-    tiles) of the bf16 keys on both archs as well (fp16 differs only in the input conversion)."""
+    tiles) of the bf16 keys on both archs as well (fp16 differs only in the input conversion, except in
+    the intra backward's impl="flash": S = Q K^T on fp16 tensor cores, so its fp16 default too)."""
+    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import FLASH_HEAD_DIMS, flash_default
+
     jobs, labels = [], []
     for fam in FAMS:
         for key in fam.standard_keys():
             corners = getattr(key, "dtype", "bfloat16") == "bfloat16"
             cfgs = list(dict.fromkeys(fam.corner_configs(key))) if corners else [fam.default_config(key)]
+            if fam is IB and not corners and key.head_dim in FLASH_HEAD_DIMS:
+                cfgs = list(dict.fromkeys(cfgs + [flash_default(key)]))
             for cfg in cfgs:
                 for arch in ("sm_80", "sm_90"):
                     fam.check(key, cfg, arch)
