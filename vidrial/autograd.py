@@ -36,6 +36,11 @@ def _empty(device):
     return torch.empty(_EMPTY, device=device, dtype=torch.float32)
 
 
+def _intra_row_term(dO, O, dl, l):
+    """sum_j P dP of each row in fp32 from the forward's O, l: dO.O + dl (l - 1e-6) [b,t,hq]."""
+    return torch.einsum("bthd,bthd->bth", dO, O) + dl * (l - 1e-6)
+
+
 def _chunk_cumsum(log_G, c: int):
     """[b,t,h] per-step log gates -> chunk-local cumulative sums (fp32), t a multiple of c."""
     b, t, h = log_G.shape
@@ -131,10 +136,13 @@ def power_retention_bwd(dY: torch.Tensor, dS_final: Optional[torch.Tensor], ds_f
         dO = dYf * inv.unsqueeze(-1)
         dl = -(dYf * Yf).sum(-1) * inv
         G = log_G.float().cumsum(1) if log_G is not None else None
-        dQ, dK, dV, dgcol = intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, deg=deg, scale=scale, chunk_size=None)
+        dQ, dK, dV, dgcol, dgrow = intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, deg=deg, scale=scale,
+                                                             chunk_size=None, want_dgrow=True)
         dlog_G = _empty(dev)
         if log_G is not None:
-            dg_row = (dO * O).sum(-1) + dl * (l - 1e-6)
+            # the row part sum_j P dP: from the kernel when it made dgcol from bf16 operands (impl="flash": the
+            # two cancel over the sequence only when they share P and dP), else in fp32 from O and l
+            dg_row = dgrow if dgrow is not None else _intra_row_term(dO, O, dl, l)
             dg = dg_row.view(b, t, h, r).sum(3) + dgcol
             dlog_G = dg.flip(1).cumsum(1).flip(1)
         return dQ.to(Q.dtype), dK.to(K.dtype), dV.to(V.dtype), dlog_G, _empty(dev), _empty(dev)
@@ -148,14 +156,17 @@ def power_retention_bwd(dY: torch.Tensor, dS_final: Optional[torch.Tensor], ds_f
                                          dS_final.float() if dS_final is not None else None,
                                          ds_final.float() if ds_final is not None else None, want_initial=has_state)
     dK_u, dV_u, E = update_state_bwd(K, V, g, dS, ds, deg=deg, d_tile=d_tile, chunk_size=c)
-    dQ_i, dK_i, dV_i, dgcol = intra_chunk_attention_bwd(Q, K, V, g, m, qs["dO"], qs["dl"], deg=deg, scale=scale,
-                                                        chunk_size=c)
+    dQ_i, dK_i, dV_i, dgcol, dgrow = intra_chunk_attention_bwd(Q, K, V, g, m, qs["dO"], qs["dl"], deg=deg,
+                                                               scale=scale, chunk_size=c, want_dgrow=True)
     dQ = (qs["dQ"] + dQ_i).to(Q.dtype)
     dK = (dK_u + dK_i).to(K.dtype)
     dV = (dV_u + dV_i).to(V.dtype)
     dlog_G = _empty(dev)
     if log_G is not None:
-        dg = qs["dg"].view(b, t, h, r).sum(3) + dgcol - E  # gradient w.r.t. the chunk-local cumsum g
+        dgq = qs["dg"]  # includes the intra row part dO.O + dl (l - 1e-6) in fp32
+        if dgrow is not None:  # impl="flash": swap it for the kernel's, consistent with its dgcol (as above)
+            dgq = dgq - _intra_row_term(qs["dO"], O, qs["dl"], l) + dgrow
+        dg = dgq.view(b, t, h, r).sum(3) + dgcol - E  # gradient w.r.t. the chunk-local cumsum g
         dLt = dL + E.view(b, n, c, h).sum(2)               # gradient w.r.t. the chunk gates L
         rev = dg.view(b, n, c, h).flip(2).cumsum(2).flip(2)
         dlog_G = (rev + dLt.unsqueeze(2)).view(b, t, h)

@@ -236,17 +236,12 @@ def test_query_state_bwd_update_state_pass(d, p, r, gating):
     assert torch.equal(out["dQ"], ker["dQ"])
 
 
-@pytest.mark.parametrize("impl", ["rowloop", "rowloop_mma", "flash"])
-@pytest.mark.parametrize("d,p,r,c,gating", [(64, 2, 1, 128, True), (64, 2, 2, 256, True), (128, 2, 1, 64, False),
-                                            (32, 4, 2, 128, True)])
-def test_intra_chunk_attention_bwd_kernels(d, p, r, c, gating, impl):
+def intra_bwd_inputs(d, p, r, c, gating, seed, b=2, h=2, n=3):
+    """Q, K, V (bf16), gc (chunk-local cumsum of varying gates or None), m (the forward's), dO, dl, scale."""
     from vidrial.kernels.power_retention.intra_chunk_attention import intra_chunk_attention
-    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import (FAMILY, IntraBwdKey, flash_default,
-                                                                           intra_chunk_attention_bwd)
 
-    b, h, n = 2, 2, 3
     t, hq = n * c, h * r
-    g = gen(4)
+    g = gen(seed)
     Q = torch.randn(b, t, hq, d, device=DEV, generator=g).bfloat16()
     K = torch.randn(b, t, h, d, device=DEV, generator=g).bfloat16()
     V = torch.randn(b, t, h, d, device=DEV, generator=g).bfloat16()
@@ -256,6 +251,17 @@ def test_intra_chunk_attention_bwd_kernels(d, p, r, c, gating, impl):
     dO = torch.randn(b, t, hq, d, device=DEV, generator=g)
     dl = torch.randn(b, t, hq, device=DEV, generator=g)
     gc = lg.view(b, n, c, h).cumsum(2).view(b, t, h) if gating else None
+    return Q, K, V, gc, m, dO, dl, scale
+
+
+@pytest.mark.parametrize("impl", ["rowloop", "rowloop_mma", "flash"])
+@pytest.mark.parametrize("d,p,r,c,gating", [(64, 2, 1, 128, True), (64, 2, 2, 256, True), (128, 2, 1, 64, False),
+                                            (32, 4, 2, 128, True)])
+def test_intra_chunk_attention_bwd_kernels(d, p, r, c, gating, impl):
+    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import (FAMILY, IntraBwdKey, flash_default,
+                                                                           intra_chunk_attention_bwd)
+
+    Q, K, V, gc, m, dO, dl, scale = intra_bwd_inputs(d, p, r, c, gating, seed=4)
     key = IntraBwdKey(head_dim=d, deg=p)
     if impl == "flash":
         cfg, qcfg = flash_default(key), flash_default(key.model_copy(update={"stage": "dq"}))
@@ -275,6 +281,41 @@ def test_intra_chunk_attention_bwd_kernels(d, p, r, c, gating, impl):
         for got, want in zip((dQ, dK, dV, dg), em.intra_bwd(*args, bf16_operands=True)):
             if got is not None:
                 assert rel_err(got, want) < 1e-3
+
+
+@pytest.mark.parametrize("d,p,r,c", [(64, 2, 1, 128), (64, 2, 2, 256), (32, 4, 2, 128), (128, 2, 1, 64)])
+def test_intra_chunk_attention_bwd_flash_dgrow(d, p, r, c):
+    """impl='flash' with want_dgrow: dgrow = sum_j P dP (dq pass) against the float64 emulation, exact and
+    with the kernel's bf16 operands; it cancels dgcol (dkv pass) over each chunk up to fp32 accumulation;
+    the other outputs are those of the call without want_dgrow; the rowloop gives None (autograd's fp32 row
+    term then) and the same four outputs."""
+    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import (IntraBwdConfig, IntraBwdKey,
+                                                                           flash_default, intra_chunk_attention_bwd)
+
+    b, n = 2, 3
+    Q, K, V, gc, m, dO, dl, scale = intra_bwd_inputs(d, p, r, c, True, seed=7, b=b, n=n)
+    t, hq = Q.shape[1:3]
+    key = IntraBwdKey(head_dim=d, deg=p)
+    cfg, qcfg = flash_default(key), flash_default(key.model_copy(update={"stage": "dq"}))
+    poison()
+    out = intra_chunk_attention_bwd(Q, K, V, gc, m, dO, dl, deg=p, scale=scale, chunk_size=c, config=cfg,
+                                    dq_config=qcfg, want_dgrow=True)
+    assert len(out) == 5 and out[4].shape == (b, t, hq) and out[4].dtype == torch.float32
+    plain = intra_chunk_attention_bwd(Q, K, V, gc, m, dO, dl, deg=p, scale=scale, chunk_size=c, config=cfg,
+                                      dq_config=qcfg)
+    for a, w in zip(out[:4], plain):
+        assert torch.equal(a, w)
+    args = (Q.double(), K.double(), V.double(), gc.double(), m.double(), dO.double(), dl.double(), p, scale, c)
+    dgrow = out[4]
+    assert rel_err(dgrow, em.intra_bwd(*args, want_dgrow=True)[4]) < 6e-3
+    assert rel_err(dgrow, em.intra_bwd(*args, bf16_operands=True, want_dgrow=True)[4]) < 1e-3
+    per_chunk = lambda x: x.double().view(b, n, c, -1).sum((2, 3))  # noqa: E731
+    resid = per_chunk(dgrow) + per_chunk(out[3])
+    assert (resid.abs() <= 1e-5 * per_chunk(dgrow.abs())).all(), resid
+    rl = IntraBwdConfig(tile=64 if d <= 64 else 32)
+    rout = intra_chunk_attention_bwd(Q, K, V, gc, m, dO, dl, deg=p, scale=scale, chunk_size=c, config=rl,
+                                     dq_config=rl, want_dgrow=True)
+    assert len(rout) == 5 and rout[4] is None
 
 
 @pytest.mark.parametrize("dtype,chunk", [(torch.float16, 128), (torch.bfloat16, None)])

@@ -207,19 +207,21 @@ def _round_bf16(x):
     return x.to(torch.bfloat16).to(x.dtype)
 
 
-def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c, bf16_operands: bool = False):
+def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c, bf16_operands: bool = False, want_dgrow: bool = False):
     """Flash-style intra-chunk backward. Q, dO [b,t,hq,d], K, V [b,t,h,d], g [b,t,h] chunk-local
-    cumsum or None, m, dl [b,t,hq]. Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dg_col [b,t,h].
-    bf16_operands: round what impl="flash" feeds its tensor cores to bf16 (dO, then P and s*dx before
-    the second GEMMs), so that the emulation matches that kernel up to fp32 accumulation."""
-    if bf16_operands:
-        dO = _round_bf16(dO)
+    cumsum or None, m, dl [b,t,hq]. Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dg_col [b,t,h]
+    (+ dg_row [b,t,hq] = sum_j P dP with want_dgrow).
+    bf16_operands: round what impl="flash" feeds its tensor cores to bf16 (dO and V, then P, s*dx and
+    Q, K before the second GEMMs; S = Q K^T on the inputs as given), so that the emulation matches
+    that kernel up to fp32 accumulation."""
+    R = _round_bf16 if bf16_operands else (lambda x: x)
+    dO, Vr = R(dO), R(V)
     b, t, hq, d = Q.shape
     h = K.shape[2]
     r, n = hq // h, t // c
     Qc = Q.reshape(b, n, c, hq, d).permute(0, 1, 3, 2, 4)  # [b,n,hq,c,d]
     Kc = _rep(K, r, 2).reshape(b, n, c, hq, d).permute(0, 1, 3, 2, 4)
-    Vc = _rep(V, r, 2).reshape(b, n, c, hq, d).permute(0, 1, 3, 2, 4)
+    Vc = _rep(Vr, r, 2).reshape(b, n, c, hq, d).permute(0, 1, 3, 2, 4)
     dOc = dO.reshape(b, n, c, hq, d).permute(0, 1, 3, 2, 4)
     mc = m.reshape(b, n, c, hq).permute(0, 1, 3, 2)
     dlc = dl.reshape(b, n, c, hq).permute(0, 1, 3, 2)
@@ -238,8 +240,8 @@ def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c, bf16_operands: bool = False)
     ds, Pm = scale * dx, P
     if bf16_operands:
         ds, Pm = _round_bf16(ds), _round_bf16(P)
-    dQ = ds @ Kc
-    dKr = ds.transpose(-1, -2) @ Qc
+    dQ = ds @ R(Kc)
+    dKr = ds.transpose(-1, -2) @ R(Qc)
     dVr = Pm.transpose(-1, -2) @ dOc
     col = (P * dP).sum(-2)  # [b,n,hq,c]
 
@@ -251,6 +253,8 @@ def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c, bf16_operands: bool = False)
     dK = back(dKr, True).reshape(b, t, h, r, d).sum(3)
     dV = back(dVr, True).reshape(b, t, h, r, d).sum(3)
     dg_col = -back(col, False).reshape(b, t, h, r).sum(3)
+    if want_dgrow:
+        return dQ, dK, dV, dg_col, back((P * dP).sum(-1), False)
     return dQ, dK, dV, dg_col
 
 

@@ -10,8 +10,11 @@ Inside each chunk (the quadratic path: one chunk of the whole sequence), j <= i:
 O e^m and l e^m do not depend on it). Two passes of one template: ``stage="dkv"`` (key-stationary,
 loops over the r query heads: GQA sums without atomics) and ``stage="dq"`` (query-stationary).
 ``impl="rowloop"`` (default): fp32 SIMT (or tf32 mma with ``mma=True``), P recomputed in each pass.
-``impl="flash"`` (opt-in, CPU-verified only: not yet run on a GPU): FlashAttention-2 style on bf16
-tensor cores (templates/intra_chunk_attention_bwd_flash.cu.j2), same passes, outputs and semantics.
+``impl="flash"`` (opt-in): FlashAttention-2 style on bf16 tensor cores
+(templates/intra_chunk_attention_bwd_flash.cu.j2), same passes, outputs and semantics; its dq pass can
+also return dgrow_i = sum_j P dP, the row part of the gate gradient from the same bf16-operand P and dP
+as its dgcol (``want_dgrow``): vidrial.autograd uses it in place of the fp32 row term dO.O + dl (l - 1e-6),
+which does not cancel against a dgcol made from the bf16-rounded dO.
 """
 from __future__ import annotations
 
@@ -226,12 +229,7 @@ def flash_default(key: IntraBwdKey) -> IntraBwdConfig:
 FAMILY = register(IntraBwdFamily())
 
 
-def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: int, scale: float,
-                                   chunk_size: int | None, want_dg: bool = True, config=None):
-    """One pass (inputs as intra_chunk_attention_bwd): stage "dkv" returns (dK, dV [b,t,h,d], dgcol [b,t,h]
-    or None), stage "dq" returns dQ [b,t,hq,d] (fp32). Current stream, no host sync."""
-    import torch
-
+def _pass_key(stage: str, Q, K, chunk_size: int | None, deg: int) -> IntraBwdKey:
     if stage not in ("dkv", "dq"):
         raise InputError("stage", repr(stage), "'dkv' or 'dq'")
     b, t, hq, d = Q.shape
@@ -239,9 +237,28 @@ def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: in
     if h < 1 or hq % h:
         raise InputError("Q", tuple(Q.shape), f"query heads a multiple of the KV heads {h}")
     c = int(chunk_size) if chunk_size else t
+    return IntraBwdKey(head_dim=d, deg=deg, dtype=str(Q.dtype).replace("torch.", ""), stage=stage,
+                       chunk_size=pow2_bucket(c), tokens=pow2_bucket(b * t * hq))
+
+
+def pass_config(stage: str, Q, K, *, deg: int, chunk_size: int | None, config=None) -> IntraBwdConfig:
+    """The config a pass runs with: `config`, else the dispatched one for this problem."""
+    return config if config is not None else pick(FAMILY, _pass_key(stage, Q, K, chunk_size, deg), Q.device)
+
+
+def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: int, scale: float,
+                                   chunk_size: int | None, want_dg: bool = True, config=None,
+                                   want_dgrow: bool = False):
+    """One pass (inputs as intra_chunk_attention_bwd): stage "dkv" returns (dK, dV [b,t,h,d], dgcol [b,t,h]
+    or None), stage "dq" returns dQ [b,t,hq,d] (fp32), or with `want_dgrow` (dQ, dgrow [b,t,hq] fp32 =
+    sum_j P dP, None unless the pass is impl="flash" and G is given). Current stream, no host sync."""
+    import torch
+
+    key = _pass_key(stage, Q, K, chunk_size, deg)
+    b, t, hq, d = Q.shape
+    h = K.shape[2]
+    c = int(chunk_size) if chunk_size else t
     n = -(-t // c) if t else 0
-    key = IntraBwdKey(head_dim=d, deg=deg, dtype=str(Q.dtype).replace("torch.", ""), stage=stage,
-                      chunk_size=pow2_bucket(c), tokens=pow2_bucket(b * t * hq))
     dev = Q.device
     if config is None:
         config = pick(FAMILY, key, dev)
@@ -253,17 +270,19 @@ def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: in
         dg = torch.empty(b, t, h, **f32) if (want_dg and G is not None) else None
         out, heads = (dK, dV, dg), h
     else:
-        dQ, dK, dV, dg = torch.empty(b, t, hq, d, **f32), None, None, None
-        out, heads = dQ, hq
+        dQ, dK, dV = torch.empty(b, t, hq, d, **f32), None, None
+        dg = torch.empty(b, t, hq, **f32) if (want_dgrow and config.impl == "flash" and G is not None) else None
+        out, heads = ((dQ, dg) if want_dgrow else dQ), hq
     if Q.numel() == 0:
         return out
     tiles = -(-c // config.tile)
     grid = b * heads * n * tiles
     if grid >= 2**31:
         raise InputError("Q", tuple(Q.shape), "fewer than 2^31 tiles")
-    if config.impl == "flash":  # bf16 tensor-core operands (no-op for bf16 inputs; fp16 and the fp32 dO convert);
-        # cp.async needs 16-byte aligned rows
-        Q, K, V, dO = (x.to(torch.bfloat16) for x in (Q, K, V, dO))
+    if config.impl == "flash":  # bf16 tensor-core operands V, dO (no-op for bf16 V; fp16 V and the fp32 dO
+        # convert); Q, K stay in the input type (S = Q K^T on fp16 inputs: an fp16 mma); cp.async needs
+        # 16-byte aligned rows
+        V, dO = (x.to(torch.bfloat16) for x in (V, dO))
         Q, K, V, dO = (x if x.data_ptr() % 16 == 0 else x.clone() for x in (Q, K, V, dO))
     kernel = launchable(FAMILY, compile_key(key), config, dev)
     kernel.launch((grid, 1, 1), (FAMILY.threads_per_block(config), 1, 1),
@@ -274,14 +293,22 @@ def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: in
 
 
 def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, chunk_size: int | None,
-                              want_dg: bool = True, config=None, dq_config=None):
+                              want_dg: bool = True, config=None, dq_config=None, want_dgrow: bool = False):
     """Q [b,t,hq,d], K, V [b,t,h,d] bf16/fp16; G [b,t,h] fp32 cumulative log gates (chunk-local; global for
     chunk_size None) or None; m, dl [b,t,hq], dO [b,t,hq,d] fp32. t need not be a multiple of the chunk.
     Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dgcol [b,t,h] (or None) fp32. Current stream, no host sync.
-    `config` (dkv pass) and `dq_config` (dq pass) choose the implementation of each pass independently."""
+    `config` (dkv pass) and `dq_config` (dq pass) choose the implementation of each pass independently.
+    want_dgrow: also return dgrow [b,t,hq] fp32 = sum_j P dP (5th value), the row part of the gate gradient
+    consistent with dgcol, or None where the fp32 row term dO.O + dl (l - 1e-6) is the consistent one (no
+    gates, or the dkv pass is not impl="flash") or where the dq pass cannot give it (not impl="flash")."""
     Q, K, V, m, dO, dl = (x.contiguous() for x in (Q, K, V, m, dO, dl))  # once for both passes
     G = G.contiguous() if G is not None else None
     kw = dict(deg=deg, scale=scale, chunk_size=chunk_size)
+    config = pass_config("dkv", Q, K, deg=deg, chunk_size=chunk_size, config=config)
     dK, dV, dg = intra_chunk_attention_bwd_pass("dkv", Q, K, V, G, m, dO, dl, want_dg=want_dg, config=config, **kw)
-    dQ = intra_chunk_attention_bwd_pass("dq", Q, K, V, G, m, dO, dl, config=dq_config, **kw)
-    return dQ, dK, dV, dg
+    if want_dgrow and config.impl == "flash":
+        dQ, dgrow = intra_chunk_attention_bwd_pass("dq", Q, K, V, G, m, dO, dl, config=dq_config, want_dgrow=True,
+                                                   **kw)
+    else:
+        dQ, dgrow = intra_chunk_attention_bwd_pass("dq", Q, K, V, G, m, dO, dl, config=dq_config, **kw), None
+    return (dQ, dK, dV, dg, dgrow) if want_dgrow else (dQ, dK, dV, dg)
