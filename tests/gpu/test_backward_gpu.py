@@ -498,17 +498,19 @@ def test_cuda_graph_with_us_bwd_mma16(monkeypatch):
 
 @pytest.mark.parametrize("case", [GRAD_CASES[i] for i in (1, 2, 3, 4, 6, 8)],
                          ids=["gqa-pad-state", "fp16", "d128", "p4", "quadratic", "c1024"])
-def test_gradients_with_flash_intra_backward(case, monkeypatch):
-    """The same comparison with impl='flash' as the intra-chunk backward's default (bf16 tensor cores)."""
+@pytest.mark.parametrize("intra_impl", ["flash", "rowloop"])
+def test_gradients_with_flash_intra_backward(case, intra_impl, monkeypatch):
+    """The same comparison with impl='flash' (the intra-chunk backward's default, bf16 tensor cores) and
+    with the row loops (the fallback for head dims flash does not build)."""
     from vidrial import dispatch
     from vidrial.kernels.power_retention import intra_chunk_attention_bwd as icb
 
-    monkeypatch.setattr(icb, "IMPL_DEFAULT", "flash")
+    monkeypatch.setattr(icb, "IMPL_DEFAULT", intra_impl)
     dispatch.reload()
     try:
         test_gradients_match_float64_autograd(case)
     finally:
-        monkeypatch.setattr(icb, "IMPL_DEFAULT", "rowloop")
+        monkeypatch.undo()
         dispatch.reload()
 
 
