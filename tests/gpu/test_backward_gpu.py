@@ -78,6 +78,17 @@ def test_discumsum_bwd_kernel(gating, final, init):
         assert rel_err(dS0, want[3]) < 1e-5 and rel_err(ds0, want[4]) < 1e-5
 
 
+def _rowloop_config(family: str, d: int, p: int, dt: int, mma: bool):
+    """The row-loop config of update_state_bwd / query_state_bwd (rows pass) with the tf32 switch `mma`
+    (their defaults are the tensor-core kernels, impl="mma16")."""
+    from vidrial.kernels.power_retention._bwd_util import default_row_loop
+    from vidrial.kernels.power_retention.query_state_bwd import QueryStateBwdConfig
+    from vidrial.kernels.power_retention.update_state_bwd import UpdateStateBwdConfig
+
+    cls = {"update_state_bwd": UpdateStateBwdConfig, "query_state_bwd": QueryStateBwdConfig}[family]
+    return default_row_loop(cls, d, p, dt).model_copy(update={"mma": mma})
+
+
 def _us_bwd_inputs(b, h, c, n, d, p, dt, gating, seed):
     """update_state_bwd's inputs: K, V [b,n*c,h,d] bf16, dS, ds fp32, chunk-local cumulative gates or None."""
     t, D = n * c, feature_dim(d, p, dt)
@@ -93,12 +104,12 @@ def _us_bwd_inputs(b, h, c, n, d, p, dt, gating, seed):
 @pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("d,p,gating", [(64, 2, True), (32, 2, False), (128, 2, True), (32, 4, True)])
 def test_update_state_bwd_kernel(d, p, gating, mma):
-    from vidrial.kernels.power_retention.update_state_bwd import FAMILY, UpdateStateBwdKey, update_state_bwd
+    from vidrial.kernels.power_retention.update_state_bwd import update_state_bwd
 
     b, h, c, n = 1, 2, 128, 3
     dt = default_d_tile(d, p)
     K, V, dS, ds, gc = _us_bwd_inputs(b, h, c, n, d, p, dt, gating, seed=1)
-    cfg = FAMILY.default_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": mma})
+    cfg = _rowloop_config("update_state_bwd", d, p, dt, mma)
     poison()
     dK, dV, E = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=cfg)
     wK, wV, wE = em.update_state_bwd(K.double(), V.double(), None if gc is None else gc.double(), dS.double(),
@@ -115,7 +126,7 @@ def test_update_state_bwd_mma16_kernel(d, p, gating):
     runs measured ~2e-3 vs float64) against the float64 emulation and the row-loop kernel; c=96 leaves a
     partial 128-row CTA at d <= 64, b = 2 and h = 3 check the grid."""
     from vidrial.kernels.power_retention.update_state_bwd import (
-        FAMILY, UpdateStateBwdKey, mma16_config, update_state_bwd)
+        UpdateStateBwdKey, mma16_config, update_state_bwd)
 
     b, h, n = 2, 3, 3
     for c in (128, 96):
@@ -125,7 +136,7 @@ def test_update_state_bwd_mma16_kernel(d, p, gating):
         poison()
         dK, dV, E = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=mma16_config(key))
         rK, rV, rE = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c,
-                                      config=FAMILY.default_config(key).model_copy(update={"mma": False}))
+                                      config=_rowloop_config("update_state_bwd", d, p, dt, False))
         wK, wV, wE = em.update_state_bwd(K.double(), V.double(), None if gc is None else gc.double(), dS.double(),
                                          ds.double(), p, dt, c)
         assert (E is None) == (not gating)
@@ -153,14 +164,14 @@ def _forward_pieces(b, t, hq, h, d, p, c, gating, seed):
 @pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("d,p,r,gating", [(64, 2, 1, True), (64, 2, 2, True), (32, 2, 4, False), (32, 4, 1, True)])
 def test_query_state_bwd_kernels(d, p, r, gating, mma):
-    from vidrial.kernels.power_retention.query_state_bwd import FAMILY, QueryStateBwdKey, query_state_bwd
+    from vidrial.kernels.power_retention.query_state_bwd import query_state_bwd
 
     b, h, c, n = 1, 2, 128, 3
     t, hq = n * c, h * r
     Q, K, V, lg, dt, scale, Y, O, l, m, Sb16, sb = _forward_pieces(b, t, hq, h, d, p, c, gating, 2)
     dY = torch.randn(b, t, hq, d, device=DEV, generator=gen(3)).bfloat16()
     gc = lg.view(b, n, c, h).cumsum(2).view(b, t, h) if gating else None
-    cfg = FAMILY.default_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt)).model_copy(update={"mma": mma})
+    cfg = _rowloop_config("query_state_bwd", d, p, dt, mma)
     poison()
     out = query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c, config=cfg)
     gz = gc.double() if gating else torch.zeros(b, t, h, device=DEV, dtype=F64)
@@ -186,7 +197,7 @@ def test_query_state_bwd_kernels(d, p, r, gating, mma):
 def test_query_state_bwd_mma16_rows(d, p, r, gating, c):
     """The tensor-core rows pass (impl="mma16") against the float64 row pass and the row-loop kernel
     (partial row tiles: c=96 with 128-row CTAs; GQA; p=4; d=128 with 64-row CTAs; the training chunk)."""
-    from vidrial.kernels.power_retention.query_state_bwd import FAMILY, QueryStateBwdKey, mma16_config, query_state_bwd
+    from vidrial.kernels.power_retention.query_state_bwd import QueryStateBwdKey, mma16_config, query_state_bwd
 
     b, h, n = 1, 2, 3
     t, hq = n * c, h * r
@@ -198,7 +209,7 @@ def test_query_state_bwd_mma16_rows(d, p, r, gating, c):
     kw = dict(deg=p, d_tile=dt, scale=scale, chunk_size=c)
     poison()
     out = query_state_bwd(*args, config=mma16_config(key), **kw)
-    rowloop = query_state_bwd(*args, config=FAMILY.default_config(key).model_copy(update={"mma": False}), **kw)
+    rowloop = query_state_bwd(*args, config=_rowloop_config("query_state_bwd", d, p, dt, False), **kw)
     gz = gc.double() if gating else torch.zeros(b, t, h, device=DEV, dtype=F64)
     w = em.qs_bwd_rows(Q.double(), gz, Sb16[:, :n].double(), sb[:, :n].double(), O.double(), l.double(), m.double(),
                        Y.double(), dY.double(), p, dt, scale, c)
@@ -258,7 +269,7 @@ def intra_bwd_inputs(d, p, r, c, gating, seed, b=2, h=2, n=3):
 @pytest.mark.parametrize("d,p,r,c,gating", [(64, 2, 1, 128, True), (64, 2, 2, 256, True), (128, 2, 1, 64, False),
                                             (32, 4, 2, 128, True)])
 def test_intra_chunk_attention_bwd_kernels(d, p, r, c, gating, impl):
-    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import (FAMILY, IntraBwdKey, flash_default,
+    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import (IntraBwdConfig, IntraBwdKey, flash_default,
                                                                            intra_chunk_attention_bwd)
 
     Q, K, V, gc, m, dO, dl, scale = intra_bwd_inputs(d, p, r, c, gating, seed=4)
@@ -266,7 +277,7 @@ def test_intra_chunk_attention_bwd_kernels(d, p, r, c, gating, impl):
     if impl == "flash":
         cfg, qcfg = flash_default(key), flash_default(key.model_copy(update={"stage": "dq"}))
     else:
-        cfg = qcfg = FAMILY.default_config(key).model_copy(update={"mma": impl == "rowloop_mma"})
+        cfg = qcfg = IntraBwdConfig(tile=64 if d <= 64 else 32, mma=impl == "rowloop_mma")
     poison()
     dQ, dK, dV, dg = intra_chunk_attention_bwd(Q, K, V, gc, m, dO, dl, deg=p, scale=scale, chunk_size=c,
                                                config=cfg, dq_config=qcfg)
