@@ -173,7 +173,10 @@ def test_query_state_bwd_kernels(d, p, r, gating, mma):
     gc = lg.view(b, n, c, h).cumsum(2).view(b, t, h) if gating else None
     cfg = _rowloop_config("query_state_bwd", d, p, dt, mma)
     poison()
-    out = query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c, config=cfg)
+    # the state pass on this family's state kernel (the update_state state pass, the default where it applies,
+    # has its own test: test_query_state_bwd_update_state_pass)
+    out = query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c, config=cfg,
+                          state_impl="kernel")
     gz = gc.double() if gating else torch.zeros(b, t, h, device=DEV, dtype=F64)
     w = em.qs_bwd_rows(Q.double(), gz, Sb16[:, :n].double(), sb[:, :n].double(), O.double(), l.double(), m.double(),
                        Y.double(), dY.double(), p, dt, scale, c)
