@@ -528,6 +528,16 @@ def test_gradients_with_flash_intra_backward(case, intra_impl, monkeypatch):
         dispatch.reload()
 
 
+def test_gradients_with_chunks_smaller_than_a_flash_tile():
+    """chunk_size 32 < the 64-row flash tile: the default picks 32-row tiles (flash_default) and the
+    gradients match float64 (GQA 2, final state, gate varying across chunks)."""
+    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import FAMILY, IntraBwdKey
+
+    key = IntraBwdKey(head_dim=64, deg=2, chunk_size=32, stage="dq")
+    assert FAMILY.default_config(key).tile == 32
+    test_gradients_match_float64_autograd((256, 64, 2, 2, True, 32, False, True, torch.bfloat16))
+
+
 def _runs_chunked(case) -> bool:
     """Whether vidrial.autograd takes the chunked path (so query_state_bwd's state pass) for a GRAD_CASES row."""
     t, _, _, _, _, c, init, final, _ = case

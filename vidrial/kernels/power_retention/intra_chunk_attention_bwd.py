@@ -119,7 +119,8 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
 
         if IMPL_DEFAULT == "flash" and key.head_dim in FLASH_HEAD_DIMS:
             return flash_default(key)
-        return IntraBwdConfig(tile=64 if key.head_dim <= 64 else 32, mma=_bwd_util.MMA_DEFAULT)
+        return IntraBwdConfig(tile=64 if key.head_dim <= 64 and key.chunk_size >= 64 else 32,
+                              mma=_bwd_util.MMA_DEFAULT)
 
     def render_context(self, key: IntraBwdKey, config: IntraBwdConfig) -> dict[str, Any]:
         # rowloop 64-tiles: 1 CTA per SM minimum (registers up to 255: no spills); 32-tiles: 2
@@ -136,6 +137,10 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
         return 4 * _smem_floats(key.head_dim, config.tile)
 
     def check(self, key: IntraBwdKey, config: IntraBwdConfig, arch: str) -> None:
+        if config.tile > max(key.chunk_size, 32):  # (keeps dispatch's nearest key from handing a tuned tile to
+            # smaller chunks; 32 is the smallest tile)
+            raise ConfigError("tile", config.tile, f"at most max(chunk_size, 32) = {max(key.chunk_size, 32)} (a "
+                                                   "larger tile mostly computes masked scores)")
         if config.impl == "flash":
             if key.head_dim not in FLASH_HEAD_DIMS:
                 raise ConfigError("impl", config.impl, f"head_dim in {FLASH_HEAD_DIMS} (given {key.head_dim})")
@@ -220,6 +225,8 @@ def flash_default(key: IntraBwdKey) -> IntraBwdConfig:
     """The flash config used when nothing is tuned: 64 stationary rows over 4 warps; 64-row steps,
     32 where d = 128 would exceed the register budget."""
     cfg = IntraBwdConfig(impl="flash", tile=64, step=64, warps=4)
+    if key.chunk_size < 64:  # a tile within the chunk: 32 rows over 2 warps
+        cfg = IntraBwdConfig(impl="flash", tile=32, step=32, warps=2)
     if flash_accumulators(key, cfg) > FLASH_MAX_ACC:
         cfg = cfg.model_copy(update={"step": 32})
     return cfg
