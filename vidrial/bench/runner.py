@@ -68,7 +68,13 @@ def _git_rev() -> str | None:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=5)
-        return out.stdout.strip() or None
+        rev = out.stdout.strip()
+        if not rev:
+            return None
+        # a tree that differs from HEAD (e.g. a copied working tree) is not that commit: say so
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
     except Exception:
         return None
 
