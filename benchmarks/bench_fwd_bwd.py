@@ -153,34 +153,22 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     rows.append(("vidrial", ms_v, mem_v, ms_vf))
     del leaves
 
-    # the alternatives to the defaults: the row loops' GEMMs on tensor cores (RowLoopConfig.mma, tf32; the
-    # default), query_state_bwd's state pass on its own state kernel and its rows pass on the row loop
-    from vidrial.kernels.power_retention import _bwd_util
-    from vidrial.kernels.power_retention import query_state_bwd as qsb_mod
-
-    mma_diff = _variant("vidrial_mma", _patched(_bwd_util, "MMA_DEFAULT", True), fv, (Q, K, V, log_G), dY, reps,
-                        ms_vf, grads_v, rows, name)
-    us_diff = _variant("vidrial_state_kernel", _patched(qsb_mod, "STATE_IMPL_DEFAULT", "kernel"), fv,
-                       (Q, K, V, log_G), dY, reps, ms_vf, grads_v, rows, name)
-
-    # the same with the intra-chunk backward on impl="flash" (bf16 tensor cores; opt-in until GPU-verified)
+    # the alternatives to the defaults, one backward kernel at a time, then all row loops (the pre-tensor-core
+    # backward): query_state_bwd's state pass on its state kernel and its rows pass on the row loop, the
+    # intra-chunk backward and update_state_bwd on their row loops
     from vidrial.kernels.power_retention import intra_chunk_attention_bwd as icb
-
-    flash_diff = _variant("vidrial_flash", _patched(icb, "IMPL_DEFAULT", "flash"), fv, (Q, K, V, log_G), dY, reps,
-                          ms_vf, grads_v, rows, name)
-    mma16_diff = _variant("vidrial_rows_rowloop", _patched(qsb_mod, "ROWS_IMPL_DEFAULT", "rowloop"), fv,
-                          (Q, K, V, log_G), dY, reps, ms_vf, grads_v, rows, name)
-    # update_state_bwd on impl="mma16" (bf16 tensor cores; opt-in until GPU-verified)
+    from vidrial.kernels.power_retention import query_state_bwd as qsb_mod
     from vidrial.kernels.power_retention import update_state_bwd as usb_mod
 
-    us_mma16_diff = _variant("vidrial_us_mma16", _patched(usb_mod, "IMPL_DEFAULT", "mma16"), fv, (Q, K, V, log_G),
-                             dY, reps, ms_vf, grads_v, rows, name)
-    # every opt-in backward kernel at once (what the defaults become once each passes its GPU tests)
-    all_diff = _variant("vidrial_optin", _all_patched(_patched(icb, "IMPL_DEFAULT", "flash"),
-                                                      _patched(qsb_mod, "ROWS_IMPL_DEFAULT", "mma16"),
-                                                      _patched(qsb_mod, "STATE_IMPL_DEFAULT", "update_state"),
-                                                      _patched(usb_mod, "IMPL_DEFAULT", "mma16")),
-                        fv, (Q, K, V, log_G), dY, reps, ms_vf, grads_v, rows, name)
+    switches = {"vidrial_state_kernel": (qsb_mod, "STATE_IMPL_DEFAULT", "kernel"),
+                "vidrial_rows_rowloop": (qsb_mod, "ROWS_IMPL_DEFAULT", "rowloop"),
+                "vidrial_intra_rowloop": (icb, "IMPL_DEFAULT", "rowloop"),
+                "vidrial_us_rowloop": (usb_mod, "IMPL_DEFAULT", "rowloop")}
+    diffs_v = {label: _variant(label, _patched(*sw), fv, (Q, K, V, log_G), dY, reps, ms_vf, grads_v, rows, name)
+               for label, sw in switches.items()}
+    diffs_v["vidrial_all_rowloop"] = _variant(
+        "vidrial_all_rowloop", _all_patched(*(_patched(*sw) for sw in switches.values())), fv, (Q, K, V, log_G),
+        dY, reps, ms_vf, grads_v, rows, name)
 
     # retention (Triton)
     grads_r = None
@@ -235,9 +223,7 @@ def run_shape(name, shp, reps, retention_configs, split=True):
     if grads_r is not None:
         diffs = [((x.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(grads_v, grads_r)]
         print("rel diff of gradients vidrial vs retention (Q, K, V, log_G): " + ", ".join(f"{x:.2e}" for x in diffs))
-    for label, diff in (("vidrial_mma", mma_diff), ("vidrial_flash", flash_diff), ("vidrial_state_kernel", us_diff),
-                        ("vidrial_rows_rowloop", mma16_diff), ("vidrial_us_mma16", us_mma16_diff),
-                        ("vidrial_optin", all_diff)):
+    for label, diff in diffs_v.items():
         if diff is not None:
             print(f"rel diff of gradients {label} vs vidrial (Q, K, V, log_G): " + ", ".join(f"{x:.2e}" for x in diff))
     print(f"first call (compile/load) vidrial {first:.2f} s", flush=True)

@@ -227,7 +227,7 @@ def test_query_state_bwd_mma16_rows(d, p, r, gating, c):
 
 @pytest.mark.parametrize("d,p,r,gating", [(64, 2, 1, True), (64, 2, 4, True), (32, 2, 2, False), (32, 4, 2, True)])
 def test_query_state_bwd_update_state_pass(d, p, r, gating):
-    """The opt-in state pass on the forward update_state kernel (state_impl="update_state"; bf16
+    """The state pass on the forward update_state kernel (the default) (state_impl="update_state"; bf16
     operands, hence the 1e-2 tolerance) vs the emulation, and vs the state kernel; same rows pass."""
     from vidrial.kernels.power_retention.query_state_bwd import query_state_bwd
 

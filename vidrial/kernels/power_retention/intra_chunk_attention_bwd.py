@@ -10,7 +10,7 @@ Inside each chunk (the quadratic path: one chunk of the whole sequence), j <= i:
 O e^m and l e^m do not depend on it). Two passes of one template: ``stage="dkv"`` (key-stationary,
 loops over the r query heads: GQA sums without atomics) and ``stage="dq"`` (query-stationary).
 ``impl="rowloop"`` (default): fp32 SIMT (or tf32 mma with ``mma=True``), P recomputed in each pass.
-``impl="flash"`` (opt-in): FlashAttention-2 style on bf16 tensor cores
+``impl="flash"`` (the default where head_dim allows): FlashAttention-2 style on bf16 tensor cores
 (templates/intra_chunk_attention_bwd_flash.cu.j2), same passes, outputs and semantics; its dq pass can
 also return dgrow_i = sum_j P dP, the row part of the gate gradient from the same bf16-operand P and dP
 as its dgcol (``want_dgrow``): vidrial.autograd uses it in place of the fp32 row term dO.O + dl (l - 1e-6),
