@@ -440,19 +440,26 @@ def test_gradients_match_float64_autograd(case):
         assert err < 2e-2, f"{name}: relative error {err:.3e}"
 
 
-@pytest.mark.parametrize("case", [GRAD_CASES[1], GRAD_CASES[3], GRAD_CASES[8]], ids=["gqa-pad-state", "d128", "c1024"])
-def test_gradients_with_tensor_core_row_loops(case, monkeypatch):
-    """The same comparison with the row loops' GEMMs on tensor cores (RowLoopConfig.mma, tf32)."""
+def _gradients_with(monkeypatch, case, module, attr: str, value) -> None:
+    """test_gradients_match_float64_autograd(case) with module.attr = value (an implementation switch read per
+    call), the dispatcher reloaded around it."""
     from vidrial import dispatch
-    from vidrial.kernels.power_retention import _bwd_util
 
-    monkeypatch.setattr(_bwd_util, "MMA_DEFAULT", True)
+    monkeypatch.setattr(module, attr, value)
     dispatch.reload()
     try:
         test_gradients_match_float64_autograd(case)
     finally:
-        monkeypatch.setattr(_bwd_util, "MMA_DEFAULT", False)
+        monkeypatch.undo()
         dispatch.reload()
+
+
+@pytest.mark.parametrize("case", [GRAD_CASES[1], GRAD_CASES[3], GRAD_CASES[8]], ids=["gqa-pad-state", "d128", "c1024"])
+def test_gradients_with_tensor_core_row_loops(case, monkeypatch):
+    """The same comparison with the row loops' GEMMs on tensor cores (RowLoopConfig.mma, tf32)."""
+    from vidrial.kernels.power_retention import _bwd_util
+
+    _gradients_with(monkeypatch, case, _bwd_util, "MMA_DEFAULT", True)
 
 
 @pytest.mark.parametrize("case", [GRAD_CASES[1], GRAD_CASES[3], GRAD_CASES[4], GRAD_CASES[8]],
@@ -461,18 +468,13 @@ def test_gradients_with_tensor_core_row_loops(case, monkeypatch):
 def test_gradients_with_each_rows_pass(case, rows_impl, monkeypatch):
     """The same comparison with query_state_bwd's rows pass on bf16 tensor cores (impl="mma16", the
     default) and on the row loop (the fallback where mma16's check rejects a key)."""
-    from vidrial import dispatch
     from vidrial.kernels.power_retention import query_state_bwd as qsb
 
-    monkeypatch.setattr(qsb, "ROWS_IMPL_DEFAULT", rows_impl)
-    dispatch.reload()
     key = qsb.QueryStateBwdKey(head_dim=case[1], deg=case[2], d_tile=default_d_tile(case[1], case[2]))
-    assert qsb.FAMILY.default_config(key).impl == rows_impl
-    try:
-        test_gradients_match_float64_autograd(case)
-    finally:
-        monkeypatch.undo()
-        dispatch.reload()
+    with monkeypatch.context() as m:
+        m.setattr(qsb, "ROWS_IMPL_DEFAULT", rows_impl)
+        assert qsb.FAMILY.default_config(key).impl == rows_impl
+    _gradients_with(monkeypatch, case, qsb, "ROWS_IMPL_DEFAULT", rows_impl)
 
 
 @pytest.mark.parametrize("case", [GRAD_CASES[1], GRAD_CASES[2], GRAD_CASES[3], GRAD_CASES[4], GRAD_CASES[8]],
@@ -481,18 +483,13 @@ def test_gradients_with_each_rows_pass(case, rows_impl, monkeypatch):
 def test_gradients_with_us_bwd_mma16(case, us_impl, monkeypatch):
     """The same comparison with update_state_bwd on bf16 tensor cores (impl="mma16", the default) and on
     the row loop (the fallback where mma16's check rejects a key)."""
-    from vidrial import dispatch
     from vidrial.kernels.power_retention import update_state_bwd as usb
 
-    monkeypatch.setattr(usb, "IMPL_DEFAULT", us_impl)
-    dispatch.reload()
     key = usb.UpdateStateBwdKey(head_dim=case[1], deg=case[2], d_tile=default_d_tile(case[1], case[2]))
-    assert usb.FAMILY.default_config(key).impl == us_impl
-    try:
-        test_gradients_match_float64_autograd(case)
-    finally:
-        monkeypatch.undo()
-        dispatch.reload()
+    with monkeypatch.context() as m:
+        m.setattr(usb, "IMPL_DEFAULT", us_impl)
+        assert usb.FAMILY.default_config(key).impl == us_impl
+    _gradients_with(monkeypatch, case, usb, "IMPL_DEFAULT", us_impl)
 
 
 def test_cuda_graph_with_us_bwd_mma16(monkeypatch):
@@ -516,16 +513,9 @@ def test_cuda_graph_with_us_bwd_mma16(monkeypatch):
 def test_gradients_with_flash_intra_backward(case, intra_impl, monkeypatch):
     """The same comparison with impl='flash' (the intra-chunk backward's default, bf16 tensor cores) and
     with the row loops (the fallback for head dims flash does not build)."""
-    from vidrial import dispatch
     from vidrial.kernels.power_retention import intra_chunk_attention_bwd as icb
 
-    monkeypatch.setattr(icb, "IMPL_DEFAULT", intra_impl)
-    dispatch.reload()
-    try:
-        test_gradients_match_float64_autograd(case)
-    finally:
-        monkeypatch.undo()
-        dispatch.reload()
+    _gradients_with(monkeypatch, case, icb, "IMPL_DEFAULT", intra_impl)
 
 
 def test_gradients_with_chunks_smaller_than_a_flash_tile():
