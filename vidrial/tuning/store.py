@@ -275,23 +275,36 @@ def record(
         tuned_at=now_utc(),
     )
     key_string = key.key_string()
+
+    def keep_better(entries: dict[str, TunedEntry]) -> None:
+        old = entries.get(key_string)
+        if old is None or _replaces(entry, old):
+            entries[key_string] = entry
+
+    _update_file(path, family.name, gpu.slug, keep_better, unreadable="move aside")
+    return path
+
+
+def _update_file(path: Path, family_name: str, gpu_slug: str, update, *, unreadable: str) -> None:
+    """Read-modify-write of one tuned file under its lock, then an atomic replace: `update(entries)` edits
+    the dict of the file's entries in place. A corrupt file or one of another schema version is moved
+    aside (unreadable="move aside", a new file is started) or refused with ValueError ("raise")."""
     with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
         entries: dict[str, TunedEntry] = {}
         if path.exists():
             existing = load_file(path)
             if existing is not None and existing.schema_version == SCHEMA_VERSION:
                 entries = dict(existing.entries)
+            elif unreadable == "raise":
+                raise ValueError(f"tuned configs {path}: unreadable or schema version differs; not merged into")
             else:
                 aside = path.with_name(f"{path.name}.bad-{int(time.time())}")
                 os.replace(path, aside)
                 _warn(f"tuned configs {path}: unreadable or schema version differs; moved to {aside.name}")
-        old = entries.get(key_string)
-        if old is None or _replaces(entry, old):
-            entries[key_string] = entry
-        tuned = TunedFile(schema_version=SCHEMA_VERSION, family=family.name, gpu=gpu.slug,
+        update(entries)
+        tuned = TunedFile(schema_version=SCHEMA_VERSION, family=family_name, gpu=gpu_slug,
                           entries=dict(sorted(entries.items())))
         write_atomic(path, tuned.model_dump_json(indent=2) + "\n")
-    return path
 
 
 def _replaces(new: TunedEntry, old: TunedEntry) -> bool:
@@ -339,18 +352,12 @@ def merge(source: Path, destination: Path) -> dict[str, int]:
             continue
         dst = Path(destination) / src.parent.name / src.name
         dst.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(dst) + ".lock", timeout=LOCK_TIMEOUT_S):
-            entries: dict[str, TunedEntry] = {}
-            if dst.exists():
-                existing = load_file(dst)
-                if existing is None or existing.schema_version != SCHEMA_VERSION:
-                    raise ValueError(f"tuned configs {dst}: unreadable or schema version differs; not merged into")
-                entries = dict(existing.entries)
-            for key_string, entry in tuned.entries.items():
+
+        def take_all(entries: dict[str, TunedEntry], new: dict[str, TunedEntry] = tuned.entries) -> None:
+            for key_string, entry in new.items():
                 counts["replaced" if key_string in entries else "added"] += 1
                 entries[key_string] = entry
-            out = TunedFile(schema_version=SCHEMA_VERSION, family=tuned.family, gpu=tuned.gpu,
-                            entries=dict(sorted(entries.items())))
-            write_atomic(dst, out.model_dump_json(indent=2) + "\n")
+
+        _update_file(dst, tuned.family, tuned.gpu, take_all, unreadable="raise")
         counts["files"] += 1
     return counts

@@ -312,9 +312,7 @@ def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, 
     kw = dict(deg=deg, scale=scale, chunk_size=chunk_size)
     config = pass_config("dkv", Q, K, deg=deg, chunk_size=chunk_size, config=config)
     dK, dV, dg = intra_chunk_attention_bwd_pass("dkv", Q, K, V, G, m, dO, dl, want_dg=want_dg, config=config, **kw)
-    if want_dgrow and config.impl == "flash":
-        dQ, dgrow = intra_chunk_attention_bwd_pass("dq", Q, K, V, G, m, dO, dl, config=dq_config, want_dgrow=True,
-                                                   **kw)
-    else:
-        dQ, dgrow = intra_chunk_attention_bwd_pass("dq", Q, K, V, G, m, dO, dl, config=dq_config, **kw), None
+    row_term = want_dgrow and config.impl == "flash"  # a rowloop dgcol pairs with the fp32 row term instead
+    dq_out = intra_chunk_attention_bwd_pass("dq", Q, K, V, G, m, dO, dl, config=dq_config, want_dgrow=row_term, **kw)
+    dQ, dgrow = dq_out if row_term else (dq_out, None)
     return (dQ, dK, dV, dg, dgrow) if want_dgrow else (dQ, dK, dV, dg)
