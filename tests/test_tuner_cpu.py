@@ -163,6 +163,23 @@ def test_constraint_huge_power_is_refused():
         Constraint.parse("2 ** 10 ** 10 > tile_m").evaluate({"tile_m": 1})
 
 
+def test_skip_tuned_keeps_the_recorded_entry_and_tunes_only_missing_keys(tmp_path):
+    (first,) = _tune(tmp_path, trials=12, seed=0)
+    path = Path(first.store_path)
+    before = path.read_text()
+    other = {**KEY128, "chunk_size": 4096}
+    results = _tune(tmp_path, trials=6, seed=1, skip_tuned=True, keys=[KEY128, other], out=tmp_path / "out2")
+    skipped, tuned = results
+    assert skipped.stopped_because == "already tuned" and skipped.trials == 0
+    assert skipped.winner == first.winner and skipped.time_ms == pytest.approx(first.time_ms)
+    assert skipped.store_path == str(path)
+    assert tuned.stopped_because != "already tuned"
+    assert tuned.trials == 6
+    entries = json.loads(path.read_text())["entries"]
+    assert json.loads(before)["entries"].items() <= entries.items()  # the first entry is untouched
+    assert len(entries) == 2
+
+
 # ---- the search loop on a known objective ------------------------------------------------------------
 def test_tpe_finds_the_known_optimum_and_records_it(tmp_path):
     (result,) = _tune(tmp_path, trials=40, seed=0)

@@ -214,10 +214,12 @@ def _read_into(index: Index, family: KernelFamily, path: Path, origin: Origin, w
                           + " (re-tune with `vidrial tune`)", TunedConfigWarning, stacklevel=4)
 
 
-def build_index(family: KernelFamily, gpu_slug: str, *, warn: bool = True) -> Index:
-    """Reads the shipped and the user tuned file of `family` for GPU `gpu_slug` (not memoised)."""
+def build_index(family: KernelFamily, gpu_slug: str, *, warn: bool = True, extra_dir: Path | None = None) -> Index:
+    """Reads the shipped and the user tuned file of `family` for GPU `gpu_slug` (not memoised);
+    `extra_dir`: one more tuned-config folder, read last (as "user": it wins per key)."""
     index = Index(family.name, gpu_slug)
-    roots: list[tuple[Path | None, Origin]] = [(store.shipped_tuned_dir(), "shipped"), (user_tuned_dir(), "user")]
+    roots: list[tuple[Path | None, Origin]] = [(store.shipped_tuned_dir(), "shipped"), (user_tuned_dir(), "user"),
+                                               (extra_dir, "user")]
     seen: set[Path] = set()
     for root, origin in roots:
         if root is None:
@@ -234,6 +236,11 @@ def build_index(family: KernelFamily, gpu_slug: str, *, warn: bool = True) -> In
     for cand in sorted(index.exact.values(), key=lambda c: c.key_string):
         index.groups.setdefault(_compile_signature(cand.key), []).append(cand)
     return index
+
+
+def tuned_entry(family: KernelFamily, key: ProblemKey, gpu_slug: str, extra_dir: Path | None = None) -> Candidate | None:
+    """The usable tuned entry recorded for exactly `key` (shipped, user or `extra_dir`), else None."""
+    return build_index(family, gpu_slug, warn=False, extra_dir=extra_dir).exact.get(key)
 
 
 # ---- resolution ------------------------------------------------------------------------

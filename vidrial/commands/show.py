@@ -6,7 +6,8 @@
     vidrial show --last           # what the last dispatched call chose
 
 Coverage: for each of `family.standard_keys()`, whether dispatch finds an exact tuned
-key, a nearest compatible one, or falls back to the default config.
+key, a nearest compatible one, or falls back to the default config; separately for the
+keys the standard shapes dispatch (`family.shape_keys()`, what shipped configs must cover).
 """
 from __future__ import annotations
 
@@ -101,11 +102,13 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
             arch = present_arch or index.arch
             try:
                 standard = list(family.standard_keys())
+                shapes = set(family.shape_keys())
             except Exception as exc:
-                standard = []
+                standard, shapes = [], set()
                 out["errors"].append(f"{name}.standard_keys(): {exc}")
             keys = []
             counts = {"exact": 0, "nearest": 0, "default": 0}
+            shape_counts = {"exact": 0, "nearest": 0, "default": 0}
             for key in standard:
                 try:
                     d = resolve(family, index, key, arch)
@@ -113,7 +116,9 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
                     out["errors"].append(f"{name}: resolving {key.key_string()}: {exc}")
                     continue
                 counts[d.source] += 1
-                keys.append({"key": key.key_string(), "source": d.source,
+                if key in shapes:
+                    shape_counts[d.source] += 1
+                keys.append({"key": key.key_string(), "source": d.source, "standard_shape": key in shapes,
                              "tuned_key": None if d.tuned_key is None else d.tuned_key.key_string(),
                              "config": d.config.model_dump(mode="json")})
             gpu_out["families"].append({
@@ -122,7 +127,8 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
                 "files": [{"path": str(f.path), "origin": f.origin, "status": f.status, "entries": f.entries,
                            "used": f.used, "problems": f.problems} for f in index.files],
                 "entries": _entry_rows(index),
-                "coverage": {"standard": len(standard), **counts, "keys": keys},
+                "coverage": {"standard": len(standard), **counts, "keys": keys,
+                             "shapes": {"keys": len(shapes), **shape_counts}},
                 "stale": [{"path": str(s.path), "origin": s.origin, "key": s.key, "reason": s.reason}
                           for s in index.stale],
             })
@@ -170,6 +176,8 @@ def _print_text(data: dict[str, Any], file=None) -> None:
             p(f"\n  {f['family']} (template {f['template_hash']}): {len(f['entries'])} tuned entries; "
               f"standard keys {cov['standard']}: {cov['exact']} exact, {cov['nearest']} nearest, "
               f"{cov['default']} default")
+            sc = cov["shapes"]
+            p(f"    standard shapes {sc['keys']}: {sc['exact']} exact, {sc['nearest']} nearest, {sc['default']} default")
             for fr in f["files"]:
                 extra = f" ({'; '.join(fr['problems'])})" if fr["problems"] else ""
                 p(f"    [{fr['origin']}] {fr['path']}: {fr['status']}, {fr['used']}/{fr['entries']} used{extra}")
@@ -183,7 +191,8 @@ def _print_text(data: dict[str, Any], file=None) -> None:
                 p("    standard keys without an exact entry:")
                 for k in missing:
                     via = f" (from {k['tuned_key']})" if k["tuned_key"] else ""
-                    p(f"      {k['key']}: {k['source']}{via}")
+                    mark = "  [standard shape]" if k["standard_shape"] else ""
+                    p(f"      {k['key']}: {k['source']}{via}{mark}")
             if f["stale"]:
                 p(f"    stale / ignored ({len(f['stale'])}):")
                 for s in f["stale"]:

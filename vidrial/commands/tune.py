@@ -33,8 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernel", action="append", default=None,
                    help="kernel family name, or 'all' (repeatable; default: all)")
-    p.add_argument("--preset", choices=("standard", "quick"), default="standard",
-                   help="problem keys: the family's standard keys, or only the first (default: standard)")
+    p.add_argument("--preset", choices=("shapes", "standard", "quick"), default="standard",
+                   help="problem keys: 'shapes' = what the standard shapes (A, B, decode; every d and p) "
+                        "dispatch, 'standard' = those and the other variants (dtypes, ungated, chunk sizes), "
+                        "'quick' = the first key only (default: standard)")
     p.add_argument("--key", action="append", default=None, metavar="JSON",
                    help="explicit problem key as a JSON object (repeatable; overrides --preset)")
     p.add_argument("--trials", type=int, default=40, help="trial budget per study (default: 40)")
@@ -53,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tuned-dir", default=None,
                    help="tuned-config folder to write (default: $VIDRIAL_TUNED_DIR or the user cache)")
     p.add_argument("--no-record", action="store_true", help="do not write winners to the tuned-config store")
+    p.add_argument("--skip-tuned", action="store_true",
+                   help="skip keys that already have an exact entry for this GPU (shipped, user dir or --tuned-dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compare", type=_budgets, default=None, metavar="N,N,...",
                    help="with --sampler grid: replay TPE/GP/random on the exhaustive results and report "
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                        sampler=args.sampler, out=args.out, storage=args.storage, resume=args.resume,
                        gpus=args.gpus, compare=args.compare, seed=args.seed, job_timeout_s=args.job_timeout,
                        leaders=args.leaders, tuned_dir=args.tuned_dir, record=not args.no_record,
-                       progress=not args.no_progress, space_path=args.space,
+                       progress=not args.no_progress, space_path=args.space, skip_tuned=args.skip_tuned,
                        **({"backend": args.backend} if args.backend else {}),
                        **({"compiler": args.compiler} if args.compiler else {}))
     except KeyboardInterrupt:
@@ -101,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
         speed = f" ({r.speedup:.2f}x vs default {r.default_time_ms:.4g} ms)" if r.speedup else ""
         winner = " ".join(f"{k}={v}" for k, v in (r.winner or {}).items()) or "none"
         time_text = f"{r.time_ms:.4g} ms" if r.time_ms is not None else "-"
+        how = "already tuned, in " if r.stopped_because == "already tuned" else "stored in "
         print(f"{r.family} {json.dumps(r.key)}: {winner} {time_text}{speed}; {r.trials} trials"
-              f"{'; stored in ' + r.store_path if r.store_path else ''}")
+              f"{'; ' + how + r.store_path if r.store_path else ''}")
     if results:
         print(f"report: {args.out}/report.md")
     return 0 if all(r.winner is not None for r in results) else 1

@@ -64,9 +64,15 @@ class KernelFamily(ABC, Generic[K, C]):
                               f"needs {smem} bytes of shared memory; {limits.arch} allows "
                               f"{limits.max_dynamic_smem_per_block} per block")
 
-    def standard_keys(self) -> list[K]:
-        """Problem keys compiled by `vidrial compile` and tuned by presets."""
+    def shape_keys(self) -> list[K]:
+        """The keys the standard problems dispatch (power_retention/standard_shapes.py): what shipped
+        configs must cover, tuned by `--preset shapes`. A prefix of standard_keys()."""
         return []
+
+    def standard_keys(self) -> list[K]:
+        """Problem keys compiled by `vidrial compile` and tuned by `--preset standard`: shape_keys()
+        first, then the variants users also run (other dtypes, ungated, other chunk sizes)."""
+        return self.shape_keys()
 
     def corner_configs(self, key: K) -> list[C]:
         """Extreme but valid configs (smallest/largest tiles) for compile coverage."""

@@ -47,7 +47,7 @@ from vidrial.tuning.worker import (
 )
 
 SAMPLERS = ("tpe", "gp", "grid", "random")
-PRESETS = ("standard", "quick")
+PRESETS = ("shapes", "standard", "quick")
 # statuses that do not count against the trial budget
 UNCOUNTED = ("invalid", "interrupted")
 
@@ -81,6 +81,7 @@ class TuneSettings:
     max_repeats: int = 200
     record: bool = True
     tuned_dir: Path | None = None
+    skip_tuned: bool = False  # keys with an exact entry (shipped, user dir or tuned_dir) for this GPU are skipped
     progress: bool = True
     report: bool = True
     space_path: str | None = None
@@ -648,6 +649,10 @@ def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = N
         arch = settings.arch or info["arch"]
         storage = make_storage(settings.storage, out_dir)
         name = study_name(family, gpu.slug, key)
+        if settings.skip_tuned:
+            skipped = _already_tuned(family, key, gpu, arch, name, settings)
+            if skipped is not None:
+                return skipped
         if not settings.resume:
             try:
                 optuna.delete_study(study_name=name, storage=storage)
@@ -783,6 +788,22 @@ def _finish(family: Any, key: Any, space: SearchSpace, study: Any, settings: Tun
     if settings.report:
         result.report_dir = str(write_report(result, rows, space, Path(settings.out_dir)))
     return result
+
+
+def _already_tuned(family: Any, key: Any, gpu: Any, arch: str, name: str, settings: TuneSettings) -> StudyResult | None:
+    """A result standing for the entry already recorded for exactly `key` on this GPU model (None: none)."""
+    from vidrial.dispatch import tuned_entry
+
+    found = tuned_entry(family, key, gpu.slug, settings.tuned_dir)
+    if found is None:
+        return None
+    e = found.entry
+    print(f"vidrial tune: {family.name} {key.label()}: already tuned ({found.path}, {e.trials} trials, "
+          f"{e.time_ms:.4g} ms); skipped", file=sys.stderr)
+    return StudyResult(family=family.name, key=key.model_dump(mode="json"), study_name=name, gpu=gpu.model_dump(),
+                       arch=arch, winner=e.config, time_ms=e.time_ms, default_config=None,
+                       default_time_ms=e.default_time_ms, trials=0, status_counts={}, store_path=str(found.path),
+                       stopped_because="already tuned")
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -1014,7 +1035,7 @@ def _keys(family: Any, keys: Any, preset: str | None) -> list[Any]:
     preset = preset or "standard"
     if preset not in PRESETS:
         raise InputError("preset", repr(preset), f"one of {', '.join(PRESETS)}")
-    std = list(family.standard_keys())
+    std = list(family.shape_keys() if preset == "shapes" else family.standard_keys())
     if not std:
         raise InputError("keys", f"none given and {family.name} has no standard keys",
                          f"explicit keys (JSON objects with fields {', '.join(family.Key.model_fields)})")
@@ -1042,7 +1063,8 @@ def tune(
 
     kernel: a family name, "all", a 'module:attr' reference or a KernelFamily (or a list).
     keys: problem keys (dicts, JSON strings or Key models); default: the preset
-    ("standard": the family's standard_keys(); "quick": the first of them).
+    ("shapes": the keys the standard shapes dispatch, family.shape_keys(); "standard": those and the
+    other variants, family.standard_keys(); "quick": the first key).
     trials / timeout: per-study trial budget and wall-clock seconds. sampler: tpe (default),
     gp, random or grid (exhaustive over every valid config). out: output dir (reports; the
     default journal storage). storage: Optuna storage URL or journal file path. resume:

@@ -211,8 +211,15 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
                     min_ctas=config.min_ctas,
                     smem_bytes=self.dynamic_smem_bytes(key, config))
 
+    def shape_keys(self) -> list[DecodeKey]:
+        from vidrial.kernels.power_retention.standard_shapes import decode_problems, meta, unique
+
+        return unique(problem_key(meta(p.b, 1, p.h, p.d), meta(p.b, 1, p.h, p.d), meta(p.b, 1, p.h, dtype="float32"),
+                                  meta(p.b, p.h, p.feature_dim, p.d, dtype=p.state_dtype), p.deg, p.d_tile)
+                      for p in decode_problems())
+
     def standard_keys(self) -> list[DecodeKey]:
-        keys = []
+        keys = self.shape_keys()
         for d in HEAD_DIMS:
             for sd in ("fp32", "bf16"):
                 for gating in (True, False):
@@ -221,7 +228,7 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
         keys.append(DecodeKey(head_dim=64, deg=2, d_tile=8, dtype="bf16", state_dtype="fp32", group=4, gating=True))
         keys.append(DecodeKey(head_dim=64, deg=2, d_tile=16, dtype="fp16", state_dtype="bf16", gating=True))
         keys.append(DecodeKey(head_dim=32, deg=4, d_tile=4, dtype="bf16", state_dtype="fp32", gating=True))
-        return keys
+        return list(dict.fromkeys(keys))
 
     def workspace_floats(self, key: DecodeKey, config: DecodeConfig, nc_cap: int) -> int:
         R, HD = key.rows, key.head_dim

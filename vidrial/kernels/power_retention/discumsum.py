@@ -101,13 +101,11 @@ class DiscumsumFamily(KernelFamily[DiscumsumKey, DiscumsumConfig]):
                               f"{config.threads} threads allow {cap} registers per thread; vec*vecs="
                               f"{config.elements_per_thread} needs ~{3 * config.elements_per_thread + 24}")
 
-    def standard_keys(self) -> list[DiscumsumKey]:
-        from vidrial.kernels.power_retention.sympow import default_d_tile, feature_dim
+    def shape_keys(self) -> list[DiscumsumKey]:
+        from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
 
-        keys = []
-        for d, p in ((32, 2), (64, 2), (128, 2), (32, 4)):
-            keys.append(DiscumsumKey(head_dim=d, feature_dim=feature_dim(d, p, default_d_tile(d, p))))
-        return keys
+        return unique(problem_key(meta(p.b, p.chunks, p.h, p.feature_dim, p.d, dtype="float32"))
+                      for p in training_problems())
 
     def corner_configs(self, key: DiscumsumKey) -> list[DiscumsumConfig]:
         return [self.default_config(key), DiscumsumConfig(threads=32, vec=1, vecs=1),

@@ -80,11 +80,11 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
                               f"{config.threads} threads allow {cap} registers per thread; per_thread="
                               f"{config.per_thread} needs ~{3 * config.per_thread + 32}")
 
-    def standard_keys(self) -> list[DiscumsumBwdKey]:
-        from vidrial.kernels.power_retention.sympow import default_d_tile, feature_dim
+    def shape_keys(self) -> list[DiscumsumBwdKey]:
+        from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
 
-        return [DiscumsumBwdKey(head_dim=d, feature_dim=feature_dim(d, p, default_d_tile(d, p)))
-                for d, p in ((32, 2), (64, 2), (128, 2), (32, 4))]
+        return unique(problem_key(meta(p.b, p.chunks, p.h, p.feature_dim, p.d, dtype="float32"))
+                      for p in training_problems())
 
     def corner_configs(self, key: DiscumsumBwdKey) -> list[DiscumsumBwdConfig]:
         return [self.default_config(key), DiscumsumBwdConfig(threads=64, per_thread=1),
@@ -134,6 +134,12 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
 FAMILY = register(DiscumsumBwdFamily())
 
 
+def problem_key(dSbar: Any) -> DiscumsumBwdKey:
+    """The dispatch key of a call on state gradients dSbar [b, n, h, D, d] (b*h and n bucketed)."""
+    b, n, h, D, d = dSbar.shape
+    return DiscumsumBwdKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
+
+
 def discumsum_bwd(dSbar, dsbar, Sbar16, sbar, chunk_gates=None, dS_final=None, ds_final=None, *,
                   want_initial: bool = False, config=None):
     """In place: dSbar [b,n,h,D,d] / dsbar [b,n,h,D] fp32 (gradients w.r.t. the states at the start of each
@@ -153,7 +159,7 @@ def discumsum_bwd(dSbar, dsbar, Sbar16, sbar, chunk_gates=None, dS_final=None, d
         raise InputError("Sbar16", (tuple(Sbar16.shape), str(Sbar16.dtype)), f"bfloat16 {(b, n, h, D, d)}")
     if sbar.dtype != torch.float32 or sbar.shape[1] < n or tuple(sbar.shape[::2]) != (b, h):
         raise InputError("sbar", (tuple(sbar.shape), str(sbar.dtype)), f"float32 [{b}, >={n}, {h}, {D}]")
-    key = DiscumsumBwdKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
+    key = problem_key(dSbar)
     dev = dSbar.device
     if config is None:
         config = pick(FAMILY, key, dev)

@@ -198,8 +198,14 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
             q_in_regs=config.q_in_regs,
         )
 
+    def shape_keys(self) -> list[IntraChunkAttentionKey]:
+        from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
+
+        return unique(problem_key(meta(p.b, p.t, p.h, p.d), meta(p.b, p.t, p.h, dtype="float32"), p.deg,
+                                  p.chunk_size, False) for p in training_problems())
+
     def standard_keys(self) -> list[IntraChunkAttentionKey]:
-        keys = []
+        keys = self.shape_keys()
         for d in HEAD_DIMS:
             for dtype in DTYPES:
                 keys.append(IntraChunkAttentionKey(head_dim=d, dtype=dtype, chunk_size=1024, gating=True))
@@ -210,7 +216,7 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
             keys.append(IntraChunkAttentionKey(head_dim=d, deg=2, chunk_size=64, gating=False))
             keys.append(IntraChunkAttentionKey(head_dim=d, deg=4, chunk_size=0, gating=False, normalize=True,
                                                t_bucket=16384))
-        return keys
+        return list(dict.fromkeys(keys))
 
     # ---- tuner protocol (vidrial/tuning): inputs, a run, the float64 reference -------------------
     def make_inputs(self, key: IntraChunkAttentionKey, device: Any, seed: int) -> dict[str, Any]:

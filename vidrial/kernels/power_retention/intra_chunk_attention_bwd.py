@@ -156,10 +156,14 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
                                                        f"{key.head_dim}; use tile=32")
         super().check(key, config, arch)
 
+    def shape_keys(self, dtype: str = "bfloat16") -> list[IntraBwdKey]:
+        from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
+
+        return unique(_pass_key(stage, meta(p.b, p.t, p.h, p.d, dtype=dtype), meta(p.b, p.t, p.h, p.d, dtype=dtype),
+                                p.chunk_size, p.deg) for p in training_problems() for stage in ("dkv", "dq"))
+
     def standard_keys(self) -> list[IntraBwdKey]:
-        return [IntraBwdKey(head_dim=d, deg=p, dtype=dt, stage=st)
-                for d, p in ((32, 2), (64, 2), (128, 2), (32, 4)) for dt in ("bfloat16", "float16")
-                for st in ("dkv", "dq")]
+        return self.shape_keys() + self.shape_keys("float16")
 
     def corner_configs(self, key: IntraBwdKey) -> list[IntraBwdConfig]:
         cands = [self.default_config(key), dict(tile=32), dict(tile=64), dict(tile=64 if key.head_dim <= 64 else 32,

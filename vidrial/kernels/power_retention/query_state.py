@@ -155,14 +155,20 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
                               f"{acc} fp32 accumulators per thread (tile_m/(16*warps) * d/2) exceed 128; "
                               "use more warps or a smaller tile_m")
 
+    def shape_keys(self) -> list[QueryStateKey]:
+        from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
+
+        return unique(problem_key(meta(p.b, p.t, p.h, p.d), meta(p.b, p.t, p.h, p.d, dtype="float32"), p.deg,
+                                  p.d_tile, p.chunk_size) for p in training_problems())
+
     def standard_keys(self) -> list[QueryStateKey]:
         from vidrial.kernels.power_retention.sympow import default_d_tile
 
-        keys = []
+        keys = self.shape_keys()
         for d, p in ((32, 2), (64, 2), (128, 2), (32, 4)):
             for dt in ("bfloat16", "float16"):
                 keys.append(QueryStateKey(head_dim=d, deg=p, d_tile=default_d_tile(d, p), dtype=dt, o_dtype="float32"))
-        return keys
+        return list(dict.fromkeys(keys))
 
     def corner_configs(self, key: QueryStateKey) -> list[QueryStateConfig]:
         out = [self.default_config(key), QueryStateConfig(tile_m=16, tile_k=16, warps=1, stages=2),

@@ -179,12 +179,14 @@ class QueryStateBwdFamily(SliceCheck, KernelFamily[QueryStateBwdKey, QueryStateB
             check_row_loop(key.head_dim, key.deg, key.d_tile, config)
         super().check(key, config, arch)
 
-    def standard_keys(self) -> list[QueryStateBwdKey]:
-        from vidrial.kernels.power_retention.sympow import default_d_tile
+    def shape_keys(self, dtype: str = "bfloat16") -> list[QueryStateBwdKey]:
+        from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
 
-        return [QueryStateBwdKey(head_dim=d, deg=p, d_tile=default_d_tile(d, p), dtype=dt, stage=st)
-                for d, p in ((32, 2), (64, 2), (128, 2), (32, 4)) for dt in ("bfloat16", "float16")
-                for st in ("rows", "state")]
+        return unique(k for p in training_problems() for k in _keys(meta(p.b, p.t, p.h, p.d, dtype=dtype), p.deg,
+                                                                     p.d_tile))
+
+    def standard_keys(self) -> list[QueryStateBwdKey]:
+        return self.shape_keys() + self.shape_keys("float16")
 
     def corner_configs(self, key: QueryStateBwdKey) -> list[QueryStateBwdConfig]:
         out = [self.default_config(key)]

@@ -200,8 +200,14 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
             min_ctas=config.min_ctas, smem_bytes=self.dynamic_smem_bytes(key, config),
         )
 
+    def shape_keys(self) -> list[UpdateStateKey]:
+        from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
+
+        return unique(problem_key(meta(p.b, p.t, p.h, p.d), meta(p.b, p.t, p.h, dtype="float32"), p.deg, p.d_tile,
+                                  p.chunk_size) for p in training_problems())
+
     def standard_keys(self) -> list[UpdateStateKey]:
-        keys = []
+        keys = self.shape_keys()
         for d in HEAD_DIMS:
             for dtype in DTYPES:
                 for chunk in (64, 1024):
@@ -212,7 +218,7 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
             keys.append(UpdateStateKey(head_dim=64, deg=2, d_tile=t, dtype="bf16", chunk_size=1024, gating=True))
         for dtype in DTYPES:  # degree 4 at a moderate D (d=32, d_tile=4: D=84480)
             keys.append(UpdateStateKey(head_dim=32, deg=4, d_tile=4, dtype=dtype, chunk_size=256, gating=True))
-        return keys
+        return list(dict.fromkeys(keys))
 
     def grid(self, key: UpdateStateKey, config: UpdateStateConfig, bh_chunks: int) -> tuple[int, int, int]:
         return (math.ceil(key.feature_dim / config.tile_m) * bh_chunks, 1, 1)

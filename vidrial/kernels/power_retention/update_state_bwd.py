@@ -147,11 +147,13 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
             check_row_loop(key.head_dim, key.deg, key.d_tile, config)
         super().check(key, config, arch)
 
-    def standard_keys(self) -> list[UpdateStateBwdKey]:
-        from vidrial.kernels.power_retention.sympow import default_d_tile
+    def shape_keys(self, dtype: str = "bfloat16") -> list[UpdateStateBwdKey]:
+        from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
 
-        return [UpdateStateBwdKey(head_dim=d, deg=p, d_tile=default_d_tile(d, p), dtype=dt)
-                for d, p in ((32, 2), (64, 2), (128, 2), (32, 4)) for dt in ("bfloat16", "float16")]
+        return unique(problem_key(meta(p.b, p.t, p.h, p.d, dtype=dtype), p.deg, p.d_tile) for p in training_problems())
+
+    def standard_keys(self) -> list[UpdateStateBwdKey]:
+        return self.shape_keys() + self.shape_keys("float16")
 
     def corner_configs(self, key: UpdateStateBwdKey) -> list[UpdateStateBwdConfig]:
         out = [self.default_config(key)]
@@ -202,6 +204,13 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
 FAMILY = register(UpdateStateBwdFamily())
 
 
+def problem_key(K: Any, deg: int, d_tile: int) -> UpdateStateBwdKey:
+    """The dispatch key of a call on keys K [b, t, h, d] (b*t*h bucketed)."""
+    b, t, h, d = K.shape
+    return UpdateStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=str(K.dtype).replace("torch.", ""),
+                             tokens=pow2_bucket(b * t * h))
+
+
 def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int, config=None):
     """dK, dV [b,t,h,d] fp32 and E [b,t,h] fp32 (phi(k~).dphi, None without gating).
 
@@ -220,8 +229,7 @@ def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int,
     if t % c:
         raise InputError("K", tuple(K.shape), f"a time length that is a multiple of chunk_size={c}")
     n = t // c
-    key = UpdateStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=str(K.dtype).replace("torch.", ""),
-                            tokens=pow2_bucket(b * t * h))
+    key = problem_key(K, deg, d_tile)
     geo = row_loop_geometry(d, deg, d_tile, RowLoopConfig())
     if tuple(dS.shape) != (b, n, h, geo["D"], d) or dS.dtype != torch.float32:
         raise InputError("dS", (tuple(dS.shape), str(dS.dtype)), f"float32 {(b, n, h, geo['D'], d)}")
