@@ -94,20 +94,23 @@ def run(args: argparse.Namespace) -> int:
                        leaders=args.leaders, tuned_dir=args.tuned_dir, record=not args.no_record,
                        progress=not args.no_progress, space_path=args.space, skip_tuned=args.skip_tuned,
                        **({"backend": args.backend} if args.backend else {}),
-                       **({"compiler": args.compiler} if args.compiler else {}))
+                       **({"compiler": args.compiler} if args.compiler else {}), on_result=_print_result)
     except KeyboardInterrupt:
         print("\nvidrial tune: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
         return 130
     except (VidrialError, ValueError) as exc:
         print(f"vidrial tune: {exc}", file=sys.stderr)
         return 2
-    for r in results:
-        speed = f" ({r.speedup:.2f}x vs default {r.default_time_ms:.4g} ms)" if r.speedup else ""
-        winner = " ".join(f"{k}={v}" for k, v in (r.winner or {}).items()) or "none"
-        time_text = f"{r.time_ms:.4g} ms" if r.time_ms is not None else "-"
-        how = "already tuned, in " if r.stopped_because == "already tuned" else "stored in "
-        print(f"{r.family} {json.dumps(r.key)}: {winner} {time_text}{speed}; {r.trials} trials"
-              f"{'; ' + how + r.store_path if r.store_path else ''}")
     if results:
         print(f"report: {args.out}/report.md")
     return 0 if all(r.winner is not None for r in results) else 1
+
+
+def _print_result(r) -> None:
+    """One line per study, as it ends (a run cut short by a time limit still shows what it finished)."""
+    speed = f" ({r.speedup:.2f}x vs default {r.default_time_ms:.4g} ms)" if r.speedup else ""
+    winner = " ".join(f"{k}={v}" for k, v in (r.winner or {}).items()) or "none"
+    time_text = f"{r.time_ms:.4g} ms" if r.time_ms is not None else "-"
+    how = "already tuned, in " if r.stopped_because == "already tuned" else "stored in "
+    print(f"{r.family} {json.dumps(r.key)}: {winner} {time_text}{speed}; {r.trials} trials"
+          f"{'; ' + how + r.store_path if r.store_path else ''}", flush=True)

@@ -1057,6 +1057,7 @@ def tune(
     compare: Sequence[int] | None = None,
     measurer: Any = None,
     compiler: Any = None,
+    on_result: Callable[[StudyResult], None] | None = None,
     **options: Any,
 ) -> list[StudyResult]:
     """Tunes kernel families and records the winners in the tuned-config store.
@@ -1070,7 +1071,8 @@ def tune(
     default journal storage). storage: Optuna storage URL or journal file path. resume:
     continue existing studies (else they start over). gpus: device indices; one process
     per GPU works each study. compare: with sampler="grid", budgets N at which to compare
-    TPE/GP/random replayed on the exhaustive results. Other options: fields of TuneSettings
+    TPE/GP/random replayed on the exhaustive results. on_result: called with each study's result as it
+    ends. Other options: fields of TuneSettings
     (arch, seed, job_timeout_s, leaders, record, tuned_dir, progress, ...)."""
     if sampler not in SAMPLERS:
         raise InputError("sampler", repr(sampler), f"one of {', '.join(SAMPLERS)}")
@@ -1106,6 +1108,8 @@ def tune(
         for key in _keys(family, keys, preset):
             result = tune_key(family, key, settings, measurer=measurer, compiler=compiler, space=space)
             results.append(result)
+            if on_result is not None:  # as each study ends: a run cut short still reports what it finished
+                on_result(result)
             if compare and sampler == "grid" and result.report_dir:
                 import optuna
 
