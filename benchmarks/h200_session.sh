@@ -2,7 +2,7 @@
 # One batched call on the H200 test machine (see ../shared/gpu/README.md):
 #   GPU test suite (files in parallel groups: compile-bound, correctness only),
 #   then tuning of the shape-A/B keys (alone on the GPU), then `vidrial bench`.
-# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|compare|tune|tune_all|bench|profile|flash ...]
+# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|compare|tune|tune_all|ship|fwdbwd|bench|profile|flash ...]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VIDRIAL_CACHE_DIR=/tmp/vidrial-cache
@@ -71,6 +71,18 @@ run_tune_all() {
     ${TUNE_GPUS:+--gpus $TUNE_GPUS} 2>&1 | tee "$OUT/tune-all.txt" | grep -v "^report:" | tail -40
   VIDRIAL_TUNED_DIR=.tune-state/tuned python3 -m vidrial show 2>&1 | grep -E "tuned entries" || true
   tar -czf "$OUT/tune-state.tgz" .tune-state
+}
+
+run_ship() {
+  # this call's tune_all winners into the tree's tuned_configs/ (what later steps dispatch from; the same
+  # `vidrial ship .tune-state/tuned` is then run on the returned state at home and committed)
+  python3 -m vidrial ship .tune-state/tuned && find tuned_configs -name "*.lock" -delete
+  python3 -m vidrial show 2>&1 | grep -E "^  \S|standard shapes" | tee "$OUT/show.txt"
+}
+
+run_fwdbwd() {
+  # fwd+bwd at shape A with the per-kernel split (the tuned store of the tree)
+  timeout 200 python3 benchmarks/bench_fwd_bwd.py --shapes ${FWDBWD_SHAPES:-A} --reps 10 2>&1 | tee "$OUT/fwd-bwd.txt" | tail -40
 }
 
 run_bench() {
