@@ -163,21 +163,23 @@ def test_constraint_huge_power_is_refused():
         Constraint.parse("2 ** 10 ** 10 > tile_m").evaluate({"tile_m": 1})
 
 
-def test_skip_tuned_keeps_the_recorded_entry_and_tunes_only_missing_keys(tmp_path):
-    (first,) = _tune(tmp_path, trials=12, seed=0)
+def test_skip_tuned_keeps_the_recorded_entries_and_tunes_only_missing_keys(tmp_path):
+    third = {**KEY128, "chunk_size": 8192}
+    first, _ = _tune(tmp_path, trials=12, seed=0, keys=[KEY128, third])
     path = Path(first.store_path)
-    before = path.read_text()
+    before = json.loads(path.read_text())["entries"]
     other = {**KEY128, "chunk_size": 4096}
-    results = _tune(tmp_path, trials=6, seed=1, skip_tuned=True, keys=[KEY128, other], out=tmp_path / "out2")
-    skipped, tuned = results
-    assert skipped.stopped_because == "already tuned" and skipped.trials == 0
+    # KEY128: skipped inside its study (GPU not yet known); third: skipped before any study (GPU known)
+    skipped, tuned, skipped_fast = _tune(tmp_path, trials=6, seed=1, skip_tuned=True, keys=[KEY128, other, third],
+                                         out=tmp_path / "out2")
+    for s in (skipped, skipped_fast):
+        assert s.stopped_because == "already tuned" and s.trials == 0 and s.store_path == str(path)
     assert skipped.winner == first.winner and skipped.time_ms == pytest.approx(first.time_ms)
-    assert skipped.store_path == str(path)
-    assert tuned.stopped_because != "already tuned"
-    assert tuned.trials == 6
+    assert tuned.stopped_because != "already tuned" and tuned.trials == 6
+    assert not (tmp_path / "out2" / "_synthetic" / "fake-gpu" / "head_dim=128_chunk_size=8192").exists()
     entries = json.loads(path.read_text())["entries"]
-    assert json.loads(before)["entries"].items() <= entries.items()  # the first entry is untouched
-    assert len(entries) == 2
+    assert before.items() <= entries.items()  # the recorded entries are untouched
+    assert len(entries) == 3
 
 
 # ---- the search loop on a known objective ------------------------------------------------------------

@@ -1087,7 +1087,10 @@ def tune(
                             resume=resume, gpus=tuple(gpus) if gpus else (0,), **options)
     if settings.tuned_dir is not None:
         settings.tuned_dir = Path(settings.tuned_dir)
+    from vidrial.tuning.store import GpuIdentity
+
     results = []
+    measured_on: tuple[GpuIdentity, str] | None = None  # (GPU, arch) of the first study: all run there
     for family in _families(kernel):
         try:
             space = load_search_space(family, settings.space_path)
@@ -1106,7 +1109,13 @@ def tune(
             print(f"vidrial tune: skipping {why}", file=sys.stderr)
             continue
         for key in _keys(family, keys, preset):
-            result = tune_key(family, key, settings, measurer=measurer, compiler=compiler, space=space)
+            result = None
+            if settings.skip_tuned and measured_on is not None:  # known GPU: skip without starting a worker
+                gpu, arch = measured_on
+                result = _already_tuned(family, key, gpu, arch, study_name(family, gpu.slug, key), settings)
+            if result is None:
+                result = tune_key(family, key, settings, measurer=measurer, compiler=compiler, space=space)
+                measured_on = (GpuIdentity(**result.gpu), result.arch)
             results.append(result)
             if on_result is not None:  # as each study ends: a run cut short still reports what it finished
                 on_result(result)
