@@ -80,3 +80,15 @@ def test_show_reports_shape_coverage(capsys):
         assert shapes["keys"] == len(family.shape_keys())
         assert shapes["exact"] + shapes["nearest"] + shapes["default"] == shapes["keys"]
         assert sum(k["standard_shape"] for k in cov["keys"]) == shapes["keys"]
+
+
+def test_show_text_names_the_command_that_fills_shape_gaps(capsys):
+    from vidrial.cli import main
+
+    assert main(["show", "--gpu", "nvidia-h200", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    gaps = sum(f["coverage"]["shapes"]["keys"] - f["coverage"]["shapes"]["exact"] for f in data["gpus"][0]["families"])
+    assert main(["show", "--gpu", "nvidia-h200"]) == 0
+    text = capsys.readouterr().out
+    assert (f"{gaps} standard-shape keys have no exact entry" in text) == (gaps > 0)
+    assert ("--preset shapes --skip-tuned" in text) == (gaps > 0)

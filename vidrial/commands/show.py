@@ -199,6 +199,10 @@ def _print_text(data: dict[str, Any], file=None) -> None:
                     p(f"      [{s['origin']}] {s['key']}: {s['reason']}")
         for path in g["unknown_files"]:
             p(f"  file for an unregistered family: {path}")
+        gaps = sum(f["coverage"]["shapes"]["keys"] - f["coverage"]["shapes"]["exact"] for f in g["families"])
+        if gaps:
+            p(f"\n  {gaps} standard-shape keys have no exact entry; on this GPU model, fill them with\n"
+              f"    vidrial tune --kernel all --preset shapes --skip-tuned --resume")
     if "last" in data:
         _print_last(data["last"], file)
 
