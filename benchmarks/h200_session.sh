@@ -60,7 +60,7 @@ run_compare() {
 }
 
 run_tune_all() {
-  # Every family's standard keys (issue 7's shipped set), resumable across calls: the journal and the
+  # Every family's shape keys (issue 7's shipped set), resumable across calls: the journal and the
   # store live in .tune-state/ (git-ignored; extract $OUT/tune-state.tgz here and carry .tune-state next time)
   mkdir -p .tune-state
   # TUNE_PRESET: shapes (default; what shipped configs must cover) or standard (also the other variants);

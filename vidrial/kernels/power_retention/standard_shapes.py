@@ -24,19 +24,10 @@ DECODE_STATE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
-class TrainingProblem:
-    shape: str
-    b: int
-    t: int
-    h: int
+class _Layout:
     d: int
     deg: int
     d_tile: int
-    chunk_size: int = CHUNK_SIZE
-
-    @property
-    def chunks(self) -> int:
-        return self.t // self.chunk_size
 
     @property
     def feature_dim(self) -> int:
@@ -46,19 +37,23 @@ class TrainingProblem:
 
 
 @dataclass(frozen=True)
-class DecodeProblem:
+class TrainingProblem(_Layout):
+    shape: str
     b: int
+    t: int
     h: int
-    d: int
-    deg: int
-    d_tile: int
-    state_dtype: str
+    chunk_size: int = CHUNK_SIZE
 
     @property
-    def feature_dim(self) -> int:
-        from vidrial.kernels.power_retention.sympow import feature_dim
+    def chunks(self) -> int:
+        return self.t // self.chunk_size
 
-        return feature_dim(self.d, self.deg, self.d_tile)
+
+@dataclass(frozen=True)
+class DecodeProblem(_Layout):
+    b: int
+    h: int
+    state_dtype: str
 
 
 def training_problems() -> Iterator[TrainingProblem]:
@@ -66,7 +61,7 @@ def training_problems() -> Iterator[TrainingProblem]:
 
     for d, p in HEAD_DIM_DEGREES:
         for name, b, t, h in TRAINING_SHAPES:
-            yield TrainingProblem(name, b, t, h, d, p, default_d_tile(d, p))
+            yield TrainingProblem(d=d, deg=p, d_tile=default_d_tile(d, p), shape=name, b=b, t=t, h=h)
 
 
 def decode_problems() -> Iterator[DecodeProblem]:
@@ -75,7 +70,7 @@ def decode_problems() -> Iterator[DecodeProblem]:
     for d, p in HEAD_DIM_DEGREES:
         for sd in DECODE_STATE_DTYPES:
             for b in DECODE_BATCHES:
-                yield DecodeProblem(b, DECODE_HEADS, d, p, default_d_tile(d, p), sd)
+                yield DecodeProblem(d=d, deg=p, d_tile=default_d_tile(d, p), b=b, h=DECODE_HEADS, state_dtype=sd)
 
 
 def meta(*shape: int, dtype: str = "bfloat16") -> Any:
