@@ -228,7 +228,9 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
         keys.append(DecodeKey(head_dim=64, deg=2, d_tile=8, dtype="bf16", state_dtype="fp32", group=4, gating=True))
         keys.append(DecodeKey(head_dim=64, deg=2, d_tile=16, dtype="fp16", state_dtype="bf16", gating=True))
         keys.append(DecodeKey(head_dim=32, deg=4, d_tile=4, dtype="bf16", state_dtype="fp32", gating=True))
-        return list(dict.fromkeys(keys))
+        from vidrial.kernels.power_retention.standard_shapes import unique
+
+        return unique(keys)
 
     def workspace_floats(self, key: DecodeKey, config: DecodeConfig, nc_cap: int) -> int:
         R, HD = key.rows, key.head_dim

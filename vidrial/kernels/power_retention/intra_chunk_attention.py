@@ -216,7 +216,9 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
             keys.append(IntraChunkAttentionKey(head_dim=d, deg=2, chunk_size=64, gating=False))
             keys.append(IntraChunkAttentionKey(head_dim=d, deg=4, chunk_size=0, gating=False, normalize=True,
                                                t_bucket=16384))
-        return list(dict.fromkeys(keys))
+        from vidrial.kernels.power_retention.standard_shapes import unique
+
+        return unique(keys)
 
     # ---- tuner protocol (vidrial/tuning): inputs, a run, the float64 reference -------------------
     def make_inputs(self, key: IntraChunkAttentionKey, device: Any, seed: int) -> dict[str, Any]:

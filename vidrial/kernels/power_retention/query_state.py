@@ -168,7 +168,9 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
         for d, p in ((32, 2), (64, 2), (128, 2), (32, 4)):
             for dt in ("bfloat16", "float16"):
                 keys.append(QueryStateKey(head_dim=d, deg=p, d_tile=default_d_tile(d, p), dtype=dt, o_dtype="float32"))
-        return list(dict.fromkeys(keys))
+        from vidrial.kernels.power_retention.standard_shapes import unique
+
+        return unique(keys)
 
     def corner_configs(self, key: QueryStateKey) -> list[QueryStateConfig]:
         out = [self.default_config(key), QueryStateConfig(tile_m=16, tile_k=16, warps=1, stages=2),

@@ -220,7 +220,9 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
             keys.append(UpdateStateKey(head_dim=64, deg=2, d_tile=t, dtype="bf16", chunk_size=1024, gating=True))
         for dtype in DTYPES:  # degree 4 at a moderate D (d=32, d_tile=4: D=84480)
             keys.append(UpdateStateKey(head_dim=32, deg=4, d_tile=4, dtype=dtype, chunk_size=256, gating=True))
-        return list(dict.fromkeys(keys))
+        from vidrial.kernels.power_retention.standard_shapes import unique
+
+        return unique(keys)
 
     def grid(self, key: UpdateStateKey, config: UpdateStateConfig, bh_chunks: int) -> tuple[int, int, int]:
         return (math.ceil(key.feature_dim / config.tile_m) * bh_chunks, 1, 1)
