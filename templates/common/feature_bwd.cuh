@@ -274,9 +274,11 @@ __device__ __forceinline__ void store_dphi(float* scratch, const float (&c)[2][N
 template <int T, int P>
 struct Chain {
   static constexpr int BS = ipow(T, P);
+  // p = 4 keeps chunks of 16 features (M = 2): with CHUNK = 64 (M = 3) the xl/acc arrays of step()
+  // went to local memory (96-byte stack frame in both mma16 kernels; none with this cap)
   static constexpr int low_digits() {
     int m = 0, c = 1;
-    while (m < P && c * T <= SUB) {
+    while (m < P && c * T <= (P == 4 ? 16 : SUB)) {
       c *= T;
       ++m;
     }
