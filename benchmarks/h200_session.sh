@@ -81,8 +81,9 @@ run_ship() {
 }
 
 run_fwdbwd() {
-  # fwd+bwd at shape A with the per-kernel split (the tuned store of the tree)
-  timeout 200 python3 benchmarks/bench_fwd_bwd.py --shapes ${FWDBWD_SHAPES:-A} --reps 10 2>&1 | tee "$OUT/fwd-bwd.txt" | tail -40
+  # fwd+bwd at shape A (FWDBWD_SHAPES: e.g. A,B,A4) with the per-kernel split (the tuned store of the tree);
+  # FWDBWD_ARGS e.g. --no-variants
+  timeout "${FWDBWD_BUDGET:-200}" python3 benchmarks/bench_fwd_bwd.py --shapes ${FWDBWD_SHAPES:-A} --reps 10 ${FWDBWD_ARGS:-} 2>&1 | tee "$OUT/fwd-bwd.txt" | tail -40
 }
 
 run_bench() {
