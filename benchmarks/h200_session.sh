@@ -2,7 +2,7 @@
 # One batched call on the H200 test machine (see ../shared/gpu/README.md):
 #   GPU test suite (files in parallel groups: compile-bound, correctness only),
 #   then tuning of the shape-A/B keys (alone on the GPU), then `vidrial bench`.
-# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|compare|tune|tune_all|ship|fwdbwd|bench|profile|flash ...]
+# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|compare|tune|tune_all|ship|fwdbwd|bench|profile|kernels|flash ...]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VIDRIAL_CACHE_DIR=/tmp/vidrial-cache
@@ -98,6 +98,13 @@ run_profile() {
   ncu -i "$OUT/fwd_bwd.ncu-rep" --page details --csv > "$OUT/ncu-details.csv" 2>&1
   ncu -i "$OUT/fwd_bwd.ncu-rep" --print-summary per-kernel > "$OUT/ncu-summary.txt" 2>&1
   tail -40 "$OUT/ncu-summary.txt"
+}
+
+run_kernels() {
+  # every GPU kernel of a fwd+bwd step (vidrial's and torch's glue) per shape in KERNELS_SHAPES (torch.profiler)
+  for shape in ${KERNELS_SHAPES:-A}; do
+    timeout 200 python3 benchmarks/profile_fwd_bwd.py --shape "$shape" --torch-profiler 2>&1 | tee "$OUT/kernels-$shape.txt" | tail -45
+  done
 }
 
 run_flash() {
