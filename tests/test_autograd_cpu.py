@@ -69,3 +69,35 @@ def test_compile_fullgraph_traces_the_public_op(monkeypatch):
     assert Y.shape == Q.shape
     Y.float().sum().backward()
     assert Q.grad.shape == Q.shape and lg.grad.shape == lg.shape
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16, 8), (2, 50, 8), (1, 4, 7, 1)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_time_is_the_cumsum_along_time(shape, reverse):
+    """The gate scans run on an [.., h, T] copy (fast innermost scan); same sums as cumsum along T."""
+    from vidrial.autograd import _scan_time
+
+    x = torch.randn(shape, dtype=torch.float64)
+    want = x.flip(-2).cumsum(-2).flip(-2) if reverse else x.cumsum(-2)
+    got = _scan_time(x, reverse=reverse)
+    assert got.shape == x.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_chunk_cumsum_restarts_every_chunk():
+    from vidrial.autograd import _chunk_cumsum
+
+    lg = torch.randn(2, 48, 3)
+    got = _chunk_cumsum(lg, 16)
+    for nu in range(3):
+        sl = slice(16 * nu, 16 * nu + 16)
+        torch.testing.assert_close(got[:, sl], lg[:, sl].cumsum(1))
+
+
+def test_intra_row_term():
+    from vidrial.autograd import _intra_row_term
+
+    dO, O = torch.randn(2, 5, 3, 8, dtype=torch.float64), torch.randn(2, 5, 3, 8, dtype=torch.float64)
+    dl, l = torch.randn(2, 5, 3, dtype=torch.float64), torch.rand(2, 5, 3, dtype=torch.float64)
+    want = torch.einsum("bthd,bthd->bth", dO, O) + dl * (l - 1e-6)
+    torch.testing.assert_close(_intra_row_term(dO, O, dl, l), want)
