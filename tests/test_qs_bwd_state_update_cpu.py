@@ -232,3 +232,18 @@ def test_query_state_bwd_switch_and_errors(monkeypatch):
         mod.check_supported(96, 1, 64)
     with pytest.raises(InputError, match=r"^state_impl: .*multiple of 16"):
         mod.check_supported(64, 1, 40)
+
+
+def test_split_bf16_gram_is_near_fp32():
+    """p = 4's moment GEMM on bf16 halves: Z = x (x) x of bf16 x splits exactly into hi + lo, and the three
+    products stay within ~2^-16 of the float64 Gram matrix (signed weights: cancellation included)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 96, 16, generator=gen).bfloat16().float()
+    Z = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+    hi = Z.bfloat16()
+    assert torch.equal(hi.float() + torch.sub(Z, hi, out=torch.empty_like(hi)).float(), Z)
+    W = Z * torch.randn(3, 96, 1, generator=gen)
+    want = Z.double().transpose(1, 2) @ W.double()
+    got = mod.split_bf16_gram(Z, W)
+    assert got.dtype == torch.float32 and rel(got, want) < 2e-5
+    assert rel(Z.bfloat16().float().transpose(1, 2) @ W.bfloat16().float(), want) > 1e-3  # plain bf16 would not

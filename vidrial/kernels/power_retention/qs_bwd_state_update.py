@@ -17,6 +17,8 @@ dsbar has signed row weights dBh: update_state's s is unweighted and V' has no f
 from the weighted moments of the same bf16 K' instead (weighted_feature_sums): one fp32 batched GEMM
 of d^(p/2) x d^(p/2) per (chunk, KV head), for p = 2 a 2/d fraction of the main GEMM's FLOPs
 (d=64: 3%), on fp32 (not bf16) operands because it is cheap and sbar is fp32 in the forward too.
+For p = 4 (a d^2 x d^2 GEMM, ~10% of the fwd+bwd in fp32) it runs on tensor cores as three bf16
+GEMMs of hi/lo halves (split_bf16_gram: ~2^-16 relative error, fp32 accumulation).
 
 Precision: K' and V' are bf16 (relative rounding 2^-9) and update_state forms phi(K') with bf16
 multiplies (p - 1 more roundings), fp32 accumulation; fp16 inputs also go through bf16 (fp32's
@@ -35,7 +37,7 @@ from typing import Any
 from vidrial.core.errors import InputError
 from vidrial.kernels.power_retention.update_state import HEAD_DIMS, UpdateStateConfig, update_state
 
-__all__ = ["check_supported", "state_pass_inputs", "weighted_feature_sums", "state_pass_update_state"]
+__all__ = ["check_supported", "state_pass_inputs", "weighted_feature_sums", "split_bf16_gram", "state_pass_update_state"]
 
 # fp32 elements of Z and M per batch of (chunk, KV head) pairs in weighted_feature_sums: its
 # temporaries stay below ~3 x 64 MB whatever the problem size (shape A: three batches).
@@ -110,9 +112,43 @@ def weighted_feature_sums(X, w, *, deg: int, d_tile: int):
         Z = x
         for _ in range(half - 1):
             Z = (Z.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
-        M = Z.transpose(1, 2) @ (Z * w[i:i + step].unsqueeze(-1).float())
+        W = Z * w[i:i + step].unsqueeze(-1).float()
+        M = split_bf16_gram(Z, W) if half >= 2 and Z.is_cuda else Z.transpose(1, 2) @ W
         torch.mul(M.flatten(1)[:, flat], coef, out=out[i:i + step])
     return out
+
+
+def _bmm_bf16_fp32(a, b):
+    """a @ b for bf16 a, b with fp32 accumulation and output (tensor cores on CUDA)."""
+    import torch
+
+    if a.is_cuda:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without bmm(out_dtype=): fp32 GEMM
+            pass
+    return torch.bmm(a.float(), b.float())
+
+
+def split_bf16_gram(Z, W):
+    """Z^T W [m, a, a] (fp32) for fp32 Z, W [m, R, a] from three bf16 GEMMs on hi/lo halves,
+    Z^T W ~ Zh^T Wh + Zh^T Wl + Zl^T Wh (Zl^T Wl, ~2^-16 of the result, is dropped). For p = 4 the
+    moment GEMM is a 1024 x 1024 x (r c) product per (chunk, KV head), ~10% of the whole fwd+bwd
+    on fp32 CUDA cores; in bf16 on tensor cores it is ~3x cheaper at ~2^-16 relative error
+    (Z = x (x) x of bf16 x is exact in the two halves), far below the bf16 rounding of dSbar."""
+    import torch
+
+    def halves(x):
+        hi = x.to(torch.bfloat16)
+        return hi, torch.sub(x, hi, out=torch.empty_like(hi))  # fp32 difference, rounded once
+
+    Zh, Zl = halves(Z)
+    Wh, Wl = halves(W)
+    ZhT = Zh.transpose(1, 2)
+    M = _bmm_bf16_fp32(ZhT, Wh)
+    M += _bmm_bf16_fp32(ZhT, Wl)
+    M += _bmm_bf16_fp32(Zl.transpose(1, 2), Wh)
+    return M
 
 
 def state_pass_update_state(Q, qscale, dAh, dBh, h: int, *, deg: int, d_tile: int, scale: float, chunk_size: int,
