@@ -797,9 +797,7 @@ def _already_tuned(family: Any, key: Any, gpu: Any, arch: str, name: str, settin
     found = tuned_entry(family, key, gpu.slug, settings.tuned_dir)
     if found is None:
         return None
-    e = found.entry
-    print(f"vidrial tune: {family.name} {key.label()}: already tuned ({found.path}, {e.trials} trials, "
-          f"{e.time_ms:.4g} ms); skipped", file=sys.stderr)
+    e = found.entry  # reported once, by the caller's on_result (the CLI: "...; already tuned, in <path>")
     return StudyResult(family=family.name, key=key.model_dump(mode="json"), study_name=name, gpu=gpu.model_dump(),
                        arch=arch, winner=e.config, time_ms=e.time_ms, default_config=None,
                        default_time_ms=e.default_time_ms, trials=0, status_counts={}, store_path=str(found.path),
