@@ -27,8 +27,15 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def inputs(b, t, h, d, dtype, gating, seed=0, round_bf16=False, layout="bthd"):
+def inputs(b, t, h, d, dtype, gating, seed=0, round_bf16=False, layout="bthd", dy_scale=1.0):
     g = torch.Generator(device="cuda").manual_seed(seed)
+    if layout == "cpu":  # torch.manual_seed(seed) and randn on the CPU, then moved (what a script would do)
+        torch.manual_seed(seed)
+        Q = (torch.randn(b, t, h, d) / math.sqrt(d) * 2).cuda()
+        K = (torch.randn(b, t, h, d) / math.sqrt(d) * 2).cuda()
+        V = torch.randn(b, t, h, d).cuda()
+        dY = torch.randn(b, t, h, d).cuda() * dy_scale
+        return Q.to(dtype), K.to(dtype), V.to(dtype), None, dY.to(dtype)
 
     def rn(*shape):
         if layout == "bhtd" and len(shape) == 4:  # made as [b,h,t,d], passed as a transposed view
@@ -37,7 +44,7 @@ def inputs(b, t, h, d, dtype, gating, seed=0, round_bf16=False, layout="bthd"):
     Q = rn(b, t, h, d) / math.sqrt(d) * 2
     K = rn(b, t, h, d) / math.sqrt(d) * 2
     V = rn(b, t, h, d)
-    dY = rn(b, t, h, d)
+    dY = rn(b, t, h, d) * dy_scale  # a small scale: what a mean-reduced loss sends back
     lg = torch.nn.functional.logsigmoid(3 + torch.randn(b, t, h, device="cuda", generator=g)) if gating else None
     if round_bf16:  # values exactly representable in bf16 (isolates rounding of fp16 inputs to bf16)
         Q, K, V, dY = (x.bfloat16().float() for x in (Q, K, V, dY))
@@ -51,6 +58,9 @@ def loss_of(Y, dY, loss: str):
         return Y.mean()
     if loss == "sum":
         return Y.sum()
+    if loss == "mse":  # a mean-reduced loss against a fixed target (dY = 2 (Y - T) / numel)
+        T = torch.randn(Y.shape, generator=torch.Generator(device=Y.device).manual_seed(7), device=Y.device)
+        return ((Y.double() - T.double()) ** 2).mean() if Y.dtype == F64 else ((Y.float() - T) ** 2).mean()
     raise ValueError(loss)
 
 
@@ -67,6 +77,7 @@ def full_grads(Q, K, V, lg, dY, deg, chunk, loss="dot", rows=False):
     for name, a, w in zip(("dQ", "dK", "dV", "dlog_G"), leaves, r):
         if a is not None:
             out[name] = rel(a.grad, w.grad)
+            out[name + "_floor"] = rel(w.grad.to(a.dtype), w.grad)  # the float64 gradient stored in the input dtype
             if rows and name in ("dQ", "dK"):  # where the error sits: the rows with the largest error
                 e = (a.grad.double() - w.grad).norm(dim=-1).flatten()
                 top = e.topk(5)
@@ -123,12 +134,12 @@ def pieces(Q, K, V, lg, dY, deg, chunk):
     dS, ds, dL, _, _ = em.discumsum_bwd(dSbar, dsbar, f["Sbar"], f["sbar"], f["L"])
     dK_u, dV_u, e = em.update_state_bwd(Kp, Vp, f["g"], dS, ds, deg, dt, c)
     dQ_i, dK_i, dV_i, dg_col = em.intra_bwd(Qp, Kp, Vp, f["g"], f["m"], dO, dl, deg, scale, c)
+    got = {k: tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in v) if isinstance(v, tuple)
+           else {kk: vv.cpu() if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()} for k, v in got.items()}
     qs = got["query_state_bwd"]
     dsum = got["discumsum_bwd"]
     us = got["update_state_bwd"]
     ia = got["intra_chunk_attention_bwd"]
-    got = {k: tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in v) if isinstance(v, tuple)
-           else {kk: vv.cpu() if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()} for k, v in got.items()}
     rows = {
         "qs.dQ (inter dq)": rel(qs["dQ"], dq_s), "qs.dO": rel(qs["dO"], dO), "qs.dl": rel(qs["dl"], dl),
         "qs.dSbar": rel(qs["dSbar"], dSbar), "qs.dsbar": rel(qs["dsbar"], dsbar),
@@ -155,9 +166,20 @@ def main() -> None:
     ap.add_argument("--round-bf16", action="store_true", help="inputs exactly representable in bf16")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--seeds", type=int, default=0, help="full gradients over this many seeds (no pieces)")
-    ap.add_argument("--loss", default="dot", choices=("dot", "mean", "sum"))
-    ap.add_argument("--layout", default="bthd", choices=("bthd", "bhtd"))
+    ap.add_argument("--loss", default="dot", choices=("dot", "mean", "sum", "mse"))
+    ap.add_argument("--impl", default="", help="module.ATTR=value implementation switches, comma separated "
+                                               "(e.g. update_state_bwd.IMPL_DEFAULT=rowloop)")
+    ap.add_argument("--layout", default="bthd", choices=("bthd", "bhtd", "cpu"))
+    ap.add_argument("--dy-scale", type=float, default=1.0, help="dY = randn * this (1e-6: a mean-reduced loss)")
     a = ap.parse_args()
+    for item in filter(None, a.impl.split(",")):
+        import importlib
+
+        from vidrial import dispatch
+        target, value = item.split("=")
+        mod, attr = target.rsplit(".", 1)
+        setattr(importlib.import_module(f"vidrial.kernels.power_retention.{mod}"), attr, value)
+        dispatch.reload()
     if a.sweep:
         print(f"{'dtype':9} {'gate':4} {'chunk':5} {'d':4} {'Y':>9} {'dQ':>9} {'dK':>9} {'dV':>9} {'dlog_G':>9}")
         for dtype in ("float16", "bfloat16"):
@@ -172,13 +194,15 @@ def main() -> None:
         return
     if a.seeds:
         for seed in range(a.seeds):
-            x = inputs(a.b, a.t, a.h, a.d, getattr(torch, a.dtype), not a.no_gating, seed=seed, layout=a.layout)
+            x = inputs(a.b, a.t, a.h, a.d, getattr(torch, a.dtype), not a.no_gating, seed=seed, layout=a.layout,
+                       dy_scale=a.dy_scale)
             r = full_grads(*x, a.deg, a.chunk, a.loss, rows=True)
             print(f"seed {seed}: " + " ".join(f"{k} {v:.2e}" for k, v in r.items() if isinstance(v, float)),
-                  r.get("dQ_top")[:2] if r.get("dQ", 0) > 1e-2 else "", flush=True)
+                  r.get("dQ_top")[:3] if r.get("dQ", 0) > 1e-2 else "", r.get("dK_top")[:3] if r.get("dK", 0) > 1e-2
+                  else "", flush=True)
         return
     x = inputs(a.b, a.t, a.h, a.d, getattr(torch, a.dtype), not a.no_gating, round_bf16=a.round_bf16,
-               layout=a.layout)
+               layout=a.layout, dy_scale=a.dy_scale)
     print("full:", {k: (f"{v:.2e}" if isinstance(v, float) else v)
                     for k, v in full_grads(*x, a.deg, a.chunk, a.loss, rows=True).items()})
     for k, v in pieces(*x, a.deg, a.chunk).items():

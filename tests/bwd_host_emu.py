@@ -85,6 +85,11 @@ inline float __bfloat162float(__nv_bfloat16 v) {
   unsigned u = ((unsigned)v.x) << 16; float f; std::memcpy(&f, &u, 4); return f;
 }
 inline float __half2float(__half v) { return (float)v; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {  // round to nearest even (finite inputs), as cvt.rn.bf16.f32
+  unsigned u; std::memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return __nv_bfloat16{(unsigned short)(u >> 16)};
+}
 #define __global__
 #define __device__
 #define __forceinline__ inline

@@ -161,8 +161,11 @@ def _emulate(p, bf16_operands, want_dgrow=False):
 
 
 def _run_flash(p, cfg_kv, cfg_q, render=None, stages=("dkv", "dq")):
-    """The passes as the launcher runs them (bf16 operands), outputs poisoned with NaN."""
-    Q, K, V, dO = p["Q"], p["K"], p["V"], p["dO"]
+    """The passes as the launcher runs them (dO as a row scale times a bf16 dY), outputs poisoned with NaN."""
+    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import flash_dO_operands
+
+    Q, K, V = p["Q"], p["K"], p["V"]
+    dY, alpha = flash_dO_operands(p["dO"], None, Q.dtype)
     b, t, hq, d = Q.shape
     h = K.shape[2]
     gated = p["g"] is not None
@@ -176,7 +179,7 @@ def _run_flash(p, cfg_kv, cfg_q, render=None, stages=("dkv", "dq")):
         launch = bwd_host_emu.host_kernel((render or IB.render)(key, cfg), IB.signature)
         tiles = -(-p["c"] // cfg.tile)
         launch(b * heads * p["n"] * tiles, IB.threads_per_block(cfg), IB.dynamic_smem_bytes(key, cfg),
-               (Q, K, V, p["g"], p["m"], dO.bfloat16(), p["dl"], out["dQ"], out["dK"], out["dV"], dg, t, p["n"],
+               (Q, K, V, p["g"], p["m"], dY, p["dl"], alpha, out["dQ"], out["dK"], out["dV"], dg, t, p["n"],
                 p["c"], hq, p["gqa"], tiles, p["scale"]))
     return out
 

@@ -147,7 +147,7 @@ def power_retention_bwd(dY: torch.Tensor, dS_final: Optional[torch.Tensor], ds_f
         dl = -(dYf * Yf).sum(-1) * inv
         G = _scan_time(log_G.float()) if log_G is not None else None
         dQ, dK, dV, dgcol, dgrow = intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, deg=deg, scale=scale,
-                                                             chunk_size=None, want_dgrow=True)
+                                                             chunk_size=None, want_dgrow=True, dY=dY)
         dlog_G = _empty(dev)
         if log_G is not None:
             # the row part sum_j P dP: from the kernel when it made dgcol from bf16 operands (impl="flash": the
@@ -167,7 +167,7 @@ def power_retention_bwd(dY: torch.Tensor, dS_final: Optional[torch.Tensor], ds_f
                                          ds_final.float() if ds_final is not None else None, want_initial=has_state)
     dK_u, dV_u, E = update_state_bwd(K, V, g, dS, ds, deg=deg, d_tile=d_tile, chunk_size=c)
     dQ_i, dK_i, dV_i, dgcol, dgrow = intra_chunk_attention_bwd(Q, K, V, g, m, qs["dO"], qs["dl"], deg=deg,
-                                                               scale=scale, chunk_size=c, want_dgrow=True)
+                                                               scale=scale, chunk_size=c, want_dgrow=True, dY=dY)
     # fp32 sums written straight in the input dtype: one pass instead of an fp32 sum and a cast
     dQ = torch.add(qs["dQ"], dQ_i, out=torch.empty_like(Q))
     dK = torch.add(dK_u, dK_i, out=torch.empty_like(K))

@@ -207,15 +207,22 @@ def _round_bf16(x):
     return x.to(torch.bfloat16).to(x.dtype)
 
 
-def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c, bf16_operands: bool = False, want_dgrow: bool = False):
+def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c, bf16_operands: bool = False, want_dgrow: bool = False,
+              in_dtype=torch.bfloat16):
     """Flash-style intra-chunk backward. Q, dO [b,t,hq,d], K, V [b,t,h,d], g [b,t,h] chunk-local
     cumsum or None, m, dl [b,t,hq]. Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dg_col [b,t,h]
     (+ dg_row [b,t,hq] = sum_j P dP with want_dgrow).
-    bf16_operands: round what impl="flash" feeds its tensor cores to bf16 (dO and V, then P, s*dx and
-    Q, K before the second GEMMs; S = Q K^T on the inputs as given), so that the emulation matches
-    that kernel up to fp32 accumulation."""
+    bf16_operands: what impl="flash" feeds its tensor cores when its launcher has dO alone (flash_dO_operands'
+    fallback): dO = alpha dY with alpha = max |dO_i| and dY rounded to `in_dtype`; S = Q K^T and dP = dY V^T
+    on the inputs as given; P alpha, s*dx rounded to bf16 and Q, K, dY rounded to bf16 before the second
+    GEMMs; so that the emulation matches that kernel up to fp32 accumulation."""
     R = _round_bf16 if bf16_operands else (lambda x: x)
-    dO, Vr = R(dO), R(V)
+    alpha = torch.ones_like(dO[..., :1])
+    if bf16_operands:
+        amax = dO.abs().amax(-1, keepdim=True)
+        alpha = torch.where(amax > 0, amax, torch.ones_like(amax))
+        dO = alpha * (dO / alpha).to(in_dtype).to(dO.dtype)
+    Vr = V
     b, t, hq, d = Q.shape
     h = K.shape[2]
     r, n = hq // h, t // c
@@ -223,6 +230,7 @@ def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c, bf16_operands: bool = False,
     Kc = _rep(K, r, 2).reshape(b, n, c, hq, d).permute(0, 1, 3, 2, 4)
     Vc = _rep(Vr, r, 2).reshape(b, n, c, hq, d).permute(0, 1, 3, 2, 4)
     dOc = dO.reshape(b, n, c, hq, d).permute(0, 1, 3, 2, 4)
+    alc = alpha.reshape(b, n, c, hq, 1).permute(0, 1, 3, 2, 4)  # [b,n,hq,c,1]
     mc = m.reshape(b, n, c, hq).permute(0, 1, 3, 2)
     dlc = dl.reshape(b, n, c, hq).permute(0, 1, 3, 2)
     if g is not None:
@@ -239,10 +247,10 @@ def intra_bwd(Q, K, V, g, m, dO, dl, deg, scale, c, bf16_operands: bool = False,
     dx = deg * torch.sign(x) * ax ** (deg - 1) * E * dP
     ds, Pm = scale * dx, P
     if bf16_operands:
-        ds, Pm = _round_bf16(ds), _round_bf16(P)
+        ds = _round_bf16(ds)
     dQ = ds @ R(Kc)
     dKr = ds.transpose(-1, -2) @ R(Qc)
-    dVr = Pm.transpose(-1, -2) @ dOc
+    dVr = R(Pm * alc).transpose(-1, -2) @ R(dOc / alc)
     col = (P * dP).sum(-2)  # [b,n,hq,c]
 
     def back(x, last):

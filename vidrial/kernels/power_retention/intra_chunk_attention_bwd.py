@@ -97,7 +97,7 @@ def _smem_floats(d: int, tile: int) -> int:
 
 def _flash_smem_bytes(key: IntraBwdKey, cfg: IntraBwdConfig) -> int:
     """templates/intra_chunk_attention_bwd_flash.cu.j2: bf16 R1, R2 [tile][d], C1, C2 [2][step][d]; fp32 stats."""
-    nstat = 2 if key.stage == "dkv" else 1
+    nstat = 3 if key.stage == "dkv" else 1
     return 2 * key.head_dim * (2 * cfg.tile + 4 * cfg.step) + 4 * 2 * nstat * cfg.step
 
 
@@ -112,7 +112,7 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
     template = "intra_chunk_attention_bwd.cu.j2"  # includes the flash template for impl="flash"
     Config = IntraBwdConfig
     Key = IntraBwdKey
-    signature = ("ptr",) * 11 + ("i32",) * 6 + ("f32",)
+    signature = ("ptr",) * 12 + ("i32",) * 6 + ("f32",)
 
     def default_config(self, key: IntraBwdKey) -> IntraBwdConfig:
         from vidrial.kernels.power_retention import _bwd_util
@@ -256,9 +256,26 @@ def pass_config(stage: str, Q, K, *, deg: int, chunk_size: int | None, config=No
     return config if config is not None else pick(FAMILY, _pass_key(stage, Q, K, chunk_size, deg), Q.device)
 
 
+def flash_dO_operands(dO, dY, dtype):
+    """(dY in `dtype`, alpha [b,t,hq] fp32) with dO = alpha dY row by row: the flash kernel's dP GEMM takes
+    the incoming gradient exactly, in the input type, and the row scalar in fp32 (why: the template's header).
+    dY given (dO = dY times a row scalar, as the backward makes it): alpha = |dO_i| / |dY_i| (exact to fp32
+    rounding). dY None: rows of dO scaled to max |.| = 1 and rounded to `dtype` (a fallback for callers that
+    only have dO, e.g. the tuner's random problems)."""
+    import torch
+
+    if dY is not None:
+        nrm = dY.float().norm(dim=-1)
+        alpha = torch.where(nrm > 0, dO.norm(dim=-1) / nrm, torch.zeros_like(nrm))
+        return dY.to(dtype).contiguous(), alpha.contiguous()
+    amax = dO.abs().amax(dim=-1)
+    alpha = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return (dO / alpha.unsqueeze(-1)).to(dtype).contiguous(), alpha.contiguous()
+
+
 def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: int, scale: float,
                                    chunk_size: int | None, want_dg: bool = True, config=None,
-                                   want_dgrow: bool = False):
+                                   want_dgrow: bool = False, dY=None):
     """One pass (inputs as intra_chunk_attention_bwd): stage "dkv" returns (dK, dV [b,t,h,d], dgcol [b,t,h]
     or None), stage "dq" returns dQ [b,t,hq,d] (fp32), or with `want_dgrow` (dQ, dgrow [b,t,hq] fp32 =
     sum_j P dP, None unless the pass is impl="flash" and G is given). Current stream, no host sync."""
@@ -289,31 +306,34 @@ def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: in
     grid = b * heads * n * tiles
     if grid >= 2**31:
         raise InputError("Q", tuple(Q.shape), "fewer than 2^31 tiles")
-    if config.impl == "flash":  # bf16 tensor-core operands V, dO (no-op for bf16 V; fp16 V and the fp32 dO
-        # convert); Q, K stay in the input type (S = Q K^T on fp16 inputs: an fp16 mma); cp.async needs
-        # 16-byte aligned rows
-        V, dO = (x.to(torch.bfloat16) for x in (V, dO))
-        Q, K, V, dO = (x if x.data_ptr() % 16 == 0 else x.clone() for x in (Q, K, V, dO))
+    args = [Q, K, V, G, m, dO, dl, None]  # rowloop: fp32 dO, no alpha
+    if config.impl == "flash":  # Q, K, V and the incoming gradient in the input type, exact (template header)
+        dYin, alpha = flash_dO_operands(dO, dY, Q.dtype)
+        # cp.async needs 16-byte aligned rows
+        Q, K, V, dYin = (x if x.data_ptr() % 16 == 0 else x.clone() for x in (Q, K, V, dYin))
+        args = [Q, K, V, G, m, dYin, dl, alpha]
     kernel = launchable(FAMILY, compile_key(key), config, dev)
     kernel.launch((grid, 1, 1), (FAMILY.threads_per_block(config), 1, 1),
-                  (Q.data_ptr(), K.data_ptr(), V.data_ptr(), ptr(G), m.data_ptr(), dO.data_ptr(), dl.data_ptr(),
-                   ptr(dQ), ptr(dK), ptr(dV), ptr(dg), t, n, c, hq, hq // h, tiles, float(scale)),
+                  (*(ptr(x) for x in args), ptr(dQ), ptr(dK), ptr(dV), ptr(dg), t, n, c, hq, hq // h, tiles,
+                   float(scale)),
                   dev.index, stream_of(dev))
     return out
 
 
 def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, chunk_size: int | None,
-                              want_dg: bool = True, config=None, dq_config=None, want_dgrow: bool = False):
+                              want_dg: bool = True, config=None, dq_config=None, want_dgrow: bool = False, dY=None):
     """Q [b,t,hq,d], K, V [b,t,h,d] bf16/fp16; G [b,t,h] fp32 cumulative log gates (chunk-local; global for
     chunk_size None) or None; m, dl [b,t,hq], dO [b,t,hq,d] fp32. t need not be a multiple of the chunk.
     Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dgcol [b,t,h] (or None) fp32. Current stream, no host sync.
     `config` (dkv pass) and `dq_config` (dq pass) choose the implementation of each pass independently.
     want_dgrow: also return dgrow [b,t,hq] fp32 = sum_j P dP (5th value), the row part of the gate gradient
     consistent with dgcol, or None where the fp32 row term dO.O + dl (l - 1e-6) is the consistent one (no
-    gates, or the dkv pass is not impl="flash") or where the dq pass cannot give it (not impl="flash")."""
+    gates, or the dkv pass is not impl="flash") or where the dq pass cannot give it (not impl="flash").
+    dY [b,t,hq,d] (input type): the gradient that dO is a row-scaled copy of (dO_i = alpha_i dY_i), when the
+    caller has it; impl="flash" then takes it exactly (flash_dO_operands)."""
     Q, K, V, m, dO, dl = (x.contiguous() for x in (Q, K, V, m, dO, dl))  # once for both passes
     G = G.contiguous() if G is not None else None
-    kw = dict(deg=deg, scale=scale, chunk_size=chunk_size)
+    kw = dict(deg=deg, scale=scale, chunk_size=chunk_size, dY=dY)
     config = pass_config("dkv", Q, K, deg=deg, chunk_size=chunk_size, config=config)
     dK, dV, dg = intra_chunk_attention_bwd_pass("dkv", Q, K, V, G, m, dO, dl, want_dg=want_dg, config=config, **kw)
     row_term = want_dgrow and config.impl == "flash"  # a rowloop dgcol pairs with the fp32 row term instead
