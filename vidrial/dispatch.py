@@ -11,8 +11,9 @@ For a family, a problem key and a GPU, `select_config` returns, in this order:
 
 A tuned config is used only if `family.check(key, config, gpu.arch)` accepts it for the
 key at hand (else the next candidate, finally the default). A call never fails because of
-the store: corrupt files are skipped with one warning, stale entries (template hash or
-schema version differ) are ignored with one warning per file.
+the store: unreadable or corrupt files are skipped with one warning, entries that do not
+validate or are stale (template hash or schema version differ) are ignored with one warning
+per file, and every other entry of such a file is still used.
 
 Cost: the index of a (family, GPU model) is built once per process from the shipped
 folder and then the user folder (whose entries override shipped ones key by key); every
@@ -158,18 +159,17 @@ def _distance(a: tuple[Any, ...], b: tuple[Any, ...]) -> float:
     return total
 
 
-def _read_into(index: Index, family: KernelFamily, path: Path, origin: Origin, warn: bool) -> None:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tuned = store.load_file(path)
+def _read_into(index: Index, family: KernelFamily, found: store.ReadResult, origin: Origin, warn: bool) -> None:
+    path, tuned = found.path, found.tuned
     if tuned is None:
-        message = str(caught[0].message) if caught else f"tuned configs {path}: unreadable; file skipped"
+        message = found.message
         index.files.append(FileReport(path, origin, "corrupt", problems=[message]))
         index.stale.append(StaleEntry(path, origin, "*", message))
         if warn:
             warnings.warn(message, TunedConfigWarning, stacklevel=4)
         return
-    report = FileReport(path, origin, "ok", entries=len(tuned.entries))
+    total = len(tuned.entries) + len(found.invalid)
+    report = FileReport(path, origin, "ok", entries=total)
     index.files.append(report)
     if tuned.schema_version != SCHEMA_VERSION or tuned.family != family.name:
         if tuned.schema_version != SCHEMA_VERSION:
@@ -180,9 +180,11 @@ def _read_into(index: Index, family: KernelFamily, path: Path, origin: Origin, w
         report.problems.append(reason)
         index.stale.append(StaleEntry(path, origin, "*", reason))
         if warn:
-            warnings.warn(f"tuned configs {path}: {reason}; its {len(tuned.entries) or 'entries'} "
+            warnings.warn(f"tuned configs {path}: {reason}; its {total or 'entries'} "
                           f"entries are ignored (re-tune with `vidrial tune`)", TunedConfigWarning, stacklevel=4)
         return
+    for key_string, why in found.invalid.items():
+        index.stale.append(StaleEntry(path, origin, key_string, f"does not match the schema: {why}"))
     stale_hash = invalid = 0
     for key_string, entry in tuned.entries.items():
         if entry.template_hash != family.template_hash:
@@ -201,8 +203,11 @@ def _read_into(index: Index, family: KernelFamily, path: Path, origin: Origin, w
         cand = Candidate(key, config, entry, path, origin, key.key_string(), _coords(key))
         index.exact[key] = cand  # a later file (the user's) overrides an earlier one
         report.used += 1
-    if stale_hash or invalid:
+    if stale_hash or invalid or found.invalid:
         parts = []
+        if found.invalid:
+            first = next(iter(found.invalid))
+            parts.append(f"{len(found.invalid)} do not match the schema (first, {first}: {found.invalid[first]})")
         if stale_hash:
             parts.append(f"{stale_hash} tuned with another template (hash != {family.template_hash})")
         if invalid:
@@ -210,7 +215,7 @@ def _read_into(index: Index, family: KernelFamily, path: Path, origin: Origin, w
         report.status = "stale"
         report.problems.extend(parts)
         if warn:
-            warnings.warn(f"tuned configs {path}: {len(tuned.entries)} entries, ignored: " + "; ".join(parts)
+            warnings.warn(f"tuned configs {path}: {total} entries, ignored: " + "; ".join(parts)
                           + " (re-tune with `vidrial tune`)", TunedConfigWarning, stacklevel=4)
 
 
@@ -232,7 +237,7 @@ def build_index(family: KernelFamily, gpu_slug: str, *, warn: bool = True, extra
         if resolved in seen or not path.is_file():
             continue
         seen.add(resolved)
-        _read_into(index, family, path, origin, warn)
+        _read_into(index, family, store.read_file(path), origin, warn)
     for cand in sorted(index.exact.values(), key=lambda c: c.key_string):
         index.groups.setdefault(_compile_signature(cand.key), []).append(cand)
     return index

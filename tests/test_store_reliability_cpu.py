@@ -1,0 +1,109 @@
+"""Tuned-config store reliability (CPU): unreadable folders, bad entries, check fall-through,
+file modes and mislabelled files (issue 17). The family, keys and fixtures come from
+test_store_dispatch.py."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+# a module import: its tests are not re-collected; `dirs` is its fixture
+from test_store_dispatch import FAM, GPU, NoopConfig, NoopKey, _record, _show, _tuned_warnings, dirs  # noqa: F401
+
+from vidrial import dispatch
+from vidrial.cli import main
+from vidrial.core.errors import InputError
+from vidrial.tuning import store
+from vidrial.tuning.store import TunedConfigWarning, TunedFile, load_file
+
+SLUG = GPU.slug
+
+
+def _caught(fn):
+    """(fn(), the TunedConfigWarnings it raised)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, _tuned_warnings(caught)
+
+
+# ---- 2. one bad entry costs that entry only; record() rejects non-finite times ------------------
+
+def _file_with_bad_entries(directory: Path) -> Path:
+    """n=1024 -> 256 and n=4096 -> 64 valid; n=2048 (time_ms null, what record(inf) used to write) and
+    n=8192 (time_ms NaN, which json reads) invalid."""
+    path = _record(NoopKey(n=1024), NoopConfig(block=256), directory)
+    _record(NoopKey(n=4096), NoopConfig(block=64), directory)
+    data = json.loads(path.read_text())
+    good = data["entries"][NoopKey(n=1024).key_string()]
+    for n, time_ms in ((2048, None), (8192, math.nan)):
+        data["entries"][NoopKey(n=n).key_string()] = {**good, "key": NoopKey(n=n).model_dump(mode="json"),
+                                                      "time_ms": time_ms}
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def test_dispatch_keeps_the_valid_entries_of_a_file_with_bad_ones(dirs):
+    _, user = dirs
+    path = _file_with_bad_entries(user)
+    dispatch.reload()
+
+    def calls():
+        assert dispatch.select_config(FAM, NoopKey(n=1024), GPU).block == 256
+        assert dispatch.last_dispatch().source == "exact"
+        assert dispatch.select_config(FAM, NoopKey(n=4096), GPU).block == 64
+        assert dispatch.last_dispatch().source == "exact"
+        for n in (2048, 8192):
+            dispatch.select_config(FAM, NoopKey(n=n), GPU)
+            assert dispatch.last_dispatch().source == "nearest"
+
+    _, found = _caught(calls)
+    assert len(found) == 1, [str(w.message) for w in found]
+    assert str(path) in str(found[0].message) and "time_ms" in str(found[0].message)
+    index = dispatch.build_index(FAM, SLUG, warn=False)
+    assert {s.key for s in index.stale} == {NoopKey(n=2048).key_string(), NoopKey(n=8192).key_string()}
+    assert index.files[0].entries == 4 and index.files[0].used == 2
+    # load_file alone: the valid entries plus one warning
+    with pytest.warns(TunedConfigWarning):
+        assert set(load_file(path).entries) == {NoopKey(n=1024).key_string(), NoopKey(n=4096).key_string()}
+
+
+@pytest.mark.parametrize("argument,value", [("time_ms", math.inf), ("time_ms", math.nan), ("time_ms", -math.inf),
+                                            ("default_time_ms", math.inf), ("default_time_ms", math.nan)])
+def test_record_rejects_non_finite_times(tmp_path, argument, value):
+    path = _record(NoopKey(n=64), NoopConfig(block=32), tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(InputError, match=rf"^{argument}: got {value}; expected a finite"):
+        _record(NoopKey(n=128), NoopConfig(block=32), tmp_path, **{argument: value})
+    assert path.read_bytes() == before
+
+
+def test_record_keeps_the_valid_entries_of_a_file_with_bad_ones(tmp_path):
+    path = _file_with_bad_entries(tmp_path)
+    original = path.read_text()
+    with pytest.warns(TunedConfigWarning) as caught:
+        _record(NoopKey(n=512), NoopConfig(block=32), tmp_path)
+    tuned = TunedFile.model_validate_json(path.read_text())  # the whole file is valid again
+    assert set(tuned.entries) == {NoopKey(n=n).key_string() for n in (512, 1024, 4096)}
+    backups = list(path.parent.glob("test_noop.json.bad-*"))
+    assert len(backups) == 1 and backups[0].read_text() == original  # the bad entries are kept aside
+    assert len(_tuned_warnings(caught)) == 1 and backups[0].name in str(_tuned_warnings(caught)[0].message)
+
+
+def test_files_moved_aside_in_the_same_second_keep_distinct_names(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "time", SimpleNamespace(time=lambda: 1_700_000_000.0), raising=False)
+    path = tmp_path / SLUG / "test_noop.json"
+    path.parent.mkdir(parents=True)
+    for i in range(3):
+        path.write_text(f"{{garbage {i}")
+        with pytest.warns(TunedConfigWarning):
+            _record(NoopKey(n=64), NoopConfig(block=32), tmp_path)
+    backups = sorted(p.read_text() for p in path.parent.glob("test_noop.json.bad-*"))
+    assert backups == ["{garbage 0", "{garbage 1", "{garbage 2"]
+
+
