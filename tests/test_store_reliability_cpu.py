@@ -32,6 +32,79 @@ def _caught(fn):
     return result, _tuned_warnings(caught)
 
 
+# ---- 1. an unreadable folder or file never fails a call --------------------------------------------
+
+def _shipped_and_user(shipped: Path, user: Path) -> Path:
+    """Shipped: n=1024 -> block 64; user: n=1024 -> block 256. Returns the user file."""
+    _record(NoopKey(n=1024), NoopConfig(block=64), shipped)
+    return _record(NoopKey(n=1024), NoopConfig(block=256), user)
+
+
+FOLDER_DENIED = ("is_file", "stat", "open")  # a chmod 000 folder: nothing under it can be stat'ed or opened
+
+
+def _deny(monkeypatch: pytest.MonkeyPatch, under: Path, methods: tuple[str, ...] = FOLDER_DENIED) -> None:
+    """Path.<method> raises PermissionError for paths under `under` (chmod does not stop root)."""
+    for method in methods:
+        original = getattr(Path, method)
+
+        def denied(self, *args, _original=original, **kwargs):
+            if Path(self).is_relative_to(under):
+                raise PermissionError(13, "Permission denied", str(self))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, method, denied)
+
+
+def _assert_shipped_used_with_one_warning(user_file: Path, shipped: Path) -> None:
+    def calls():
+        for _ in range(2):
+            assert dispatch.select_config(FAM, NoopKey(n=1024), GPU) == NoopConfig(block=64)
+            assert dispatch.last_dispatch().path == shipped / SLUG / "test_noop.json"
+            assert dispatch.select_config(FAM, NoopKey(n=2048), GPU) == NoopConfig(block=64)
+
+    _, found = _caught(calls)
+    assert len(found) == 1, [str(w.message) for w in found]
+    message = str(found[0].message)
+    assert str(user_file) in message and "Permission denied" in message
+
+
+def test_chmod_000_user_folder_warns_and_uses_the_shipped_file(dirs):
+    shipped, user = dirs
+    user_file = _shipped_and_user(shipped, user)
+    folder = user_file.parent
+    folder.chmod(0)
+    try:
+        if os.access(folder, os.R_OK | os.X_OK):
+            pytest.skip("chmod 000 does not deny access here (running as root); see the monkeypatched test")
+        dispatch.reload()
+        _assert_shipped_used_with_one_warning(user_file, shipped)
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("methods", [FOLDER_DENIED, ("open",)], ids=["folder", "file"])
+def test_permission_error_is_a_warning_not_a_failure(dirs, monkeypatch, methods):
+    shipped, user = dirs
+    user_file = _shipped_and_user(shipped, user)
+    _deny(monkeypatch, user / SLUG, methods)
+    dispatch.reload()
+    _assert_shipped_used_with_one_warning(user_file, shipped)
+
+
+def test_show_reports_an_unreadable_folder(dirs, monkeypatch):
+    shipped, user = dirs
+    user_file = _shipped_and_user(shipped, user)
+    _deny(monkeypatch, user / SLUG)
+    for argv in (["--gpu", SLUG, "--json"], ["--json"]):
+        data = json.loads(_show(argv, monkeypatch))
+        assert [g["gpu"] for g in data["gpus"]] == [SLUG]
+        fam = next(f for f in data["gpus"][0]["families"] if f["family"] == "test_noop")
+        assert [e["config"]["block"] for e in fam["entries"]] == [64]
+        bad = [f for f in fam["files"] if f["path"] == str(user_file)]
+        assert len(bad) == 1 and "Permission denied" in " ".join(bad[0]["problems"])
+
+
 # ---- 2. one bad entry costs that entry only; record() rejects non-finite times ------------------
 
 def _file_with_bad_entries(directory: Path) -> Path:

@@ -221,7 +221,8 @@ def _read_into(index: Index, family: KernelFamily, found: store.ReadResult, orig
 
 def build_index(family: KernelFamily, gpu_slug: str, *, warn: bool = True, extra_dir: Path | None = None) -> Index:
     """Reads the shipped and the user tuned file of `family` for GPU `gpu_slug` (not memoised);
-    `extra_dir`: one more tuned-config folder, read last (as "user": it wins per key)."""
+    `extra_dir`: one more tuned-config folder, read last (as "user": it wins per key). A file that
+    cannot be read (e.g. a folder without permission) is reported and skipped, never raised."""
     index = Index(family.name, gpu_slug)
     roots: list[tuple[Path | None, Origin]] = [(store.shipped_tuned_dir(), "shipped"), (user_tuned_dir(), "user"),
                                                (extra_dir, "user")]
@@ -234,10 +235,13 @@ def build_index(family: KernelFamily, gpu_slug: str, *, warn: bool = True, extra
             resolved = path.resolve()
         except OSError:
             resolved = path
-        if resolved in seen or not path.is_file():
+        if resolved in seen:
+            continue
+        found = store.read_file(path, missing_ok=True)  # no is_file() first: it raises on an unreadable folder
+        if found is None:
             continue
         seen.add(resolved)
-        _read_into(index, family, store.read_file(path), origin, warn)
+        _read_into(index, family, found, origin, warn)
     for cand in sorted(index.exact.values(), key=lambda c: c.key_string):
         index.groups.setdefault(_compile_signature(cand.key), []).append(cand)
     return index

@@ -31,9 +31,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _gpu_slugs(requested: str | None) -> tuple[list[str], str | None]:
-    """(GPU slugs to report, the present GPU's arch or None)."""
-    from vidrial.core.paths import user_tuned_dir
+def _gpu_slugs(requested: str | None, on_disk: list[Path]) -> tuple[list[str], str | None]:
+    """(GPU slugs to report, the present GPU's arch or None); `on_disk`: the tuned files found."""
     from vidrial.tuning import store
 
     if requested:
@@ -48,9 +47,7 @@ def _gpu_slugs(requested: str | None) -> tuple[list[str], str | None]:
             return [gpu.slug], gpu.arch
     except Exception:
         pass
-    slugs = {p.parent.name for root in (store.shipped_tuned_dir(), user_tuned_dir())
-             for p in store.tuned_files(root)}
-    return sorted(slugs), None
+    return sorted({p.parent.name for p in on_disk}), None
 
 
 def _entry_rows(index: Any) -> list[dict[str, Any]]:
@@ -80,8 +77,10 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
     from vidrial.kernels import families
     from vidrial.tuning import store
 
-    slugs, present_arch = _gpu_slugs(requested_gpu)
     shipped = store.shipped_tuned_dir()
+    # listed once (an unreadable folder warns once); build_index reports each family's files itself
+    on_disk = [p for root in (shipped, user_tuned_dir()) for p in store.tuned_files(root)]
+    slugs, present_arch = _gpu_slugs(requested_gpu, on_disk)
     out: dict[str, Any] = {
         "schema_version": store.SCHEMA_VERSION,
         "shipped_dir": None if shipped is None else str(shipped),
@@ -132,10 +131,7 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
                 "stale": [{"path": str(s.path), "origin": s.origin, "key": s.key, "reason": s.reason}
                           for s in index.stale],
             })
-        for root in (shipped, user_tuned_dir()):
-            for path in store.tuned_files(root):
-                if path.parent.name == slug and path.stem not in fams:
-                    gpu_out["unknown_files"].append(str(path))
+        gpu_out["unknown_files"] = [str(p) for p in on_disk if p.parent.name == slug and p.stem not in fams]
         out["gpus"].append(gpu_out)
     return out
 

@@ -184,10 +184,14 @@ def now_utc() -> str:
 
 
 def shipped_tuned_dir() -> Path | None:
-    """The tuned_configs folder shipped with vidrial (None if the install lacks it)."""
+    """The tuned_configs folder shipped with vidrial (None if the install lacks it, or it cannot be
+    read: a warning then, never an exception)."""
     try:
         return data_dir("tuned_configs")
     except FileNotFoundError:
+        return None
+    except OSError as exc:
+        _warn(f"tuned configs: cannot read the shipped folder ({exc}); shipped configs skipped")
         return None
 
 
@@ -453,10 +457,26 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 
 def tuned_files(root: Path | None) -> list[Path]:
-    """Every `<gpu>/<family>.json` under `root` (sorted; empty when root is None or missing)."""
-    if root is None or not Path(root).is_dir():
+    """Every `<gpu>/<family>.json` under `root` (sorted; empty when root is None or missing). A folder or file
+    that cannot be read is left out with one warning naming it and the error; it never raises."""
+    if root is None:
         return []
-    return sorted(p for p in Path(root).glob("*/*.json") if p.is_file())
+    root = Path(root)
+    try:
+        if not root.is_dir():
+            return []
+        candidates = list(root.glob("*/*.json"))
+    except OSError as exc:
+        _warn(f"tuned configs {root}: cannot read ({exc}); folder skipped")
+        return []
+    found = []
+    for path in candidates:
+        try:
+            if path.is_file():
+                found.append(path)
+        except OSError as exc:
+            _warn(_cannot_read(path, exc).message)
+    return sorted(found)
 
 
 def merge(source: Path, destination: Path) -> dict[str, int]:
