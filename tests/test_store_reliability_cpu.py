@@ -180,3 +180,33 @@ def test_files_moved_aside_in_the_same_second_keep_distinct_names(tmp_path, monk
     assert backups == ["{garbage 0", "{garbage 1", "{garbage 2"]
 
 
+# ---- 3. a user entry that fails family.check falls through to the shipped one --------------------
+
+def test_user_entry_failing_check_falls_through_to_shipped(dirs, monkeypatch):
+    shipped, user = dirs
+    _record(NoopKey(n=256), NoopConfig(block=128), shipped)  # passes check (128 <= 256)
+    user_file = _record(NoopKey(n=256), NoopConfig(block=512), user)  # validates, fails check (512 > 256)
+    _record(NoopKey(n=100), NoopConfig(block=512), user)  # fails check, nothing shipped: nearest
+    dispatch.reload()
+
+    def calls():
+        for _ in range(2):
+            assert dispatch.select_config(FAM, NoopKey(n=256), GPU) == NoopConfig(block=128)
+            d = dispatch.last_dispatch()
+            assert d.source == "exact" and d.path == shipped / SLUG / "test_noop.json"
+        dispatch.select_config(FAM, NoopKey(n=100), GPU)
+        assert dispatch.last_dispatch().source in ("nearest", "default")
+
+    _, found = _caught(calls)
+    messages = [str(w.message) for w in found]
+    assert len(messages) == 2, messages
+    first = next(m for m in messages if NoopKey(n=256).key_string() in m)
+    assert str(user_file) in first and "at most n=256" in first and str(shipped / SLUG / "test_noop.json") in first
+    assert any(NoopKey(n=100).key_string() in m and "at most n=100" in m for m in messages)
+    # `vidrial show` resolves the same way
+    data = json.loads(_show(["--gpu", SLUG, "--json"], monkeypatch))
+    fam = next(f for f in data["gpus"][0]["families"] if f["family"] == "test_noop")
+    row = next(k for k in fam["coverage"]["keys"] if k["key"] == NoopKey(n=256).key_string())
+    assert row["source"] == "exact" and row["config"]["block"] == 128 and "at most n=256" in row["note"]
+
+

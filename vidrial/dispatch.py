@@ -10,10 +10,12 @@ For a family, a problem key and a GPU, `select_config` returns, in this order:
 3. default: `family.default_config(key)`.
 
 A tuned config is used only if `family.check(key, config, gpu.arch)` accepts it for the
-key at hand (else the next candidate, finally the default). A call never fails because of
-the store: unreadable or corrupt files are skipped with one warning, entries that do not
-validate or are stale (template hash or schema version differ) are ignored with one warning
-per file, and every other entry of such a file is still used.
+key at hand (else the next candidate, finally the default). For the exact key the user's
+entry is tried first and, when check rejects it, the shipped entry for the same key, then
+nearest, then default; a rejected exact entry gives one warning per key. A call never fails
+because of the store: unreadable or corrupt files are skipped with one warning, entries that
+do not validate or are stale (template hash or schema version differ) are ignored with one
+warning per file, and every other entry of such a file is still used.
 
 Cost: the index of a (family, GPU model) is built once per process from the shipped
 folder and then the user folder (whose entries override shipped ones key by key); every
@@ -26,6 +28,7 @@ another process can read it (debugging only: that write is a file replace).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -60,6 +63,7 @@ class Dispatch:
     path: Path | None  # the tuned file the config came from (None for the default)
     gpu: str | None  # GPU slug
     tuned_key: ProblemKey | None = None  # the key the config was tuned for (nearest: a neighbour)
+    note: str | None = None  # why tuned entries for this very key were passed over (family.check)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +74,7 @@ class Dispatch:
             "path": None if self.path is None else str(self.path),
             "gpu": self.gpu,
             "tuned_key": None if self.tuned_key is None else self.tuned_key.model_dump(mode="json"),
+            "note": self.note,
         }
 
 
@@ -111,6 +116,9 @@ class Index:
     family: str
     gpu: str
     exact: dict[ProblemKey, Candidate] = field(default_factory=dict)
+    # entries that a later folder overrides for the same key, most recent first: tried when check
+    # rejects the winner (a user entry must not hide a shipped one that works)
+    shadowed: dict[ProblemKey, list[Candidate]] = field(default_factory=dict)
     groups: dict[str, list[Candidate]] = field(default_factory=dict)  # by compile signature
     files: list[FileReport] = field(default_factory=list)
     stale: list[StaleEntry] = field(default_factory=list)
@@ -121,6 +129,11 @@ class Index:
         for cand in self.exact.values():
             return cand.entry.gpu.arch
         return None
+
+    def candidates(self, key: ProblemKey) -> list[Candidate]:
+        """Every usable entry recorded for exactly `key`, in the order dispatch tries them."""
+        first = self.exact.get(key)
+        return [] if first is None else [first, *self.shadowed.get(key, ())]
 
 
 # ---- index ----------------------------------------------------------------------------
@@ -201,7 +214,10 @@ def _read_into(index: Index, family: KernelFamily, found: store.ReadResult, orig
                                           f"does not validate: {exc.errors()[0].get('msg')}"))
             continue
         cand = Candidate(key, config, entry, path, origin, key.key_string(), _coords(key))
-        index.exact[key] = cand  # a later file (the user's) overrides an earlier one
+        overridden = index.exact.get(key)
+        if overridden is not None:  # a later file (the user's) overrides an earlier one; kept as a fallback
+            index.shadowed.setdefault(key, []).insert(0, overridden)
+        index.exact[key] = cand
         report.used += 1
     if stale_hash or invalid or found.invalid:
         parts = []
@@ -254,31 +270,52 @@ def tuned_entry(family: KernelFamily, key: ProblemKey, gpu_slug: str, extra_dir:
 
 # ---- resolution ------------------------------------------------------------------------
 
-def _passes(family: KernelFamily, key: ProblemKey, config: KernelConfig, arch: str | None) -> bool:
+def _check_error(family: KernelFamily, key: ProblemKey, config: KernelConfig, arch: str | None) -> str | None:
+    """Why `family.check` rejects `config` for `key` (None: accepted, or `arch` None: not checked)."""
     if arch is None:
-        return True
+        return None
     try:
         family.check(key, config, arch)
-    except Exception:
-        return False
-    return True
+    except Exception as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
-def resolve(family: KernelFamily, index: Index, key: ProblemKey, arch: str | None) -> Dispatch:
-    """exact -> nearest compatible -> default for `key` in `index` (not memoised).
-    `arch=None` skips `family.check` (used by `vidrial show` for a GPU that is not present)."""
-    cand = index.exact.get(key)
-    if cand is not None and _passes(family, key, cand.config, arch):
-        return Dispatch(family.name, key, cand.config, "exact", cand.path, index.gpu, cand.key)
-    group = index.groups.get(_compile_signature(key))
+def resolve(family: KernelFamily, index: Index, key: ProblemKey, arch: str | None, *, warn: bool = True) -> Dispatch:
+    """exact (user, then shipped) -> nearest compatible -> default for `key` in `index` (not memoised).
+    `arch=None` skips `family.check` (used by `vidrial show` for a GPU that is not present). Exact entries
+    that check rejects are named in the result's `note` and, with `warn`, in one warning."""
+    rejected: list[str] = []
+    found: Dispatch | None = None
+    for cand in index.candidates(key):
+        why = _check_error(family, key, cand.config, arch)
+        if why is None:
+            found = Dispatch(family.name, key, cand.config, "exact", cand.path, index.gpu, cand.key)
+            break
+        rejected.append(f"the entry in {cand.path} fails {family.name}.check on {arch} ({why})")
+    group = index.groups.get(_compile_signature(key)) if found is None else None
     if group:
         coords = _coords(key)
         ranked = sorted((_distance(coords, c.coords), c.key_string, i) for i, c in enumerate(group))
         for _, _, i in ranked:
             c = group[i]
-            if c.key != key and _passes(family, key, c.config, arch):
-                return Dispatch(family.name, key, c.config, "nearest", c.path, index.gpu, c.key)
-    return Dispatch(family.name, key, family.default_config(key), "default", None, index.gpu, None)
+            if c.key != key and _check_error(family, key, c.config, arch) is None:
+                found = Dispatch(family.name, key, c.config, "nearest", c.path, index.gpu, c.key)
+                break
+    if found is None:
+        found = Dispatch(family.name, key, family.default_config(key), "default", None, index.gpu, None)
+    if not rejected:
+        return found
+    if found.source == "exact":
+        using = f"the entry in {found.path}"
+    elif found.source == "nearest":
+        using = f"the nearest tuned key {found.tuned_key.key_string()} from {found.path}"
+    else:
+        using = "the default config"
+    note = f"tuned configs for {key.key_string()}: {'; '.join(rejected)}; using {using} instead"
+    if warn:
+        warnings.warn(note, TunedConfigWarning, stacklevel=4)
+    return dataclasses.replace(found, note=note)
 
 
 # ---- per-process state and the hot path ------------------------------------------------------

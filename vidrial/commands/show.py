@@ -110,7 +110,7 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
             shape_counts = {"exact": 0, "nearest": 0, "default": 0}
             for key in standard:
                 try:
-                    d = resolve(family, index, key, arch)
+                    d = resolve(family, index, key, arch, warn=False)  # d.note says what check rejected
                 except Exception as exc:
                     out["errors"].append(f"{name}: resolving {key.key_string()}: {exc}")
                     continue
@@ -119,7 +119,7 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
                     shape_counts[d.source] += 1
                 keys.append({"key": key.key_string(), "source": d.source, "standard_shape": key in shapes,
                              "tuned_key": None if d.tuned_key is None else d.tuned_key.key_string(),
-                             "config": d.config.model_dump(mode="json")})
+                             "config": d.config.model_dump(mode="json"), "note": d.note})
             gpu_out["families"].append({
                 "family": name,
                 "template_hash": family.template_hash,
@@ -189,6 +189,9 @@ def _print_text(data: dict[str, Any], file=None) -> None:
                     via = f" (from {k['tuned_key']})" if k["tuned_key"] else ""
                     mark = "  [standard shape]" if k["standard_shape"] else ""
                     p(f"      {k['key']}: {k['source']}{via}{mark}")
+            for k in cov["keys"]:
+                if k["note"]:
+                    p(f"    passed over: {k['note']}")
             if f["stale"]:
                 p(f"    stale / ignored ({len(f['stale'])}):")
                 for s in f["stale"]:
