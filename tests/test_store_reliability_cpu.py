@@ -210,3 +210,57 @@ def test_user_entry_failing_check_falls_through_to_shipped(dirs, monkeypatch):
     assert row["source"] == "exact" and row["config"]["block"] == 128 and "at most n=256" in row["note"]
 
 
+# ---- 7. file modes; files whose content contradicts their path ---------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_store_files_respect_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = _record(NoopKey(n=64), NoopConfig(block=32), tmp_path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+        _record(NoopKey(n=128), NoopConfig(block=32), tmp_path)  # a rewrite too
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    finally:
+        os.umask(old)
+
+
+def _relabel_family(path: Path) -> None:
+    data = json.loads(path.read_text())
+    data["family"] = "other_family"
+    path.write_text(json.dumps(data))
+
+
+def _move_to_h100(path: Path, relabel: bool) -> Path:
+    """The H200 file moved under nvidia-h100/ (its `gpu` field relabelled too when `relabel`)."""
+    target = path.parent.rename(path.parent.parent / "nvidia-h100") / path.name
+    if relabel:
+        data = json.loads(target.read_text())
+        data["gpu"] = "nvidia-h100"
+        target.write_text(json.dumps(data))
+    return target
+
+
+@pytest.mark.parametrize("case", ["family", "gpu folder", "entry gpu", "destination"])
+def test_ship_refuses_a_file_whose_content_contradicts_its_path(tmp_path, case):
+    run, shipped = tmp_path / "run", tmp_path / "shipped"
+    src = _record(NoopKey(n=512), NoopConfig(block=64), run)
+    if case == "family":
+        _relabel_family(src)
+        said, path_says = "other_family", "test_noop"
+    elif case == "gpu folder":
+        src = _move_to_h100(src, relabel=False)
+        said, path_says = "nvidia-h200", "nvidia-h100"
+    elif case == "entry gpu":
+        src = _move_to_h100(src, relabel=True)
+        said, path_says = "NVIDIA H200", "nvidia-h100"
+    else:
+        shipped_file = _record(NoopKey(n=1024), NoopConfig(block=32), shipped)
+        _relabel_family(shipped_file)
+        src, said, path_says = shipped_file, "other_family", "test_noop"
+    before = {p: p.read_bytes() for p in shipped.rglob("*.json")}
+    with pytest.raises(InputError) as info:
+        main(["ship", str(run), "--into", str(shipped)])
+    message = str(info.value)
+    assert str(src) in message and said in message and path_says in message, message
+    assert {p: p.read_bytes() for p in shipped.rglob("*.json")} == before  # nothing written
+

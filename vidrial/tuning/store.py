@@ -16,9 +16,10 @@ Writes are safe with several tuning processes at once: `record()` takes a file l
 (`<family>.json.lock` next to the file), reads the file, merges the new entry, writes a
 temp file in the same folder and `os.replace`s it over the old one, so readers see the
 old or the new file, never a half-written one, and no writer loses another's entries.
-Nothing is dropped silently: a file that cannot be used is moved aside, and a file with
-some invalid entries is copied aside before its valid entries are rewritten
-(`<name>.json.bad-<unix time>-<pid>-<n>`, never overwriting one).
+Files are created like `open()` creates them (mode 0666 & ~umask), so a shared or shipped
+folder stays readable by others. Nothing is dropped silently: a file that cannot be used
+is moved aside, and a file with some invalid entries is copied aside before its valid
+entries are rewritten (`<name>.json.bad-<unix time>-<pid>-<n>`, never overwriting one).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
 import time
 import warnings
 from collections.abc import Callable
@@ -396,6 +397,30 @@ def _aside_path(path: Path) -> Path:
             return aside
 
 
+def _label_mismatch(path: Path, tuned: TunedFile) -> tuple[str, str] | None:
+    """(what the file says, what its path says) when the family or GPU in `tuned` contradicts its path
+    `<gpu slug>/<family>.json` (file fields, then each entry's GPU); None when they agree."""
+    path = Path(path)
+    if tuned.family != path.stem:
+        return f"family {tuned.family!r}", f"family {path.stem!r} (the file name)"
+    folder = path.parent.name
+    path_says = f"gpu {folder!r} (the folder)"
+    if tuned.gpu != folder:
+        return f"gpu {tuned.gpu!r}", path_says
+    for key_string, entry in tuned.entries.items():
+        if entry.gpu.slug != folder:
+            return f"entry {key_string} tuned on {entry.gpu.name!r} (slug {entry.gpu.slug!r})", path_says
+    return None
+
+
+def _require_labels(path: Path, tuned: TunedFile) -> None:
+    mismatch = _label_mismatch(path, tuned)
+    if mismatch is not None:
+        said, path_says = mismatch
+        raise InputError(f"tuned file {path}", said, f"{path_says}: a file's content must match its path "
+                                                     "<gpu slug>/<family>.json (fix the file or move it)")
+
+
 def _update_file(path: Path, family_name: str, gpu_slug: str, update: Callable[[dict[str, TunedEntry]], None], *,
                  unreadable: Unreadable) -> None:
     """Read-modify-write of one tuned file under its lock, then an atomic replace: `update(entries)` edits
@@ -403,8 +428,8 @@ def _update_file(path: Path, family_name: str, gpu_slug: str, update: Callable[[
 
     unreadable="move aside" (record): a corrupt file or one of another schema version is moved aside and a new
     file is started; a file with some invalid entries is copied aside first, its valid entries are kept.
-    unreadable="raise" (merge into shipped configs): any of these is refused with InputError and left as
-    it is."""
+    unreadable="raise" (merge into shipped configs): any of these, or a file whose content contradicts its
+    path, is refused with InputError and left as it is."""
     with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
         entries: dict[str, TunedEntry] = {}
         found = read_file(path, missing_ok=True)
@@ -418,6 +443,7 @@ def _update_file(path: Path, family_name: str, gpu_slug: str, update: Callable[[
                 if found.reason is not None:
                     raise InputError(f"destination {path}", found.reason, "a valid tuned file (not merged into; "
                                      "fix the file or move it aside)")
+                _require_labels(path, tuned)
             if tuned is None:
                 aside = _aside_path(path)
                 os.replace(path, aside)
@@ -439,9 +465,11 @@ def _replaces(new: TunedEntry, old: TunedEntry) -> bool:
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Writes `data` (str: as UTF-8) to a temp file in `path`'s folder, fsyncs it and renames it over `path`."""
+    """Writes `data` (str: as UTF-8) to a temp file in `path`'s folder, fsyncs it and renames it over `path`.
+    The file gets mode 0666 & ~umask, as open() would create it (mkstemp's 0600 would hide a shared or
+    shipped folder's files from everyone else)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -454,6 +482,18 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def _new_temp(path: Path) -> tuple[int, Path]:
+    """Creates `.<name>.<random>.tmp` next to `path` (O_EXCL, like mkstemp, but mode 0666: the kernel applies
+    the umask) and returns (its fd, its path)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name next to {path}")
 
 
 def tuned_files(root: Path | None) -> list[Path]:
@@ -487,12 +527,20 @@ def merge(source: Path, destination: Path) -> dict[str, int]:
     Unlike `record`, the source entry replaces the destination's for the same key even when the older
     one is faster: a tuning run that is being shipped is the newer measurement of that key (an older
     time may come from another measurement setup, e.g. a smaller problem in the same bucket).
-    Returns counts {"added", "replaced", "files"}."""
+
+    A file (source or destination) whose family or GPU contradicts its path is refused with InputError:
+    the path decides where an entry is looked up, so a mislabelled file would ship entries that are
+    never used. Every source file is checked before anything is written. Returns counts
+    {"added", "replaced", "files"}."""
     counts = {"added": 0, "replaced": 0, "files": 0}
+    sources: list[tuple[Path, TunedFile]] = []
     for src in tuned_files(Path(source)):
         tuned = load_file(src)
         if tuned is None or tuned.schema_version != SCHEMA_VERSION or not tuned.entries:
             continue
+        _require_labels(src, tuned)
+        sources.append((src, tuned))
+    for src, tuned in sources:
         dst = Path(destination) / src.parent.name / src.name
         dst.parent.mkdir(parents=True, exist_ok=True)
 
@@ -501,6 +549,6 @@ def merge(source: Path, destination: Path) -> dict[str, int]:
                 counts["replaced" if key_string in entries else "added"] += 1
                 entries[key_string] = entry
 
-        _update_file(dst, tuned.family, tuned.gpu, take_all, unreadable="raise")
+        _update_file(dst, src.stem, src.parent.name, take_all, unreadable="raise")
         counts["files"] += 1
     return counts
