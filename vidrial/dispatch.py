@@ -10,9 +10,12 @@ For a family, a problem key and a GPU, `select_config` returns, in this order:
 3. default: `family.default_config(key)`.
 
 A tuned config is used only if `family.check(key, config, gpu.arch)` accepts it for the
-key at hand (else the next candidate, finally the default). A call never fails because of
-the store: corrupt files are skipped with one warning, stale entries (template hash or
-schema version differ) are ignored with one warning per file.
+key at hand (else the next candidate, finally the default). For the exact key the user's
+entry is tried first and, when check rejects it, the shipped entry for the same key, then
+nearest, then default; a rejected exact entry gives one warning per key. A call never fails
+because of the store: unreadable or corrupt files are skipped with one warning, entries that
+do not validate or are stale (template hash or schema version differ) are ignored with one
+warning per file, and every other entry of such a file is still used.
 
 Cost: the index of a (family, GPU model) is built once per process from the shipped
 folder and then the user folder (whose entries override shipped ones key by key); every
@@ -25,6 +28,7 @@ another process can read it (debugging only: that write is a file replace).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -59,6 +63,7 @@ class Dispatch:
     path: Path | None  # the tuned file the config came from (None for the default)
     gpu: str | None  # GPU slug
     tuned_key: ProblemKey | None = None  # the key the config was tuned for (nearest: a neighbour)
+    note: str | None = None  # why tuned entries for this very key were passed over (family.check)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +74,7 @@ class Dispatch:
             "path": None if self.path is None else str(self.path),
             "gpu": self.gpu,
             "tuned_key": None if self.tuned_key is None else self.tuned_key.model_dump(mode="json"),
+            "note": self.note,
         }
 
 
@@ -110,6 +116,9 @@ class Index:
     family: str
     gpu: str
     exact: dict[ProblemKey, Candidate] = field(default_factory=dict)
+    # entries that a later folder overrides for the same key, most recent first: tried when check
+    # rejects the winner (a user entry must not hide a shipped one that works)
+    shadowed: dict[ProblemKey, list[Candidate]] = field(default_factory=dict)
     groups: dict[str, list[Candidate]] = field(default_factory=dict)  # by compile signature
     files: list[FileReport] = field(default_factory=list)
     stale: list[StaleEntry] = field(default_factory=list)
@@ -120,6 +129,11 @@ class Index:
         for cand in self.exact.values():
             return cand.entry.gpu.arch
         return None
+
+    def candidates(self, key: ProblemKey) -> list[Candidate]:
+        """Every usable entry recorded for exactly `key`, in the order dispatch tries them."""
+        first = self.exact.get(key)
+        return [] if first is None else [first, *self.shadowed.get(key, ())]
 
 
 # ---- index ----------------------------------------------------------------------------
@@ -158,18 +172,17 @@ def _distance(a: tuple[Any, ...], b: tuple[Any, ...]) -> float:
     return total
 
 
-def _read_into(index: Index, family: KernelFamily, path: Path, origin: Origin, warn: bool) -> None:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tuned = store.load_file(path)
+def _read_into(index: Index, family: KernelFamily, found: store.ReadResult, origin: Origin, warn: bool) -> None:
+    path, tuned = found.path, found.tuned
     if tuned is None:
-        message = str(caught[0].message) if caught else f"tuned configs {path}: unreadable; file skipped"
+        message = found.message
         index.files.append(FileReport(path, origin, "corrupt", problems=[message]))
         index.stale.append(StaleEntry(path, origin, "*", message))
         if warn:
             warnings.warn(message, TunedConfigWarning, stacklevel=4)
         return
-    report = FileReport(path, origin, "ok", entries=len(tuned.entries))
+    total = len(tuned.entries) + len(found.invalid)
+    report = FileReport(path, origin, "ok", entries=total)
     index.files.append(report)
     if tuned.schema_version != SCHEMA_VERSION or tuned.family != family.name:
         if tuned.schema_version != SCHEMA_VERSION:
@@ -180,9 +193,11 @@ def _read_into(index: Index, family: KernelFamily, path: Path, origin: Origin, w
         report.problems.append(reason)
         index.stale.append(StaleEntry(path, origin, "*", reason))
         if warn:
-            warnings.warn(f"tuned configs {path}: {reason}; its {len(tuned.entries) or 'entries'} "
+            warnings.warn(f"tuned configs {path}: {reason}; its {total or 'entries'} "
                           f"entries are ignored (re-tune with `vidrial tune`)", TunedConfigWarning, stacklevel=4)
         return
+    for key_string, why in found.invalid.items():
+        index.stale.append(StaleEntry(path, origin, key_string, f"does not match the schema: {why}"))
     stale_hash = invalid = 0
     for key_string, entry in tuned.entries.items():
         if entry.template_hash != family.template_hash:
@@ -199,10 +214,16 @@ def _read_into(index: Index, family: KernelFamily, path: Path, origin: Origin, w
                                           f"does not validate: {exc.errors()[0].get('msg')}"))
             continue
         cand = Candidate(key, config, entry, path, origin, key.key_string(), _coords(key))
-        index.exact[key] = cand  # a later file (the user's) overrides an earlier one
+        overridden = index.exact.get(key)
+        if overridden is not None:  # a later file (the user's) overrides an earlier one; kept as a fallback
+            index.shadowed.setdefault(key, []).insert(0, overridden)
+        index.exact[key] = cand
         report.used += 1
-    if stale_hash or invalid:
+    if stale_hash or invalid or found.invalid:
         parts = []
+        if found.invalid:
+            first = next(iter(found.invalid))
+            parts.append(f"{len(found.invalid)} do not match the schema (first, {first}: {found.invalid[first]})")
         if stale_hash:
             parts.append(f"{stale_hash} tuned with another template (hash != {family.template_hash})")
         if invalid:
@@ -210,13 +231,14 @@ def _read_into(index: Index, family: KernelFamily, path: Path, origin: Origin, w
         report.status = "stale"
         report.problems.extend(parts)
         if warn:
-            warnings.warn(f"tuned configs {path}: {len(tuned.entries)} entries, ignored: " + "; ".join(parts)
+            warnings.warn(f"tuned configs {path}: {total} entries, ignored: " + "; ".join(parts)
                           + " (re-tune with `vidrial tune`)", TunedConfigWarning, stacklevel=4)
 
 
 def build_index(family: KernelFamily, gpu_slug: str, *, warn: bool = True, extra_dir: Path | None = None) -> Index:
     """Reads the shipped and the user tuned file of `family` for GPU `gpu_slug` (not memoised);
-    `extra_dir`: one more tuned-config folder, read last (as "user": it wins per key)."""
+    `extra_dir`: one more tuned-config folder, read last (as "user": it wins per key). A file that
+    cannot be read (e.g. a folder without permission) is reported and skipped, never raised."""
     index = Index(family.name, gpu_slug)
     roots: list[tuple[Path | None, Origin]] = [(store.shipped_tuned_dir(), "shipped"), (user_tuned_dir(), "user"),
                                                (extra_dir, "user")]
@@ -229,10 +251,13 @@ def build_index(family: KernelFamily, gpu_slug: str, *, warn: bool = True, extra
             resolved = path.resolve()
         except OSError:
             resolved = path
-        if resolved in seen or not path.is_file():
+        if resolved in seen:
+            continue
+        found = store.read_file(path, missing_ok=True)  # no is_file() first: it raises on an unreadable folder
+        if found is None:
             continue
         seen.add(resolved)
-        _read_into(index, family, path, origin, warn)
+        _read_into(index, family, found, origin, warn)
     for cand in sorted(index.exact.values(), key=lambda c: c.key_string):
         index.groups.setdefault(_compile_signature(cand.key), []).append(cand)
     return index
@@ -245,31 +270,52 @@ def tuned_entry(family: KernelFamily, key: ProblemKey, gpu_slug: str, extra_dir:
 
 # ---- resolution ------------------------------------------------------------------------
 
-def _passes(family: KernelFamily, key: ProblemKey, config: KernelConfig, arch: str | None) -> bool:
+def _check_error(family: KernelFamily, key: ProblemKey, config: KernelConfig, arch: str | None) -> str | None:
+    """Why `family.check` rejects `config` for `key` (None: accepted, or `arch` None: not checked)."""
     if arch is None:
-        return True
+        return None
     try:
         family.check(key, config, arch)
-    except Exception:
-        return False
-    return True
+    except Exception as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
-def resolve(family: KernelFamily, index: Index, key: ProblemKey, arch: str | None) -> Dispatch:
-    """exact -> nearest compatible -> default for `key` in `index` (not memoised).
-    `arch=None` skips `family.check` (used by `vidrial show` for a GPU that is not present)."""
-    cand = index.exact.get(key)
-    if cand is not None and _passes(family, key, cand.config, arch):
-        return Dispatch(family.name, key, cand.config, "exact", cand.path, index.gpu, cand.key)
-    group = index.groups.get(_compile_signature(key))
+def resolve(family: KernelFamily, index: Index, key: ProblemKey, arch: str | None, *, warn: bool = True) -> Dispatch:
+    """exact (user, then shipped) -> nearest compatible -> default for `key` in `index` (not memoised).
+    `arch=None` skips `family.check` (used by `vidrial show` for a GPU that is not present). Exact entries
+    that check rejects are named in the result's `note` and, with `warn`, in one warning."""
+    rejected: list[str] = []
+    found: Dispatch | None = None
+    for cand in index.candidates(key):
+        why = _check_error(family, key, cand.config, arch)
+        if why is None:
+            found = Dispatch(family.name, key, cand.config, "exact", cand.path, index.gpu, cand.key)
+            break
+        rejected.append(f"the entry in {cand.path} fails {family.name}.check on {arch} ({why})")
+    group = index.groups.get(_compile_signature(key)) if found is None else None
     if group:
         coords = _coords(key)
         ranked = sorted((_distance(coords, c.coords), c.key_string, i) for i, c in enumerate(group))
         for _, _, i in ranked:
             c = group[i]
-            if c.key != key and _passes(family, key, c.config, arch):
-                return Dispatch(family.name, key, c.config, "nearest", c.path, index.gpu, c.key)
-    return Dispatch(family.name, key, family.default_config(key), "default", None, index.gpu, None)
+            if c.key != key and _check_error(family, key, c.config, arch) is None:
+                found = Dispatch(family.name, key, c.config, "nearest", c.path, index.gpu, c.key)
+                break
+    if found is None:
+        found = Dispatch(family.name, key, family.default_config(key), "default", None, index.gpu, None)
+    if not rejected:
+        return found
+    if found.source == "exact":
+        using = f"the entry in {found.path}"
+    elif found.source == "nearest":
+        using = f"the nearest tuned key {found.tuned_key.key_string()} from {found.path}"
+    else:
+        using = "the default config"
+    note = f"tuned configs for {key.key_string()}: {'; '.join(rejected)}; using {using} instead"
+    if warn:
+        warnings.warn(note, TunedConfigWarning, stacklevel=4)
+    return dataclasses.replace(found, note=note)
 
 
 # ---- per-process state and the hot path ------------------------------------------------------

@@ -5,6 +5,8 @@
 
 Every `<gpu>/<family>.json` entry under the source replaces the destination's entry for the same
 key (the run being shipped is the newer measurement); other keys are kept. Locked, atomic writes.
+A file whose content names another family or GPU than its path is refused, before anything is
+written (the path decides where dispatch looks an entry up).
 """
 from __future__ import annotations
 

@@ -31,9 +31,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _gpu_slugs(requested: str | None) -> tuple[list[str], str | None]:
-    """(GPU slugs to report, the present GPU's arch or None)."""
-    from vidrial.core.paths import user_tuned_dir
+def _gpu_slugs(requested: str | None, on_disk: list[Path]) -> tuple[list[str], str | None]:
+    """(GPU slugs to report, the present GPU's arch or None); `on_disk`: the tuned files found."""
     from vidrial.tuning import store
 
     if requested:
@@ -48,9 +47,7 @@ def _gpu_slugs(requested: str | None) -> tuple[list[str], str | None]:
             return [gpu.slug], gpu.arch
     except Exception:
         pass
-    slugs = {p.parent.name for root in (store.shipped_tuned_dir(), user_tuned_dir())
-             for p in store.tuned_files(root)}
-    return sorted(slugs), None
+    return sorted({p.parent.name for p in on_disk}), None
 
 
 def _entry_rows(index: Any) -> list[dict[str, Any]]:
@@ -80,8 +77,10 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
     from vidrial.kernels import families
     from vidrial.tuning import store
 
-    slugs, present_arch = _gpu_slugs(requested_gpu)
     shipped = store.shipped_tuned_dir()
+    # listed once (an unreadable folder warns once); build_index reports each family's files itself
+    on_disk = [p for root in (shipped, user_tuned_dir()) for p in store.tuned_files(root)]
+    slugs, present_arch = _gpu_slugs(requested_gpu, on_disk)
     out: dict[str, Any] = {
         "schema_version": store.SCHEMA_VERSION,
         "shipped_dir": None if shipped is None else str(shipped),
@@ -111,7 +110,7 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
             shape_counts = {"exact": 0, "nearest": 0, "default": 0}
             for key in standard:
                 try:
-                    d = resolve(family, index, key, arch)
+                    d = resolve(family, index, key, arch, warn=False)  # d.note says what check rejected
                 except Exception as exc:
                     out["errors"].append(f"{name}: resolving {key.key_string()}: {exc}")
                     continue
@@ -120,7 +119,7 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
                     shape_counts[d.source] += 1
                 keys.append({"key": key.key_string(), "source": d.source, "standard_shape": key in shapes,
                              "tuned_key": None if d.tuned_key is None else d.tuned_key.key_string(),
-                             "config": d.config.model_dump(mode="json")})
+                             "config": d.config.model_dump(mode="json"), "note": d.note})
             gpu_out["families"].append({
                 "family": name,
                 "template_hash": family.template_hash,
@@ -132,10 +131,7 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
                 "stale": [{"path": str(s.path), "origin": s.origin, "key": s.key, "reason": s.reason}
                           for s in index.stale],
             })
-        for root in (shipped, user_tuned_dir()):
-            for path in store.tuned_files(root):
-                if path.parent.name == slug and path.stem not in fams:
-                    gpu_out["unknown_files"].append(str(path))
+        gpu_out["unknown_files"] = [str(p) for p in on_disk if p.parent.name == slug and p.stem not in fams]
         out["gpus"].append(gpu_out)
     return out
 
@@ -193,6 +189,9 @@ def _print_text(data: dict[str, Any], file=None) -> None:
                     via = f" (from {k['tuned_key']})" if k["tuned_key"] else ""
                     mark = "  [standard shape]" if k["standard_shape"] else ""
                     p(f"      {k['key']}: {k['source']}{via}{mark}")
+            for k in cov["keys"]:
+                if k["note"]:
+                    p(f"    passed over: {k['note']}")
             if f["stale"]:
                 p(f"    stale / ignored ({len(f['stale'])}):")
                 for s in f["stale"]:
