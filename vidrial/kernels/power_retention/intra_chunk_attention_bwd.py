@@ -35,6 +35,9 @@ __all__ = ["IntraBwdConfig", "IntraBwdKey", "FAMILY", "intra_chunk_attention_bwd
 FLASH_HEAD_DIMS = (16, 32, 64, 128)
 # Accumulator floats per thread above which a flash config spills on sm_80/sm_90 (ptxas, 255 registers).
 FLASH_MAX_ACC = 160
+# what flash_default stays under: the per-row scalars (dl, alpha, gates) need registers next to the
+# accumulators; at 160 the d=128 dkv pass spills 4 bytes on sm_80 (255 registers) since alpha came in
+FLASH_DEFAULT_ACC = 144
 
 
 class IntraBwdConfig(KernelConfig):
@@ -226,13 +229,15 @@ IMPL_DEFAULT: Literal["rowloop", "flash"] = "flash"
 
 
 def flash_default(key: IntraBwdKey) -> IntraBwdConfig:
-    """The flash config used when nothing is tuned: 64 stationary rows over 4 warps; 64-row steps,
-    32 where d = 128 would exceed the register budget."""
+    """The flash config used when nothing is tuned: 64 stationary rows over 4 warps; 64-row steps, shorter
+    (32, 16) where d = 128 would exceed the default's register budget (FLASH_DEFAULT_ACC)."""
     cfg = IntraBwdConfig(impl="flash", tile=64, step=64, warps=4)
     if key.chunk_size < 64:  # a tile within the chunk: 32 rows over 2 warps
         cfg = IntraBwdConfig(impl="flash", tile=32, step=32, warps=2)
-    if flash_accumulators(key, cfg) > FLASH_MAX_ACC:
-        cfg = cfg.model_copy(update={"step": 32})
+    for step in (32, 16):
+        if flash_accumulators(key, cfg) <= FLASH_DEFAULT_ACC:
+            break
+        cfg = cfg.model_copy(update={"step": step})
     return cfg
 
 
@@ -264,21 +269,24 @@ def flash_dO_operands(dO, dY, dtype):
     only have dO, e.g. the tuner's random problems)."""
     import torch
 
+    # reductions without fp32 copies of the [b,t,hq,d] tensors, one write of the operand at most: this runs
+    # on every training step (two fp32 temporaries of dO cost 0.36 ms at shape A on an H200)
     if dY is not None:
-        nrm = dY.float().norm(dim=-1)
-        alpha = torch.where(nrm > 0, dO.norm(dim=-1) / nrm, torch.zeros_like(nrm))
-        return dY.to(dtype).contiguous(), alpha.contiguous()
-    amax = dO.abs().amax(dim=-1)
+        nrm = torch.linalg.vector_norm(dY, dim=-1, dtype=torch.float32)
+        alpha = torch.where(nrm > 0, torch.linalg.vector_norm(dO, dim=-1) / nrm, torch.zeros_like(nrm))
+        return (dY if dY.dtype == dtype else dY.to(dtype)).contiguous(), alpha
+    amax = torch.linalg.vector_norm(dO, ord=float("inf"), dim=-1)
     alpha = torch.where(amax > 0, amax, torch.ones_like(amax))
-    return (dO / alpha.unsqueeze(-1)).to(dtype).contiguous(), alpha.contiguous()
+    return torch.div(dO, alpha.unsqueeze(-1), out=torch.empty(dO.shape, device=dO.device, dtype=dtype)), alpha
 
 
 def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: int, scale: float,
                                    chunk_size: int | None, want_dg: bool = True, config=None,
-                                   want_dgrow: bool = False, dY=None):
+                                   want_dgrow: bool = False, dY=None, flash_operands=None):
     """One pass (inputs as intra_chunk_attention_bwd): stage "dkv" returns (dK, dV [b,t,h,d], dgcol [b,t,h]
     or None), stage "dq" returns dQ [b,t,hq,d] (fp32), or with `want_dgrow` (dQ, dgrow [b,t,hq] fp32 =
-    sum_j P dP, None unless the pass is impl="flash" and G is given). Current stream, no host sync."""
+    sum_j P dP, None unless the pass is impl="flash" and G is given). Current stream, no host sync.
+    flash_operands: flash_dO_operands(dO, dY, Q.dtype) when the caller made them once for both passes."""
     import torch
 
     key = _pass_key(stage, Q, K, chunk_size, deg)
@@ -308,7 +316,7 @@ def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: in
         raise InputError("Q", tuple(Q.shape), "fewer than 2^31 tiles")
     args = [Q, K, V, G, m, dO, dl, None]  # rowloop: fp32 dO, no alpha
     if config.impl == "flash":  # Q, K, V and the incoming gradient in the input type, exact (template header)
-        dYin, alpha = flash_dO_operands(dO, dY, Q.dtype)
+        dYin, alpha = flash_operands if flash_operands is not None else flash_dO_operands(dO, dY, Q.dtype)
         # cp.async needs 16-byte aligned rows
         Q, K, V, dYin = (x if x.data_ptr() % 16 == 0 else x.clone() for x in (Q, K, V, dYin))
         args = [Q, K, V, G, m, dYin, dl, alpha]
@@ -335,6 +343,9 @@ def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, 
     G = G.contiguous() if G is not None else None
     kw = dict(deg=deg, scale=scale, chunk_size=chunk_size, dY=dY)
     config = pass_config("dkv", Q, K, deg=deg, chunk_size=chunk_size, config=config)
+    dq_config = pass_config("dq", Q, K, deg=deg, chunk_size=chunk_size, config=dq_config)
+    if "flash" in (config.impl, dq_config.impl) and Q.numel():  # the operands once for both passes
+        kw["flash_operands"] = flash_dO_operands(dO, dY, Q.dtype)
     dK, dV, dg = intra_chunk_attention_bwd_pass("dkv", Q, K, V, G, m, dO, dl, want_dg=want_dg, config=config, **kw)
     row_term = want_dgrow and config.impl == "flash"  # a rowloop dgcol pairs with the fp32 row term instead
     dq_out = intra_chunk_attention_bwd_pass("dq", Q, K, V, G, m, dO, dl, config=dq_config, want_dgrow=row_term, **kw)
