@@ -6,11 +6,24 @@ the next run. Kills happen in subprocesses that the tests start."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+from vidrial.tuning import testing as T
+from vidrial.tuning.tuner import trial_attrs, tune
+
+FAKE = "vidrial.tuning.testing:FakeBackend"
+COMPILER = "vidrial.tuning.testing:no_spill_compile"
+KEY128 = {"head_dim": 128}
 
 
 def _python(code: str, timeout: float, env: dict[str, str] | None = None,
@@ -61,3 +74,155 @@ def test_ordinary_large_constraint_values_still_evaluate():
     assert Constraint.parse("2 ** 64 > tile_m * 2 ** 40 and d_tile ** deg == 4096").evaluate(
         {"tile_m": 1 << 20, "d_tile": 64, "deg": 2})
     assert Constraint.parse("(1 << 64) * (1 << 64) == 2 ** 64 * 2 ** 64").evaluate({})
+
+
+# ---- helpers: studies in this process and in subprocesses -------------------------------------------------------
+def _opts(tmp_path: Path, **kw: Any) -> dict[str, Any]:
+    opts = dict(trials=10, out=str(tmp_path / "out"), backend=FAKE, compiler=COMPILER, tuned_dir=str(tmp_path / "tuned"),
+                progress=False, retime_rounds=1)
+    opts.update(kw)
+    return opts
+
+
+def _tune(tmp_path: Path, **kw: Any):
+    (result,) = tune(T.synthetic, [KEY128], **_opts(tmp_path, **kw))
+    return result
+
+
+def _tune_code(tmp_path: Path, **kw: Any) -> str:
+    """Python code that runs the same study as _tune in a fresh process."""
+    return f"""
+        import sys
+        from vidrial.tuning import testing as T
+        from vidrial.tuning.tuner import tune
+        (r,) = tune(T.synthetic, [{KEY128!r}], **{_opts(tmp_path, **kw)!r})
+        print("TRIALS", r.trials, "WINNER", r.winner is not None, flush=True)
+        """
+
+
+def _spawn(code: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+
+
+def _wait_for(what: str, predicate: Callable[[], bool], timeout: float = 60.0, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process exited (code {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _journal(tmp_path: Path) -> Path:
+    return tmp_path / "out" / "journal.log"
+
+
+def _measured_ok(tmp_path: Path) -> int:
+    path = _journal(tmp_path)
+    return path.read_text().count('"status":"ok"') if path.exists() else 0
+
+
+def _study(tmp_path: Path):
+    import optuna
+
+    from vidrial.tuning.tuner import make_storage, study_name
+
+    name = study_name(T.synthetic, "fake-gpu", T.SynthKey(**KEY128))
+    return optuna.load_study(study_name=name, storage=make_storage(None, tmp_path / "out"))
+
+
+def _ppid_and_state(pid: int) -> tuple[int, str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), fields[0]
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (ps := _ppid_and_state(int(entry))) is not None:
+            children.setdefault(ps[0], []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def _running(pid: int) -> bool:
+    ps = _ppid_and_state(pid)
+    return ps is not None and ps[1] != "Z"  # a zombie has exited
+
+
+def _kill(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+# ---- item 5: torn journals, stale locks ------------------------------------------------------------------------
+TORN = b'{"op_code":8,"worker_id":"w-1","trial_id":3,"user_attr":{"vidrial"'  # a write cut short by a kill
+
+
+@pytest.mark.parametrize("appended", [0, 1, 2])  # lines an older version appended after the tear
+def test_a_torn_journal_line_is_skipped_with_a_backup(tmp_path, capsys, appended):
+    first = _tune(tmp_path, trials=6, isolate=False)
+    journal = _journal(tmp_path)
+    original = journal.read_bytes()
+    study_id = _study(tmp_path)._study_id
+    after = b"".join(  # the first is glued to the fragment: a line that is not JSON
+        json.dumps({"op_code": 2, "worker_id": "w-2", "study_id": study_id, "user_attr": {f"probe{i}": i}},
+                   separators=(",", ":")).encode() + b"\n" for i in range(appended))
+    journal.write_bytes(original + TORN + after)
+    result = _tune(tmp_path, trials=9, resume=True, isolate=False)
+    err = capsys.readouterr().err
+    assert str(journal) in err and "torn" in err, err
+    backups = list(journal.parent.glob(journal.name + ".*.bak"))
+    assert len(backups) == 1 and backups[0].read_bytes() == original + TORN + after
+    assert result.trials == 9 and first.trials == 6
+    study = _study(tmp_path)
+    assert sum(trial_attrs(t).get("status") == "ok" for t in study.trials) >= 6
+    assert {k: v for k, v in study.user_attrs.items() if k.startswith("probe")} == {
+        f"probe{i}": i for i in range(appended)}  # the operations written after the fragment are kept
+
+
+@pytest.mark.parametrize("left_by", ["a process killed while it held the lock", "an older version (symlink lock)"])
+def test_a_stale_journal_lock_does_not_stall_the_next_run(tmp_path, left_by):
+    out = tmp_path / "out"
+    if left_by.startswith("a process"):
+        killed = _python(f"""
+            import os, signal
+            from pathlib import Path
+            from vidrial.tuning.tuner import make_storage
+            storage = make_storage(None, Path({str(out)!r}))
+            storage._backend._lock.acquire()  # as in the middle of an append
+            os.kill(os.getpid(), signal.SIGKILL)
+            """, timeout=60)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    else:
+        out.mkdir()
+        (out / "journal.log").write_bytes(b"")
+        os.symlink(out / "journal.log", out / "journal.log.lock")
+    code = f"""
+        import time
+        import optuna
+        from pathlib import Path
+        from vidrial.tuning.tuner import make_storage
+        t0 = time.perf_counter()
+        optuna.create_study(study_name="after-the-kill", storage=make_storage(None, Path({str(out)!r})))
+        print("SECONDS", time.perf_counter() - t0)
+        """
+    try:
+        done = _python(code, timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("writing to the journal stalled past 15 s on the stale lock")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split("SECONDS")[1]) < 5

@@ -146,22 +146,26 @@ def study_name(family: Any, gpu_slug: str, key: Any) -> str:
     return f"{family.name}|{gpu_slug}|{key.key_string()}|{family.template_hash}"
 
 
-def make_storage(url: str | None, out_dir: Path) -> Any:
-    """An Optuna storage: a journal file by default (a path or 'journal:PATH'), else any
-    Optuna storage URL (sqlite:///..., postgresql://...)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
+def _journal_path(url: str | None, out_dir: Path) -> Path | None:
+    """The journal file that storage `url` names (None: a storage URL)."""
     if url is None:
-        path = Path(out_dir) / "journal.log"
-    elif url.startswith("journal:"):
-        path = Path(url[len("journal:"):])
-    elif "://" not in url:
-        path = Path(url)
-    else:
+        return Path(out_dir) / "journal.log"
+    if url.startswith("journal:"):
+        return Path(url[len("journal:"):])
+    return Path(url) if "://" not in url else None
+
+
+def make_storage(url: str | None, out_dir: Path) -> Any:
+    """An Optuna storage: a journal file by default (a path or 'journal:PATH'; repaired when a
+    killed process tore it, vidrial.tuning.journal), else any Optuna storage URL
+    (sqlite:///..., postgresql://...)."""
+    from vidrial.tuning.journal import open_journal
+
+    path = _journal_path(url, out_dir)
+    if path is None:
         return url
     path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+    return open_journal(path)
 
 
 def _has_set_constraint() -> bool:
