@@ -168,7 +168,62 @@ def _kill(pids: set[int]) -> None:
             pass
 
 
-# ---- item 5: torn journals, stale locks ------------------------------------------------------------------------
+# ---- item 4: a live study is never deleted ----------------------------------------------------------------------
+def test_a_fresh_run_refuses_to_delete_a_study_that_a_live_process_works(tmp_path, capsys):
+    from vidrial.cli import main
+
+    other = _spawn(_tune_code(tmp_path, trials=10), VIDRIAL_FAKE_DELAY_S="0.1")
+    try:
+        _wait_for("the other process measured a config", lambda: _measured_ok(tmp_path) >= 1, proc=other)
+        argv = ["tune", "--kernel", T.synthetic.REF, "--key", json.dumps(KEY128), "--trials", "4", "--out",
+                str(tmp_path / "out"), "--tuned-dir", str(tmp_path / "tuned"), "--backend", FAKE, "--compiler",
+                COMPILER, "--no-progress"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--resume" in err and "live" in err and str(_journal(tmp_path)) in err, err
+        out, err = other.communicate(timeout=60)
+    finally:
+        other.kill()
+    assert other.returncode == 0, err[-3000:]
+    assert "TRIALS 10 WINNER True" in out
+    # a study whose process has ended may start over
+    assert main([*argv[:6], "3", *argv[7:]]) == 0
+    assert "3 trials" in capsys.readouterr().out
+
+
+# ---- item 5: exact budgets, children that die with the parent, stale trials, torn journals, stale locks ----------
+def test_several_processes_keep_the_trial_budget_exactly(tmp_path, monkeypatch):
+    from vidrial.tuning.tuner import UNCOUNTED
+
+    monkeypatch.setenv("VIDRIAL_FAKE_DELAY_S", "0.05")
+    monkeypatch.setenv("VIDRIAL_FAKE_RENDEZVOUS", str(tmp_path / "device1-measured"))
+    result = _tune(tmp_path, trials=12, gpus=(0, 1), compile_ahead=4)
+    trials = _study(tmp_path).trials
+    counted = [t for t in trials if t.state.is_finished() and trial_attrs(t).get("status") not in (None, *UNCOUNTED)]
+    assert {trial_attrs(t).get("device") for t in counted} == {"0", "1"}
+    assert result.trials == len(counted) == 12
+    assert all(t.state.is_finished() for t in trials)
+
+
+def test_trials_left_running_by_a_killed_run_are_failed_on_resume(tmp_path, capsys):
+    killed = _python(_tune_code(tmp_path, trials=20, isolate=False, compile_ahead=4), timeout=60,
+                     env={**os.environ, "VIDRIAL_FAKE_KILL_AT": "5"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    trials = _study(tmp_path).trials
+    stale = {t.number for t in trials if not t.state.is_finished()}
+    ok = {t.number for t in trials if trial_attrs(t).get("status") == "ok"}
+    assert stale and len(ok) == 4
+    result = _tune(tmp_path, trials=10, resume=True)
+    after = {t.number: t for t in _study(tmp_path).trials}
+    assert all(t.state.is_finished() for t in after.values())
+    assert "left RUNNING" in capsys.readouterr().err
+    for n in stale:
+        a = trial_attrs(after[n])
+        assert after[n].state.name == "FAIL" and a["status"] == "interrupted" and "died" in a["reason"], a
+    assert ok <= {n for n, t in after.items() if trial_attrs(t).get("status") == "ok"}
+    assert result.trials == 10
+
+
 TORN = b'{"op_code":8,"worker_id":"w-1","trial_id":3,"user_attr":{"vidrial"'  # a write cut short by a kill
 
 
