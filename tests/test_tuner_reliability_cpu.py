@@ -205,6 +205,34 @@ def test_several_processes_keep_the_trial_budget_exactly(tmp_path, monkeypatch):
     assert all(t.state.is_finished() for t in trials)
 
 
+def test_per_gpu_children_die_with_a_killed_parent(tmp_path):
+    rendezvous = tmp_path / "device1-measured"
+    parent = _spawn(_tune_code(tmp_path, trials=400, gpus=(0, 1)), VIDRIAL_FAKE_DELAY_S="0.05",
+                    VIDRIAL_FAKE_RENDEZVOUS=str(rendezvous))
+    family: set[int] = set()
+    try:
+        _wait_for("the child process measured a config", rendezvous.exists, proc=parent)
+        family = _descendants(parent.pid)
+        assert family  # the per-GPU child, the measurement workers, ...
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_running(p) for p in family) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = sorted(p for p in family if _running(p))
+        assert not left, f"still running 10 s after the parent was killed: {left}"
+    finally:
+        parent.kill()
+        _kill({p for p in family if _running(p)})
+    # the study goes on from what they finished
+    before = {t.number for t in _study(tmp_path).trials if trial_attrs(t).get("status") == "ok"}
+    result = _tune(tmp_path, trials=len(before) + 2, resume=True)
+    after = _study(tmp_path).trials
+    assert before <= {t.number for t in after if trial_attrs(t).get("status") == "ok"}
+    assert all(t.state.is_finished() for t in after)
+    assert result.trials == len(before) + 2
+
+
 def test_trials_left_running_by_a_killed_run_are_failed_on_resume(tmp_path, capsys):
     killed = _python(_tune_code(tmp_path, trials=20, isolate=False, compile_ahead=4), timeout=60,
                      env={**os.environ, "VIDRIAL_FAKE_KILL_AT": "5"})

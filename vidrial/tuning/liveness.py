@@ -1,4 +1,4 @@
-"""Which processes work a study.
+"""Which processes work a study, and child processes that die with their parent.
 
 Leases. A process that works a study holds an exclusive flock() on its own lease file,
 <root>/<study hash>/<token>.lease (root: next to the journal, or the output dir for a storage
@@ -13,11 +13,14 @@ nothing is live and the guard does nothing.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +34,7 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 OWNER_ATTR = "vidrial_owner"  # trial user attr: the token of the lease of the process that asked it
+_PR_SET_PDEATHSIG = 1
 
 
 def _lockable(fd: int) -> bool:
@@ -137,4 +141,34 @@ def describe(leases: dict[str, dict[str, Any]]) -> str:
     return "; ".join(parts) or "none"
 
 
-__all__ = ["StudyLeases", "OWNER_ATTR", "describe"]
+def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    """Makes this child process get `sig` when its parent `parent_pid` dies, so a `kill -9` of
+    the parent does not leave children working for nobody. Linux: prctl(PR_SET_PDEATHSIG); the
+    kernel sends it when the parent *thread* that started the child ends, and the tuner starts
+    its children from the thread that also waits for them. Elsewhere: a thread polls the parent."""
+    if sys.platform.startswith("linux"):
+        try:
+            if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                    os.kill(os.getpid(), sig)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=watch, name="vidrial-parent-watch", daemon=True).start()
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so cleanup runs (open trials are failed, workers stopped)."""
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+__all__ = ["StudyLeases", "OWNER_ATTR", "describe", "die_with_parent", "exit_on_sigterm"]

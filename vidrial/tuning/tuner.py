@@ -27,6 +27,7 @@ import csv
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from vidrial.core.errors import InputError
-from vidrial.tuning.liveness import OWNER_ATTR, StudyLeases, describe
+from vidrial.tuning.liveness import OWNER_ATTR, StudyLeases, describe, die_with_parent, exit_on_sigterm
 from vidrial.tuning.search_space import SearchSpace, SearchSpaceError, load_search_space
 from vidrial.tuning.worker import (
     DEFAULT_BACKEND,
@@ -278,7 +279,8 @@ class PoolCompiler:
             from concurrent.futures import ProcessPoolExecutor
             from multiprocessing import get_context
 
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
+                                             initializer=die_with_parent, initargs=(os.getpid(),))
         return self._pool.submit(_compile_job, job)
 
     def close(self) -> None:
@@ -679,9 +681,12 @@ def pick_winner(space: SearchSpace, timed: list[tuple[Any, float]], tie_rel: flo
 
 # ---- one study ---------------------------------------------------------------------------------
 def _child_main(spec: dict[str, Any]) -> None:
-    """Entry point of an extra per-GPU process: works the study through the shared storage."""
+    """Entry point of an extra per-GPU process: works the study through the shared storage.
+    Dies with the parent (SIGTERM, which fails its open trials on the way out)."""
     import optuna
 
+    exit_on_sigterm()
+    die_with_parent(spec["parent_pid"], signal.SIGTERM)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings = TuneSettings(**spec["settings"])
     family = resolve_family(spec["family"])
@@ -777,7 +782,7 @@ def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = N
         desc = f"{family.name} {key.label()}"
         progress = Progress(budget, 0, desc, settings.progress)
         children = []
-        if len(gpus) > 1:
+        if len(gpus) > 1:  # started from this thread, which also joins them (die_with_parent)
             from multiprocessing import get_context
 
             ctx = get_context("spawn")
@@ -786,7 +791,7 @@ def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = N
             for dev in gpus[1:]:
                 spec = {"settings": spec_settings, "family": family_ref(family), "key": key.model_dump(mode="json"),
                         "study_name": name, "device": dev, "arch": arch, "budget": budget, "deadline": deadline,
-                        "grid": grid, "n_valid": len(valid)}
+                        "grid": grid, "n_valid": len(valid), "parent_pid": os.getpid()}
                 proc = ctx.Process(target=_child_main, args=(spec,), name=f"vidrial-tune-gpu{dev}")
                 proc.start()
                 children.append(proc)
