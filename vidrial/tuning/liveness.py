@@ -114,12 +114,15 @@ class StudyLeases:
             if path.suffix not in (".lease", ".tmp") or path.stem == self.token:
                 continue
             try:
-                fd = os.open(path, os.O_RDWR)
-            except OSError:  # released meanwhile
+                fd = os.open(path, os.O_RDONLY)  # flock needs no write access
+            except FileNotFoundError:  # released meanwhile
                 continue
             try:
                 if _lockable(fd):
-                    path.unlink(missing_ok=True)
+                    try:
+                        path.unlink()
+                    except OSError:  # gone already, or not ours to remove: stale either way
+                        pass
                 elif path.suffix == ".lease":
                     try:
                         out[path.stem] = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
