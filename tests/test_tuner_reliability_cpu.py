@@ -92,7 +92,6 @@ def _tune(tmp_path: Path, **kw: Any):
 def _tune_code(tmp_path: Path, **kw: Any) -> str:
     """Python code that runs the same study as _tune in a fresh process."""
     return f"""
-        import sys
         from vidrial.tuning import testing as T
         from vidrial.tuning.tuner import tune
         (r,) = tune(T.synthetic, [{KEY128!r}], **{_opts(tmp_path, **kw)!r})
@@ -205,6 +204,7 @@ def test_several_processes_keep_the_trial_budget_exactly(tmp_path, monkeypatch):
     assert all(t.state.is_finished() for t in trials)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the descendants in /proc (Linux)")
 def test_per_gpu_children_die_with_a_killed_parent(tmp_path):
     rendezvous = tmp_path / "device1-measured"
     parent = _spawn(_tune_code(tmp_path, trials=400, gpus=(0, 1)), VIDRIAL_FAKE_DELAY_S="0.05",
