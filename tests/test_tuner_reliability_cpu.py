@@ -78,8 +78,8 @@ def test_ordinary_large_constraint_values_still_evaluate():
 
 # ---- helpers: studies in this process and in subprocesses -------------------------------------------------------
 def _opts(tmp_path: Path, **kw: Any) -> dict[str, Any]:
-    opts = dict(trials=10, out=str(tmp_path / "out"), backend=FAKE, compiler=COMPILER, tuned_dir=str(tmp_path / "tuned"),
-                progress=False, retime_rounds=1)
+    opts = dict(trials=10, out=str(tmp_path / "out"), backend=FAKE, compiler=COMPILER,
+                tuned_dir=str(tmp_path / "tuned"), progress=False, retime_rounds=1)
     opts.update(kw)
     return opts
 
