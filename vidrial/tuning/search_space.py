@@ -13,7 +13,8 @@ Field names exist once, in the family's pydantic Config: the file only names the
 every choice is validated by that model's field type. Fields not listed take the model's
 default. Constraint expressions are parsed once and evaluated by a small interpreter that
 accepts only names, numbers/strings/booleans, arithmetic, comparisons, `in`, and/or/not
-and `a if c else b` (no calls, attributes, subscripts). A candidate config is valid when
+and `a if c else b` (no calls, attributes, subscripts), and refuses operations whose result
+would be huge (integers past MAX_INT_BITS, repeats past MAX_REPEAT). A candidate config is valid when
 every constraint holds, the Config model accepts it and (given an arch) the family's
 check() accepts it.
 """
@@ -117,6 +118,40 @@ class Constraint:
             raise SearchSpaceError(f"constraint {self.text!r} cannot be evaluated for {dict(env)}: {exc}") from None
 
 
+# Constraint values are sizes and byte counts (far below 2**64). Capping the exponent alone does
+# not bound the work: nested powers ((9**64)**64)**64 grow the operands, and each step costs more
+# (minutes at the fourth level). So ** * << are refused before they would make an integer wider than
+# MAX_INT_BITS or a repeated string/tuple longer than MAX_REPEAT; each check is O(1).
+MAX_INT_BITS = 1024
+MAX_REPEAT = 4096
+
+
+def _describe(v: Any) -> str:
+    return f"an integer of {abs(v).bit_length()} bits" if isinstance(v, int) and abs(v) >> 64 else repr(v)
+
+
+def _check_size(op: ast.operator, left: Any, right: Any) -> None:
+    """Raises ValueError when `left op right` would be too large to compute quickly."""
+    if isinstance(left, int) and isinstance(right, int):
+        width = abs(left).bit_length()
+        if isinstance(op, ast.Pow):
+            bits, symbol = width * max(right, 0), "**"
+        elif isinstance(op, ast.Mult):
+            bits, symbol = width + abs(right).bit_length(), "*"
+        elif isinstance(op, ast.LShift):
+            bits, symbol = width + max(right, 0), "<<"
+        else:
+            return
+        if bits > MAX_INT_BITS:
+            raise ValueError(f"{_describe(left)} {symbol} {_describe(right)} would have about {bits} bits "
+                             f"(at most {MAX_INT_BITS})")
+    elif isinstance(op, ast.Mult):
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, (str, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT:
+                raise ValueError(f"{type(seq).__name__} of length {len(seq)} repeated {_describe(n)} times is "
+                                 f"too long (at most {MAX_REPEAT} items)")
+
+
 def _eval(node: ast.AST, env: Mapping[str, Any]) -> Any:
     if isinstance(node, ast.Constant):
         return node.value
@@ -131,6 +166,7 @@ def _eval(node: ast.AST, env: Mapping[str, Any]) -> Any:
             raise ValueError(f"exponent {right!r} too large (at most 64)")
         if isinstance(node.op, ast.LShift) and right > 64:
             raise ValueError(f"shift {right!r} too large (at most 64)")
+        _check_size(node.op, left, right)
         return _BINOPS[type(node.op)](left, right)
     if isinstance(node, ast.UnaryOp):
         return _UNARY[type(node.op)](_eval(node.operand, env))

@@ -7,7 +7,8 @@
   (conditions joined by '&' must all hold) makes configs with those values crash the worker (os._exit), hang (sleep) or report a
   CUDA fault: the isolation tests use it. VIDRIAL_FAKE_DELAY_S makes each measurement take
   that long; VIDRIAL_FAKE_RENDEZVOUS=PATH makes device 0 wait until another device has measured
-  (scale-out tests).
+  (scale-out tests); VIDRIAL_FAKE_KILL_AT=N makes the Nth measurement in a process SIGKILL that
+  process (a `kill -9` mid-study: with isolate=False, the tuner itself).
 - `fault_probe`: a real CUDA family for the GPU isolation proof. Its `mode` field picks
   a kernel that works, writes to an illegal address, or spins for ~15 s (a hang past the
   tuner's job timeout). Tune it with
@@ -139,6 +140,8 @@ def _misbehaviour(config: dict[str, Any]) -> str | None:
 class FakeBackend:
     """CPU measurement backend: the synthetic objective, plus misbehaviour on request."""
 
+    measured = 0  # in this process (VIDRIAL_FAKE_KILL_AT)
+
     def __init__(self, device_index: int = 0):
         self.device_index = device_index
 
@@ -152,6 +155,11 @@ class FakeBackend:
         family = resolve_family(job["family"])
         key = family.Key.model_validate(job["key"])
         config = family.Config.model_validate(job["config"])
+        FakeBackend.measured += 1
+        if FakeBackend.measured == int(os.environ.get("VIDRIAL_FAKE_KILL_AT", "0") or 0):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         bad = _misbehaviour(job["config"])
         if bad == "crash":
             os._exit(17)

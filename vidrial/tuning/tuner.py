@@ -12,7 +12,10 @@ fault, crash or hang) checks the config's first run against the reference and ti
 
 Studies live in Optuna storage (a journal file in the output dir by default, or any
 Optuna storage URL), so an interrupted run continues with --resume, and several
-processes (one per GPU, `gpus=`) work one study. At the end the leaders and the default
+processes (one per GPU, `gpus=`) work one study within exactly its trial budget; each holds
+a lease on it (vidrial.tuning.liveness), so a fresh run never deletes a study that a live
+process works, and trials left RUNNING by a dead one are failed and asked again. The
+journal survives kills (vidrial.tuning.journal). At the end the leaders and the default
 config are re-timed in interleaved rounds; ties within `tie_rel` go to the config that
 comes first in search-space order (smaller choices first), so the winner is
 deterministic. Winners go to the tuned-config store; a report (leaderboard, history)
@@ -24,6 +27,7 @@ import csv
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -31,11 +35,13 @@ import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from vidrial.core.errors import InputError
+from vidrial.tuning.liveness import OWNER_ATTR, StudyLeases, describe, die_with_parent, exit_on_sigterm
 from vidrial.tuning.search_space import SearchSpace, SearchSpaceError, load_search_space
 from vidrial.tuning.worker import (
     DEFAULT_BACKEND,
@@ -146,22 +152,66 @@ def study_name(family: Any, gpu_slug: str, key: Any) -> str:
     return f"{family.name}|{gpu_slug}|{key.key_string()}|{family.template_hash}"
 
 
-def make_storage(url: str | None, out_dir: Path) -> Any:
-    """An Optuna storage: a journal file by default (a path or 'journal:PATH'), else any
-    Optuna storage URL (sqlite:///..., postgresql://...)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
+def _journal_path(url: str | None, out_dir: Path) -> Path | None:
+    """The journal file that storage `url` names (None: a storage URL)."""
     if url is None:
-        path = Path(out_dir) / "journal.log"
-    elif url.startswith("journal:"):
-        path = Path(url[len("journal:"):])
-    elif "://" not in url:
-        path = Path(url)
-    else:
+        return Path(out_dir) / "journal.log"
+    if url.startswith("journal:"):
+        return Path(url[len("journal:"):])
+    return Path(url) if "://" not in url else None
+
+
+def make_storage(url: str | None, out_dir: Path) -> Any:
+    """An Optuna storage: a journal file by default (a path or 'journal:PATH'; repaired when a
+    killed process tore it, vidrial.tuning.journal), else any Optuna storage URL
+    (sqlite:///..., postgresql://...)."""
+    from vidrial.tuning.journal import open_journal
+
+    path = _journal_path(url, out_dir)
+    if path is None:
         return url
     path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+    return open_journal(path)
+
+
+def study_leases(url: str | None, out_dir: Path, name: str) -> StudyLeases:
+    """The leases of study `name` (vidrial.tuning.liveness): next to the journal file, or in
+    the output dir for a storage URL."""
+    path = _journal_path(url, out_dir)
+    return StudyLeases(path.with_name(path.name + ".leases") if path is not None else Path(out_dir) / "leases", name)
+
+
+def _counted(trial: Any) -> bool:
+    """Whether a finished trial counts against the trial budget."""
+    status = trial_attrs(trial).get("status")
+    return status is not None and status not in UNCOUNTED
+
+
+def fail_stale_trials(study: Any, leases: StudyLeases, running: Sequence[Any] | None = None) -> list[int]:
+    """Fails the trials left RUNNING by processes that died (their owner's lease is gone, or
+    they name no owner: trials are asked and named under the guard, so one without a name was
+    asked by a process that died at once) with status "interrupted" and a note: a resumed study
+    asks for them again. Call under leases.guard(). Returns their numbers."""
+    from optuna.trial import TrialState
+
+    if running is None:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    foreign = [t for t in running if t.user_attrs.get(OWNER_ATTR) != leases.token]
+    if not foreign:
+        return []
+    live = leases.live()
+    stale = [t for t in foreign if t.user_attrs.get(OWNER_ATTR) not in live]
+    for t in stale:
+        owner = t.user_attrs.get(OWNER_ATTR) or "a process that named no lease"
+        note = f"left RUNNING by {owner}, which died (killed?); failed by {leases.token or os.getpid()}"
+        # optuna's public API annotates only trials this process asked: go through the storage
+        study._storage.set_trial_user_attr(t._trial_id, ATTR, {"status": "interrupted", "reason": note})
+        study.tell(t.number, state=TrialState.FAIL)
+    if stale:
+        print(f"vidrial tune: study {study.study_name}: failed {len(stale)} trial(s) left RUNNING by a process that "
+              f"died (trials {', '.join(str(t.number) for t in stale)}); they are asked for again",
+              file=sys.stderr, flush=True)
+    return [t.number for t in stale]
 
 
 def _has_set_constraint() -> bool:
@@ -229,7 +279,8 @@ class PoolCompiler:
             from concurrent.futures import ProcessPoolExecutor
             from multiprocessing import get_context
 
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
+                                             initializer=die_with_parent, initargs=(os.getpid(),))
         return self._pool.submit(_compile_job, job)
 
     def close(self) -> None:
@@ -340,16 +391,19 @@ class _Pending:
 
 class SearchLoop:
     """Asks, evaluates and tells trials of one study until the budget, the deadline or the
-    space runs out. Several SearchLoops (processes) may work one study."""
+    space runs out. Several SearchLoops (processes) may work one study: with `leases` (this
+    process's lease taken), each asks under the study's guard after counting the budget in
+    the storage, so together they run exactly the budget."""
 
     def __init__(self, family: Any, key: Any, space: SearchSpace, study: Any, settings: TuneSettings,
                  measurer: Any, compiler: Any, arch: str, budget: int, deadline: float | None,
                  progress: Progress | None = None, device_label: str = "0", grid: bool = False,
-                 n_valid: int | None = None):
+                 n_valid: int | None = None, leases: StudyLeases | None = None):
         self.family, self.key, self.space, self.study = family, key, space, study
         self.settings, self.measurer, self.compiler, self.arch = settings, measurer, compiler, arch
         self.budget, self.deadline, self.progress = budget, deadline, progress
         self.device_label, self.grid, self.n_valid = device_label, grid, n_valid
+        self.leases = leases
         self.memo: dict[str, dict[str, Any]] = {}
         self.counted = 0
         self.best: float | None = None
@@ -367,7 +421,7 @@ class SearchLoop:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
             a = trial_attrs(t)
             status = a.get("status")
-            if status is None or status in UNCOUNTED:
+            if not _counted(t):
                 if status == "invalid" and "ck" in a:
                     self.memo.setdefault(a["ck"], {"status": "invalid", "reason": a.get("reason", ""),
                                                    "trial": t.number})
@@ -475,8 +529,25 @@ class SearchLoop:
             result.setdefault("facts", facts)
         return result
 
-    def _stop_reason(self, pending: int) -> str | None:
-        if self.counted + pending >= self.budget:
+    def _used(self) -> int:
+        """Budget units taken by all processes: counted finished trials and RUNNING ones (each
+        counts once told, unless invalid or interrupted, and those are told at once or not
+        counted anyway). Trials of dead processes are failed first, so they take none. Without
+        leases (a study of this process alone) the local count is the same and O(1)."""
+        from optuna.trial import TrialState
+
+        if self.leases is None:
+            return self.counted + len(self._open)
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL,
+                                                               TrialState.PRUNED, TrialState.RUNNING))
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        stale = set(fail_stale_trials(self.study, self.leases, running))
+        return sum(1 for t in running if t.number not in stale) + sum(
+            1 for t in trials if t.state != TrialState.RUNNING and _counted(t))
+
+    def _stop_reason(self) -> str | None:
+        """Why not to ask another trial (None: ask). Under the guard, so the count stays true."""
+        if self._used() >= self.budget:
             return "trial budget reached"
         if self.deadline is not None and time.time() >= self.deadline:
             return "time budget reached"
@@ -500,21 +571,26 @@ class SearchLoop:
             while True:
                 # ask ahead: fill the pipeline so candidates compile while one is measured
                 while len(pending) < ahead:
-                    reason = self._stop_reason(len(pending))
-                    if reason:
-                        self.stopped_because = self.stopped_because or reason
-                        break
-                    trial = self.study.ask()
-                    self._open[trial.number] = trial
-                    values = self.space.suggest(trial)
-                    config, why = self.space.make_config(self.key, values, self.arch)
-                    if config is None:
-                        self._tell(trial, None, None, {"status": "invalid", "reason": why})
-                        invalid_streak += 1
-                        if invalid_streak > 2000:
-                            self.stopped_because = "the sampler keeps suggesting invalid configs"
+                    # count, ask, name and (when invalid) tell under the guard: no other process
+                    # counts this trial as RUNNING while it may still turn out uncounted
+                    with self.leases.guard() if self.leases is not None else nullcontext():
+                        reason = self._stop_reason()
+                        if reason:
+                            self.stopped_because = self.stopped_because or reason
                             break
-                        continue
+                        trial = self.study.ask()
+                        self._open[trial.number] = trial
+                        if self.leases is not None:
+                            trial.set_user_attr(OWNER_ATTR, self.leases.token)
+                        values = self.space.suggest(trial)
+                        config, why = self.space.make_config(self.key, values, self.arch)
+                        if config is None:
+                            self._tell(trial, None, None, {"status": "invalid", "reason": why})
+                            invalid_streak += 1
+                            if invalid_streak > 2000:
+                                self.stopped_because = "the sampler keeps suggesting invalid configs"
+                                break
+                            continue
                     invalid_streak = 0
                     ck = canonical(config)
                     memo = self._memo_result(ck)
@@ -605,9 +681,12 @@ def pick_winner(space: SearchSpace, timed: list[tuple[Any, float]], tie_rel: flo
 
 # ---- one study ---------------------------------------------------------------------------------
 def _child_main(spec: dict[str, Any]) -> None:
-    """Entry point of an extra per-GPU process: works the study through the shared storage."""
+    """Entry point of an extra per-GPU process: works the study through the shared storage.
+    Dies with the parent (SIGTERM, which fails its open trials on the way out)."""
     import optuna
 
+    exit_on_sigterm()
+    die_with_parent(spec["parent_pid"], signal.SIGTERM)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings = TuneSettings(**spec["settings"])
     family = resolve_family(spec["family"])
@@ -619,13 +698,17 @@ def _child_main(spec: dict[str, Any]) -> None:
     study = optuna.load_study(study_name=spec["study_name"], storage=storage, sampler=sampler)
     measurer = make_measurer(settings, device)
     compiler = make_compiler(settings)
+    leases = study_leases(settings.storage, Path(settings.out_dir), spec["study_name"])
+    leases.acquire()
     try:
         measurer.start()
         SearchLoop(family, key, space, study, settings, measurer, compiler, spec["arch"], spec["budget"],
-                   spec["deadline"], None, str(device), grid=spec["grid"], n_valid=spec["n_valid"]).run()
+                   spec["deadline"], None, str(device), grid=spec["grid"], n_valid=spec["n_valid"],
+                   leases=leases).run()
     finally:
         compiler.close()
         measurer.close()
+        leases.release()
 
 
 def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = None, compiler: Any = None,
@@ -643,6 +726,7 @@ def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = N
     own_measurer = measurer is None
     measurer = measurer or make_measurer(settings, gpus[0])
     compiler = make_compiler(settings, compiler)
+    leases: StudyLeases | None = None
     try:
         info = measurer.start()
         gpu = GpuIdentity(**info["gpu"])
@@ -653,11 +737,20 @@ def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = N
             skipped = _already_tuned(family, key, gpu, arch, name, settings)
             if skipped is not None:
                 return skipped
-        if not settings.resume:
-            try:
-                optuna.delete_study(study_name=name, storage=storage)
-            except KeyError:
-                pass
+        leases = study_leases(settings.storage, out_dir, name)
+        with leases.guard():  # no other process starts or joins the study meanwhile
+            live = leases.live()
+            if live and not settings.resume:  # deleting it would pull the study from under them
+                where = _journal_path(settings.storage, out_dir) or settings.storage
+                raise InputError("resume", f"False for study {name!r} in {where}, which a live process is "
+                                 f"working ({describe(live)})", "--resume (resume=True) to join that study, or "
+                                 "another --out or --storage for a fresh one")
+            if not settings.resume:
+                try:
+                    optuna.delete_study(study_name=name, storage=storage)
+                except KeyError:
+                    pass
+            leases.acquire()
         valid = space.valid_configs(key, arch)
         if not valid:
             raise InputError("search space", f"{space.source} for {key.label()} on {arch}",
@@ -689,7 +782,7 @@ def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = N
         desc = f"{family.name} {key.label()}"
         progress = Progress(budget, 0, desc, settings.progress)
         children = []
-        if len(gpus) > 1:
+        if len(gpus) > 1:  # started from this thread, which also joins them (die_with_parent)
             from multiprocessing import get_context
 
             ctx = get_context("spawn")
@@ -698,18 +791,20 @@ def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = N
             for dev in gpus[1:]:
                 spec = {"settings": spec_settings, "family": family_ref(family), "key": key.model_dump(mode="json"),
                         "study_name": name, "device": dev, "arch": arch, "budget": budget, "deadline": deadline,
-                        "grid": grid, "n_valid": len(valid)}
+                        "grid": grid, "n_valid": len(valid), "parent_pid": os.getpid()}
                 proc = ctx.Process(target=_child_main, args=(spec,), name=f"vidrial-tune-gpu{dev}")
                 proc.start()
                 children.append(proc)
         loop = SearchLoop(family, key, space, study, settings, measurer, compiler, arch, budget, deadline,
-                          progress, str(gpus[0]), grid=grid, n_valid=len(valid))
+                          progress, str(gpus[0]), grid=grid, n_valid=len(valid), leases=leases)
         try:
             stopped = loop.run()
         finally:
             for proc in children:
                 proc.join()
             progress.close()
+        with leases.guard():  # a child that crashed left its trials RUNNING
+            fail_stale_trials(study, leases)
         loop.sync()
         return _finish(family, key, space, study, settings, measurer, gpu, arch, name, loop, stopped,
                        default if _is_valid(space, key, default, arch) else None)
@@ -717,6 +812,8 @@ def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = N
         compiler.close()
         if own_measurer:
             measurer.close()
+        if leases is not None:
+            leases.release()
 
 
 def _is_valid(space: SearchSpace, key: Any, config: Any, arch: str) -> bool:

@@ -185,9 +185,13 @@ class GpuBackend:
 
 
 # ---- the worker process ------------------------------------------------------------------------
-def _worker_main(conn: Any, backend_ref: str, device_index: int) -> None:
+def _worker_main(conn: Any, backend_ref: str, device_index: int, parent_pid: int | None = None) -> None:
     import signal
 
+    if parent_pid is not None:  # a worker hung in a kernel outlives a killed tuner otherwise
+        from vidrial.tuning.liveness import die_with_parent
+
+        die_with_parent(parent_pid)
     # Ctrl-C goes to the whole process group: the parent handles it (and stops this worker);
     # the worker must not report an interrupted measurement as this config's failure.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -251,7 +255,7 @@ class MeasurementWorker:
         if self._proc is not None and self._proc.is_alive():
             return self.info or {}
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.backend, self.device_index),
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.backend, self.device_index, os.getpid()),
                                  name=f"vidrial-measure-{self.device_index}", daemon=True)
         proc.start()
         child.close()
