@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("compile", "tune", "show", "bench", "ship")
+SUBCOMMANDS = ("compile", "tune", "show", "bench", "ship", "cache")
 
 
 def build_parser() -> argparse.ArgumentParser:
