@@ -195,20 +195,25 @@ def load_file(path: Path) -> TunedFile | None:
     A readable file with another `schema_version` whose entries do not validate under
     this version's models is returned with no entries (the caller sees the version and
     treats it as stale)."""
-    path = Path(path)
+    got = _read_file(Path(path))
+    if isinstance(got, str):
+        _warn(f"tuned configs {path}: {got}; file skipped")
+        return None
+    return got
+
+
+def _read_file(path: Path) -> TunedFile | str:
+    """The tuned file at `path`, or why it cannot be read (the reason load_file warns with)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        _warn(f"tuned configs {path}: cannot read ({exc}); file skipped")
-        return None
+        return f"cannot read ({exc})"
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        _warn(f"tuned configs {path}: not valid JSON ({exc}); file skipped")
-        return None
+        return f"not valid JSON ({exc})"
     if not isinstance(raw, dict):
-        _warn(f"tuned configs {path}: expected a JSON object, got {type(raw).__name__}; file skipped")
-        return None
+        return f"expected a JSON object, got {type(raw).__name__}"
     try:
         return TunedFile.model_validate(raw)
     except ValidationError as exc:
@@ -218,9 +223,8 @@ def load_file(path: Path) -> TunedFile | None:
                              gpu=str(raw.get("gpu", "")), entries={})
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        _warn(f"tuned configs {path}: does not match the schema ({exc.error_count()} errors, first at "
-              f"{where or '<root>'}: {first.get('msg')}); file skipped")
-        return None
+        return (f"does not match the schema ({exc.error_count()} errors, first at "
+                f"{where or '<root>'}: {first.get('msg')})")
 
 
 def _warn(message: str) -> None:
@@ -345,12 +349,26 @@ def merge(source: Path, destination: Path) -> dict[str, int]:
     one is faster: a tuning run that is being shipped is the newer measurement of that key (an older
     time may come from another measurement setup, e.g. a smaller problem in the same bucket).
     Returns counts {"added", "replaced", "files"}."""
+    from vidrial.core.errors import InputError
+    from vidrial.core.paths import check_folder_argument
+
+    check_folder_argument("destination", destination)
     counts = {"added": 0, "replaced": 0, "files": 0}
+    plan: list[tuple[TunedFile, Path]] = []
     for src in tuned_files(Path(source)):
         tuned = load_file(src)
         if tuned is None or tuned.schema_version != SCHEMA_VERSION or not tuned.entries:
             continue
         dst = Path(destination) / src.parent.name / src.name
+        # every destination file is checked before the first is written: a bad one merges nothing
+        existing = _read_file(dst) if dst.exists() else None
+        if isinstance(existing, TunedFile) and existing.schema_version != SCHEMA_VERSION:
+            existing = f"schema version {existing.schema_version}, this vidrial writes {SCHEMA_VERSION}"
+        if isinstance(existing, str):
+            raise InputError("destination", f"{dst} ({existing})",
+                             "tuned files that can be merged into (fix or move this one aside, then ship again)")
+        plan.append((tuned, dst))
+    for tuned, dst in plan:
         dst.parent.mkdir(parents=True, exist_ok=True)
 
         def take_all(entries: dict[str, TunedEntry], new: dict[str, TunedEntry] = tuned.entries) -> None:
