@@ -50,6 +50,6 @@ def check_folder_argument(argument: str, path: str | Path) -> Path:
         if existing.exists():
             if existing.is_dir():
                 return p
-            where = "it is a file" if existing == p else f"{existing} is a file"
-            raise InputError(argument, str(path), f"a folder, or a path where one can be created ({where})")
+            why = "a file" if existing == p else f"{existing} is a file"
+            raise InputError(argument, f"{path} ({why})", "a folder, or a path where one can be created")
     return p

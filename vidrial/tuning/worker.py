@@ -56,7 +56,13 @@ def resolve_family(ref: Any) -> Any:
     if not isinstance(ref, str):
         return ref
     if ":" in ref:
-        return import_ref(ref)
+        try:
+            return import_ref(ref)
+        except (ImportError, AttributeError) as exc:
+            from vidrial.core.errors import InputError
+
+            raise InputError("kernel", repr(ref), "a registered family name or the 'module:attr' of a "
+                             f"KernelFamily (importing it failed: {exc})") from None
     from vidrial.kernels import get_family
 
     return get_family(ref)
