@@ -286,9 +286,15 @@ def test_clear_removes_only_cubin_entries(tmp_path, monkeypatch):
     for f in foreign:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("not vidrial's cubin cache")
+    key = "ab" + "0" * 62
+    stale, fresh = (tmp_path / "cubin" / "ab" / f"{key}.cubin{tag}.tmp" for tag in ("old", "new"))
+    for f in (stale, fresh):
+        f.write_bytes(b"partial")
+    os.utime(stale, (1.0, 1.0))  # an interrupted write; the fresh one may be a write in progress
     compiling.clear_cache()
     assert compiling.cache_stats() == {"entries": 0, "bytes": 0}
     assert all(f.exists() for f in foreign)
+    assert not stale.exists() and fresh.exists()
     assert not list((tmp_path / "cubin").rglob("*.cubin"))
 
 

@@ -87,6 +87,7 @@ def cubin_cache_dir() -> Path:
 
 
 DEFAULT_CACHE_MAX_MB = 2048
+_STALE_TMP_S = 3600.0  # a temp file this old is a write that was interrupted, not one in progress
 _ENTRY = re.compile(r"[0-9a-f]{64}\.(cubin|json)")  # what the cache writes: <sha256 key>.cubin / .json
 
 
@@ -322,13 +323,14 @@ def cache_stats() -> dict[str, int]:
 
 
 def clear_cache() -> dict[str, int]:
-    """Removes every cache entry (and temp files of interrupted writes), nothing else in the folder;
+    """Removes every cache entry (and temp files of writes interrupted over an hour ago), nothing else;
     returns what was there (cache_stats before)."""
     before = cache_stats()
     for files in _entries().values():
         _remove_entry(files)
     for tmp in cubin_cache_dir().glob("[0-9a-f][0-9a-f]/*.tmp"):
-        if _ENTRY.match(tmp.name):  # _write_atomic's temp names start with the entry's name
+        # _write_atomic's temp names start with the entry's name; a fresh one may be a write in progress
+        if _ENTRY.match(tmp.name) and _last_used([tmp]) < time.time() - _STALE_TMP_S:
             tmp.unlink(missing_ok=True)
     for shard in cubin_cache_dir().glob("[0-9a-f][0-9a-f]"):
         try:
