@@ -164,8 +164,9 @@ def test_a_failed_tune_leaves_no_empty_output_folder(tmp_path, capsys):
     out = tmp_path / "vidrial-tune"
     rc = main(["tune", "--kernel", T.synthetic.REF, "--key", '{"head_dim": 128}', "--out", str(out),
                "--backend", "vidrial.tuning.testing:NoDeviceBackend", "--no-progress"])
-    assert rc == 2 and "no CUDA device" in capsys.readouterr().err
-    assert not out.exists()
+    err = capsys.readouterr().err
+    assert rc == 2 and "no CUDA device" in err, (rc, err)
+    assert not out.exists(), sorted(out.rglob("*"))
 
 
 # ---- show, --version --------------------------------------------------------------------------------------------

@@ -270,10 +270,14 @@ class MeasurementWorker:
             if parent.poll(0.05):
                 try:
                     kind, payload = parent.recv()
-                except (EOFError, OSError):
-                    kind, payload = "startup_error", "worker closed its pipe during startup"
+                except (EOFError, OSError):  # it died without a word: its exit code is all there is
+                    proc.join(timeout=5)
+                    kind, payload = "startup_error", ("worker closed its pipe during startup" if proc.exitcode is None
+                                                      else f"worker exited with code {proc.exitcode} during startup")
                 break
             if not proc.is_alive():
+                if parent.poll(0):  # it sent why, then exited before the poll above saw the message
+                    continue
                 kind, payload = "startup_error", f"worker exited with code {proc.exitcode} during startup"
                 break
             if time.monotonic() > deadline:
