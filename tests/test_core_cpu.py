@@ -209,3 +209,104 @@ def test_declarative_field_rules_name_field_value_and_rule():
         with pytest.raises(pydantic.ValidationError) as err:
             Cfg(**{name: value})
         assert f"{name}={value}: {text}" in str(err.value)
+
+
+# ---- cache integrity, size bound, `vidrial cache` (issue 17 item 6) ---------------------------------------------
+def _damage(data: bytes, how: str) -> bytes:
+    if how == "truncated":
+        return data[: len(data) // 2]
+    if how == "random":
+        return os.urandom(len(data))
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x01
+    return bytes(flipped)
+
+
+@pytest.mark.parametrize("how", ["truncated", "random", "one byte flipped"])
+def test_damaged_cubin_is_recompiled_and_replaced(how, tmp_path, monkeypatch):
+    monkeypatch.setenv("VIDRIAL_CACHE_DIR", str(tmp_path))
+    kernel = render("testing/axpy.cu.j2", "axpy_damaged", {"vec": 2})
+    first = compile_source(kernel, "sm_90")
+    (path,) = tmp_path.rglob("*.cubin")
+    path.write_bytes(_damage(first.cubin, how))
+    again = compile_source(kernel, "sm_90")
+    assert not again.cached and again.cubin == first.cubin
+    assert path.read_bytes() == first.cubin  # the bad entry was replaced
+    assert compile_source(kernel, "sm_90").cached
+    assert list(tmp_path.rglob("*.tmp")) == []
+
+
+def test_cache_writes_are_fsynced(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIDRIAL_CACHE_DIR", str(tmp_path))
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    compile_source(render("testing/axpy.cu.j2", "axpy_fsync", {"vec": 1}), "sm_80")
+    assert len(synced) >= 2  # the cubin and its facts
+
+
+def _entry_paths(root: Path, key: str) -> tuple[Path, Path]:
+    base = root / "cubin" / key[:2] / key
+    return base.with_suffix(".cubin"), base.with_suffix(".json")
+
+
+def test_cache_evicts_least_recently_used_entries_over_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIDRIAL_CACHE_DIR", str(tmp_path))
+    a, b, c = (render("testing/axpy.cu.j2", f"axpy_lru{v}", {"vec": v}) for v in (1, 2, 4))
+    ka, kb = compile_source(a, "sm_80").cache_key, compile_source(b, "sm_80").cache_key
+    for age, key in ((3000, ka), (2000, kb)):  # a is older than b ...
+        for p in _entry_paths(tmp_path, key):
+            os.utime(p, (p.stat().st_mtime - age,) * 2)
+    assert compile_source(a, "sm_80").cached  # ... until this hit makes b the least recently used
+    two = compiling.cache_stats()["bytes"]
+    monkeypatch.setenv("VIDRIAL_CACHE_MAX_MB", str(1.5 * two / 2**20))  # room for two entries, not three
+    kc = compile_source(c, "sm_80").cache_key
+    assert not any(p.exists() for p in _entry_paths(tmp_path, kb))
+    assert all(p.exists() for k in (ka, kc) for p in _entry_paths(tmp_path, k))
+    assert compiling.cache_stats()["entries"] == 2
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "0", "nan"])
+def test_cache_limit_env_names_the_variable(value, monkeypatch):
+    monkeypatch.setenv("VIDRIAL_CACHE_MAX_MB", value)
+    with pytest.raises(InputError, match=rf"^VIDRIAL_CACHE_MAX_MB: got '{value}'"):
+        compiling.cache_limit_bytes()
+
+
+def test_cache_limit_default_is_2_gib(monkeypatch):
+    monkeypatch.delenv("VIDRIAL_CACHE_MAX_MB", raising=False)
+    assert compiling.cache_limit_bytes() == 2 * 2**30
+
+
+def test_clear_removes_only_cubin_entries(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIDRIAL_CACHE_DIR", str(tmp_path))
+    compile_source(render("testing/axpy.cu.j2", "axpy_clear", {"vec": 1}), "sm_80")
+    foreign = [tmp_path / "cubin" / "README.txt", tmp_path / "cubin" / "ab" / "notes.json",
+               tmp_path / "tuned_configs" / "nvidia-h200" / "update_state.json"]
+    for f in foreign:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("not vidrial's cubin cache")
+    key = "ab" + "0" * 62
+    stale, fresh = (tmp_path / "cubin" / "ab" / f"{key}.cubin{tag}.tmp" for tag in ("old", "new"))
+    for f in (stale, fresh):
+        f.write_bytes(b"partial")
+    os.utime(stale, (1.0, 1.0))  # an interrupted write; the fresh one may be a write in progress
+    compiling.clear_cache()
+    assert compiling.cache_stats() == {"entries": 0, "bytes": 0}
+    assert all(f.exists() for f in foreign)
+    assert not stale.exists() and fresh.exists()
+    assert not list((tmp_path / "cubin").rglob("*.cubin"))
+
+
+def test_cache_command_info_and_clear(tmp_path, monkeypatch, capsys):
+    from vidrial.cli import main
+
+    monkeypatch.setenv("VIDRIAL_CACHE_DIR", str(tmp_path))
+    compile_source(render("testing/axpy.cu.j2", "axpy_cli", {"vec": 1}), "sm_80")
+    for argv in (["cache"], ["cache", "info"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert str(tmp_path / "cubin") in out and "1 entries" in out and "limit" in out
+    assert main(["cache", "clear"]) == 0
+    assert "removed 1 entries" in capsys.readouterr().out
+    assert compiling.cache_stats()["entries"] == 0

@@ -143,6 +143,45 @@ def test_op_input_errors(change, arg):
         vidrial.power_retention(**args)
 
 
+def _gates_with_one_positive(b: int, t: int, h: int, value: float) -> torch.Tensor:
+    lg = -torch.rand(b, t, h)
+    lg[0, t // 2, h - 1] = value
+    return lg
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])  # the plain forward and the autograd path
+def test_op_rejects_positive_log_G(requires_grad):
+    """The contract is log_G <= 0 (gates in (0, 1]); a positive or NaN gate is named, not computed with."""
+    import vidrial
+
+    Q, K, V = _qkv()
+    Q.requires_grad_(requires_grad)
+    for bad, shown in ((0.5, "0.5"), (float("nan"), "nan")):
+        lg = _gates_with_one_positive(1, 32, 1, bad)
+        with pytest.raises(InputError, match=rf"^log_G: got max value {shown}; expected values <= 0"):
+            vidrial.power_retention(Q, K, V, lg, chunk_size=16)
+
+
+def test_log_G_value_check_allows_the_contract_and_skips_where_values_cannot_be_read(monkeypatch):
+    from vidrial.ops import _check_log_G_values
+
+    _check_log_G_values(None)
+    _check_log_G_values(torch.zeros(2, 8, 1))
+    _check_log_G_values(torch.full((1, 4, 2), float("-inf")))  # a gate of exactly 0
+    _check_log_G_values(torch.empty(1, 0, 2))
+    _check_log_G_values(torch.ones(1, 4, 2, device="meta"))  # no values: fake/meta tensors
+    with pytest.raises(InputError, match=r"^log_G: got max value 1;"):
+        _check_log_G_values(torch.ones(1, 4, 2))
+    # torch.compile: reading a value would break the graph, so the traced call skips the check
+    traced = torch.compile(lambda lg: (_check_log_G_values(lg), lg * 2)[1], fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    assert torch.equal(traced(torch.ones(3)), torch.full((3,), 2.0))
+    # CUDA-graph capture: no host sync allowed while capturing
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    _check_log_G_values(torch.ones(1, 4, 2))
+
+
 def test_op_rejects_cpu_tensors_and_bad_state_layout():
     import vidrial
     from vidrial.kernels.power_retention.sympow import feature_dim

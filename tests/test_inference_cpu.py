@@ -258,6 +258,30 @@ def test_input_errors_name_the_argument(change, argument):
         power_retention_inference(**x)
 
 
+def test_positive_log_G_is_an_input_error():
+    from vidrial import power_retention_inference
+
+    x = _inputs()
+    x["log_G"] = -torch.rand(2, 5, 2)
+    x["log_G"][1, 3, 0] = 0.25
+    with pytest.raises(InputError, match=r"^log_G: got max value 0.25; expected values <= 0"):
+        power_retention_inference(**x)
+
+
+def test_log_G_values_are_checked_on_every_call_not_memoised(monkeypatch):
+    """_checked remembers the structural checks per shape; the gate values change from step to step."""
+    from vidrial import inference
+
+    monkeypatch.setattr(inference, "_CHECKED", {})
+    monkeypatch.setattr(inference, "_check", lambda *a: ("checked",))  # structure ok (CPU tensors)
+    x = _inputs()
+    args = [x["Q"], x["K"], x["V"], x["log_G"], x["initial_state"], x["sum_of_keys"], 2, None, 512, None, None]
+    assert inference._checked(*args) == ("checked",)
+    args[3] = torch.full_like(x["log_G"], 0.5)  # same shape: a memo hit
+    with pytest.raises(InputError, match=r"^log_G: got max value 0.5"):
+        inference._checked(*args)
+
+
 def test_no_cache_and_no_state_is_an_error():
     from vidrial import power_retention_inference
 

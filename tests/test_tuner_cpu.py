@@ -547,3 +547,48 @@ def test_progress_without_tqdm_prints_eta(monkeypatch, capsys):
 def test_families_without_the_measurement_protocol_are_refused(tmp_path):
     with pytest.raises(ValueError, match="make_inputs, run, reference"):
         tune(T.synthetic, [KEY128], out=tmp_path)  # the default (GPU) backend needs the protocol
+
+
+def test_a_startup_error_sent_just_before_the_worker_exits_is_not_lost(monkeypatch):
+    """The worker sends its startup error and exits at once: the parent may see the process dead before
+    it sees the message, and must still report the message (e.g. 'no CUDA device present')."""
+    from vidrial.tuning.worker import MeasurementWorker, WorkerError
+
+    class Conn:
+        polls = 0
+
+        def poll(self, timeout=0.0):  # nothing yet on the first poll; the message is there by the next
+            Conn.polls += 1
+            return Conn.polls > 1
+
+        def recv(self):
+            return "startup_error", "InputError: gpus: got device 0: no CUDA device present"
+
+        def close(self):
+            pass
+
+    class DeadOnArrival:
+        exitcode = 2
+
+        def __init__(self, **kwargs):
+            pass
+
+        def start(self):
+            pass
+
+        def is_alive(self):
+            return False
+
+        def join(self, timeout=None):
+            pass
+
+    class Ctx:
+        Process = DeadOnArrival
+
+        def Pipe(self, duplex=True):
+            return Conn(), Conn()
+
+    worker = MeasurementWorker(FAKE)
+    monkeypatch.setattr(worker, "_ctx", Ctx())
+    with pytest.raises(WorkerError, match="no CUDA device present"):
+        worker.start()

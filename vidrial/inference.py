@@ -23,8 +23,9 @@ memory-bound decode read); sum_of_keys is always float32. A new state gets `stat
 
 Execution: up to 16 query rows per KV head (GQA group x new tokens) go through ONE fused kernel
 launch (vidrial/kernels/power_retention/decode.py): state query + cache attention + merge, on the
-current stream, no host sync, CUDA-graph capturable (call once before capturing, so that the
-kernel, the block table and the workspace exist; also one absorbing step if the captured region
+current stream, no host sync but the log_G <= 0 check (one max, skipped while capturing), CUDA-graph
+capturable (call once before capturing, so that the kernel, the block table and the workspace
+exist; also one absorbing step if the captured region
 absorbs, for update_state's kernel and table). The compression step (once per
 switch_over_seq_len tokens) adds update_state + a gated sum (a few more launches, still no sync).
 More rows run as groups of new tokens (one launch per group, each against the cache prefix that
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vidrial.core.errors import InputError
+from vidrial.ops import _check_log_G_values
 
 __all__ = ["power_retention_inference", "StateLayout"]
 
@@ -173,6 +175,7 @@ def _check(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_s
             raise InputError("log_G", f"dtype {log_G.dtype}", "torch.float32")
         if tuple(log_G.shape) != (b, L, h):
             raise InputError("log_G", f"shape {tuple(log_G.shape)}", f"shape {(b, L, h)} = [batch, cache_len, kv_heads]")
+        _check_log_G_values(log_G)
     from vidrial.kernels.power_retention.sympow import default_d_tile, feature_dim
 
     if d_tile is None:
@@ -236,6 +239,7 @@ def _checked(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over
     except (AttributeError, TypeError):  # not tensors / unhashable: the full check names the problem
         sig, hit = None, None
     if hit is not None:
+        _check_log_G_values(log_G)  # values change from call to call: checked every time, never memoised
         return hit
     out = _check(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_seq_len, d_tile, state_dtype)
     if sig is not None:
@@ -322,7 +326,7 @@ def power_retention_inference(Q, K, V, log_G=None, initial_state=None, sum_of_ke
     """One inference step of power retention (see the module docstring for the semantics).
 
     Q [b, tq, hq, d] bf16/fp16 CUDA; K, V [b, L, h, d] (the KV cache including the new tokens, same
-    dtype) or None; log_G [b, L, h] float32 per-step log gates or None; initial_state [b, h, D, d]
+    dtype) or None; log_G [b, L, h] float32 per-step log gates (<= 0) or None; initial_state [b, h, D, d]
     float32/bfloat16 + sum_of_keys [b, h, D] float32, or None; deg 2 or 4; scale None/0 = 1/sqrt(d);
     switch_over_seq_len None (never compress) or int (default 512, as retention); d_tile: the state
     layout (default sympow.default_d_tile(d, deg)); state_dtype: dtype of a newly created state

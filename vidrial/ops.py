@@ -15,7 +15,8 @@ Semantics follow the `retention` package 1.0.7 (`retention.triton.power_retentio
 
 Chunked path: update_state -> discumsum (bf16 copy of the states for the MMA, fp32 sum of keys,
 fp32 final state only) -> intra_chunk_attention (merge mode: O, l, m) -> query_state (merge).
-All launches go on the current stream; no host synchronisation.
+All launches go on the current stream; no host synchronisation, except the eager check that log_G <= 0
+(one max; skipped under CUDA-graph capture and torch.compile).
 """
 from __future__ import annotations
 
@@ -26,6 +27,22 @@ from vidrial.core.errors import InputError
 __all__ = ["power_retention"]
 
 HEAD_DIMS = (32, 64, 128)
+
+
+def _check_log_G_values(log_G) -> None:
+    """log_G <= 0 (gates exp(log_G) in (0, 1]): a positive (or NaN) gate would grow the state instead of
+    decaying it, a silently wrong result. Reading the maximum is a device->host sync, which CUDA-graph
+    capture forbids and which would break a torch.compile graph: those skip the check (their eager calls,
+    e.g. the warm-up before capture, do it); elsewhere it is one small reduction."""
+    import torch
+
+    if log_G is None or log_G.numel() == 0 or log_G.device.type == "meta" or torch.compiler.is_compiling():
+        return
+    if log_G.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    top = float(log_G.max())
+    if not top <= 0:  # NaN fails this too
+        raise InputError("log_G", f"max value {top:g}", "values <= 0 (log gates: exp(log_G) in (0, 1])")
 
 
 def _check_inputs(Q, K, V, log_G, deg, d_tile, chunk_size, switch_over_seq_len, scale):
@@ -70,6 +87,7 @@ def _check_inputs(Q, K, V, log_G, deg, d_tile, chunk_size, switch_over_seq_len, 
             raise InputError("log_G", f"dtype {log_G.dtype}", "torch.float32")
         if tuple(log_G.shape) != (b, t, h):
             raise InputError("log_G", f"shape {tuple(log_G.shape)}", f"shape {(b, t, h)} = [batch, time, kv_heads]")
+        _check_log_G_values(log_G)
     # devices last, so that shape and dtype errors are reported the same on any device
     if Q.device.type != "cuda":
         raise InputError("Q", f"device {Q.device}", "a CUDA tensor")

@@ -53,8 +53,24 @@ def write_json(doc: dict[str, Any], out_dir: str | Path) -> Path:
     return path
 
 
-def load_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+def load_json(path: str | Path, argument: str = "path") -> dict[str, Any]:
+    """A saved run (bench.json); InputError naming `argument` when the file is missing or no bench run."""
+    from vidrial.core.errors import InputError
+
+    expected = f"a {JSON_NAME} written by `vidrial bench` (a JSON object with a \"results\" list of rows)"
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(argument, f"{path} ({exc.strerror or exc})", expected) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(argument, f"{path} (not valid JSON: {exc})", expected) from None
+    if not isinstance(doc, dict):
+        raise InputError(argument, f"{path} (a JSON {type(doc).__name__})", expected)
+    rows = doc.get("results")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        what = "no \"results\"" if rows is None else f"\"results\" is a {type(rows).__name__}"
+        raise InputError(argument, f"{path} ({what})", expected)
+    return doc
 
 
 # ---------------------------------------------------------------- tables

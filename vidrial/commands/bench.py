@@ -59,9 +59,11 @@ def kinds_of(only: list[str] | None) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from vidrial.bench import report
+    from vidrial.core.paths import check_folder_argument
 
+    check_folder_argument("out", args.out)  # before a run: its results would have nowhere to go
     if args.from_json:
-        doc = report.load_json(args.from_json)
+        doc = report.load_json(args.from_json, argument="from_json")
         out = report.write_all(doc, args.out)
         print(report.text_report(doc))
         _print_outputs(out, args.readme and report.update_readme(args.readme, doc, out["plots"]))

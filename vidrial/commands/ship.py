@@ -19,7 +19,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("ship", help="merge a tuning run's winners into the shipped tuned configs",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, help="tuned-config folder of a tuning run (vidrial tune --tuned-dir)")
-    parser.add_argument("--into", type=Path, default=None,
+    # dest: store.merge's argument, so that its errors name --into
+    parser.add_argument("--into", dest="destination", metavar="DIR", type=Path, default=None,
                         help="destination tuned-config folder (default: the shipped tuned_configs/)")
     parser.set_defaults(func=run)
     return parser
@@ -31,9 +32,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.source.is_dir() or not store.tuned_files(args.source):
         raise InputError("source", str(args.source), "a folder holding <gpu>/<family>.json tuned files")
-    into = args.into if args.into is not None else store.shipped_tuned_dir()
+    into = args.destination if args.destination is not None else store.shipped_tuned_dir()
     if into is None:
-        raise InputError("--into", None, "a destination folder (this install has no shipped tuned_configs/)")
+        raise InputError("destination", None, "a destination folder (this install has no shipped tuned_configs/)")
     counts = store.merge(args.source, into)
     print(f"{counts['files']} files into {into}: {counts['added']} entries added, {counts['replaced']} replaced")
     return 0

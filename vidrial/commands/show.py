@@ -33,21 +33,35 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _gpu_slugs(requested: str | None, on_disk: list[Path]) -> tuple[list[str], str | None]:
     """(GPU slugs to report, the present GPU's arch or None); `on_disk`: the tuned files found."""
+    from vidrial.core.errors import InputError
     from vidrial.tuning import store
 
-    if requested:
+    slugs = {p.parent.name for p in on_disk}
+    if requested and store.slugify(requested) in slugs:
         return [store.slugify(requested)], None
+    present = _present_gpu()
+    if not requested:
+        return ([present.slug], present.arch) if present is not None else (sorted(slugs), None)
+    if present is not None and store.slugify(requested) == present.slug:  # this GPU, tuned or not
+        return [present.slug], None
+    # a typo would otherwise read as "nothing tuned, everything default"
+    known = sorted(slugs | ({present.slug} if present is not None else set()))
+    raise InputError("gpu", repr(requested), "a GPU model name or slug with tuned configs or present here: "
+                     + (", ".join(known) if known else "none found"))
+
+
+def _present_gpu() -> Any:
+    """The present GPU's identity, or None."""
     try:
         from vidrial.core.arch import gpu_available
 
         if gpu_available():
             from vidrial.dispatch import current_gpu
 
-            gpu = current_gpu()
-            return [gpu.slug], gpu.arch
+            return current_gpu()
     except Exception:
         pass
-    return sorted({p.parent.name for p in on_disk}), None
+    return None
 
 
 def _entry_rows(index: Any) -> list[dict[str, Any]]:

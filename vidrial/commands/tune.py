@@ -61,7 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", type=_budgets, default=None, metavar="N,N,...",
                    help="with --sampler grid: replay TPE/GP/random on the exhaustive results and report "
                         "their best after N trials against the exhaustive best")
-    p.add_argument("--space", default=None, help="search-space TOML to use instead of search_spaces/<family>.toml")
+    # dest: tune()'s argument, so that its errors name --space
+    p.add_argument("--space", dest="space_path", metavar="TOML", default=None,
+                   help="search-space TOML to use instead of search_spaces/<family>.toml")
     # test doubles (hidden): measurement backend and compile function as 'module:attr'
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
     p.add_argument("--compiler", default=None, help=argparse.SUPPRESS)
@@ -69,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vidrial.core.errors import VidrialError
+    from vidrial.core.errors import InputError, VidrialError
     from vidrial.tuning.tuner import tune
 
     kernels = args.kernel or ["all"]
@@ -92,12 +94,14 @@ def run(args: argparse.Namespace) -> int:
                        sampler=args.sampler, out=args.out, storage=args.storage, resume=args.resume,
                        gpus=args.gpus, compare=args.compare, seed=args.seed, job_timeout_s=args.job_timeout,
                        leaders=args.leaders, tuned_dir=args.tuned_dir, record=not args.no_record,
-                       progress=not args.no_progress, space_path=args.space, skip_tuned=args.skip_tuned,
+                       progress=not args.no_progress, space_path=args.space_path, skip_tuned=args.skip_tuned,
                        **({"backend": args.backend} if args.backend else {}),
                        **({"compiler": args.compiler} if args.compiler else {}), on_result=_print_result)
     except KeyboardInterrupt:
         print("\nvidrial tune: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
         return 130
+    except InputError:
+        raise  # vidrial.cli.main names the option it came from
     except (VidrialError, ValueError) as exc:
         print(f"vidrial tune: {exc}", file=sys.stderr)
         return 2

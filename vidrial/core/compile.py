@@ -1,13 +1,19 @@
 """Compiling is a pure function: (source, arch, options) -> cubin + resource facts.
 
 Results live in a content-addressed on-disk cache (user cache dir, VIDRIAL_CACHE_DIR
-overrides) keyed by hash(source, arch, NVRTC version, options). Writes are atomic
-(temp file + rename), so processes compiling the same kernel at once are safe: the
-last rename wins with identical bytes. No GPU is needed: the arch is always explicit.
+overrides) keyed by hash(source, arch, NVRTC version, options): `<key>.cubin` next to
+`<key>.json` (the resource facts and the cubin's sha256). Writes are atomic and durable
+(temp file + fsync + rename), so processes compiling the same kernel at once are safe: the
+last rename wins with identical bytes. A load checks the cubin against its sha256, so a
+truncated or damaged cubin is recompiled and replaced instead of being a hit forever. The
+cache is bounded (VIDRIAL_CACHE_MAX_MB, default 2 GiB): after a write the least recently
+used entries (mtime, touched on every hit) are evicted. No GPU is needed: the arch is
+always explicit.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import tempfile
@@ -21,7 +27,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from vidrial.core.arch import normalize_arch
-from vidrial.core.errors import CompileError
+from vidrial.core.errors import CompileError, InputError
 from vidrial.core.paths import user_cache_dir
 from vidrial.core.render import RenderedKernel
 from vidrial.core.toolchain import cuda_include_dir, nvrtc_module, nvrtc_version
@@ -49,6 +55,14 @@ class CompileFacts(BaseModel):
         return self.spill_store_bytes > 0 or self.spill_load_bytes > 0
 
 
+class _CacheRecord(BaseModel):
+    """`<key>.json`: the facts and what the cubin next to it must hash to."""
+
+    facts: CompileFacts
+    cubin_sha256: str
+    cubin_bytes: int
+
+
 @dataclass(frozen=True)
 class CompiledKernel:
     entry: str
@@ -70,6 +84,77 @@ def cache_key(source: str, arch: str, options: Sequence[str]) -> str:
 
 def cubin_cache_dir() -> Path:
     return user_cache_dir() / "cubin"
+
+
+DEFAULT_CACHE_MAX_MB = 2048
+_STALE_TMP_S = 3600.0  # a temp file this old is a write that was interrupted, not one in progress
+_ENTRY = re.compile(r"[0-9a-f]{64}\.(cubin|json)")  # what the cache writes: <sha256 key>.cubin / .json
+
+
+def cache_limit_bytes() -> int:
+    """The cache's size bound: $VIDRIAL_CACHE_MAX_MB megabytes (MiB), default 2048."""
+    text = os.environ.get("VIDRIAL_CACHE_MAX_MB")
+    if text is None or not text.strip():
+        return DEFAULT_CACHE_MAX_MB * 2**20
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = math.nan
+    if not (math.isfinite(mb) and mb > 0):
+        raise InputError("VIDRIAL_CACHE_MAX_MB", repr(text), "a positive number of megabytes (MiB), e.g. 2048")
+    return int(mb * 2**20)
+
+
+def _entries() -> dict[Path, list[Path]]:
+    """The cache's entries: `<dir>/<key>` -> its existing files (.cubin, .json); nothing else is touched."""
+    out: dict[Path, list[Path]] = {}
+    for shard in cubin_cache_dir().glob("[0-9a-f][0-9a-f]"):
+        if not shard.is_dir():
+            continue
+        for f in shard.iterdir():
+            if _ENTRY.fullmatch(f.name) and f.name.startswith(shard.name) and f.is_file():
+                out.setdefault(f.with_suffix(""), []).append(f)
+    return out
+
+
+def _size(files: Iterable[Path]) -> int:
+    total = 0
+    for f in files:
+        try:
+            total += f.stat().st_size
+        except OSError:  # removed by another process meanwhile
+            pass
+    return total
+
+
+def _last_used(files: list[Path]) -> float:
+    try:
+        return max(f.stat().st_mtime for f in files)
+    except OSError:
+        return 0.0
+
+
+def _remove_entry(files: Iterable[Path]) -> None:
+    # facts first: a reader never finds facts whose cubin is gone (it would be a miss anyway: the hash)
+    for f in sorted(files, key=lambda f: f.suffix != ".json"):
+        f.unlink(missing_ok=True)
+
+
+def _evict(limit: int, keep: Path) -> None:
+    """Removes least recently used entries until the cache holds at most `limit` bytes; never `keep`
+    (the entry just written, which the caller is about to use)."""
+    entries = _entries()
+    sizes = {base: _size(files) for base, files in entries.items()}
+    total = sum(sizes.values())
+    if total <= limit:
+        return
+    for base in sorted(entries, key=lambda b: _last_used(entries[b])):
+        if total <= limit:
+            break
+        if base == keep:
+            continue
+        _remove_entry(entries[base])
+        total -= sizes[base]
 
 
 _NUM = r"(\d+)"
@@ -110,11 +195,15 @@ def _numbered_excerpt(source: str, log: str, context: int = 3) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsynced, then renamed over `path`: readers see the old or the
+    new bytes, and a crash does not leave a renamed but unwritten file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -122,16 +211,31 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _load_cached(key: str, entry: str, arch: str) -> CompiledKernel | None:
+    """The cached compile of `key`, or None when absent, unreadable or damaged (size or sha256 differ)."""
     base = cubin_cache_dir() / key[:2] / key
     cubin_path, facts_path = base.with_suffix(".cubin"), base.with_suffix(".json")
     try:
-        facts = CompileFacts.model_validate_json(facts_path.read_text())
+        record = _CacheRecord.model_validate_json(facts_path.read_bytes())
         cubin = cubin_path.read_bytes()
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # ValueError: bad JSON, or an entry of an older format without the hash
         return None
-    if not cubin:
+    if len(cubin) != record.cubin_bytes or hashlib.sha256(cubin).hexdigest() != record.cubin_sha256:
         return None
-    return CompiledKernel(entry, arch, cubin, facts, key, 0.0, True)
+    try:
+        os.utime(cubin_path)  # the hit makes it the most recently used (eviction order)
+    except OSError:  # a read-only cache still serves hits
+        pass
+    return CompiledKernel(entry, arch, cubin, record.facts, key, 0.0, True)
+
+
+def _store(key: str, cubin: bytes, facts: CompileFacts) -> None:
+    limit = cache_limit_bytes()  # a bad VIDRIAL_CACHE_MAX_MB fails before anything is written
+    base = cubin_cache_dir() / key[:2] / key
+    record = _CacheRecord(facts=facts, cubin_sha256=hashlib.sha256(cubin).hexdigest(), cubin_bytes=len(cubin))
+    _write_atomic(base.with_suffix(".cubin"), cubin)
+    # facts last: a reader that finds the facts also finds the cubin
+    _write_atomic(base.with_suffix(".json"), record.model_dump_json().encode())
+    _evict(limit, keep=base)
 
 
 def compile_source(
@@ -160,10 +264,7 @@ def compile_source(
         facts = parse_ptxas_log(log, kernel.entry)
     seconds = time.perf_counter() - started
     if use_cache and facts.reported:
-        base = cubin_cache_dir() / key[:2] / key
-        _write_atomic(base.with_suffix(".cubin"), cubin)
-        # facts last: a reader that finds the facts also finds the cubin
-        _write_atomic(base.with_suffix(".json"), facts.model_dump_json().encode())
+        _store(key, cubin, facts)
     return CompiledKernel(kernel.entry, arch, cubin, facts, key, seconds, False)
 
 
@@ -216,14 +317,27 @@ def compile_many(
 
 
 def cache_stats() -> dict[str, int]:
-    files = list(cubin_cache_dir().rglob("*.cubin"))
-    return {"entries": len(files), "bytes": sum(f.stat().st_size for f in files)}
+    """{"entries", "bytes"} of the cubin cache (cubins and their facts files)."""
+    entries = _entries()
+    return {"entries": len(entries), "bytes": sum(_size(files) for files in entries.values())}
 
 
-def clear_cache() -> None:
-    for f in cubin_cache_dir().rglob("*"):
-        if f.is_file():
-            f.unlink(missing_ok=True)
+def clear_cache() -> dict[str, int]:
+    """Removes every cache entry (and temp files of writes interrupted over an hour ago), nothing else;
+    returns what was there (cache_stats before)."""
+    before = cache_stats()
+    for files in _entries().values():
+        _remove_entry(files)
+    for tmp in cubin_cache_dir().glob("[0-9a-f][0-9a-f]/*.tmp"):
+        # _write_atomic's temp names start with the entry's name; a fresh one may be a write in progress
+        if _ENTRY.match(tmp.name) and _last_used([tmp]) < time.time() - _STALE_TMP_S:
+            tmp.unlink(missing_ok=True)
+    for shard in cubin_cache_dir().glob("[0-9a-f][0-9a-f]"):
+        try:
+            shard.rmdir()  # only when empty
+        except OSError:
+            pass
+    return before
 
 
 __all__ = [
@@ -234,5 +348,7 @@ __all__ = [
     "parse_ptxas_log",
     "cache_key",
     "cache_stats",
+    "cache_limit_bytes",
     "clear_cache",
+    "cubin_cache_dir",
 ]

@@ -9,6 +9,8 @@ import os
 from functools import cache
 from pathlib import Path
 
+from vidrial.core.errors import InputError
+
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _REPO_ROOT = _PACKAGE_DIR.parent
 
@@ -38,3 +40,16 @@ def user_tuned_dir() -> Path:
     """User tuned configs, which override the shipped ones: $VIDRIAL_TUNED_DIR or <cache>/tuned_configs."""
     override = os.environ.get("VIDRIAL_TUNED_DIR")
     return Path(override).expanduser() if override else user_cache_dir() / "tuned_configs"
+
+
+def check_folder_argument(argument: str, path: str | Path) -> Path:
+    """`path` as a folder to write into: InputError naming `argument` unless it is a folder or could be
+    created as one. Creates nothing, so a run that fails later leaves no empty folder behind."""
+    p = Path(path).expanduser()
+    for existing in (p, *p.parents):
+        if existing.exists():
+            if existing.is_dir():
+                return p
+            why = "a file" if existing == p else f"{existing} is a file"
+            raise InputError(argument, f"{path} ({why})", "a folder, or a path where one can be created")
+    return p

@@ -42,5 +42,5 @@ def families() -> dict[str, KernelFamily]:
 def get_family(name: str) -> KernelFamily:
     fams = families()
     if name not in fams:
-        raise InputError("kernel", repr(name), f"one of {sorted(fams)}")
+        raise InputError("kernel", repr(name), f"one of {', '.join(sorted(fams))}")
     return fams[name]

@@ -530,8 +530,12 @@ def merge(source: Path, destination: Path) -> dict[str, int]:
 
     A file (source or destination) whose family or GPU contradicts its path is refused with InputError:
     the path decides where an entry is looked up, so a mislabelled file would ship entries that are
-    never used. Every source file is checked before anything is written. Returns counts
-    {"added", "replaced", "files"}."""
+    never used. Every source file, and every destination file it goes into, is checked before anything
+    is written: a bad one merges nothing. Returns counts {"added", "replaced", "files"}."""
+    from vidrial.core.errors import InputError
+    from vidrial.core.paths import check_folder_argument
+
+    check_folder_argument("destination", destination)
     counts = {"added": 0, "replaced": 0, "files": 0}
     sources: list[tuple[Path, TunedFile]] = []
     for src in tuned_files(Path(source)):
@@ -540,6 +544,17 @@ def merge(source: Path, destination: Path) -> dict[str, int]:
             continue
         _require_labels(src, tuned)
         sources.append((src, tuned))
+    for src, _ in sources:
+        dst = Path(destination) / src.parent.name / src.name
+        found = read_file(dst, missing_ok=True)
+        if found is None:
+            continue
+        problem = found.reason
+        if problem is None and found.tuned is not None and found.tuned.schema_version != SCHEMA_VERSION:
+            problem = f"schema version {found.tuned.schema_version}, this vidrial writes {SCHEMA_VERSION}"
+        if problem is not None:
+            raise InputError("destination", f"{dst} ({problem})",
+                             "tuned files that can be merged into (fix or move this one aside, then ship again)")
     for src, tuned in sources:
         dst = Path(destination) / src.parent.name / src.name
         dst.parent.mkdir(parents=True, exist_ok=True)

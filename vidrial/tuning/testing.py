@@ -185,6 +185,15 @@ class FakeBackend:
                 "pid": os.getpid()}
 
 
+
+class NoDeviceBackend(FakeBackend):
+    """A backend on a machine without a GPU: fails at start, as the real one does there."""
+
+    def hello(self) -> dict[str, Any]:
+        from vidrial.core.errors import InputError
+
+        raise InputError("gpus", f"device {self.device_index}: no CUDA device present", "a machine with a CUDA GPU")
+
 # ---- fault probe (real CUDA) ---------------------------------------------------------------------
 class ProbeConfig(KernelConfig):
     mode: Literal["ok", "illegal_address", "hang"] = "ok"

@@ -214,6 +214,65 @@ def fail_stale_trials(study: Any, leases: StudyLeases, running: Sequence[Any] | 
     return [t.number for t in stale]
 
 
+STORAGE_RULE = "a journal file path, or an Optuna storage URL such as sqlite:///tune.db or postgresql://host/db"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a sqlite URL (sqlite:///rel.db, sqlite:////abs.db); None for others and in-memory."""
+    scheme, _, rest = url.partition("://")
+    if scheme.split("+")[0] != "sqlite":
+        return None
+    path = rest.partition("?")[0]
+    path = path[1:] if path.startswith("/") else path  # the (empty) host ends at the first slash
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def check_storage(url: str | None, out_dir: Path) -> None:
+    """InputError for a storage that cannot work, raised before any study or worker exists (Optuna itself
+    would only fail once the GPU is set up): a journal path that is a folder or lies under a file, a
+    sqlite file in a missing folder, a URL of no SQLAlchemy dialect."""
+    journal = _journal_path(url, out_dir)
+    db = journal if journal is not None else _sqlite_file(url)
+    why = None
+    if db is not None:
+        folder = next((p for p in db.parents if p.exists()), None)
+        if db.is_dir():
+            why = f"{db} is a folder, not a file"
+        elif folder is not None and not folder.is_dir():
+            why = f"{folder} is a file, not a folder"
+        elif journal is None and not db.parent.is_dir():  # sqlite creates the file, not its folder
+            why = f"the folder {db.parent} does not exist"
+    if why is None and journal is None:
+        try:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+        except ImportError:
+            why = "storage URLs need sqlalchemy, which is not installed"
+        else:
+            try:
+                make_url(url).get_dialect()
+            except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+                why = str(exc)
+    if why is not None:
+        raise InputError("storage", f"{url!r} ({why})", STORAGE_RULE)
+
+
+def check_settings(settings: TuneSettings) -> None:
+    """The arguments a person gets wrong, checked before anything is created, measured or compiled."""
+    from vidrial.core.paths import check_folder_argument
+
+    trials = settings.trials
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise InputError("trials", trials, "a whole number of trials, at least 1")
+    check_folder_argument("out", settings.out_dir)
+    if settings.tuned_dir is not None:
+        check_folder_argument("tuned_dir", settings.tuned_dir)
+    check_storage(settings.storage, settings.out_dir)
+    if settings.space_path is not None and not Path(settings.space_path).is_file():
+        why = "a folder" if Path(settings.space_path).is_dir() else "missing"
+        raise InputError("space_path", f"{settings.space_path} ({why})", "a search-space TOML file")
+
+
 def _has_set_constraint() -> bool:
     import optuna
 
@@ -719,8 +778,7 @@ def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = N
     from vidrial.tuning.store import GpuIdentity
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    out_dir = Path(settings.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(settings.out_dir)  # created by what writes there (journal, reports): a failed start leaves none
     space = space or load_search_space(family, settings.space_path)
     gpus = tuple(settings.gpus) or (0,)
     own_measurer = measurer is None
@@ -1017,6 +1075,7 @@ def write_summary(results: list[StudyResult], out_dir: Path) -> Path:
                      f"{_fmt(r.time_ms)} | {_fmt(r.default_time_ms)} | "
                      f"{f'{r.speedup:.3f}x' if r.speedup else ''} | {rel}/leaderboard.md |")
     path = Path(out_dir) / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -1182,6 +1241,7 @@ def tune(
                             resume=resume, gpus=tuple(gpus) if gpus else (0,), **options)
     if settings.tuned_dir is not None:
         settings.tuned_dir = Path(settings.tuned_dir)
+    check_settings(settings)
     from vidrial.tuning.store import GpuIdentity
 
     results = []
@@ -1228,5 +1288,5 @@ def tune(
 
 
 __all__ = ["tune", "tune_key", "TuneSettings", "StudyResult", "SearchLoop", "PoolCompiler", "FunctionCompiler",
-           "Progress", "make_storage", "make_sampler", "study_name", "pick_winner", "retime", "compare_samplers",
+           "Progress", "make_storage", "check_storage", "check_settings", "make_sampler", "study_name", "pick_winner", "retime", "compare_samplers",
            "exhaustive_table", "write_report", "write_summary", "SAMPLERS", "PRESETS"]

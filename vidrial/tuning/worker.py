@@ -56,7 +56,13 @@ def resolve_family(ref: Any) -> Any:
     if not isinstance(ref, str):
         return ref
     if ":" in ref:
-        return import_ref(ref)
+        try:
+            return import_ref(ref)
+        except (ImportError, AttributeError) as exc:
+            from vidrial.core.errors import InputError
+
+            raise InputError("kernel", repr(ref), "a registered family name or the 'module:attr' of a "
+                             f"KernelFamily (importing it failed: {exc})") from None
     from vidrial.kernels import get_family
 
     return get_family(ref)
@@ -268,10 +274,14 @@ class MeasurementWorker:
             if parent.poll(0.05):
                 try:
                     kind, payload = parent.recv()
-                except (EOFError, OSError):
-                    kind, payload = "startup_error", "worker closed its pipe during startup"
+                except (EOFError, OSError):  # it died without a word: its exit code is all there is
+                    proc.join(timeout=5)
+                    kind, payload = "startup_error", ("worker closed its pipe during startup" if proc.exitcode is None
+                                                      else f"worker exited with code {proc.exitcode} during startup")
                 break
             if not proc.is_alive():
+                if parent.poll(0):  # it sent why, then exited before the poll above saw the message
+                    continue
                 kind, payload = "startup_error", f"worker exited with code {proc.exitcode} during startup"
                 break
             if time.monotonic() > deadline:
