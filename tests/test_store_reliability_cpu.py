@@ -3,11 +3,13 @@ file modes and mislabelled files (issue 17). The family, keys and fixtures come 
 test_store_dispatch.py."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import stat
 import warnings
+from contextlib import redirect_stderr
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -258,9 +260,14 @@ def test_ship_refuses_a_file_whose_content_contradicts_its_path(tmp_path, case):
         _relabel_family(shipped_file)
         src, said, path_says = shipped_file, "other_family", "test_noop"
     before = {p: p.read_bytes() for p in shipped.rglob("*.json")}
-    with pytest.raises(InputError) as info:
-        main(["ship", str(run), "--into", str(shipped)])
-    message = str(info.value)
+    err = io.StringIO()
+    with redirect_stderr(err):  # the CLI: one line naming the file, what it says and what its path says
+        assert main(["ship", str(run), "--into", str(shipped)]) == 2
+    message = err.getvalue()
+    assert message.count("\n") == 1 and "Traceback" not in message, message
     assert str(src) in message and said in message and path_says in message, message
+    with pytest.raises(InputError) as info:  # the API raises it
+        store.merge(run, shipped)
+    assert str(src) in str(info.value), info.value
     assert {p: p.read_bytes() for p in shipped.rglob("*.json")} == before  # nothing written
 
