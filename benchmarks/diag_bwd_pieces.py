@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from vidrial.kernels.power_retention import bwd_emulation as em
-from vidrial.kernels.power_retention import reference as ref
+from vidrial.reference import backward as em
+from vidrial.reference import forward as ref
 from vidrial.kernels.power_retention.sympow import default_d_tile
 
 F64 = torch.float64

@@ -1,7 +1,7 @@
 """Backward kernel families on the CPU: config/key validation, NVRTC compilation of every standard
 key (default + corner configs, sm_80 and sm_90, no spills), and each kernel *executed* on the CPU
 (tests/bwd_host_emu.py: the rendered CUDA source compiled as C++ with threads + barriers) against
-the float64 emulation of its algorithm (vidrial/kernels/power_retention/bwd_emulation.py), which
+the float64 emulation of its algorithm (vidrial/reference/backward.py), which
 tests/test_backward_math_cpu.py proves against autograd of the reference."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from vidrial.core.compile import CompiledKernel, compile_many
 from vidrial.core.errors import ConfigError
 from vidrial.kernels import get_family
-from vidrial.kernels.power_retention import bwd_emulation as em
+from vidrial.reference import backward as em
 from vidrial.kernels.power_retention._bwd_util import default_row_loop
 from vidrial.kernels.power_retention._fwd_util import block_table
 from vidrial.kernels.power_retention.discumsum_bwd import FAMILY as DB, DiscumsumBwdConfig, DiscumsumBwdKey
@@ -264,7 +264,7 @@ def test_intra_bwd_kernels_on_cpu(d, deg, tile, c, gqa, gating, mma):
     V = torch.randn(b, t, h, d, generator=gen).bfloat16()
     scale = 1.0 / math.sqrt(d)
     lg = torch.nn.functional.logsigmoid(torch.randn(b, t, h, generator=gen, dtype=F64) + 1.0) if gating else None
-    from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference
+    from vidrial.reference.forward import intra_chunk_attention_reference
 
     O, l, m = intra_chunk_attention_reference(Q, K, V, lg, deg, scale, c)
     dO = torch.randn(b, t, hq, d, generator=gen)
@@ -304,7 +304,7 @@ def _backward_op_errors(gating, state, gqa, chunk, t=96, dtype=torch.bfloat16, s
     first query nearly orthogonal to its key (x_00 = s q_0.k_0 = 1e-3 s |q_0| |k_0|): Y_0 = v_0 whatever
     q_0, so the true dQ_0 is 0 while the kernels' ds_00 ~ (dP_00 + dl_0) / x_00 amplifies any rounding."""
     import vidrial.autograd  # noqa: F401
-    from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference, power_retention_reference
+    from vidrial.reference.forward import intra_chunk_attention_reference, power_retention_reference
 
     undo = bwd_host_emu.install()
     try:

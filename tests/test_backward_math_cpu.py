@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from vidrial.kernels.power_retention import bwd_emulation as em
-from vidrial.kernels.power_retention.reference import phi, power_retention_reference
+from vidrial.reference import backward as em
+from vidrial.reference.forward import phi, power_retention_reference
 from vidrial.kernels.power_retention.sympow import layout
 
 F64 = torch.float64
@@ -92,7 +92,7 @@ def test_sympow_chain_is_the_jacobian():
 
 
 def test_discumsum_bwd_varying_gate_against_autograd():
-    from vidrial.kernels.power_retention.reference import discumsum_reference
+    from vidrial.reference.forward import discumsum_reference
 
     gen = torch.Generator().manual_seed(0)
     b, n, h, D, d = 2, 5, 3, 6, 4

@@ -290,7 +290,7 @@ def cpu_cases(monkeypatch):
 def _ref_op():
     import torch
 
-    from vidrial.kernels.power_retention.reference import power_retention_reference
+    from vidrial.reference.forward import power_retention_reference
 
     def op(Q, K, V, log_G, deg=2, chunk_size=None):
         return power_retention_reference(Q, K, V, log_G, deg=deg, chunk_size=chunk_size).to(torch.bfloat16)
@@ -314,7 +314,7 @@ def test_check_fwd_bwd_prefix_gradients(cpu_cases):
 def test_check_decode_plumbing(cpu_cases):
     import torch
 
-    from vidrial.kernels.power_retention.reference import power_retention_inference_reference
+    from vidrial.reference.forward import power_retention_inference_reference
 
     s = C.Shape(b=2, t=64, h=2, d=32)
 
@@ -324,7 +324,7 @@ def test_check_decode_plumbing(cpu_cases):
         return Y.to(torch.bfloat16), S2, z2
     x = C.vidrial_decode_inputs(s, 1, n_hist=4)
     assert x["S"].dtype == torch.bfloat16 and x["S"].abs().sum() > 0 and x["z"].dtype == torch.float32
-    from vidrial.kernels.power_retention.reference import phi
+    from vidrial.reference.forward import phi
 
     assert (phi(x["q"][:, 0], 2, x["d_tile"]) * x["z"].double()).sum(-1).min() >= 0  # phi(q).z = sum (q.k)^2
     assert C.check_vidrial_decode(op, s, 1)["rel_err"] < 1e-2

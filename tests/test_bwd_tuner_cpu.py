@@ -144,7 +144,7 @@ def test_check_is_zero_on_the_reference_and_fails_perturbed_copies(name, kw):
 
 
 def test_intra_forward_per_head_is_the_whole_reference():
-    from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference
+    from vidrial.reference.forward import intra_chunk_attention_reference
 
     gen = bt.generator(CPU, 3)
     Q, K, V = bt.randn((2, 64, 6, 16), gen, CPU), bt.randn((2, 64, 3, 16), gen, CPU), bt.randn((2, 64, 3, 16), gen, CPU)
@@ -157,7 +157,7 @@ def test_intra_forward_per_head_is_the_whole_reference():
 def test_query_state_rows_inputs_are_a_consistent_forward():
     """Y = (O e^m + A) / (l e^m + B): recomputing A, B with phi from Sbar16/sbar gives Y back (to the bf16
     rounding of the stored states and Y), and the first chunk has no state (no initial state)."""
-    from vidrial.kernels.power_retention.reference import phi
+    from vidrial.reference.forward import phi
 
     _, key, x = _problem("query_state_bwd", SMALL[2][1])
     c, n = x["chunk_size"], x["Q"].shape[1] // x["chunk_size"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vidrial.kernels.power_retention.decode import DecodeConfig, family, prepare
-from vidrial.kernels.power_retention.reference import power_retention_inference_reference, update_state_reference
+from vidrial.reference.forward import power_retention_inference_reference, update_state_reference
 from vidrial.kernels.power_retention.sympow import default_d_tile
 
 decode_cpu_exec = pytest.importorskip("decode_cpu_exec", reason="tests/ not on sys.path")
@@ -115,7 +115,7 @@ def test_token_by_token_loop_with_the_kernel_source():
     """vidrial.inference._step (the API's step logic) with the CPU-executed kernel as the decoder and
     the float64 update for absorption: every token equals the training forward (float64 reference)."""
     from vidrial.inference import _step, _update_reference
-    from vidrial.kernels.power_retention.reference import power_retention_reference
+    from vidrial.reference.forward import power_retention_reference
 
     b, t, h, r, d, deg, switch = 1, 40, 2, 2, 32, 2, 16
     dt = default_d_tile(d, deg)

@@ -21,7 +21,7 @@ from vidrial.kernels.power_retention.decode import (
     emulate_decode_step,
     family,
 )
-from vidrial.kernels.power_retention.reference import (
+from vidrial.reference.forward import (
     power_retention_inference_reference,
     power_retention_reference,
     update_state_reference,

@@ -21,7 +21,7 @@ import torch
 
 from vidrial.core.errors import ConfigError
 from vidrial.core.render import RenderedKernel, environment
-from vidrial.kernels.power_retention import bwd_emulation as em
+from vidrial.reference import backward as em
 from vidrial.kernels.power_retention.intra_chunk_attention_bwd import (
     FAMILY as IB,
     IntraBwdConfig,
@@ -109,7 +109,7 @@ def test_forward_kernel_runs_on_the_emulation():
     """The forward kernel (GPU-verified on the H200) uses the same PTX; on the emulation it must
     match the float64 reference."""
     from vidrial.kernels.power_retention import intra_chunk_attention as ica
-    from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference
+    from vidrial.reference.forward import intra_chunk_attention_reference
 
     b, h, hq, d, deg, c, t = 1, 1, 2, 32, 2, 64, 120
     gen = torch.Generator().manual_seed(1)
@@ -138,7 +138,7 @@ def _problem(d, deg, c, gqa, gating, n=2, pad=7, seed=4):
     gen = torch.Generator().manual_seed(seed)
     Q = torch.randn(b, t, hq, d, generator=gen).bfloat16()
     K, V = (torch.randn(b, t, h, d, generator=gen).bfloat16() for _ in range(2))
-    from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference
+    from vidrial.reference.forward import intra_chunk_attention_reference
 
     lg = torch.nn.functional.logsigmoid(torch.randn(b, t, h, generator=gen, dtype=F64) + 1.0) if gating else None
     _, _, m = intra_chunk_attention_reference(Q, K, V, lg, deg, 1 / math.sqrt(d), c)
@@ -270,7 +270,7 @@ def test_launcher_flash_fp16_small_diagonal_scores():
     e^-m_i = x_ii^-2, so dQ_i ~ dP / x_ii): S = Q K^T must use the fp16 values as given (an fp16 mma).
     Rounded to bf16 first (the launcher did so before), dQ and dK were off by 22% against float64."""
     from vidrial.kernels.power_retention.intra_chunk_attention_bwd import intra_chunk_attention_bwd
-    from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference
+    from vidrial.reference.forward import intra_chunk_attention_reference
 
     d, c, t, hq, h = 32, 32, 91, 2, 1
     gen = torch.Generator().manual_seed(3)

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from vidrial.core.errors import InputError
-from vidrial.kernels.power_retention import bwd_emulation as em
+from vidrial.reference import backward as em
 from vidrial.kernels.power_retention import qs_bwd_state_update as mod
 from vidrial.kernels.power_retention import query_state_bwd as qsb
-from vidrial.kernels.power_retention.reference import phi, power_retention_reference
+from vidrial.reference.forward import phi, power_retention_reference
 from vidrial.kernels.power_retention.sympow import layout
 from vidrial.kernels.power_retention.update_state import update_state as real_update_state
 

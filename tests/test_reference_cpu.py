@@ -1,4 +1,4 @@
-"""CPU tests of the float64 references (vidrial/kernels/power_retention/reference.py).
+"""CPU tests of the float64 references (vidrial/reference/forward.py).
 
 Every check compares against an independent computation written here (a feature map built from
 the sympow docstring, the recurrent view of MATH.md section 1 as a loop over time, closed forms for
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vidrial.core.errors import InputError
-from vidrial.kernels.power_retention import reference as ref
+from vidrial.reference import forward as ref
 from vidrial.kernels.power_retention.sympow import feature_dim
 
 F64 = torch.float64

@@ -11,7 +11,7 @@ from vidrial.core.errors import InputError
 from vidrial.core.family import KernelFamily
 from vidrial.core.protocol import INPUT_BYTES_CAP, size_in_bucket
 from vidrial.kernels import families
-from vidrial.kernels.power_retention import reference as R
+from vidrial.reference import forward as R
 
 FORWARD = {"update_state", "intra_chunk_attention", "discumsum", "query_state", "decode_step"}
 FAMILIES = sorted((n, f) for n, f in families().items() if type(f).inputs_key is not KernelFamily.inputs_key)

@@ -284,7 +284,7 @@ def _update_gpu(K, V, log_G, deg: int, d_tile: int):
 
 def _update_reference(K, V, log_G, deg: int, d_tile: int, dtype=None):
     """The same update in float64 (reference.update_state_reference), cast to `dtype` if given."""
-    from vidrial.kernels.power_retention.reference import update_state_reference
+    from vidrial.reference.forward import update_state_reference
 
     S_up, s_up = update_state_reference(K, V, log_G, deg, d_tile, K.shape[1])
     S_up, s_up = S_up[:, 0], s_up[:, 0]
@@ -359,7 +359,7 @@ def power_retention_inference(Q, K, V, log_G=None, initial_state=None, sum_of_ke
             return kernel(Q, K, V, log_G, S, z)
         if r <= MAX_ROWS:  # groups of new tokens, each against the cache up to its last token
             return _split_queries(kernel, Q, K, V, log_G, S, z, MAX_ROWS // r)
-        from vidrial.kernels.power_retention.reference import power_retention_inference_reference
+        from vidrial.reference.forward import power_retention_inference_reference
 
         Y, _, _ = power_retention_inference_reference(Q, K, V, log_G, S, z, deg=deg, scale=scale,
                                                       switch_over_seq_len=None, d_tile=d_tile)
@@ -400,7 +400,7 @@ def _prefill(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, d_tile, wan
         power_retention = None
     L = K.shape[1]
     if power_retention is None:
-        from vidrial.kernels.power_retention.reference import power_retention_inference_reference
+        from vidrial.reference.forward import power_retention_inference_reference
 
         Y, S, s = power_retention_inference_reference(Q, K, V, log_G, initial_state, sum_of_keys, deg=deg,
                                                       scale=scale, switch_over_seq_len=L if want_state else None,

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from vidrial.kernels.power_retention import reference as ref
+from vidrial.reference import forward as ref
 
 pytestmark = pytest.mark.gpu
 

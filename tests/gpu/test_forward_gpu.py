@@ -1,5 +1,5 @@
 """The forward families on a real GPU: discumsum, query_state and vidrial.power_retention against
-the float64 references (vidrial/kernels/power_retention/reference.py), and against the `retention`
+the float64 references (vidrial/reference/forward.py), and against the `retention`
 package (Triton) where it supports the inputs. Outputs are poisoned (NaN) before every run."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from vidrial.kernels.power_retention import reference as ref
+from vidrial.reference import forward as ref
 from vidrial.kernels.power_retention.sympow import default_d_tile, feature_dim
 
 pytestmark = pytest.mark.gpu

@@ -4,7 +4,7 @@ Run: python3 -m pytest -m gpu -q tests/gpu/test_inference_gpu.py
 
 Every test draws fresh random inputs (seeded per test), poisons the caching allocator with NaNs
 before the call (outputs that are not fully written show up as NaN) and compares with the
-float64 references of vidrial/kernels/power_retention/reference.py: relative error
+float64 references of vidrial/reference/forward.py: relative error
 max|Y - Y_ref| / max|Y_ref| below TOL (bf16/fp16 inputs)."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vidrial.core.errors import InputError
-from vidrial.kernels.power_retention.reference import (
+from vidrial.reference.forward import (
     power_retention_inference_reference,
     power_retention_reference,
     update_state_reference,

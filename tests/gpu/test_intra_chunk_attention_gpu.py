@@ -13,7 +13,7 @@ from vidrial.kernels.power_retention.intra_chunk_attention import (
     IntraChunkAttentionConfig as Config,
     intra_chunk_attention,
 )
-from vidrial.kernels.power_retention.reference import attention_reference, intra_chunk_attention_reference
+from vidrial.reference.forward import attention_reference, intra_chunk_attention_reference
 
 pytestmark = pytest.mark.gpu
 

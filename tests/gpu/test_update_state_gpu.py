@@ -12,7 +12,7 @@ from vidrial.kernels.power_retention.update_state import UpdateStateConfig, fami
 pytestmark = pytest.mark.gpu
 
 try:
-    from vidrial.kernels.power_retention.reference import update_state_reference
+    from vidrial.reference.forward import update_state_reference
 except ImportError:  # pragma: no cover - the shared reference is the normal path
     update_state_reference = None
 

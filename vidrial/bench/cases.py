@@ -344,7 +344,7 @@ def vidrial_decode_inputs(s: Shape, seed: int, n_hist: int = 32) -> dict[str, An
     so every normaliser is positive), in vidrial's default layout (d_tile)."""
     import torch
 
-    from vidrial.kernels.power_retention.reference import phi
+    from vidrial.reference.forward import phi
     from vidrial.kernels.power_retention.sympow import default_d_tile
 
     g = _gen(seed)
@@ -449,7 +449,7 @@ def _ref_chunk(s: Shape, ts: int):
 def check_vidrial_fwd(fn, s: Shape, seed: int) -> dict[str, Any]:
     """Y of the full case vs the float64 reference on batch 0's first tokens (causal: a prefix of
     the output depends on the same prefix of the inputs only)."""
-    from vidrial.kernels.power_retention.reference import power_retention_reference
+    from vidrial.reference.forward import power_retention_reference
 
     x = training_inputs(s, seed)
     Y = fn(x["Q"], x["K"], x["V"], x["log_G"], deg=s.deg, chunk_size=_chunk(s))
@@ -466,7 +466,7 @@ def check_vidrial_fwd_bwd(fn, s: Shape, seed: int) -> dict[str, Any]:
     the reference on that prefix (then the prefix's gradients are the prefix problem's)."""
     import torch
 
-    from vidrial.kernels.power_retention.reference import power_retention_reference
+    from vidrial.reference.forward import power_retention_reference
 
     x = training_inputs(s, seed)
     ts = _prefix(s)
@@ -483,7 +483,7 @@ def check_vidrial_fwd_bwd(fn, s: Shape, seed: int) -> dict[str, Any]:
 
 
 def check_vidrial_decode(fn, s: Shape, seed: int) -> dict[str, Any]:
-    from vidrial.kernels.power_retention.reference import power_retention_inference_reference
+    from vidrial.reference.forward import power_retention_inference_reference
 
     x = vidrial_decode_inputs(s, seed)
     scale = 1.0 / math.sqrt(s.d)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference, phi
+from vidrial.reference.forward import intra_chunk_attention_reference, phi
 from vidrial.kernels.power_retention.sympow import feature_dim
 
 TUNE_CHUNK = {2: 1024, 4: 256}  # the keys carry no chunk size: shape A's for p=2, the forward's p=4 key's

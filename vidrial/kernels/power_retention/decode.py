@@ -246,7 +246,7 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
         import torch
 
         from vidrial.core.protocol import generator, size_in_bucket
-        from vidrial.kernels.power_retention.reference import update_state_reference
+        from vidrial.reference.forward import update_state_reference
 
         L, d, D = 200, key.head_dim, key.feature_dim
         per_head = D * d * key.state_bytes + D * 4 + L * (4 * d + 4)  # state, sum of keys, K/V/log_G cache
@@ -279,7 +279,7 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
                            inputs["sum_of_keys"], deg=key.deg, d_tile=key.d_tile, scale=None, config=config)
 
     def reference(self, key: DecodeKey, inputs: dict[str, Any]) -> Any:
-        from vidrial.kernels.power_retention.reference import power_retention_inference_reference
+        from vidrial.reference.forward import power_retention_inference_reference
 
         Y, _, _ = power_retention_inference_reference(
             inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], inputs["state"].double(),
@@ -446,7 +446,7 @@ def emulate_decode_step(Q, K, V, log_G, state, sum_of_keys, *, deg: int, d_tile:
     the float64 reference before any GPU run. Returns Y float64 [b, tq, hq, d]."""
     import torch
 
-    from vidrial.kernels.power_retention.reference import phi
+    from vidrial.reference.forward import phi
 
     f64 = torch.float64
     b, tq, hq, d = Q.shape

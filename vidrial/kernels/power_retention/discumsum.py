@@ -143,7 +143,7 @@ class DiscumsumFamily(KernelFamily[DiscumsumKey, DiscumsumConfig]):
     def reference(self, key: DiscumsumKey, inputs: dict[str, Any]) -> Any:
         """float64 on head 0, all chunks (heads never mix, and the scan needs every chunk): a leading
         slice of run()'s (Sbar16, sbar), which check_outputs compares."""
-        from vidrial.kernels.power_retention.reference import discumsum_reference
+        from vidrial.reference.forward import discumsum_reference
 
         Sbar, sbar = discumsum_reference(inputs["S"][:, :, :1], inputs["s"][:, :, :1], inputs["chunk_gates"][:, :, :1])
         return Sbar[:, :-1], sbar

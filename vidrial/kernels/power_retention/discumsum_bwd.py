@@ -119,7 +119,7 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
 
     def reference(self, key: DiscumsumBwdKey, inputs: dict[str, Any]) -> Any:
         """(dS, ds, dL) of head 0, all chunks (the scan runs over them), float64."""
-        from vidrial.kernels.power_retention import bwd_emulation as em
+        from vidrial.reference import backward as em
 
         n = inputs["L"].shape[1]
         dS, ds, dL, _, _ = em.discumsum_bwd(inputs["dSbar0"].double(), inputs["dsbar0"].double(),

@@ -259,7 +259,7 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
     def reference(self, key: IntraChunkAttentionKey, inputs: dict[str, Any]) -> Any:
         """float64 on the first KV head (its query heads) and, chunked, the first two chunks: the
         attention is chunk-local, so the slice is exact; check_outputs compares that slice."""
-        from vidrial.kernels.power_retention.reference import attention_reference, intra_chunk_attention_reference
+        from vidrial.reference.forward import attention_reference, intra_chunk_attention_reference
 
         Q, K, V, log_G = inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"]
         r = Q.shape[2] // K.shape[2]

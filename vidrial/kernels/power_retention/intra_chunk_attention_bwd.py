@@ -209,7 +209,7 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
 
     def reference(self, key: IntraBwdKey, inputs: dict[str, Any]) -> Any:
         """The float64 emulation on KV head 0 (its r query heads), first chunks."""
-        from vidrial.kernels.power_retention import bwd_emulation as em
+        from vidrial.reference import backward as em
         from vidrial.kernels.power_retention import bwd_tuning as bt
 
         x, c = inputs, inputs["chunk_size"]

@@ -241,7 +241,7 @@ def make_test_inputs(key: QueryStateKey, *, b, t, hq, h, chunk_size, gating, dev
     import torch
 
     from vidrial.core.protocol import generator
-    from vidrial.kernels.power_retention.reference import phi
+    from vidrial.reference.forward import phi
 
     gen = generator(device, seed)  # drawn on `device` (shapes only on 'meta')
     d = key.head_dim
@@ -268,7 +268,7 @@ def query_state_reference(Q, Sbar, sbar, O, l, m, log_G=None, *, deg, d_tile, sc
     Sbar/sbar may hold n or n+1 chunks (the first n are used). Same merge as reference._merge."""
     import torch
 
-    from vidrial.kernels.power_retention.reference import phi
+    from vidrial.reference.forward import phi
 
     b, t, hq, d = Q.shape
     h = Sbar.shape[2]

@@ -246,7 +246,7 @@ class QueryStateBwdFamily(SliceCheck, KernelFamily[QueryStateBwdKey, QueryStateB
 
     def reference(self, key: QueryStateBwdKey, inputs: dict[str, Any]) -> Any:
         """The pass's float64 emulation on KV head 0 (its r query heads), first chunks."""
-        from vidrial.kernels.power_retention import bwd_emulation as em
+        from vidrial.reference import backward as em
         from vidrial.kernels.power_retention import bwd_tuning as bt
 
         x, c = inputs, inputs["chunk_size"]

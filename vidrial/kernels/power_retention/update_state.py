@@ -257,7 +257,7 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
                             chunk_size=key.chunk_size, config=config)
 
     def reference(self, key: UpdateStateKey, inputs: dict[str, Any]) -> Any:
-        from vidrial.kernels.power_retention.reference import update_state_reference
+        from vidrial.reference.forward import update_state_reference
 
         m = min(2, inputs["K"].shape[1] // key.chunk_size) * key.chunk_size
         G = inputs["G"][:, :m, :1] if inputs["G"] is not None else None

@@ -190,7 +190,7 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
 
     def reference(self, key: UpdateStateBwdKey, inputs: dict[str, Any]) -> Any:
         """(dK, dV, E) of KV head 0, first chunks (chunks and heads are independent), float64."""
-        from vidrial.kernels.power_retention import bwd_emulation as em
+        from vidrial.reference import backward as em
         from vidrial.kernels.power_retention import bwd_tuning as bt
 
         c = inputs["chunk_size"]

@@ -42,7 +42,7 @@ import math
 
 import torch
 
-from vidrial.kernels.power_retention.reference import (
+from vidrial.reference.forward import (
     LOG_EPS,
     DENOM_EPS,
     discumsum_reference,
@@ -277,7 +277,7 @@ def dlog_G_from_dg(dg, dL, c):
 
 def forward_pieces(Q, K, V, log_G, deg, scale, c, d_tile, initial_state=None, sum_of_keys=None):
     """Float64 forward on padded inputs (t a multiple of c), keeping what the backward uses."""
-    from vidrial.kernels.power_retention.reference import intra_chunk_attention_reference
+    from vidrial.reference.forward import intra_chunk_attention_reference
 
     b, t, hq, d = Q.shape
     h = K.shape[2]
