@@ -381,7 +381,8 @@ class HostLaunchable:
 
 
 def install():
-    """Route the backward launchers' CPU calls to the host emulation (returns an undo callable)."""
+    """Route the launchers' CPU calls to the host emulation (returns an undo callable)."""
+    from vidrial.core.launch import set_host_launcher
     from vidrial.kernels.power_retention import _bwd_util
 
     cache = {}
@@ -394,9 +395,11 @@ def install():
 
     old = _bwd_util.HOST_LAUNCHER
     _bwd_util.HOST_LAUNCHER = make
+    old_core = set_host_launcher(make)
 
     def undo():
         _bwd_util.HOST_LAUNCHER = old
+        set_host_launcher(old_core)
     return undo
 
 

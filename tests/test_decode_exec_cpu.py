@@ -1,13 +1,14 @@
 """The decode_step kernel's real CUDA source, executed on the CPU (tests/decode_cpu_exec.py), against
 the float64 reference: proves the index math, the split-D partials, the cache tiles, the gate
 prefix sums, the last-CTA merge, the workspace layout, the counter reset and the launch arguments
-(vidrial.kernels.power_retention.decode.prepare, shared with the GPU launcher) without a GPU."""
+(DecodeFamily.plan: the GPU launcher's prepare, key, grid and arguments) without a GPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vidrial.kernels.power_retention.decode import DecodeConfig, family, prepare
+from vidrial.core.tensors import pow2_bucket
+from vidrial.kernels.power_retention.decode import DecodeConfig, family, workspace
 from vidrial.reference.forward import power_retention_inference_reference, update_state_reference
 from vidrial.kernels.power_retention.sympow import default_d_tile
 
@@ -25,12 +26,21 @@ def _kernel(key, config):
     return _KERNELS[memo]
 
 
+def _plan(Q, K, V, G, S, z, deg, d_tile, config, scale=None):
+    """The GPU launcher's plan (prepare, key, outputs, grid and arguments), run here on the CPU."""
+    return family.plan(config, Q=Q, K=K, V=V, log_G=G, state=S, sum_of_keys=z, deg=deg, d_tile=d_tile, scale=scale)
+
+
 def _run(Q, K, V, G, S, z, deg, d_tile, config, scale=None):
-    key, config, grid, block, args, Y, (ws, counters) = prepare(Q, K, V, G, S, z, deg=deg, d_tile=d_tile,
-                                                                scale=scale, config=config)
+    plan = _plan(Q, K, V, G, S, z, deg, d_tile, config, scale)
+    key, Y = plan.key, plan.outputs["Y"]
+    nc_cap = pow2_bucket(-(-(0 if K is None else K.shape[1]) // config.cache_tile))
+    ws, counters = workspace(key, config, Q.shape[0] * (S.shape[1] if S is not None else K.shape[2]), nc_cap,
+                             Q.device)  # the buffers the plan's launch writes
     ws.fill_(float("nan"))  # partials must be written before they are read
     Y.fill_(float("nan"))
-    _kernel(key, config).run(grid, block, args)
+    for launch in plan.launches:
+        _kernel(key, config).run(launch.grid, (family.threads_per_block(config), 1, 1), launch.args)
     assert int(counters.abs().sum()) == 0, "the last CTA must reset the counters"
     return Y
 
@@ -83,7 +93,7 @@ def test_kernel_source_on_cpu_matches_reference(case):
         S, z = S[:, 0].to(sdt).contiguous(), z[:, 0].float().contiguous()
     else:
         S = z = None
-    family.check(prepare(Q, K, V, G, S, z, deg=deg, d_tile=dt, scale=None, config=cfg)[0], cfg, "sm_90")
+    family.check(_plan(Q, K, V, G, S, z, deg, dt, cfg).key, cfg, "sm_90")
     Y = _run(Q, K, V, G, S, z, deg, dt, cfg)
     Yr, _, _ = power_retention_inference_reference(Q, K, V, G, S.double() if S is not None else None,
                                                    z.double() if z is not None else None, deg=deg,

@@ -15,12 +15,8 @@ from pydantic import ValidationError
 from vidrial.core.compile import CompiledKernel, compile_many
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.kernels import get_family
-from vidrial.kernels.power_retention.decode import (
-    DecodeConfig,
-    DecodeKey,
-    emulate_decode_step,
-    family,
-)
+from vidrial.kernels.power_retention.decode import DecodeConfig, DecodeKey, family
+from vidrial.reference.decode import emulate_decode_step
 from vidrial.reference.forward import (
     power_retention_inference_reference,
     power_retention_reference,
@@ -28,7 +24,7 @@ from vidrial.reference.forward import (
 )
 from vidrial.kernels.power_retention.sympow import feature_dim
 
-KEY = DecodeKey(head_dim=64, deg=2, d_tile=8, dtype="bf16", state_dtype="fp32", gating=True)
+KEY = DecodeKey(head_dim=64, deg=2, d_tile=8, dtype="bfloat16", state_dtype="float32", gating=True)
 
 
 def test_registered():
@@ -56,10 +52,10 @@ def test_key_validation(fields, field):
 
 def test_check_rules():
     # d=32 bf16 state, 16-byte loads: 4 loads per row, 256 threads -> 64 rows per pass
-    k32 = DecodeKey(head_dim=32, deg=2, d_tile=8, state_dtype="bf16")
+    k32 = DecodeKey(head_dim=32, deg=2, d_tile=8, state_dtype="bfloat16")
     with pytest.raises(ConfigError, match="tile_f=32"):
         family.check(k32, DecodeConfig(tile_f=32, warps=8), "sm_90")
-    big = DecodeKey(head_dim=128, deg=2, d_tile=8, state_dtype="bf16", group=16)
+    big = DecodeKey(head_dim=128, deg=2, d_tile=8, state_dtype="bfloat16", group=16)
     with pytest.raises(ConfigError, match="registers"):
         family.check(big, DecodeConfig(tile_f=1024, warps=8, unroll=16, load_bytes=16), "sm_90")
 
@@ -82,16 +78,16 @@ def test_render_is_deterministic():
     a, b = family.render(KEY, cfg), family.render(KEY, cfg)
     assert a.source == b.source and a.entry == b.entry
     assert family.render(KEY.model_copy(update={"gating": False}), cfg).source_hash != a.source_hash
-    assert family.render(KEY.model_copy(update={"state_dtype": "bf16"}), cfg).source_hash != a.source_hash
+    assert family.render(KEY.model_copy(update={"state_dtype": "bfloat16"}), cfg).source_hash != a.source_hash
     # the runtime bucket never changes the source (no recompile for a new batch size)
     assert family.render(KEY.model_copy(update={"bh_bucket": 512}), cfg).source == a.source
 
 
 _COMPILE_KEYS = [
     KEY,
-    DecodeKey(head_dim=64, deg=2, d_tile=8, state_dtype="bf16", gating=False),
-    DecodeKey(head_dim=128, deg=2, d_tile=8, dtype="fp16", state_dtype="bf16", group=4, q_len=2),
-    DecodeKey(head_dim=32, deg=4, d_tile=4, state_dtype="fp32", group=2),
+    DecodeKey(head_dim=64, deg=2, d_tile=8, state_dtype="bfloat16", gating=False),
+    DecodeKey(head_dim=128, deg=2, d_tile=8, dtype="float16", state_dtype="bfloat16", group=4, q_len=2),
+    DecodeKey(head_dim=32, deg=4, d_tile=4, state_dtype="float32", group=2),
 ]
 
 

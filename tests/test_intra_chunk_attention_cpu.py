@@ -83,7 +83,7 @@ def test_rendering_is_deterministic_and_keyed():
     assert "mma.sync.aligned.m16n8k16" in a.source and "ldmatrix" in a.source
     other = family.render(key.model_copy(update={"normalize": True}), cfg)
     assert other.entry != a.entry and other.source != a.source
-    fp16 = family.render(key.model_copy(update={"dtype": "fp16"}), cfg)
+    fp16 = family.render(key.model_copy(update={"dtype": "float16"}), cfg)
     assert "mma_16816_f16(c, a, b0, b1)" in fp16.source
     assert "mma_16816_bf16(c, a, b0, b1)" in a.source
 
@@ -93,7 +93,7 @@ def test_config_json_roundtrip():
     assert Config.model_validate_json(cfg.model_dump_json()) == cfg
     key = Key(head_dim=32, deg=4, chunk_size=0, normalize=True, gating=False)
     assert Key.model_validate_json(key.model_dump_json()) == key
-    assert key.compile_part() == dict(head_dim=32, deg=4, dtype="bf16", chunk_size=0, gating=False, normalize=True)
+    assert key.compile_part() == dict(head_dim=32, deg=4, dtype="bfloat16", chunk_size=0, gating=False, normalize=True)
 
 
 def test_launcher_input_errors():

@@ -192,7 +192,7 @@ def test_update_state_kernels_for_the_state_pass_compile():
 
     jobs = []
     for d, p, dt, chunk in ((64, 2, 8, 1024), (64, 2, 8, 4096), (128, 2, 8, 256), (32, 4, 4, 512), (64, 2, 8, 304)):
-        key = UpdateStateKey(head_dim=d, deg=p, d_tile=dt, dtype="bf16", chunk_size=chunk, gating=False)
+        key = UpdateStateKey(head_dim=d, deg=p, d_tile=dt, dtype="bfloat16", chunk_size=chunk, gating=False)
         cfg = family.default_config(key)
         for arch in ("sm_80", "sm_90"):
             family.check(key, cfg, arch)

@@ -50,7 +50,7 @@ def test_runtime_buckets_follow_the_standard_shapes():
         b * h * t // 1024 for _, b, t, h in TRAINING_SHAPES}
     decode = fams["decode_step"].shape_keys()
     assert {k.bh_bucket for k in decode} == {b * DECODE_HEADS for b in DECODE_BATCHES}
-    assert {k.state_dtype for k in decode} == {"fp32", "bf16"}
+    assert {k.state_dtype for k in decode} == {"float32", "bfloat16"}
     assert all(k.gating and k.q_len == 1 and k.group == 1 for k in decode)
 
 

@@ -86,7 +86,7 @@ def test_size_in_bucket_stays_in_the_bucket():
 # ---- bounded references: exact on their slice, compared on their slice ----------------------------------------
 def _full_reference(name, key, x):
     """The whole problem in float64 (what a correct kernel writes everywhere), from reference.py."""
-    from vidrial.kernels.power_retention.query_state import query_state_reference
+    from vidrial.reference.forward import query_state_reference
 
     if name == "update_state":
         return R.update_state_reference(x["K"], x["V"], x["G"], key.deg, key.d_tile, key.chunk_size)
@@ -144,7 +144,7 @@ def _pre_fix_intra_family():
 
     class PreFix(IntraChunkAttentionFamily):
         def make_inputs(self, key, device, seed):
-            dt = torch.bfloat16 if key.dtype == "bf16" else torch.float16
+            dt = torch.bfloat16 if key.dtype == "bfloat16" else torch.float16
             t = max(1, min(key.t_bucket, 4096) - 3)
             Q = torch.empty(1, t, 4, key.head_dim, dtype=dt, device=device)
             K = torch.empty(1, t, 2, key.head_dim, dtype=dt, device=device)

@@ -12,16 +12,15 @@ from pydantic import ValidationError
 from vidrial.core.compile import CompiledKernel, compile_many
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.kernels import get_family
-from vidrial.kernels.power_retention.sympow import layout
+from vidrial.kernels.power_retention.sympow import block_table_values, layout
 from vidrial.kernels.power_retention.update_state import (
     UpdateStateConfig,
     UpdateStateKey,
-    block_table_values,
     family,
     update_state,
 )
 
-KEY = UpdateStateKey(head_dim=64, deg=2, d_tile=8, dtype="bf16", chunk_size=1024, gating=True)
+KEY = UpdateStateKey(head_dim=64, deg=2, d_tile=8, dtype="bfloat16", chunk_size=1024, gating=True)
 
 
 def test_registered():
@@ -187,7 +186,6 @@ def test_input_checks_strides_and_options():
 
 def test_select_config_goes_through_the_dispatcher(monkeypatch):
     from vidrial import dispatch
-    from vidrial.kernels.power_retention import update_state as us
 
     seen = {}
 
@@ -197,5 +195,5 @@ def test_select_config_goes_through_the_dispatcher(monkeypatch):
 
     monkeypatch.setattr(dispatch, "current_gpu", lambda device_index=None: f"gpu{device_index}")
     monkeypatch.setattr(dispatch, "select_config", fake_select)
-    assert us.select_config(KEY, 3) == UpdateStateConfig(tile_m=64)
+    assert family.config_for(KEY, torch.device("cuda", 3)) == UpdateStateConfig(tile_m=64)
     assert seen == dict(fam=family, key=KEY, gpu="gpu3")

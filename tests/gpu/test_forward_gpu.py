@@ -91,8 +91,8 @@ def test_query_state_matches_reference(case, feature_path):
         QueryStateKey,
         make_test_inputs,
         query_state,
-        query_state_reference,
     )
+    from vidrial.reference.forward import query_state_reference
 
     d, p, dt, dtype, b, t, hq, h, c, gating, merge = case
     key = QueryStateKey(head_dim=d, deg=p, d_tile=dt, dtype=str(dtype).split(".")[1])

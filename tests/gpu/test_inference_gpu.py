@@ -259,7 +259,7 @@ def test_every_tile_config_is_correct():
     S, z = _history_state(b, h, d, deg, dt)
     Yr, _, _ = power_retention_inference_reference(Q[:, -1:], K, V, G, S.double(), z.double(), deg=deg,
                                                    switch_over_seq_len=None)
-    key = DecodeKey(head_dim=d, deg=deg, d_tile=dt, dtype="bf16", state_dtype="fp32", group=r, gating=True,
+    key = DecodeKey(head_dim=d, deg=deg, d_tile=dt, dtype="bfloat16", state_dtype="float32", group=r, gating=True,
                     bh_bucket=4)
     for cfg in family.corner_configs(key):
         _poison()

@@ -94,7 +94,7 @@ def _precompile():
     """Compiles the default configs of every key used here in parallel (the tests then hit the cache)."""
     from vidrial.core.arch import device_arch
     from vidrial.core.compile import compile_many
-    from vidrial.kernels.power_retention.intra_chunk_attention import _compile_key, family
+    from vidrial.kernels.power_retention.intra_chunk_attention import family
 
     arch = device_arch()
     keys = set()
@@ -104,7 +104,7 @@ def _precompile():
         keys.add(family.Key(head_dim=d, deg=deg, dtype=dtype, chunk_size=0, gating=gating, normalize=True))
         keys.add(family.Key(head_dim=d, deg=deg, dtype=dtype, chunk_size=128, gating=gating, normalize=True))
         keys.add(family.Key(head_dim=d, deg=deg, dtype=dtype, chunk_size=128, gating=gating))
-    jobs = [(family.render(_compile_key(k), family.default_config(k)), arch, (), k.label()) for k in sorted(
+    jobs = [(family.render(family.compile_key(k), family.default_config(k)), arch, (), k.label()) for k in sorted(
         keys, key=lambda k: k.key_string())]
     compile_many(jobs)
     yield

@@ -26,46 +26,41 @@ def _gates(t=T, h=H):
 
 
 def _shape_a_update_state():
-    from vidrial.kernels.power_retention.update_state import problem_key, update_state
+    from vidrial.kernels.power_retention.update_state import FAMILY, update_state
 
     K, V, G = _randn(B, T, H, D_HEAD), _randn(B, T, H, D_HEAD), _gates()
-    key = problem_key(K, G, DEG, D_TILE, CHUNK)
+    key = FAMILY.problem_key(dict(K=K, log_G=G, deg=DEG, d_tile=D_TILE, chunk_size=CHUNK))
     return key, lambda cfg: update_state(K, V, G, deg=DEG, d_tile=D_TILE, chunk_size=CHUNK, config=cfg)
 
 
 def _shape_a_intra():
-    from vidrial.kernels.power_retention.intra_chunk_attention import intra_chunk_attention, problem_key
+    from vidrial.kernels.power_retention.intra_chunk_attention import FAMILY, intra_chunk_attention
 
     Q, K, V, G = _randn(B, T, H, D_HEAD), _randn(B, T, H, D_HEAD), _randn(B, T, H, D_HEAD), _gates()
-    key = problem_key(Q, G, DEG, CHUNK, False)
+    key = FAMILY.problem_key(dict(Q=Q, log_G=G, deg=DEG, chunk_size=CHUNK))
     return key, lambda cfg: intra_chunk_attention(Q, K, V, G, deg=DEG, chunk_size=CHUNK, normalize=False, config=cfg)
 
 
 def _shape_a_query_state():
-    from vidrial.kernels.power_retention.query_state import (
-        QueryStateKey,
-        make_test_inputs,
-        problem_key,
-        query_state,
-    )
+    from vidrial.kernels.power_retention.query_state import FAMILY, QueryStateKey, make_test_inputs, query_state
 
     x = make_test_inputs(QueryStateKey(head_dim=D_HEAD, deg=DEG, d_tile=D_TILE), b=B, t=T, hq=H, h=H,
                          chunk_size=CHUNK, gating=True, device=torch.device(DEV), seed=0)
     x["Sbar"] = x["Sbar"].bfloat16()  # the forward's bf16 copy (ops.power_retention)
-    key = problem_key(x["Q"], x["O"], DEG, D_TILE, CHUNK)
+    key = FAMILY.problem_key(dict(x, deg=DEG, d_tile=D_TILE, chunk_size=CHUNK))
     return key, lambda cfg: query_state(x["Q"], x["Sbar"], x["sbar"], x["O"], x["l"], x["m"], x["log_G"], deg=DEG,
                                         d_tile=D_TILE, scale=x["scale"], chunk_size=CHUNK, config=cfg,
                                         zero_first_state=True)
 
 
 def _shape_a_discumsum():
-    from vidrial.kernels.power_retention.discumsum import discumsum_forward, problem_key
+    from vidrial.kernels.power_retention.discumsum import FAMILY, discumsum_forward
     from vidrial.kernels.power_retention.sympow import feature_dim
 
     n, D = T // CHUNK, feature_dim(D_HEAD, DEG, D_TILE)
     S, s = torch.randn(B, n, H, D, D_HEAD, device=DEV), torch.randn(B, n, H, D, device=DEV)
     L = -torch.rand(B, n, H, device=DEV)
-    return problem_key(S), lambda cfg: discumsum_forward(S, s, L, config=cfg, fp32_states=False, bf16_copy=True)
+    return FAMILY.problem_key(dict(S=S)), lambda cfg: discumsum_forward(S, s, L, config=cfg, fp32_states=False, bf16_copy=True)
 
 
 SHAPE_A = {"update_state": _shape_a_update_state, "intra_chunk_attention": _shape_a_intra,

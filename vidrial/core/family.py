@@ -1,26 +1,52 @@
-"""A kernel family: one template, one config schema, one problem key, one launcher.
+"""A kernel family: one template, one config schema, one problem key, one launch path.
 
-Subclasses give the template, the Config/Key models, the rendering context, the
-dynamic shared memory, the threads per block and the checks that tie a config to a
-problem and a target. Everything else (rendering, compiling, memoised launchables,
-feasibility from compiled facts) is shared here."""
+Subclasses give the template, the Config/Key models, the rendering context, the dynamic shared
+memory, the threads per block and the checks that tie a config to a problem and a target; and, for
+the launch path, how inputs are checked (`prepare`), how the problem key is read off them
+(`problem_key`), which outputs a call allocates (`outputs`) and each launch's grid and arguments
+(`launches`). Everything else is shared here: rendering, compiling, memoised launchables,
+feasibility from compiled facts, and `family(config=None, **inputs)`, which runs
+prepare -> key -> dispatch -> cached cubin -> launch on the current stream for every family
+(docs/ADDING_A_KERNEL.md)."""
 from __future__ import annotations
 
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Generic, TypeVar
 
 from vidrial.core.arch import arch_limits, normalize_arch
 from vidrial.core.compile import CompiledKernel, compile_source
 from vidrial.core.config import KernelConfig, ProblemKey
-from vidrial.core.errors import ConfigError
-from vidrial.core.launch import LaunchableKernel
+from vidrial.core.errors import ConfigError, InputError
+from vidrial.core.launch import LaunchableKernel, arch_of, current_stream_handle, host_launcher
 from vidrial.core.render import RenderedKernel, render, template_hash
 
 K = TypeVar("K", bound=ProblemKey)
 C = TypeVar("C", bound=KernelConfig)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a call: the grid and the arguments in `signature` order."""
+
+    grid: tuple[int, int, int]
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One call of a family, resolved: its key and config, the prepared inputs, the outputs and launches."""
+
+    key: Any
+    config: Any
+    device: Any
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    launches: list[Launch]
 
 
 class KernelFamily(ABC, Generic[K, C]):
@@ -170,6 +196,74 @@ class KernelFamily(ABC, Generic[K, C]):
         """Largest relative error check_outputs may report for a correct config."""
         return 2e-2
 
+    # ---- the launch path -------------------------------------------------------------------------
+    # A launchable family defines prepare, problem_key, outputs and launches; __call__ does the rest.
+    def prepare(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Checks a call's inputs (InputError naming the argument, what was given, what is allowed) and
+        returns them as the kernel reads them (contiguous, converted); may add derived values."""
+        raise NotImplementedError(f"kernel family {self.name!r} has no launch path (prepare)")
+
+    def problem_key(self, inputs: dict[str, Any]) -> K:
+        """The dispatch key of prepared inputs: compile-time facts plus buckets of the runtime sizes."""
+        raise NotImplementedError(f"kernel family {self.name!r} has no launch path (problem_key)")
+
+    def outputs(self, key: K, config: C, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The tensors a call returns (allocated here, written by the kernel)."""
+        raise NotImplementedError(f"kernel family {self.name!r} has no launch path (outputs)")
+
+    def launches(self, key: K, config: C, inputs: dict[str, Any], outputs: dict[str, Any]) -> Iterable[Launch]:
+        """The launches of one call (none for an empty problem)."""
+        raise NotImplementedError(f"kernel family {self.name!r} has no launch path (launches)")
+
+    def plan(self, config: C | None = None, **inputs: Any) -> "Plan":
+        """Everything a call does short of launching: prepare -> problem key -> config (the dispatcher's
+        unless given) -> outputs -> launches. The CPU tests execute a plan's launches on the host."""
+        inputs = self.prepare(inputs)
+        key = self.problem_key(inputs)
+        device = _device_of(inputs)
+        config = self.config_for(key, device, config)
+        outputs = self.outputs(key, config, inputs)
+        return Plan(key, config, device, inputs, outputs, list(self.launches(key, config, inputs, outputs)))
+
+    def __call__(self, config: C | None = None, **inputs: Any) -> dict[str, Any]:
+        """Runs the family on `inputs` (its plan, launched on the current stream with the cached cubin):
+        no host sync, no copies beyond prepare's. Returns the outputs."""
+        plan = self.plan(config, **inputs)
+        if plan.launches:
+            kernel = self.kernel_for(plan.key, plan.config, plan.device)
+            block = (self.threads_per_block(plan.config), 1, 1)
+            dev = plan.device.index or 0
+            stream = 0 if plan.device.type == "cpu" else current_stream_handle(dev)
+            for launch in plan.launches:
+                kernel.launch(launch.grid, block, launch.args, dev, stream)
+        return plan.outputs
+
+    def config_for(self, key: K, device: Any, config: C | None = None) -> C:
+        """`config` when given (type-checked), else the dispatcher's pick for `key` on the device's GPU
+        (the default config for host-emulated CPU tensors, which have no GPU to be tuned for)."""
+        if config is not None:
+            if not isinstance(config, self.Config):
+                raise InputError("config", type(config).__name__, f"None or a {self.Config.__name__}")
+            return config
+        if device.type == "cpu":
+            return self.default_config(key)
+        from vidrial.dispatch import current_gpu, select_config
+
+        return select_config(self, key, current_gpu(device.index))
+
+    def kernel_for(self, key: K, config: C, device: Any) -> Any:
+        """The launchable for `key` on `device`: compiled for the device's arch from the key's compile
+        part only (a new batch size or sequence length never renders or compiles), or the installed
+        host launcher for CPU tensors."""
+        if device.type == "cpu":
+            return host_launcher()(self, key, config)
+        return self.launchable(self.compile_key(key), config, arch_of(device.index))
+
+    def compile_key(self, key: K) -> K:
+        """`key` with its runtime buckets at their defaults: the cubin depends on the compile fields only."""
+        fields = type(key).model_fields
+        return key.model_copy(update={k: fields[k].default for k in key.runtime_part()})
+
     def launchable(self, key: K, config: C, arch: str) -> LaunchableKernel:
         """Memoised: the hot path does no rendering, hashing or file access after the first call."""
         memo_key = (key, config, arch)
@@ -180,3 +274,13 @@ class KernelFamily(ABC, Generic[K, C]):
                                       self.dynamic_smem_bytes(key, config))
             self._launchables[memo_key] = kernel
         return kernel
+
+
+def _device_of(inputs: dict[str, Any]) -> Any:
+    """The device of a call: that of its first tensor input."""
+    import torch
+
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor):
+            return value.device
+    raise InputError("inputs", sorted(inputs), "at least one tensor")

@@ -111,3 +111,40 @@ def current_stream_handle(device_index: int) -> int:
     import torch
 
     return torch.cuda.current_stream(device_index).cuda_stream
+
+
+# ---- where kernels run ----------------------------------------------------------------------------
+# The CPU tests execute the real templates on the host (tests/bwd_host_emu.py compiles them with g++
+# over an emulation of the PTX they use). They install a host launcher: a callable
+# (family, key, config) -> object with .launch(grid, block, args, device_index, stream), used for CPU
+# tensors only. Without one, kernels run on CUDA devices only.
+_HOST_LAUNCHER: Any = None
+
+
+def set_host_launcher(launcher: Any) -> Any:
+    """Installs `launcher` for CPU tensors (None removes it); returns the previous one."""
+    global _HOST_LAUNCHER
+    previous, _HOST_LAUNCHER = _HOST_LAUNCHER, launcher
+    return previous
+
+
+def host_launcher() -> Any:
+    return _HOST_LAUNCHER
+
+
+def runs_on(device: Any) -> bool:
+    """Whether kernels can launch on `device` (a torch.device)."""
+    return device.type == "cuda" or (device.type == "cpu" and _HOST_LAUNCHER is not None)
+
+
+_ARCHS: dict[int, str] = {}
+
+
+def arch_of(device_index: int) -> str:
+    """The compile target of a CUDA device, read once per device."""
+    arch = _ARCHS.get(device_index)
+    if arch is None:
+        from vidrial.core.arch import device_arch
+
+        arch = _ARCHS[device_index] = device_arch(device_index)
+    return arch

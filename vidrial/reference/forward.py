@@ -64,6 +64,7 @@ __all__ = [
     "intra_chunk_attention_reference",
     "power_retention_reference",
     "power_retention_inference_reference",
+    "query_state_reference",
 ]
 
 LOG_EPS = 1e-7
@@ -509,3 +510,34 @@ def power_retention_inference_reference(Q, K, V, log_G=None, initial_state=None,
             S0, s0 = decay[..., None, None] * S0, decay[..., None] * s0
         return Y, S0 + S_up, s0 + s_up
     return Y, S0, s0
+
+
+def query_state_reference(Q, Sbar, sbar, O, l, m, log_G=None, *, deg, d_tile, scale=None, chunk_size):
+    """Float64 torch version of the kernel's math (the query_state kernel's contract, for tests and the tuner): Y [b,t,hq,d] float64.
+    Sbar/sbar may hold n or n+1 chunks (the first n are used). Same merge as reference._merge."""
+    b, t, hq, d = Q.shape
+    h = Sbar.shape[2]
+    r = hq // h
+    c = int(chunk_size)
+    n = -(-t // c)
+    s = 1.0 / math.sqrt(d) if not scale else float(scale)
+    pad = n * c - t
+    Qf = torch.nn.functional.pad(Q.double(), (0, 0, 0, 0, 0, pad))
+    g = None
+    if log_G is not None:
+        g = torch.nn.functional.pad(log_G.double(), (0, 0, 0, pad)).reshape(b, n, c, h).cumsum(2)
+        g = g.repeat_interleave(r, dim=3)  # [b, n, c, hq]
+    Qc = Qf.reshape(b, n, c, hq, d)
+    if g is not None:
+        Qc = Qc * torch.exp(g / deg).unsqueeze(-1)
+    pq = phi(Qc * s, deg, d_tile)  # [b, n, c, hq, D]
+    Sx = Sbar[:, :n].double().repeat_interleave(r, dim=2)  # [b, n, hq, D, d]
+    sx = sbar[:, :n].double().repeat_interleave(r, dim=2)
+    A = torch.einsum("bnchD,bnhDe->bnche", pq, Sx).reshape(b, n * c, hq, d)[:, :t]
+    B = torch.einsum("bnchD,bnhD->bnch", pq, sx).reshape(b, n * c, hq)[:, :t]
+    if O is None:
+        return A / B.unsqueeze(-1)
+    O, l, m = O.double(), l.double(), m.double()
+    M = torch.maximum(m, torch.log(B.clamp_min(1e-300)))
+    em, eM = torch.exp(m - M), torch.exp(-M)
+    return (O * em.unsqueeze(-1) + A * eM.unsqueeze(-1)) / (l * em + B * eM).unsqueeze(-1)

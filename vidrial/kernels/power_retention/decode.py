@@ -36,15 +36,14 @@ from pydantic import model_validator
 
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
-from vidrial.core.family import KernelFamily
+from vidrial.core.family import KernelFamily, Launch
 from vidrial.core.rules import Between, MultipleOf, OneOf, PowerOfTwo, Rule
+from vidrial.core.tensors import HEAD_DIMS, InDType, dtype_name, pow2_bucket, ptr
 from vidrial.kernels import register
-from vidrial.kernels.power_retention.sympow import SUPPORTED_DEGREES, default_d_tile, layout
+from vidrial.kernels.power_retention.sympow import SUPPORTED_DEGREES, block_table, default_d_tile, layout
 
-__all__ = ["DecodeConfig", "DecodeKey", "DecodeFamily", "family", "decode_step", "MAX_ROWS",
-           "block_table_values", "workspace"]
+__all__ = ["DecodeConfig", "DecodeKey", "DecodeFamily", "FAMILY", "family", "decode_step", "MAX_ROWS", "workspace"]
 
-HEAD_DIMS = (32, 64, 128)
 TILE_FS = (32, 64, 128, 256, 512, 1024)
 WARP_CHOICES = (2, 4, 8)
 CACHE_TILES = (32, 64, 128)
@@ -55,10 +54,6 @@ MAX_ROWS = 16  # GQA group x new tokens per KV head handled by one kernel
 _TARGET_CTAS = 1024
 # registers per thread we allow for accumulators + loads in flight (ptxas spills above ~200)
 REGISTER_BUDGET = 168
-
-
-def _pow2_bucket(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length() if n > 1 else 1
 
 
 class DecodeConfig(KernelConfig):
@@ -94,8 +89,8 @@ class DecodeKey(ProblemKey):
     head_dim: int
     deg: int = 2
     d_tile: int = 8
-    dtype: Literal["bf16", "fp16"] = "bf16"
-    state_dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: InDType = "bfloat16"
+    state_dtype: Literal["float32", "bfloat16"] = "float32"
     group: int = 1
     q_len: int = 1
     gating: bool = True
@@ -121,7 +116,7 @@ class DecodeKey(ProblemKey):
 
     @property
     def state_bytes(self) -> int:
-        return 4 if self.state_dtype == "fp32" else 2
+        return 4 if self.state_dtype == "float32" else 2
 
 
 def _shape(key: DecodeKey, config: DecodeConfig) -> dict[str, int]:
@@ -205,8 +200,8 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
 
     def render_context(self, key: DecodeKey, config: DecodeConfig) -> dict[str, Any]:
         return dict(head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile, feature_dim=key.feature_dim,
-                    group=key.group, q_len=key.q_len, gating=key.gating, dtype=key.dtype,
-                    state_dtype=key.state_dtype, tile_f=config.tile_f, warps=config.warps,
+                    group=key.group, q_len=key.q_len, gating=key.gating, dtype=_TEMPLATE_DTYPE[key.dtype],
+                    state_dtype=_TEMPLATE_DTYPE[key.state_dtype], tile_f=config.tile_f, warps=config.warps,
                     cache_tile=config.cache_tile, unroll=config.unroll, load_bytes=config.load_bytes,
                     min_ctas=config.min_ctas,
                     smem_bytes=self.dynamic_smem_bytes(key, config))
@@ -214,20 +209,22 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
     def shape_keys(self) -> list[DecodeKey]:
         from vidrial.kernels.power_retention.standard_shapes import decode_problems, meta, unique
 
-        return unique(problem_key(meta(p.b, 1, p.h, p.d), meta(p.b, 1, p.h, p.d), meta(p.b, 1, p.h, dtype="float32"),
-                                  meta(p.b, p.h, p.feature_dim, p.d, dtype=p.state_dtype), p.deg, p.d_tile)
+        return unique(self.problem_key(dict(Q=meta(p.b, 1, p.h, p.d), K=meta(p.b, 1, p.h, p.d),
+                                            log_G=meta(p.b, 1, p.h, dtype="float32"),
+                                            state=meta(p.b, p.h, p.feature_dim, p.d, dtype=p.state_dtype),
+                                            deg=p.deg, d_tile=p.d_tile))
                       for p in decode_problems())
 
     def standard_keys(self) -> list[DecodeKey]:
         keys = self.shape_keys()
         for d in HEAD_DIMS:
-            for sd in ("fp32", "bf16"):
+            for sd in ("float32", "bfloat16"):
                 for gating in (True, False):
-                    keys.append(DecodeKey(head_dim=d, deg=2, d_tile=default_d_tile(d, 2), dtype="bf16",
+                    keys.append(DecodeKey(head_dim=d, deg=2, d_tile=default_d_tile(d, 2), dtype="bfloat16",
                                           state_dtype=sd, gating=gating))
-        keys.append(DecodeKey(head_dim=64, deg=2, d_tile=8, dtype="bf16", state_dtype="fp32", group=4, gating=True))
-        keys.append(DecodeKey(head_dim=64, deg=2, d_tile=16, dtype="fp16", state_dtype="bf16", gating=True))
-        keys.append(DecodeKey(head_dim=32, deg=4, d_tile=4, dtype="bf16", state_dtype="fp32", gating=True))
+        keys.append(DecodeKey(head_dim=64, deg=2, d_tile=8, dtype="bfloat16", state_dtype="float32", group=4, gating=True))
+        keys.append(DecodeKey(head_dim=64, deg=2, d_tile=16, dtype="float16", state_dtype="bfloat16", gating=True))
+        keys.append(DecodeKey(head_dim=32, deg=4, d_tile=4, dtype="bfloat16", state_dtype="float32", gating=True))
         from vidrial.kernels.power_retention.standard_shapes import unique
 
         return unique(keys)
@@ -238,6 +235,55 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
         spart = (ns * R * (HD + 1) + 3) // 4 * 4
         total = spart + nc_cap * R * (HD + 2) + R
         return (total + 3) // 4 * 4
+
+    # ---- launch path (vidrial.inference validates the inputs) --------------------------------------
+    def prepare(self, x: dict[str, Any]) -> dict[str, Any]:
+        """Q [b,tq,hq,d]; K, V [b,L,h,d] (the cache including the new tokens) or None; log_G [b,L,h]
+        fp32 or None; state [b,h,D,d] fp32/bf16 + sum_of_keys [b,h,D] fp32 or None; deg, d_tile
+        (None: the default), scale (None/0: 1/sqrt(d))."""
+        Q, K, state = x["Q"], x.get("K"), x.get("state")
+        d = Q.shape[-1]
+        L = 0 if K is None else K.shape[1]
+        if state is None and L == 0:
+            raise InputError("initial_state", None, "a state or a non-empty KV cache")
+        h = state.shape[1] if state is not None else K.shape[2]
+        if Q.shape[0] * h > 65535:
+            raise InputError("Q", f"batch*kv_heads={Q.shape[0] * h}", "at most 65535 (grid y); split the batch")
+        d_tile = x.get("d_tile") or default_d_tile(d, x["deg"])
+        return dict(x, K=K if L else None, V=x.get("V") if L else None, log_G=x.get("log_G") if L else None,
+                    state=state, sum_of_keys=x.get("sum_of_keys"), d_tile=d_tile,
+                    scale=float(x.get("scale") or 1.0 / math.sqrt(d)))
+
+    def problem_key(self, x: dict[str, Any]) -> DecodeKey:
+        """b*h bucketed to a power of two (the tuner's make_inputs must give the key it tunes)."""
+        Q, K, state = x["Q"], x.get("K"), x.get("state")
+        b, tq, hq, d = Q.shape
+        h = state.shape[1] if state is not None else K.shape[2]
+        cached = K is not None and K.shape[1] > 0
+        sdt = dtype_name(state.dtype) if state is not None else "float32"
+        return _key(d, x["deg"], x["d_tile"], dtype_name(Q.dtype), sdt, hq // h, tq,
+                    x.get("log_G") is not None and cached, pow2_bucket(b * h))
+
+    def outputs(self, key: DecodeKey, config: DecodeConfig, x: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        return {"Y": torch.empty(x["Q"].shape, dtype=x["Q"].dtype, device=x["Q"].device)}
+
+    def launches(self, key: DecodeKey, config: DecodeConfig, x: dict[str, Any], out: dict[str, Any]):
+        Q, K, V, G, S, z, Y = x["Q"], x["K"], x["V"], x["log_G"], x["state"], x["sum_of_keys"], out["Y"]
+        b, h = Q.shape[0], S.shape[1] if S is not None else K.shape[2]
+        L = 0 if K is None else K.shape[1]
+        ns = math.ceil(key.feature_dim / config.tile_f) if S is not None else 0
+        nc = math.ceil(L / config.cache_tile)
+        nc_cap = pow2_bucket(nc)
+        ws, counters = workspace(key, config, b * h, nc_cap, Q.device)
+        table = block_table(key.head_dim, key.deg, key.d_tile, Q.device)
+        strides = lambda t, n: t.stride()[:n] if t is not None else (0,) * n  # noqa: E731
+        yield Launch((ns + nc, b * h, 1),
+                     (Q.data_ptr(), ptr(K), ptr(V), ptr(G), ptr(S), ptr(z), table.data_ptr(), Y.data_ptr(),
+                      ws.data_ptr(), counters.data_ptr(), h, L, ns, nc_cap, x["scale"], *Q.stride()[:3],
+                      *strides(K, 3), *strides(V, 3), *strides(G, 3), *strides(S, 2), *strides(z, 2),
+                      *Y.stride()[:3], ws.stride(0)))
 
     # ---- tuner protocol ------------------------------------------------------------------------
     def make_inputs(self, key: DecodeKey, device: Any, seed: int) -> dict[str, Any]:
@@ -254,8 +300,7 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
         h = math.gcd(bh, 8)
         b = bh // h
         g = generator(device, seed)
-        dt = torch.bfloat16 if key.dtype == "bf16" else torch.float16
-        sdt = torch.float32 if key.state_dtype == "fp32" else torch.bfloat16
+        dt, sdt = getattr(torch, key.dtype), getattr(torch, key.state_dtype)
 
         def randn(*shape: int) -> Any:
             return torch.randn(*shape, generator=g, device=device)
@@ -271,8 +316,7 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
 
     def inputs_key(self, inputs: dict[str, Any], key: DecodeKey) -> DecodeKey:
         """The key the public op computes for `inputs`."""
-        x = inputs
-        return problem_key(x["Q"], x["K"], x["log_G"], x["state"], key.deg, key.d_tile)
+        return self.problem_key(dict(inputs, deg=key.deg, d_tile=key.d_tile))
 
     def run(self, key: DecodeKey, config: DecodeConfig, inputs: dict[str, Any]) -> Any:
         return decode_step(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], inputs["state"],
@@ -287,33 +331,15 @@ class DecodeFamily(KernelFamily[DecodeKey, DecodeConfig]):
         return Y.to(inputs["Q"].dtype)
 
 
-family: DecodeFamily = register(DecodeFamily())  # type: ignore[assignment]
+FAMILY = family = register(DecodeFamily())
+# the spellings the template tests (`dtype == 'fp16'`, `state_dtype == 'fp32'`)
+_TEMPLATE_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
-# ---- block table (same packing as common/sympow.cuh expects) ----------------------------------
-def block_table_values(head_dim: int, deg: int, d_tile: int) -> list[int]:
-    """One u32 per feature block, byte j = tile index i_{j+1} (sympow.py's order)."""
-    out = []
-    for blk in layout(head_dim, deg, d_tile).blocks:
-        packed = 0
-        for j, tile in enumerate(blk):
-            packed |= int(tile) << (8 * j)
-        out.append(packed)
-    return out
-
-
-_TABLES: dict[tuple[int, int, int, int], Any] = {}
-
-
-def _block_table(head_dim: int, deg: int, d_tile: int, device) -> Any:
-    import torch
-
-    memo = (head_dim, deg, d_tile, device.index)
-    table = _TABLES.get(memo)
-    if table is None:
-        vals = [v - (1 << 32) if v >= 1 << 31 else v for v in block_table_values(head_dim, deg, d_tile)]
-        table = _TABLES[memo] = torch.tensor(vals, dtype=torch.int32, device=device)
-    return table
+@cache
+def _key(head_dim, deg, d_tile, dtype, state_dtype, group, q_len, gating, bucket) -> DecodeKey:
+    return DecodeKey(head_dim=head_dim, deg=deg, d_tile=d_tile, dtype=dtype, state_dtype=state_dtype, group=group,
+                     q_len=q_len, gating=gating, bh_bucket=bucket)
 
 
 # ---- workspace ---------------------------------------------------------------------------------
@@ -334,89 +360,6 @@ def workspace(key: DecodeKey, config: DecodeConfig, bh: int, nc_cap: int, device
     return ws
 
 
-@cache
-def _arch(device_index: int) -> str:
-    from vidrial.core.arch import device_arch
-
-    return device_arch(device_index)
-
-
-@cache
-def _key(head_dim, deg, d_tile, dtype, state_dtype, group, q_len, gating, bucket) -> DecodeKey:
-    return DecodeKey(head_dim=head_dim, deg=deg, d_tile=d_tile, dtype=dtype, state_dtype=state_dtype, group=group,
-                     q_len=q_len, gating=gating, bh_bucket=bucket)
-
-
-def select_config(key: DecodeKey, device_index: int) -> DecodeConfig:
-    try:
-        from vidrial import dispatch
-    except ImportError:
-        return family.default_config(key)
-    try:
-        return dispatch.select_config(family, key, dispatch.current_gpu(device_index))
-    except Exception:  # a dispatch problem must never break decoding: fall back to the default
-        return family.default_config(key)
-
-
-_DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
-
-
-def problem_key(Q: Any, K: Any, log_G: Any, state: Any, deg: int, d_tile: int) -> DecodeKey:
-    """The dispatch key of a step (b*h bucketed to a power of two); the tuner's make_inputs must
-    produce inputs whose key is the key it tunes."""
-    b, tq, hq, d = Q.shape
-    L = 0 if K is None else K.shape[1]
-    h = state.shape[1] if state is not None else K.shape[2]
-    sdt = _DTYPES[str(state.dtype)] if state is not None else "fp32"
-    return _key(d, deg, d_tile, _DTYPES[str(Q.dtype)], sdt, hq // h, tq, log_G is not None and L > 0,
-                _pow2_bucket(b * h))
-
-
-def prepare(Q, K, V, log_G, state, sum_of_keys, *, deg: int, d_tile: int | None, scale: float | None,
-            config: DecodeConfig | None = None, arch: str | None = None):
-    """Everything a launch needs, without launching: (key, config, grid, block, args, Y, (ws, counters)).
-    `arch` None: the device's. Shared by decode_step and the CPU execution test of the kernel."""
-    import torch
-
-    b, tq, hq, d = Q.shape
-    h = state.shape[1] if state is not None else K.shape[2]
-    if d_tile is None:
-        d_tile = default_d_tile(d, deg)
-    if not scale:
-        scale = 1.0 / math.sqrt(d)
-    L = 0 if K is None else K.shape[1]
-    gating = log_G is not None and L > 0
-    bh = b * h
-    key = problem_key(Q, K, log_G, state, deg, d_tile)
-    if config is None:
-        dev = Q.device.index if Q.device.index is not None else torch.cuda.current_device()
-        config = select_config(key, dev)
-    ns = math.ceil(key.feature_dim / config.tile_f) if state is not None else 0
-    nc = math.ceil(L / config.cache_tile) if L > 0 else 0
-    if ns + nc == 0:
-        raise InputError("initial_state", None, "a state or a non-empty KV cache")
-    if bh > 65535:
-        raise InputError("Q", f"batch*kv_heads={bh}", "at most 65535 (grid y); split the batch")
-    nc_cap = _pow2_bucket(max(nc, 1))
-    ws, counters = workspace(key, config, bh, nc_cap, Q.device)
-    Y = torch.empty((b, tq, hq, d), dtype=Q.dtype, device=Q.device)
-    table = _block_table(d, deg, d_tile, Q.device)
-    qs = Q.stride()
-    ks = K.stride() if L > 0 else (0, 0, 0)
-    vs = V.stride() if L > 0 else (0, 0, 0)
-    gs = log_G.stride() if gating else (0, 0, 0)
-    ss = state.stride() if state is not None else (0, 0)
-    zs = sum_of_keys.stride() if state is not None else (0, 0)
-    ys = Y.stride()
-    args = (Q.data_ptr(), K.data_ptr() if L > 0 else 0, V.data_ptr() if L > 0 else 0,
-            log_G.data_ptr() if gating else 0, state.data_ptr() if state is not None else 0,
-            sum_of_keys.data_ptr() if state is not None else 0, table.data_ptr(), Y.data_ptr(), ws.data_ptr(),
-            counters.data_ptr(), h, L, ns, nc_cap, float(scale),
-            qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], gs[0], gs[1], gs[2],
-            ss[0], ss[1], zs[0], zs[1], ys[0], ys[1], ys[2], ws.stride(0))
-    return key, config, (ns + nc, bh, 1), (family.threads_per_block(config), 1, 1), args, Y, (ws, counters)
-
-
 def decode_step(Q, K, V, log_G, state, sum_of_keys, *, deg: int, d_tile: int | None, scale: float | None,
                 config: DecodeConfig | None = None):
     """Y [b, tq, hq, d] (Q's dtype) of one decode step; no absorption (see vidrial.inference).
@@ -425,81 +368,5 @@ def decode_step(Q, K, V, log_G, state, sum_of_keys, *, deg: int, d_tile: int | N
     [b, L, h] float32 or None; state [b, h, D, d] float32/bfloat16 + sum_of_keys [b, h, D] float32
     or None. The caller (vidrial.inference.power_retention_inference) validates; this is the
     launcher (current stream, no sync, graph capturable after one warm-up call per shape)."""
-    import torch
-
-    from vidrial.core.launch import current_stream_handle
-
-    key, config, grid, block, args, Y, _ = prepare(Q, K, V, log_G, state, sum_of_keys, deg=deg, d_tile=d_tile,
-                                                   scale=scale, config=config)
-    dev = Q.device.index if Q.device.index is not None else torch.cuda.current_device()
-    family.launchable(key, config, _arch(dev)).launch(grid, block, args, dev, current_stream_handle(dev))
-    return Y
-
-
-# ---- CPU emulation of the kernel's algorithm (float64, any device) -----------------------------
-def emulate_decode_step(Q, K, V, log_G, state, sum_of_keys, *, deg: int, d_tile: int | None = None,
-                        scale: float | None = None, tile_f: int = 256, cache_tile: int = 64):
-    """The decode kernel's algorithm step by step in float64 torch: the same split of D into
-    state slices of `tile_f` rows (ungated partial numerators/denominators), the same cache tiles
-    of `cache_tile` tokens with their own max shift, the same gate bookkeeping (G_pos from a
-    prefix sum) and the same stabilised merge. Used by the CPU tests to prove the math against
-    the float64 reference before any GPU run. Returns Y float64 [b, tq, hq, d]."""
-    import torch
-
-    from vidrial.reference.forward import phi
-
-    f64 = torch.float64
-    b, tq, hq, d = Q.shape
-    L = 0 if K is None else K.shape[1]
-    h = state.shape[1] if state is not None else K.shape[2]
-    r = hq // h
-    if d_tile is None:
-        d_tile = default_d_tile(d, deg)
-    if not scale:
-        scale = 1.0 / math.sqrt(d)
-    D = layout(d, deg, d_tile).feature_dim
-    # rows of KV head hh: rho = i * r + gi  <->  Q[:, i, hh * r + gi]
-    q = (scale * Q.to(f64)).reshape(b, tq, h, r, d).permute(0, 2, 1, 3, 4).reshape(b, h, tq * r, d)
-    R = tq * r
-    A = B = None
-    if state is not None:
-        S, z = state.to(f64), sum_of_keys.to(f64)
-        pq = phi(q, deg, d_tile)  # [b, h, R, D]
-        A = torch.zeros(b, h, R, d, dtype=f64, device=Q.device)
-        B = torch.zeros(b, h, R, dtype=f64, device=Q.device)
-        for f0 in range(0, D, tile_f):  # state CTAs, summed in order
-            sl = slice(f0, min(D, f0 + tile_f))
-            A = A + torch.einsum("bhrf,bhfe->bhre", pq[..., sl], S[:, :, sl])
-            B = B + torch.einsum("bhrf,bhf->bhr", pq[..., sl], z[:, :, sl])
-    if L == 0:
-        Y = A / B[..., None]
-    else:
-        Kx, Vx = K.to(f64).permute(0, 2, 1, 3), V.to(f64).permute(0, 2, 1, 3)  # [b, h, L, d]
-        G = log_G.to(f64).cumsum(1).permute(0, 2, 1) if log_G is not None else torch.zeros(b, h, L, dtype=f64)
-        pos = torch.arange(tq).repeat_interleave(r) + (L - tq)  # [R] cache position of each row
-        gq = G[:, :, pos]  # [b, h, R]
-        parts = []
-        for j0 in range(0, L, cache_tile):  # cache CTAs
-            js = torch.arange(j0, min(L, j0 + cache_tile))
-            x = torch.einsum("bhrd,bhjd->bhrj", q, Kx[:, :, js])
-            a = deg * torch.log(x.abs() + 1e-7) + gq[..., None] - G[:, :, js][:, :, None, :]
-            a = a.masked_fill(js[None, :] > pos[:, None], float("-inf"))
-            m = a.amax(-1)
-            w = torch.where(torch.isinf(m)[..., None], torch.zeros_like(a), torch.exp(a - m[..., None]))
-            parts.append((w @ Vx[:, :, js], w.sum(-1), m))
-        m = torch.stack([p[2] for p in parts]).amax(0)
-        def rescale(mc, M):
-            return torch.where(torch.isinf(mc), torch.zeros_like(mc), torch.exp(mc - M))
-        l = sum(p[1] * rescale(p[2], m) for p in parts) + 1e-6
-        if state is None:
-            M, den, eA = m, l, None
-        else:
-            logB = torch.log(B.clamp_min(1e-30)) + gq
-            M = torch.maximum(m, logB)
-            eA = torch.exp(gq - M)
-            den = l * torch.exp(m - M) + B * eA
-        num = sum(p[0] * rescale(p[2], M)[..., None] for p in parts)
-        if state is not None:
-            num = num + A * eA[..., None]
-        Y = num / den[..., None]
-    return Y.reshape(b, h, tq, r, d).permute(0, 2, 1, 3, 4).reshape(b, tq, hq, d)
+    return family(config, Q=Q, K=K, V=V, log_G=log_G, state=state, sum_of_keys=sum_of_keys, deg=deg, d_tile=d_tile,
+                  scale=scale)["Y"]

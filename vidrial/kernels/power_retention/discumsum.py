@@ -20,15 +20,10 @@ from pydantic import Field, model_validator
 
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
-from vidrial.core.family import KernelFamily
+from vidrial.core.family import KernelFamily, Launch
 from vidrial.core.rules import PowerOfTwo, Rule
+from vidrial.core.tensors import check_tensor, pow2_bucket, ptr
 from vidrial.kernels import register
-from vidrial.kernels.power_retention._fwd_util import (
-    check_tensor,
-    compile_key,
-    pick_config,
-    pow2_bucket,
-)
 
 __all__ = ["DiscumsumConfig", "DiscumsumKey", "DiscumsumFamily", "FAMILY", "discumsum", "discumsum_forward"]
 
@@ -104,13 +99,72 @@ class DiscumsumFamily(KernelFamily[DiscumsumKey, DiscumsumConfig]):
     def shape_keys(self) -> list[DiscumsumKey]:
         from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
 
-        return unique(problem_key(meta(p.b, p.chunks, p.h, p.feature_dim, p.d, dtype="float32"))
+        return unique(self.problem_key(dict(S=meta(p.b, p.chunks, p.h, p.feature_dim, p.d, dtype="float32")))
                       for p in training_problems())
 
     def corner_configs(self, key: DiscumsumKey) -> list[DiscumsumConfig]:
         return [self.default_config(key), DiscumsumConfig(threads=32, vec=1, vecs=1),
                 DiscumsumConfig(threads=1024, vec=4, vecs=2),
                 DiscumsumConfig(threads=128, vec=4, vecs=16)]
+
+    # ---- launch path ---------------------------------------------------------------------
+    def prepare(self, x: dict[str, Any]) -> dict[str, Any]:
+        """S [b,n,h,D,d], s [b,n,h,D], chunk_gates [b,n,h] (or None), initial_state [b,h,D,d] and
+        sum_of_keys [b,h,D] (both or neither), all fp32; the output options fp32_states, bf16_copy,
+        final_state."""
+        S, s, L, S0, s0 = (x.get(k) for k in ("S", "s", "chunk_gates", "initial_state", "sum_of_keys"))
+        check_tensor("S", S, dtypes=("float32",), ndim=5, what="[batch, chunks, heads, D, d]")
+        b, n, h, D, d = S.shape
+        dev = S.device
+        check_tensor("s", s, dtypes=("float32",), shape=(b, n, h, D), device=dev, what="[batch, chunks, heads, D]")
+        if L is not None:
+            check_tensor("chunk_gates", L, dtypes=("float32",), shape=(b, n, h), device=dev,
+                         what="[batch, chunks, heads] (sum of log_G per chunk)")
+        if (S0 is None) != (s0 is None):
+            raise InputError("sum_of_keys", None if s0 is None else tuple(s0.shape),
+                             "given together with initial_state (both or neither)")
+        if S0 is not None:
+            check_tensor("initial_state", S0, dtypes=("float32",), shape=(b, h, D, d), device=dev,
+                         what="[batch, heads, D, d]")
+            check_tensor("sum_of_keys", s0, dtypes=("float32",), shape=(b, h, D), device=dev, what="[batch, heads, D]")
+        if b * h > 65535:
+            raise InputError("S", f"batch*heads={b * h}", "batch * heads <= 65535")
+        contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        return dict(S=S.contiguous(), s=s.contiguous(), chunk_gates=contiguous(L), initial_state=contiguous(S0),
+                    sum_of_keys=contiguous(s0), fp32_states=x.get("fp32_states", True),
+                    bf16_copy=x.get("bf16_copy", False), final_state=x.get("final_state", False))
+
+    def problem_key(self, x: dict[str, Any]) -> DiscumsumKey:
+        b, n, h, D, d = x["S"].shape
+        return DiscumsumKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
+
+    def outputs(self, key: DiscumsumKey, config: DiscumsumConfig, x: dict[str, Any]) -> dict[str, Any]:
+        """'Sbar' [b,n+1,h,D,d] fp32 (if fp32_states), 'sbar' [b,n+1,h,D] fp32 (always), 'Sbar16'
+        [b,n,h,D,d] bf16 = Sbar_0..Sbar_{n-1} (if bf16_copy), 'S_final' [b,h,D,d] fp32 (if final_state)."""
+        import torch
+
+        b, n, h, D, d = x["S"].shape
+        new = lambda *shape, dtype=torch.float32: torch.empty(shape, device=x["S"].device, dtype=dtype)  # noqa: E731
+        out = {"sbar": new(b, n + 1, h, D)}
+        if x["fp32_states"]:
+            out["Sbar"] = new(b, n + 1, h, D, d)
+        if x["bf16_copy"]:
+            out["Sbar16"] = new(b, n, h, D, d, dtype=torch.bfloat16)
+        if x["final_state"]:
+            out["S_final"] = new(b, h, D, d)
+        return out
+
+    def launches(self, key: DiscumsumKey, config: DiscumsumConfig, x: dict[str, Any], out: dict[str, Any]):
+        b, n, h, D, d = x["S"].shape
+        if b * h == 0:
+            return
+        # the S tiles first, then the CTAs of the sum of keys s (scalar accesses)
+        blocks_S = -(-(D * d) // (config.threads * config.vec * config.vecs))
+        blocks_s = -(-D // (config.threads * config.vecs))
+        yield Launch((blocks_S + blocks_s, b * h, 1),
+                     (x["S"].data_ptr(), x["s"].data_ptr(), ptr(x["chunk_gates"]), ptr(x["initial_state"]),
+                      ptr(x["sum_of_keys"]), ptr(out.get("Sbar")), out["sbar"].data_ptr(), ptr(out.get("Sbar16")),
+                      ptr(out.get("S_final")), n, h, blocks_S))
 
     # ---- tuner protocol ------------------------------------------------------------------
     def make_inputs(self, key: DiscumsumKey, device: Any, seed: int) -> dict[str, Any]:
@@ -131,7 +185,7 @@ class DiscumsumFamily(KernelFamily[DiscumsumKey, DiscumsumConfig]):
 
     def inputs_key(self, inputs: dict[str, Any], key: DiscumsumKey) -> DiscumsumKey:
         """The key the public op computes for `inputs`."""
-        return problem_key(inputs["S"])
+        return self.problem_key(inputs)
 
     def run(self, key: DiscumsumKey, config: DiscumsumConfig, inputs: dict[str, Any]) -> Any:
         """The call the chunked forward makes (ops._chunked_states): the bf16 copy of Sbar_0..n-1 and
@@ -152,93 +206,11 @@ class DiscumsumFamily(KernelFamily[DiscumsumKey, DiscumsumConfig]):
 FAMILY = register(DiscumsumFamily())
 
 
-def problem_key(S: Any) -> DiscumsumKey:
-    """The dispatch key of a call on chunk states S [b, n, h, D, d] (b*h and n bucketed)."""
-    b, n, h, D, d = S.shape
-    return DiscumsumKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
-
-
-def _grid(key: DiscumsumKey, config: DiscumsumConfig, b: int, h: int) -> tuple[tuple[int, int, int], int]:
-    E = key.head_dim * key.feature_dim
-    tile_S = config.threads * config.vec * config.vecs
-    tile_s = config.threads * config.vecs
-    blocks_S = -(-E // tile_S)
-    blocks_s = -(-key.feature_dim // tile_s)
-    if b * h > 65535:
-        raise InputError("S", f"batch*heads={b * h}", "batch * heads <= 65535")
-    return (blocks_S + blocks_s, b * h, 1), blocks_S
-
-
-def _check_inputs(S, s, chunk_gates, initial_state, sum_of_keys):
-    check_tensor("S", S, dtypes=("float32",), ndim=5, what="[batch, chunks, heads, D, d]")
-    b, n, h, D, d = S.shape
-    dev = S.device
-    check_tensor("s", s, dtypes=("float32",), shape=(b, n, h, D), device=dev, what="[batch, chunks, heads, D]")
-    if chunk_gates is not None:
-        check_tensor("chunk_gates", chunk_gates, dtypes=("float32",), shape=(b, n, h), device=dev,
-                     what="[batch, chunks, heads] (sum of log_G per chunk)")
-    if (initial_state is None) != (sum_of_keys is None):
-        raise InputError("sum_of_keys", None if sum_of_keys is None else tuple(sum_of_keys.shape),
-                         "given together with initial_state (both or neither)")
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, dtypes=("float32",), shape=(b, h, D, d), device=dev,
-                     what="[batch, heads, D, d]")
-        check_tensor("sum_of_keys", sum_of_keys, dtypes=("float32",), shape=(b, h, D), device=dev,
-                     what="[batch, heads, D]")
-    return b, n, h, D, d
-
-
 def discumsum_forward(S, s, chunk_gates=None, initial_state=None, sum_of_keys=None, config=None, *,
-                      fp32_states: bool = True, bf16_copy: bool = False, final_state: bool = False):
-    """The launcher with every output option. Returns a dict with
-    'Sbar' [b,n+1,h,D,d] fp32 (if fp32_states), 'sbar' [b,n+1,h,D] fp32 (always),
-    'Sbar16' [b,n,h,D,d] bf16 = Sbar_0..Sbar_{n-1} (if bf16_copy), 'S_final' [b,h,D,d] fp32 (if final_state)."""
-    import torch
-
-    from vidrial.core.launch import current_stream_handle
-
-    b, n, h, D, d = _check_inputs(S, s, chunk_gates, initial_state, sum_of_keys)
-    key = problem_key(S)
-    if config is None:
-        config = pick_config(FAMILY, key)
-    dev = S.device
-    S, s = S.contiguous(), s.contiguous()
-    L = chunk_gates.contiguous() if chunk_gates is not None else None
-    S0 = initial_state.contiguous() if initial_state is not None else None
-    s0 = sum_of_keys.contiguous() if sum_of_keys is not None else None
-    out: dict[str, Any] = {}
-    Sbar = torch.empty(b, n + 1, h, D, d, device=dev, dtype=torch.float32) if fp32_states else None
-    sbar = torch.empty(b, n + 1, h, D, device=dev, dtype=torch.float32)
-    Sbar16 = torch.empty(b, n, h, D, d, device=dev, dtype=torch.bfloat16) if bf16_copy else None
-    Sfin = torch.empty(b, h, D, d, device=dev, dtype=torch.float32) if final_state else None
-    if b * h > 0:
-        grid, blocks_S = _grid(key, config, b, h)
-        kernel = FAMILY.launchable(compile_key(key), config, _arch(dev))
-        ptr = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
-        kernel.launch(grid, (config.threads, 1, 1),
-                      (S.data_ptr(), s.data_ptr(), ptr(L), ptr(S0), ptr(s0), ptr(Sbar), sbar.data_ptr(), ptr(Sbar16),
-                       ptr(Sfin), n, h, blocks_S),
-                      dev.index, current_stream_handle(dev.index))
-    if fp32_states:
-        out["Sbar"] = Sbar
-    out["sbar"] = sbar
-    if bf16_copy:
-        out["Sbar16"] = Sbar16
-    if final_state:
-        out["S_final"] = Sfin
-    return out
-
-
-_ARCH: dict[int, str] = {}
-
-
-def _arch(device) -> str:
-    from vidrial.core.arch import device_arch
-
-    a = _ARCH.get(device.index)
-    if a is None:
-        a = _ARCH[device.index] = device_arch(device.index)
-    return a
+                      fp32_states: bool = True, bf16_copy: bool = False, final_state: bool = False) -> dict[str, Any]:
+    """The launcher with every output option: a dict of the outputs DiscumsumFamily.outputs names."""
+    return FAMILY(config, S=S, s=s, chunk_gates=chunk_gates, initial_state=initial_state, sum_of_keys=sum_of_keys,
+                  fp32_states=fp32_states, bf16_copy=bf16_copy, final_state=final_state)
 
 
 def discumsum(S, s, chunk_gates=None, initial_state=None, sum_of_keys=None, config=None, *, bf16_copy: bool = False):
@@ -247,8 +219,5 @@ def discumsum(S, s, chunk_gates=None, initial_state=None, sum_of_keys=None, conf
     chunk_gates [b,n,h] fp32 (L_nu, None: no decay); initial_state [b,h,D,d] and sum_of_keys [b,h,D]
     (both or neither) give Sbar_0. With bf16_copy=True also returns Sbar16 [b,n,h,D,d] bf16, the
     states at the start of chunks 0..n-1 (query_state's MMA operand)."""
-    out = discumsum_forward(S, s, chunk_gates, initial_state, sum_of_keys, config, fp32_states=True,
-                            bf16_copy=bf16_copy)
-    if bf16_copy:
-        return out["Sbar"], out["sbar"], out["Sbar16"]
-    return out["Sbar"], out["sbar"]
+    out = discumsum_forward(S, s, chunk_gates, initial_state, sum_of_keys, config, bf16_copy=bf16_copy)
+    return (out["Sbar"], out["sbar"], out["Sbar16"]) if bf16_copy else (out["Sbar"], out["sbar"])

@@ -33,13 +33,12 @@ from pydantic import model_validator
 
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
-from vidrial.core.family import KernelFamily
+from vidrial.core.family import KernelFamily, Launch
 from vidrial.core.rules import Between, MultipleOf, OneOf, PowerOfTwo, Rule
+from vidrial.core.tensors import C_TYPES, HEAD_DIMS, IN_DTYPES, InDType, check_tensor, dtype_name, pow2_bucket, ptr
 from vidrial.kernels import register
 from vidrial.kernels.power_retention.sympow import SUPPORTED_DEGREES
 
-HEAD_DIMS = (32, 64, 128)
-DTYPES = ("bf16", "fp16")
 TILE_MS = (16, 32, 64, 128, 256)
 TILE_NS = (16, 32, 64, 128)
 WARP_CHOICES = (1, 2, 4, 8)
@@ -49,12 +48,8 @@ G_PAD = 256
 # Rough register budget for accumulators + fragments (the rest: addresses, temporaries), calibrated
 # on ptxas (NVRTC 13.0, sm_80/sm_90): S counts 1.5x (it also lives on as P and the masked path).
 REGISTER_BUDGET = 230
-_ELEM = {"bf16": "__nv_bfloat16", "fp16": "__half"}
-
-
-def _pow2_bucket(n: int) -> int:
-    n = max(int(n), 1)
-    return 1 << (n - 1).bit_length()
+# the spelling the template tests (`dtype == "bf16"`)
+_TEMPLATE_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 class IntraChunkAttentionConfig(KernelConfig):
@@ -116,7 +111,7 @@ class IntraChunkAttentionKey(ProblemKey):
 
     head_dim: int
     deg: int = 2
-    dtype: Literal["bf16", "fp16"] = "bf16"
+    dtype: InDType = "bfloat16"
     chunk_size: int = 1024
     gating: bool = True
     normalize: bool = False
@@ -191,7 +186,7 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
 
     def render_context(self, key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig) -> dict[str, Any]:
         return dict(
-            head_dim=key.head_dim, deg=key.deg, dtype=key.dtype, elem_type=_ELEM[key.dtype],
+            head_dim=key.head_dim, deg=key.deg, dtype=_TEMPLATE_DTYPE[key.dtype], elem_type=C_TYPES[key.dtype],
             chunk_size=key.chunk_size, gating=key.gating, normalize=key.normalize,
             tile_m=config.tile_m, tile_n=config.tile_n, warps=config.warps, stages=config.stages,
             rescale_threshold=f"{float(2 ** config.rescale_log2):.1f}", min_ctas=config.min_ctas,
@@ -201,13 +196,14 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
     def shape_keys(self) -> list[IntraChunkAttentionKey]:
         from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
 
-        return unique(problem_key(meta(p.b, p.t, p.h, p.d), meta(p.b, p.t, p.h, dtype="float32"), p.deg,
-                                  p.chunk_size, False) for p in training_problems())
+        return unique(self.problem_key(dict(Q=meta(p.b, p.t, p.h, p.d), log_G=meta(p.b, p.t, p.h, dtype="float32"),
+                                            deg=p.deg, chunk_size=p.chunk_size))
+                      for p in training_problems())
 
     def standard_keys(self) -> list[IntraChunkAttentionKey]:
         keys = self.shape_keys()
         for d in HEAD_DIMS:
-            for dtype in DTYPES:
+            for dtype in IN_DTYPES:
                 keys.append(IntraChunkAttentionKey(head_dim=d, dtype=dtype, chunk_size=1024, gating=True))
                 keys.append(IntraChunkAttentionKey(head_dim=d, dtype=dtype, chunk_size=0, gating=True, normalize=True,
                                                    t_bucket=16384))
@@ -231,7 +227,7 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
 
         from vidrial.core.protocol import generator, size_in_bucket
 
-        dt = torch.bfloat16 if key.dtype == "bf16" else torch.float16
+        dt = getattr(torch, key.dtype)
         r = 2 if key.bh_bucket >= 2 else 1
         b, hq, d = 1, key.bh_bucket, key.head_dim
         h = hq // r
@@ -250,7 +246,7 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
 
     def inputs_key(self, inputs: dict[str, Any], key: IntraChunkAttentionKey) -> IntraChunkAttentionKey:
         """The key the public op computes for `inputs` (same bucketing as the launcher)."""
-        return problem_key(inputs["Q"], inputs["log_G"], key.deg, key.chunk_size, key.normalize)
+        return self.problem_key(dict(inputs, deg=key.deg, chunk_size=key.chunk_size, normalize=key.normalize))
 
     def run(self, key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig, inputs: dict[str, Any]) -> Any:
         return intra_chunk_attention(inputs["Q"], inputs["K"], inputs["V"], inputs["log_G"], deg=key.deg,
@@ -271,19 +267,90 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
         O, l, m = intra_chunk_attention_reference(Q, K, V, log_G, key.deg, None, key.chunk_size or Q.shape[1])
         return O / l.unsqueeze(-1) if key.normalize else (O, l, m)
 
-    def grid(self, key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig, t: int, n_bh: int) -> int:
-        if key.chunk_size:
-            tiles = math.ceil(t / key.chunk_size) * (key.chunk_size // config.tile_m)
-        else:
-            tiles = math.ceil(t / config.tile_m)
-        return tiles * n_bh
+    # ---- launch path ---------------------------------------------------------------------
+    def prepare(self, x: dict[str, Any]) -> dict[str, Any]:
+        """Q [b,t,hq,d], K, V [b,t,h,d] (same dtype, hq a multiple of h), log_G [b,t,h] fp32 or None,
+        deg, scale, chunk_size (None/0: quadratic), normalize, out (preallocated outputs or None).
+        Inputs whose strides are not 16-byte friendly are copied with .contiguous()."""
+        import torch
+
+        Q, K, V, log_G = x["Q"], x["K"], x["V"], x.get("log_G")
+        what = "[batch, time, heads, head_dim]"
+        check_tensor("Q", Q, dtypes=IN_DTYPES, ndim=4, what=what)
+        b, t, hq, d = Q.shape
+        if d not in HEAD_DIMS:
+            raise InputError("Q", f"head_dim {d} (shape {tuple(Q.shape)})", f"head_dim in {HEAD_DIMS}")
+        check_tensor("K", K, dtypes=IN_DTYPES, ndim=4, device=Q.device, what=what)
+        check_tensor("V", V, dtypes=IN_DTYPES, ndim=4, what=what, like=("K", K))
+        if K.dtype != Q.dtype:
+            raise InputError("K/V", f"dtypes {K.dtype}/{V.dtype}", f"the dtype of Q ({Q.dtype})")
+        if K.shape[0] != b or K.shape[1] != t or K.shape[3] != d:
+            raise InputError("K", f"shape {tuple(K.shape)}", f"[{b}, {t}, kv_heads, {d}] matching Q {tuple(Q.shape)}")
+        h = K.shape[2]
+        if h < 1 or hq % h:
+            raise InputError("Q", f"{hq} query heads", f"a multiple of the {h} KV heads of K (GQA)")
+        deg, scale = x["deg"], x.get("scale")
+        if deg not in SUPPORTED_DEGREES:
+            raise InputError("deg", deg, f"one of {SUPPORTED_DEGREES}")
+        c = x.get("chunk_size") or 0
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0 or c % 16:
+            raise InputError("chunk_size", x.get("chunk_size"), "None/0 (quadratic) or a positive multiple of 16")
+        if scale is not None and not isinstance(scale, (int, float)):
+            raise InputError("scale", type(scale).__name__, "None or a float")
+        s = 1.0 / math.sqrt(d) if not scale else float(scale)
+        if not math.isfinite(s):
+            raise InputError("scale", scale, "a finite number")
+        if log_G is not None:
+            check_tensor("log_G", log_G, dtypes=("float32",), shape=(b, t, h), device=Q.device,
+                         what="[batch, time, kv_heads]")
+        tiles = -(-t // c) * (c // 16) if c else -(-t // 16)
+        if tiles * b * hq >= 2**31:
+            raise InputError("Q", f"batch*heads={b * hq}, t={t}", "fewer than 2^31 query tiles; split the batch")
+        Q, K, V = (y if _aligned(y) else y.contiguous() for y in (Q, K, V))
+        normalize = bool(x.get("normalize", False))
+        return dict(Q=Q, K=K, V=V, log_G=log_G, deg=deg, scale=s, chunk_size=c, normalize=normalize,
+                    out=_checked_out(x.get("out"), Q, normalize))
+
+    def problem_key(self, x: dict[str, Any]) -> IntraChunkAttentionKey:
+        """Runtime sizes bucketed to powers of two (the tuner's make_inputs must give the key it tunes)."""
+        b, t, hq, d = x["Q"].shape
+        return _key(d, x["deg"], dtype_name(x["Q"].dtype), x["chunk_size"] or 0, x.get("log_G") is not None,
+                    bool(x.get("normalize", False)), pow2_bucket(b * hq), pow2_bucket(t))
+
+    def outputs(self, key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig,
+                x: dict[str, Any]) -> dict[str, Any]:
+        """Y [b,t,hq,d] in the input dtype (normalize), else O [b,t,hq,d], l, m [b,t,hq] fp32."""
+        import torch
+
+        if x["out"] is not None:
+            return x["out"]
+        Q = x["Q"]
+        b, t, hq, d = Q.shape
+        if key.normalize:
+            return {"Y": torch.empty((b, t, hq, d), device=Q.device, dtype=Q.dtype)}
+        new = lambda *shape: torch.empty(shape, device=Q.device, dtype=torch.float32)  # noqa: E731
+        return {"O": new(b, t, hq, d), "l": new(b, t, hq), "m": new(b, t, hq)}
+
+    def launches(self, key: IntraChunkAttentionKey, config: IntraChunkAttentionConfig, x: dict[str, Any],
+                 out: dict[str, Any]):
+        Q, K, V, log_G, c = x["Q"], x["K"], x["V"], x["log_G"], key.chunk_size
+        b, t, hq, d = Q.shape
+        if b * hq == 0 or t == 0:
+            return
+        g_len, G = 0, None
+        if log_G is not None:
+            pad_to = c if c else G_PAD
+            g_len = -(-t // pad_to) * pad_to
+            G = gate_cumsum(log_G, c, g_len)
+        tiles = math.ceil(t / c) * (c // config.tile_m) if c else math.ceil(t / config.tile_m)
+        O = out["Y"] if key.normalize else out["O"]
+        yield Launch((tiles * b * hq, 1, 1),
+                     (Q.data_ptr(), K.data_ptr(), V.data_ptr(), ptr(G), O.data_ptr(), ptr(out.get("l")),
+                      ptr(out.get("m")), t, hq, K.shape[2], b * hq, g_len, *Q.stride()[:3], *K.stride()[:3],
+                      *V.stride()[:3], x["scale"]))
 
 
-family: IntraChunkAttentionFamily = register(IntraChunkAttentionFamily())  # type: ignore[assignment]
-
-
-# ---- public launcher ----------------------------------------------------------------------------
-_DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
+FAMILY = family = register(IntraChunkAttentionFamily())
 
 
 @cache
@@ -293,53 +360,26 @@ def _key(d: int, deg: int, dtype: str, chunk: int, gating: bool, normalize: bool
                                   normalize=normalize, bh_bucket=bh, t_bucket=t)
 
 
-def problem_key(Q: Any, log_G: Any, deg: int, chunk_size: int, normalize: bool) -> IntraChunkAttentionKey:
-    """The dispatch key of a call (runtime sizes bucketed to powers of two); the tuner's
-    make_inputs must produce inputs whose key is the key it tunes."""
-    b, t, hq, d = Q.shape
-    return _key(d, deg, _DTYPE_NAMES[str(Q.dtype)], chunk_size, log_G is not None, bool(normalize),
-                _pow2_bucket(b * hq), _pow2_bucket(t))
-
-
-@cache
-def _compile_key(key: IntraChunkAttentionKey) -> IntraChunkAttentionKey:
-    """Runtime buckets reset: the cubin depends only on the compile fields."""
-    return key.model_copy(update={"bh_bucket": 8, "t_bucket": 65536})
-
-
-@cache
-def _arch(device_index: int) -> str:
-    from vidrial.core.arch import device_arch
-
-    return device_arch(device_index)
-
-
-def select_config(key: IntraChunkAttentionKey) -> IntraChunkAttentionConfig:
-    """The config used when the caller gives none: the dispatcher's choice, else the default."""
-    try:
-        from vidrial import dispatch
-    except ImportError:
-        return family.default_config(key)
-    return dispatch.select_config(family, key)
-
-
-def _check_qkv(name: str, x, d_ref: int | None = None) -> None:
-    import torch
-
-    if not isinstance(x, torch.Tensor):
-        raise InputError(name, type(x).__name__, "a torch.Tensor [batch, time, heads, head_dim]")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise InputError(name, f"dtype {x.dtype}", "torch.bfloat16 or torch.float16")
-    if x.dim() != 4:
-        raise InputError(name, f"shape {tuple(x.shape)}", "4 dims [batch, time, heads, head_dim]")
-    if x.shape[-1] not in HEAD_DIMS:
-        raise InputError(name, f"head_dim {x.shape[-1]} (shape {tuple(x.shape)})", f"head_dim in {HEAD_DIMS}")
-    if x.device.type != "cuda":
-        raise InputError(name, f"device {x.device}", "a CUDA tensor")
-
-
 def _aligned(x) -> bool:
     return x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[:3]) and x.data_ptr() % 16 == 0
+
+
+def _checked_out(out: Any, Q: Any, normalize: bool) -> dict[str, Any] | None:
+    """Preallocated outputs (Y, or the tuple (O, l, m)) as the outputs dict, checked."""
+    import torch
+
+    if out is None:
+        return None
+    b, t, hq, d = Q.shape
+    outs = (out,) if normalize else tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    want = [((b, t, hq, d), Q.dtype)] if normalize else \
+        [((b, t, hq, d), torch.float32), ((b, t, hq), torch.float32), ((b, t, hq), torch.float32)]
+    if len(outs) != len(want) or any(
+            not isinstance(y, torch.Tensor) or tuple(y.shape) != shp or y.dtype != dt or not y.is_contiguous()
+            or y.device != Q.device for y, (shp, dt) in zip(outs, want)):
+        raise InputError("out", [(tuple(y.shape), y.dtype) if isinstance(y, torch.Tensor) else type(y).__name__
+                                 for y in outs], f"contiguous tensors {want} on {Q.device}")
+    return dict(zip(("Y",) if normalize else ("O", "l", "m"), outs))
 
 
 def gate_cumsum(log_G, chunk_size: int, g_len: int):
@@ -368,105 +408,16 @@ def intra_chunk_attention(Q, K, V, log_G=None, *, deg: int, scale: float | None 
     deg: 2 or 4. scale: None or 0 means 1/sqrt(d). chunk_size: None or 0 = the whole sequence is
     one causal block (quadratic path), else a positive multiple of 16 (t need not be a multiple:
     the last chunk is shorter). normalize=False returns (O [b,t,hq,d], l [b,t,hq], m [b,t,hq])
-    float32 as in reference.intra_chunk_attention_reference; normalize=True returns Y = O/l
+    float32 as in vidrial.reference.intra_chunk_attention_reference; normalize=True returns Y = O/l
     [b,t,hq,d] in the input dtype. Runs on the current stream with no host sync. Inputs whose
     strides are not 16-byte friendly (last dim contiguous, other strides multiples of 8 elements)
     are copied with .contiguous(). ``out`` (optional): preallocated contiguous outputs, Y or the
     tuple (O, l, m), of the shapes and dtypes above; they are written and returned.
     """
-    import torch
-
-    _check_qkv("Q", Q)
-    _check_qkv("K", K)
-    _check_qkv("V", V)
-    b, t, hq, d = Q.shape
-    if K.shape != V.shape:
-        raise InputError("V", f"shape {tuple(V.shape)}", f"the shape of K {tuple(K.shape)}")
-    if K.shape[0] != b or K.shape[1] != t or K.shape[3] != d:
-        raise InputError("K", f"shape {tuple(K.shape)}", f"[{b}, {t}, kv_heads, {d}] matching Q {tuple(Q.shape)}")
-    h = K.shape[2]
-    if h < 1 or hq % h:
-        raise InputError("Q", f"{hq} query heads", f"a multiple of the {h} KV heads of K (GQA)")
-    if K.dtype != Q.dtype or V.dtype != Q.dtype:
-        raise InputError("K/V", f"dtypes {K.dtype}/{V.dtype}", f"the dtype of Q ({Q.dtype})")
-    if K.device != Q.device or V.device != Q.device:
-        raise InputError("K/V", f"devices {K.device}/{V.device}", f"the device of Q ({Q.device})")
-    if deg not in SUPPORTED_DEGREES:
-        raise InputError("deg", deg, f"one of {SUPPORTED_DEGREES}")
-    if chunk_size is None:
-        chunk_size = 0
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0 or \
-            (chunk_size and chunk_size % 16):
-        raise InputError("chunk_size", chunk_size, "None/0 (quadratic) or a positive multiple of 16")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise InputError("scale", type(scale).__name__, "None or a float")
-    s = 1.0 / math.sqrt(d) if not scale else float(scale)
-    if not math.isfinite(s):
-        raise InputError("scale", scale, "a finite number")
-    if log_G is not None:
-        if not isinstance(log_G, torch.Tensor):
-            raise InputError("log_G", type(log_G).__name__, "None or a float32 torch.Tensor [batch, time, kv_heads]")
-        if log_G.dtype != torch.float32:
-            raise InputError("log_G", f"dtype {log_G.dtype}", "torch.float32")
-        if tuple(log_G.shape) != (b, t, h):
-            raise InputError("log_G", f"shape {tuple(log_G.shape)}", f"shape {(b, t, h)} (batch, time, kv_heads)")
-        if log_G.device != Q.device:
-            raise InputError("log_G", f"device {log_G.device}", f"the device of Q ({Q.device})")
-    if config is not None and not isinstance(config, IntraChunkAttentionConfig):
-        raise InputError("config", type(config).__name__, "None or an IntraChunkAttentionConfig")
-
-    n_bh = b * hq
-    key = problem_key(Q, log_G, deg, chunk_size, normalize)
-    if out is None:
-        if normalize:
-            out = torch.empty((b, t, hq, d), device=Q.device, dtype=Q.dtype)
-            L = M = None
-        else:
-            out = torch.empty((b, t, hq, d), device=Q.device, dtype=torch.float32)
-            L = torch.empty((b, t, hq), device=Q.device, dtype=torch.float32)
-            M = torch.empty((b, t, hq), device=Q.device, dtype=torch.float32)
-    else:
-        outs = (out,) if normalize else tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        want = [((b, t, hq, d), Q.dtype)] if normalize else \
-            [((b, t, hq, d), torch.float32), ((b, t, hq), torch.float32), ((b, t, hq), torch.float32)]
-        if len(outs) != len(want) or any(
-                not isinstance(x, torch.Tensor) or tuple(x.shape) != shp or x.dtype != dt or not x.is_contiguous()
-                or x.device != Q.device for x, (shp, dt) in zip(outs, want)):
-            raise InputError("out", [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
-                                     for x in outs], f"contiguous tensors {want} on {Q.device}")
-        out, L, M = (outs[0], None, None) if normalize else outs
-    if n_bh == 0 or t == 0:
-        return out if normalize else (out, L, M)
-    if config is None:
-        config = select_config(key)
-    ckey = _compile_key(key)
-    dev = Q.device.index if Q.device.index is not None else torch.cuda.current_device()
-    arch = _arch(dev)
-    family.check(ckey, config, arch)
-    kernel = family.launchable(ckey, config, arch)
-    grid = family.grid(key, config, t, n_bh)
-    if grid >= 2**31:
-        raise InputError("Q", f"batch*heads={n_bh}, t={t}", "fewer than 2^31 query tiles; split the batch")
-
-    Q, K, V = (x if _aligned(x) else x.contiguous() for x in (Q, K, V))
-    if log_G is not None:
-        pad_to = chunk_size if chunk_size else G_PAD
-        g_len = -(-t // pad_to) * pad_to
-        G = gate_cumsum(log_G, chunk_size, g_len)
-        gptr = G.data_ptr()
-    else:
-        g_len, gptr = 0, 0
-    qs, ks, vs = Q.stride(), K.stride(), V.stride()
-    from vidrial.core.launch import current_stream_handle
-
-    kernel.launch((grid, 1, 1), (family.threads_per_block(config), 1, 1),
-                  (Q.data_ptr(), K.data_ptr(), V.data_ptr(), gptr, out.data_ptr(),
-                   0 if L is None else L.data_ptr(), 0 if M is None else M.data_ptr(),
-                   t, hq, h, n_bh, g_len,
-                   qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], s),
-                  dev, current_stream_handle(dev))
-    return out if normalize else (out, L, M)
+    res = family(config, Q=Q, K=K, V=V, log_G=log_G, deg=deg, scale=scale, chunk_size=chunk_size,
+                 normalize=normalize, out=out)
+    return res["Y"] if normalize else (res["O"], res["l"], res["m"])
 
 
-__all__ = ["IntraChunkAttentionConfig", "IntraChunkAttentionKey", "IntraChunkAttentionFamily", "family",
+__all__ = ["IntraChunkAttentionConfig", "IntraChunkAttentionKey", "IntraChunkAttentionFamily", "FAMILY", "family",
            "intra_chunk_attention", "gate_cumsum"]

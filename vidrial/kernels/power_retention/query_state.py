@@ -27,22 +27,13 @@ from pydantic import Field, model_validator
 
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
-from vidrial.core.family import KernelFamily
+from vidrial.core.family import KernelFamily, Launch
 from vidrial.core.rules import PowerOfTwo, Rule
+from vidrial.core.tensors import C_TYPES, IN_DTYPES, InDType, check_tensor, dtype_name, pow2_bucket, ptr
 from vidrial.kernels import register
-from vidrial.kernels.power_retention._fwd_util import (
-    DTYPE_NAMES,
-    block_table,
-    check_tensor,
-    compile_key,
-    dtype_name,
-    pick_config,
-    pow2_bucket,
-)
 
 __all__ = ["QueryStateConfig", "QueryStateKey", "QueryStateFamily", "FAMILY", "query_state"]
 
-DType = Literal["bfloat16", "float16"]
 ODType = Literal["bfloat16", "float16", "float32"]
 
 
@@ -80,7 +71,7 @@ class QueryStateKey(ProblemKey):
     head_dim: int = 64
     deg: int = 2
     d_tile: int = 8
-    dtype: DType = "bfloat16"
+    dtype: InDType = "bfloat16"
     o_dtype: ODType = "float32"
     chunk_size: int = Field(1024, description="bucket (power of two) of the chunk size")
     tokens: int = Field(65536, description="bucket (power of two) of batch * time")
@@ -134,7 +125,7 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
 
         lay = layout(key.head_dim, key.deg, key.d_tile)
         return dict(d=key.head_dim, D=lay.feature_dim, d_tile=key.d_tile, deg=key.deg, block_size=lay.block_size,
-                    in_type=DTYPE_NAMES[key.dtype], o_type=DTYPE_NAMES[key.o_dtype], tile_m=config.tile_m,
+                    in_type=C_TYPES[key.dtype], o_type=C_TYPES[key.o_dtype], tile_m=config.tile_m,
                     tile_k=config.tile_k, warps=config.warps, stages=config.stages, fast=config.feature_path == "auto",
                     min_ctas=config.min_ctas,
                     key_label=key.label(),
@@ -158,8 +149,9 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
     def shape_keys(self) -> list[QueryStateKey]:
         from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
 
-        return unique(problem_key(meta(p.b, p.t, p.h, p.d), meta(p.b, p.t, p.h, p.d, dtype="float32"), p.deg,
-                                  p.d_tile, p.chunk_size) for p in training_problems())
+        return unique(self.problem_key(dict(Q=meta(p.b, p.t, p.h, p.d), O=meta(p.b, p.t, p.h, p.d, dtype="float32"),
+                                            deg=p.deg, d_tile=p.d_tile, chunk_size=p.chunk_size))
+                      for p in training_problems())
 
     def standard_keys(self) -> list[QueryStateKey]:
         from vidrial.kernels.power_retention.sympow import default_d_tile
@@ -178,6 +170,82 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
         big_m = 128 if key.head_dim <= 64 else 64
         out.append(QueryStateConfig(tile_m=big_m * 2 if key.head_dim <= 64 else big_m, tile_k=64, warps=8 if key.head_dim <= 64 else 4, stages=4))
         return out
+
+    # ---- launch path ---------------------------------------------------------------------
+    def prepare(self, x: dict[str, Any]) -> dict[str, Any]:
+        """Q [b,t,hq,d]; Sbar [b,n',h,D,d] bf16 or fp32 and sbar [b,n',h,D] fp32 with n' = n or n+1;
+        O [b,t,hq,d], l, m [b,t,hq] (merge) or all None; log_G [b,t,h] or None; deg, d_tile, scale,
+        chunk_size, zero_first_state (see query_state)."""
+        import torch
+
+        from vidrial.kernels.power_retention.sympow import layout
+
+        Q, Sbar, sbar, O, l, m, log_G = (x.get(k) for k in ("Q", "Sbar", "sbar", "O", "l", "m", "log_G"))
+        deg, d_tile = x["deg"], x["d_tile"]
+        check_tensor("Q", Q, dtypes=IN_DTYPES, ndim=4, what="[batch, time, q_heads, head_dim]")
+        b, t, hq, d = Q.shape
+        dev = Q.device
+        if deg not in (2, 4):
+            raise InputError("deg", deg, "2 or 4")
+        D = layout(d, deg, d_tile).feature_dim
+        c = x["chunk_size"]
+        if not isinstance(c, int) or c <= 0:
+            raise InputError("chunk_size", c, "a positive integer")
+        n = -(-t // c)
+        check_tensor("Sbar", Sbar, dtypes=("bfloat16", "float32"), ndim=5, device=dev,
+                     what="[batch, chunks, kv_heads, D, d]")
+        bS, nS, h, DS, dS = Sbar.shape
+        if bS != b or DS != D or dS != d or nS not in (n, n + 1) or h == 0 or hq % h:
+            raise InputError("Sbar", tuple(Sbar.shape),
+                             f"[{b}, {n} or {n + 1}, h, {D}, {d}] with hq={hq} a multiple of h (D={D} for "
+                             f"deg={deg}, d_tile={d_tile})")
+        check_tensor("sbar", sbar, dtypes=("float32",), ndim=4, device=dev)
+        if tuple(sbar.shape) not in ((b, n, h, D), (b, n + 1, h, D)):
+            raise InputError("sbar", tuple(sbar.shape), f"[{b}, {n} or {n + 1}, {h}, {D}]")
+        if O is not None:
+            check_tensor("O", O, dtypes=("bfloat16", "float16", "float32"), shape=(b, t, hq, d), device=dev)
+            check_tensor("l", l, dtypes=("float32",), shape=(b, t, hq), device=dev)
+            check_tensor("m", m, dtypes=("float32",), shape=(b, t, hq), device=dev)
+            O, l, m = O.contiguous(), l.contiguous(), m.contiguous()
+        elif l is not None or m is not None:
+            raise InputError("O", None, "O, l and m given together (merge) or all None")
+        if log_G is not None:
+            check_tensor("log_G", log_G, dtypes=("float32",), shape=(b, t, h), device=dev,
+                         what="[batch, time, kv_heads]")
+            log_G = log_G.contiguous()
+        if -(-c // 16) * hq * b * n >= 2**31:
+            raise InputError("Q", tuple(Q.shape), "fewer than 2^31 query tiles")
+        scale = x.get("scale") or 1.0 / math.sqrt(d)
+        return dict(Q=Q.contiguous(), Sbar=Sbar.to(torch.bfloat16).contiguous(), sbar=sbar.contiguous(), O=O, l=l,
+                    m=m, log_G=log_G, deg=deg, d_tile=d_tile, scale=float(scale), chunk_size=c,
+                    zero_first_state=bool(x.get("zero_first_state", False)))
+
+    def problem_key(self, x: dict[str, Any]) -> QueryStateKey:
+        """chunk and b*t bucketed to powers of two (the tuner's make_inputs must give the key it tunes)."""
+        Q, O = x["Q"], x.get("O")
+        b, t, _, d = Q.shape
+        return QueryStateKey(head_dim=d, deg=x["deg"], d_tile=x["d_tile"], dtype=dtype_name(Q.dtype),
+                             o_dtype=dtype_name((O if O is not None else Q).dtype),
+                             chunk_size=pow2_bucket(x["chunk_size"]), tokens=pow2_bucket(b * t))
+
+    def outputs(self, key: QueryStateKey, config: QueryStateConfig, x: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        return {"Y": torch.empty_like(x["Q"])}
+
+    def launches(self, key: QueryStateKey, config: QueryStateConfig, x: dict[str, Any], out: dict[str, Any]):
+        from vidrial.kernels.power_retention.sympow import block_table
+
+        Q, Sbar, sbar, c = x["Q"], x["Sbar"], x["sbar"], x["chunk_size"]
+        b, t, hq, d = Q.shape
+        h, n = Sbar.shape[2], -(-t // c)
+        if Q.numel() == 0:
+            return
+        table = block_table(d, key.deg, key.d_tile, Q.device)
+        yield Launch((-(-c // config.tile_m) * hq * b * n, 1, 1),
+                     (Q.data_ptr(), ptr(x["log_G"]), Sbar.data_ptr(), sbar.data_ptr(), ptr(x["O"]), ptr(x["l"]),
+                      ptr(x["m"]), out["Y"].data_ptr(), t, n, c, hq, hq // h, Sbar.shape[1], sbar.shape[1],
+                      int(x["zero_first_state"]), x["scale"], table.data_ptr()))
 
     # ---- tuner protocol ------------------------------------------------------------------
     def make_inputs(self, key: QueryStateKey, device: Any, seed: int) -> dict[str, Any]:
@@ -202,7 +270,7 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
 
     def inputs_key(self, inputs: dict[str, Any], key: QueryStateKey) -> QueryStateKey:
         """The key the public op computes for `inputs`."""
-        return problem_key(inputs["Q"], inputs["O"], key.deg, key.d_tile, inputs["chunk_size"])
+        return self.problem_key(dict(inputs, deg=key.deg, d_tile=key.d_tile))
 
     def run(self, key: QueryStateKey, config: QueryStateConfig, inputs: dict[str, Any]) -> Any:
         return query_state(inputs["Q"], inputs["Sbar"], inputs["sbar"], inputs["O"], inputs["l"], inputs["m"],
@@ -212,6 +280,8 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
     def reference(self, key: QueryStateKey, inputs: dict[str, Any]) -> Any:
         """float64 on the first two chunks of the first KV head (each chunk reads only its own state,
         so the slice is exact); check_outputs compares that leading slice."""
+        from vidrial.reference.forward import query_state_reference
+
         x = inputs
         c = x["chunk_size"]
         t = min(x["Q"].shape[1], 2 * c)
@@ -225,15 +295,6 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
 
 
 FAMILY = register(QueryStateFamily())
-
-
-def problem_key(Q: Any, O: Any, deg: int, d_tile: int, chunk_size: int) -> QueryStateKey:
-    """The dispatch key of a call (chunk and b*t bucketed to powers of two); the tuner's make_inputs
-    must produce inputs whose key is the key it tunes."""
-    b, t, _, d = Q.shape
-    return QueryStateKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=dtype_name(Q.dtype),
-                         o_dtype=dtype_name(O.dtype) if O is not None else dtype_name(Q.dtype),
-                         chunk_size=pow2_bucket(chunk_size), tokens=pow2_bucket(b * t))
 
 
 def make_test_inputs(key: QueryStateKey, *, b, t, hq, h, chunk_size, gating, device, seed=0, state_scale=1.0):
@@ -263,53 +324,6 @@ def make_test_inputs(key: QueryStateKey, *, b, t, hq, h, chunk_size, gating, dev
                 chunk_size=chunk_size)
 
 
-def query_state_reference(Q, Sbar, sbar, O, l, m, log_G=None, *, deg, d_tile, scale=None, chunk_size):
-    """Float64 torch version of the kernel's math (for tests and the tuner): Y [b,t,hq,d] float64.
-    Sbar/sbar may hold n or n+1 chunks (the first n are used). Same merge as reference._merge."""
-    import torch
-
-    from vidrial.reference.forward import phi
-
-    b, t, hq, d = Q.shape
-    h = Sbar.shape[2]
-    r = hq // h
-    c = int(chunk_size)
-    n = -(-t // c)
-    s = 1.0 / math.sqrt(d) if not scale else float(scale)
-    pad = n * c - t
-    Qf = torch.nn.functional.pad(Q.double(), (0, 0, 0, 0, 0, pad))
-    g = None
-    if log_G is not None:
-        g = torch.nn.functional.pad(log_G.double(), (0, 0, 0, pad)).reshape(b, n, c, h).cumsum(2)
-        g = g.repeat_interleave(r, dim=3)  # [b, n, c, hq]
-    Qc = Qf.reshape(b, n, c, hq, d)
-    if g is not None:
-        Qc = Qc * torch.exp(g / deg).unsqueeze(-1)
-    pq = phi(Qc * s, deg, d_tile)  # [b, n, c, hq, D]
-    Sx = Sbar[:, :n].double().repeat_interleave(r, dim=2)  # [b, n, hq, D, d]
-    sx = sbar[:, :n].double().repeat_interleave(r, dim=2)
-    A = torch.einsum("bnchD,bnhDe->bnche", pq, Sx).reshape(b, n * c, hq, d)[:, :t]
-    B = torch.einsum("bnchD,bnhD->bnch", pq, sx).reshape(b, n * c, hq)[:, :t]
-    if O is None:
-        return A / B.unsqueeze(-1)
-    O, l, m = O.double(), l.double(), m.double()
-    M = torch.maximum(m, torch.log(B.clamp_min(1e-300)))
-    em, eM = torch.exp(m - M), torch.exp(-M)
-    return (O * em.unsqueeze(-1) + A * eM.unsqueeze(-1)) / (l * em + B * eM).unsqueeze(-1)
-
-
-_ARCH: dict[int, str] = {}
-
-
-def _arch(device) -> str:
-    from vidrial.core.arch import device_arch
-
-    a = _ARCH.get(device.index)
-    if a is None:
-        a = _ARCH[device.index] = device_arch(device.index)
-    return a
-
-
 def query_state(Q, Sbar, sbar, O, l, m, log_G=None, *, deg, d_tile, scale=None, chunk_size, config=None,
                 zero_first_state: bool = False):
     """Y [b,t,hq,d] in Q's dtype: the state half of the chunked forward merged with (O, l, m).
@@ -321,64 +335,5 @@ def query_state(Q, Sbar, sbar, O, l, m, log_G=None, *, deg, d_tile, scale=None, 
     intra_chunk_attention (merge mode) or all None (state only: Y = Yq / zq);
     log_G [b,t,h] fp32 per-step log gates or None. zero_first_state=True promises Sbar_0 = 0
     (no initial state) and skips that chunk's GEMM."""
-    import torch
-
-    from vidrial.core.launch import current_stream_handle
-    from vidrial.kernels.power_retention.sympow import layout
-
-    check_tensor("Q", Q, dtypes=("bfloat16", "float16"), ndim=4, what="[batch, time, q_heads, head_dim]")
-    b, t, hq, d = Q.shape
-    dev = Q.device
-    if deg not in (2, 4):
-        raise InputError("deg", deg, "2 or 4")
-    lay = layout(d, deg, d_tile)
-    D = lay.feature_dim
-    c = int(chunk_size)
-    if c <= 0:
-        raise InputError("chunk_size", chunk_size, "a positive integer")
-    n = -(-t // c)
-    check_tensor("Sbar", Sbar, dtypes=("bfloat16", "float32"), ndim=5, device=dev, what="[batch, chunks, kv_heads, D, d]")
-    bS, nS, h, DS, dS = Sbar.shape
-    if bS != b or DS != D or dS != d or nS not in (n, n + 1) or h == 0 or hq % h:
-        raise InputError("Sbar", tuple(Sbar.shape),
-                         f"[{b}, {n} or {n + 1}, h, {D}, {d}] with hq={hq} a multiple of h (D={D} for deg={deg}, "
-                         f"d_tile={d_tile})")
-    check_tensor("sbar", sbar, dtypes=("float32",), ndim=4, device=dev)
-    if tuple(sbar.shape) not in ((b, n, h, D), (b, n + 1, h, D)):
-        raise InputError("sbar", tuple(sbar.shape), f"[{b}, {n} or {n + 1}, {h}, {D}]")
-    merge = O is not None
-    if merge:
-        check_tensor("O", O, dtypes=("bfloat16", "float16", "float32"), shape=(b, t, hq, d), device=dev)
-        check_tensor("l", l, dtypes=("float32",), shape=(b, t, hq), device=dev)
-        check_tensor("m", m, dtypes=("float32",), shape=(b, t, hq), device=dev)
-    elif l is not None or m is not None:
-        raise InputError("O", None, "O, l and m given together (merge) or all None")
-    if log_G is not None:
-        check_tensor("log_G", log_G, dtypes=("float32",), shape=(b, t, h), device=dev, what="[batch, time, kv_heads]")
-    if scale is None or scale == 0:
-        scale = 1.0 / math.sqrt(d)
-    key = problem_key(Q, O, deg, d_tile, c)
-    if config is None:
-        config = pick_config(FAMILY, key)
-    if Sbar.dtype != torch.bfloat16:
-        Sbar = Sbar.to(torch.bfloat16)
-    Sbar, sbar, Q = Sbar.contiguous(), sbar.contiguous(), Q.contiguous()
-    Y = torch.empty_like(Q)
-    if Y.numel() == 0:
-        return Y
-    if merge:
-        O, l, m = O.contiguous(), l.contiguous(), m.contiguous()
-    lg = log_G.contiguous() if log_G is not None else None
-    m_tiles = -(-c // config.tile_m)
-    blocks = m_tiles * hq * b * n
-    if blocks >= 2**31:
-        raise InputError("Q", tuple(Q.shape), "fewer than 2^31 query tiles")
-    kernel = FAMILY.launchable(compile_key(key), config, _arch(dev))
-    table = block_table(d, deg, d_tile, dev)
-    ptr = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
-    kernel.launch((blocks, 1, 1), (config.warps * 32, 1, 1),
-                  (Q.data_ptr(), ptr(lg), Sbar.data_ptr(), sbar.data_ptr(), ptr(O), ptr(l), ptr(m), Y.data_ptr(),
-                   t, n, c, hq, hq // h, Sbar.shape[1], sbar.shape[1], int(bool(zero_first_state)), float(scale),
-                   table.data_ptr()),
-                  dev.index, current_stream_handle(dev.index))
-    return Y
+    return FAMILY(config, Q=Q, Sbar=Sbar, sbar=sbar, O=O, l=l, m=m, log_G=log_G, deg=deg, d_tile=d_tile, scale=scale,
+                  chunk_size=int(chunk_size), zero_first_state=zero_first_state)["Y"]

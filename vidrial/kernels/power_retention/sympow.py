@@ -102,3 +102,32 @@ def default_d_tile(head_dim: int, deg: int) -> int:
     """MMA-friendly default: 8 for p=2 (D=2304 at d=64), 4 for p=4 (keeps D moderate)."""
     wanted = 8 if deg == 2 else 4
     return wanted if head_dim % wanted == 0 else 1
+
+
+# ---- the device block table (templates/common/sympow.cuh says why a table) --------------------------
+def block_table_values(head_dim: int, deg: int, d_tile: int) -> list[int]:
+    """One u32 per feature block, byte j = tile index i_{j+1} (this module's order)."""
+    out = []
+    for blk in layout(head_dim, deg, d_tile).blocks:
+        packed = 0
+        for j, tile in enumerate(blk):
+            packed |= int(tile) << (8 * j)
+        out.append(packed)
+    return out
+
+
+_TABLES: dict[tuple[int, int, int, object], object] = {}
+
+
+def block_table(head_dim: int, deg: int, d_tile: int, device: object) -> object:
+    """The block table as an int32 tensor on `device`, cached per layout and device. Built (one
+    host->device copy) on the first call: run a kernel once before capturing a CUDA graph (the first
+    call also compiles or loads the kernel)."""
+    import torch
+
+    memo = (head_dim, deg, d_tile, device)
+    table = _TABLES.get(memo)
+    if table is None:
+        vals = [v - (1 << 32) if v >= 1 << 31 else v for v in block_table_values(head_dim, deg, d_tile)]
+        table = _TABLES[memo] = torch.tensor(vals, dtype=torch.int32, device=device)
+    return table

@@ -18,22 +18,18 @@ from pydantic import model_validator
 from vidrial.core.arch import arch_limits
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
-from vidrial.core.family import KernelFamily
+from vidrial.core.family import KernelFamily, Launch
 from vidrial.core.rules import Between, MultipleOf, OneOf, PowerOfTwo, Rule
+from vidrial.core.tensors import HEAD_DIMS, IN_DTYPES, InDType, check_aligned_rows, check_tensor, dtype_name, \
+    pow2_bucket, ptr
 from vidrial.kernels import register
-from vidrial.kernels.power_retention.sympow import SUPPORTED_DEGREES, default_d_tile, layout
+from vidrial.kernels.power_retention.sympow import SUPPORTED_DEGREES, block_table, default_d_tile, layout
 
-HEAD_DIMS = (32, 64, 128)
 TILE_KS = (16, 32, 64, 128)
 WARP_CHOICES = (1, 2, 4, 8)
-DTYPES = ("bf16", "fp16")
 # Registers per thread we allow for accumulators + A fragments + feature offsets (the rest of the
 # 255 goes to B fragments, addresses and temporaries); above it ptxas spills.
 REGISTER_BUDGET = 200
-
-
-def _pow2_bucket(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length() if n > 1 else 1
 
 
 class UpdateStateConfig(KernelConfig):
@@ -80,7 +76,7 @@ class UpdateStateKey(ProblemKey):
     head_dim: int
     deg: int = 2
     d_tile: int = 8
-    dtype: Literal["bf16", "fp16"] = "bf16"
+    dtype: InDType = "bfloat16"
     chunk_size: int = 1024
     gating: bool = True
     bh_chunks_bucket: int = 512  # power of two >= b * h * n_chunks
@@ -195,7 +191,7 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
     def render_context(self, key: UpdateStateKey, config: UpdateStateConfig) -> dict[str, Any]:
         return dict(
             head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile, feature_dim=key.feature_dim,
-            chunk_size=key.chunk_size, gating=key.gating, dtype=key.dtype,
+            chunk_size=key.chunk_size, gating=key.gating, dtype=_TEMPLATE_DTYPE[key.dtype],
             tile_m=config.tile_m, tile_k=config.tile_k, warps=config.warps, stages=config.stages,
             min_ctas=config.min_ctas, smem_bytes=self.dynamic_smem_bytes(key, config),
         )
@@ -205,27 +201,81 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
 
         # gated: the forward; ungated: the backward's state pass (query_state_bwd's default state_impl
         # runs this kernel on inputs whose gates it has already applied)
-        return unique(problem_key(meta(p.b, p.t, p.h, p.d), gates, p.deg, p.d_tile, p.chunk_size)
+        return unique(self.problem_key(dict(K=meta(p.b, p.t, p.h, p.d), log_G=gates, deg=p.deg, d_tile=p.d_tile,
+                                            chunk_size=p.chunk_size))
                       for p in training_problems() for gates in (meta(p.b, p.t, p.h, dtype="float32"), None))
 
     def standard_keys(self) -> list[UpdateStateKey]:
         keys = self.shape_keys()
         for d in HEAD_DIMS:
-            for dtype in DTYPES:
+            for dtype in IN_DTYPES:
                 for chunk in (64, 1024):
                     for gating in (True, False):
                         keys.append(UpdateStateKey(head_dim=d, deg=2, d_tile=default_d_tile(d, 2), dtype=dtype,
                                                    chunk_size=chunk, gating=gating))
         for t in (1, 16):  # exact symmetric power and the coarse MMA-friendly layout, shape A/B settings
-            keys.append(UpdateStateKey(head_dim=64, deg=2, d_tile=t, dtype="bf16", chunk_size=1024, gating=True))
-        for dtype in DTYPES:  # degree 4 at a moderate D (d=32, d_tile=4: D=84480)
+            keys.append(UpdateStateKey(head_dim=64, deg=2, d_tile=t, dtype="bfloat16", chunk_size=1024, gating=True))
+        for dtype in IN_DTYPES:  # degree 4 at a moderate D (d=32, d_tile=4: D=84480)
             keys.append(UpdateStateKey(head_dim=32, deg=4, d_tile=4, dtype=dtype, chunk_size=256, gating=True))
         from vidrial.kernels.power_retention.standard_shapes import unique
 
         return unique(keys)
 
-    def grid(self, key: UpdateStateKey, config: UpdateStateConfig, bh_chunks: int) -> tuple[int, int, int]:
-        return (math.ceil(key.feature_dim / config.tile_m) * bh_chunks, 1, 1)
+    # ---- launch path ---------------------------------------------------------------------
+    def prepare(self, x: dict[str, Any]) -> dict[str, Any]:
+        """K, V [b,t,h,d] bf16/fp16 (last dim contiguous, 16-byte rows), log_G [b,t,h] fp32 or None,
+        deg, d_tile (None: the default), chunk_size dividing t (the caller pads)."""
+        K, V, log_G, deg, d_tile, c = (x.get(k) for k in ("K", "V", "log_G", "deg", "d_tile", "chunk_size"))
+        what = "[batch, time, heads, head_dim]"
+        check_tensor("K", K, dtypes=IN_DTYPES, ndim=4, what=what)
+        b, t, h, d = K.shape
+        if d not in HEAD_DIMS:
+            raise InputError("K", f"head_dim {d} (shape {tuple(K.shape)})", f"head_dim in {HEAD_DIMS}")
+        check_tensor("V", V, dtypes=IN_DTYPES, ndim=4, what=what, like=("K", K))
+        check_aligned_rows("K", K)
+        check_aligned_rows("V", V)
+        if deg not in SUPPORTED_DEGREES:
+            raise InputError("deg", deg, f"one of {SUPPORTED_DEGREES}")
+        d_tile = default_d_tile(d, deg) if d_tile is None else d_tile
+        if not isinstance(d_tile, int) or d_tile < 1 or d % d_tile:
+            raise InputError("d_tile", d_tile, f"a divisor of head_dim={d}: {[x for x in range(1, d + 1) if d % x == 0]}")
+        if not isinstance(c, int) or c < 16 or c % 16:
+            raise InputError("chunk_size", c, "a positive multiple of 16")
+        if t % c:
+            raise InputError("K", f"sequence length t={t}", f"a multiple of chunk_size={c} (pad the sequence)")
+        if log_G is not None:
+            check_tensor("log_G", log_G, dtypes=("float32",), shape=(b, t, h), device=K.device,
+                         what="[batch, time, heads] (of K)")
+        if -(-layout(d, deg, d_tile).feature_dim // 16) * b * h * (t // c) >= 2**31:
+            raise InputError("K", f"batch*heads*chunks={b * h * (t // c)}", "fewer than 2^31 CTAs; split the batch")
+        return dict(K=K, V=V, log_G=log_G, deg=deg, d_tile=d_tile, chunk_size=c)
+
+    def problem_key(self, x: dict[str, Any]) -> UpdateStateKey:
+        """b*h*chunks bucketed to a power of two (the tuner's make_inputs must give the key it tunes)."""
+        b, t, h, d = x["K"].shape
+        return _key(d, x["deg"], x["d_tile"], dtype_name(x["K"].dtype), x["chunk_size"], x["log_G"] is not None,
+                    pow2_bucket(b * h * (t // x["chunk_size"])))
+
+    def outputs(self, key: UpdateStateKey, config: UpdateStateConfig, x: dict[str, Any]) -> dict[str, Any]:
+        """S [b,n,h,D,d] and s [b,n,h,D], fp32."""
+        import torch
+
+        b, t, h, d = x["K"].shape
+        n, D = t // key.chunk_size, key.feature_dim
+        return {"S": torch.empty((b, n, h, D, d), device=x["K"].device, dtype=torch.float32),
+                "s": torch.empty((b, n, h, D), device=x["K"].device, dtype=torch.float32)}
+
+    def launches(self, key: UpdateStateKey, config: UpdateStateConfig, x: dict[str, Any], out: dict[str, Any]):
+        K, V, log_G = x["K"], x["V"], x["log_G"]
+        b, t, h, d = K.shape
+        n = t // key.chunk_size
+        if b * h * n == 0:
+            return
+        gs = log_G.stride() if log_G is not None else (0, 0, 0)
+        table = block_table(d, key.deg, key.d_tile, K.device)
+        yield Launch((math.ceil(key.feature_dim / config.tile_m) * b * h * n, 1, 1),
+                     (K.data_ptr(), V.data_ptr(), ptr(log_G), table.data_ptr(), out["S"].data_ptr(),
+                      out["s"].data_ptr(), h, n, *K.stride()[:3], *V.stride()[:3], *gs))
 
     # ---- tuner protocol (vidrial/tuning): inputs, a run, the float64 reference -------------------
     def make_inputs(self, key: UpdateStateKey, device: Any, seed: int) -> dict[str, Any]:
@@ -240,7 +290,7 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
         bhc = size_in_bucket(key.bh_chunks_bucket, c * (4 * d + 4), field="bh_chunks_bucket")  # K, V, log_G
         h = math.gcd(bhc, 8)
         t = bhc // h * c
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[key.dtype]
+        dtype = getattr(torch, key.dtype)
         gen = generator(device, seed)
         K = (torch.randn(1, t, h, d, generator=gen, device=device) / d**0.25).to(dtype)
         V = torch.randn(1, t, h, d, generator=gen, device=device).to(dtype)
@@ -250,7 +300,8 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
 
     def inputs_key(self, inputs: dict[str, Any], key: UpdateStateKey) -> UpdateStateKey:
         """The key the public op computes for `inputs`."""
-        return problem_key(inputs["K"], inputs["G"], key.deg, key.d_tile, key.chunk_size)
+        return self.problem_key(dict(K=inputs["K"], log_G=inputs["G"], deg=key.deg, d_tile=key.d_tile,
+                                     chunk_size=key.chunk_size))
 
     def run(self, key: UpdateStateKey, config: UpdateStateConfig, inputs: dict[str, Any]) -> Any:
         return update_state(inputs["K"], inputs["V"], inputs["G"], deg=key.deg, d_tile=key.d_tile,
@@ -277,105 +328,18 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
         return err
 
     def tolerance(self, key: UpdateStateKey) -> float:
-        return (1e-2 if key.dtype == "bf16" else 3e-3) * (1.5 if key.deg == 4 else 1.0)
+        return (1e-2 if key.dtype == "bfloat16" else 3e-3) * (1.5 if key.deg == 4 else 1.0)
 
 
-family: UpdateStateFamily = register(UpdateStateFamily())  # type: ignore[assignment]
-
-
-# ---- block table (see templates/common/sympow.cuh for why a device table) ---------------------
-_TABLES: dict[tuple[int, int, int, int], Any] = {}
-
-
-def block_table_values(head_dim: int, deg: int, d_tile: int) -> list[int]:
-    """One u32 per feature block, byte j = tile index i_{j+1} (sympow.py's order)."""
-    out = []
-    for blk in layout(head_dim, deg, d_tile).blocks:
-        packed = 0
-        for j, tile in enumerate(blk):
-            packed |= int(tile) << (8 * j)
-        out.append(packed)
-    return out
-
-
-def block_table(head_dim: int, deg: int, d_tile: int, device) -> Any:
-    """Cached int32 device tensor of the block table. Built (one host->device copy) on the first
-    call per layout and device: call update_state once before capturing a CUDA graph (the first
-    call also compiles or loads the kernel)."""
-    import torch
-
-    memo = (head_dim, deg, d_tile, device.index)
-    table = _TABLES.get(memo)
-    if table is None:
-        vals = [v - (1 << 32) if v >= 1 << 31 else v for v in block_table_values(head_dim, deg, d_tile)]
-        table = torch.tensor(vals, dtype=torch.int32, device=device)
-        _TABLES[memo] = table
-    return table
-
-
-# ---- public launcher ----------------------------------------------------------------------------
-_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
-
-
-def problem_key(K: Any, log_G: Any, deg: int, d_tile: int, chunk_size: int) -> UpdateStateKey:
-    """The dispatch key of a call (b*h*chunks bucketed to a power of two); the tuner's make_inputs
-    must produce inputs whose key is the key it tunes."""
-    b, t, h, d = K.shape
-    return _key(d, deg, d_tile, _DTYPE_NAMES[str(K.dtype).removeprefix("torch.")], chunk_size, log_G is not None,
-                _pow2_bucket(b * h * (t // chunk_size)))
+FAMILY = family = register(UpdateStateFamily())
+# the spelling the template tests (`dtype == 'fp16'`)
+_TEMPLATE_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 @cache
 def _key(head_dim: int, deg: int, d_tile: int, dtype: str, chunk: int, gating: bool, bucket: int) -> UpdateStateKey:
     return UpdateStateKey(head_dim=head_dim, deg=deg, d_tile=d_tile, dtype=dtype, chunk_size=chunk,
                           gating=gating, bh_chunks_bucket=bucket)
-
-
-@cache
-def _kernel_key(key: UpdateStateKey) -> UpdateStateKey:
-    """The key with its runtime bucket fixed: launchables are shared across batch/heads/chunks."""
-    return key.model_copy(update={"bh_chunks_bucket": 1})
-
-
-@cache
-def _arch(device_index: int) -> str:
-    from vidrial.core.arch import device_arch
-
-    return device_arch(device_index)
-
-
-def select_config(key: UpdateStateKey, device_index: int | None = None) -> UpdateStateConfig:
-    """The single call site that picks a config when the caller gives none: the dispatcher
-    (tuned JSON for this GPU, nearest compatible key, else the family default)."""
-    try:
-        from vidrial import dispatch
-    except ImportError:  # pragma: no cover - a build without the dispatcher
-        return family.default_config(key)
-    return dispatch.select_config(family, key, dispatch.current_gpu(device_index))
-
-
-def _check_kv(name: str, x, ref=None) -> None:
-    import torch
-
-    if not isinstance(x, torch.Tensor):
-        raise InputError(name, type(x).__name__, "a torch.Tensor [batch, time, heads, head_dim]")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise InputError(name, f"dtype {x.dtype}", "torch.bfloat16 or torch.float16")
-    if x.dim() != 4:
-        raise InputError(name, f"shape {tuple(x.shape)}", "4 dims [batch, time, heads, head_dim]")
-    if x.shape[-1] not in HEAD_DIMS:
-        raise InputError(name, f"head_dim {x.shape[-1]} (shape {tuple(x.shape)})", f"head_dim in {HEAD_DIMS}")
-    if ref is not None:
-        if x.shape != ref.shape:
-            raise InputError(name, f"shape {tuple(x.shape)}", f"the shape of K {tuple(ref.shape)}")
-        if x.dtype != ref.dtype:
-            raise InputError(name, f"dtype {x.dtype}", f"the dtype of K ({ref.dtype})")
-    if x.stride(-1) != 1:
-        raise InputError(name, f"strides {tuple(x.stride())}", "a contiguous last dim (stride 1); call .contiguous()")
-    if any(s % 8 for s in x.stride()[:3]) or x.data_ptr() % 16:
-        raise InputError(name, f"strides {tuple(x.stride())}, data_ptr % 16 = {x.data_ptr() % 16}",
-                         "batch/time/head strides that are multiples of 8 elements and a 16-byte aligned "
-                         "start (16-byte cp.async loads); call .contiguous()")
 
 
 def update_state(K, V, log_G=None, *, deg: int = 2, d_tile: int | None = None, chunk_size: int,
@@ -387,66 +351,8 @@ def update_state(K, V, log_G=None, *, deg: int = 2, d_tile: int | None = None, c
     Returns S [b, t/chunk_size, h, D, d] float32 and s [b, t/chunk_size, h, D] float32, with
     D = sympow.feature_dim(d, deg, d_tile). Launches on the current stream; no host sync, no copies.
     """
-    import torch
-
-    _check_kv("K", K)
-    _check_kv("V", V, K)
-    b, t, h, d = K.shape
-    if deg not in SUPPORTED_DEGREES:
-        raise InputError("deg", deg, f"one of {SUPPORTED_DEGREES}")
-    if d_tile is None:
-        d_tile = default_d_tile(d, deg)
-    if not isinstance(d_tile, int) or d_tile < 1 or d % d_tile:
-        raise InputError("d_tile", d_tile, f"a divisor of head_dim={d}: {[x for x in range(1, d + 1) if d % x == 0]}")
-    if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size % 16:
-        raise InputError("chunk_size", chunk_size, "a positive multiple of 16")
-    if t % chunk_size:
-        raise InputError("K", f"sequence length t={t}", f"a multiple of chunk_size={chunk_size} (pad the sequence)")
-    if log_G is not None:
-        if not isinstance(log_G, torch.Tensor):
-            raise InputError("log_G", type(log_G).__name__, "None or a float32 torch.Tensor [batch, time, heads]")
-        if log_G.dtype != torch.float32:
-            raise InputError("log_G", f"dtype {log_G.dtype}", "torch.float32")
-        if tuple(log_G.shape) != (b, t, h):
-            raise InputError("log_G", f"shape {tuple(log_G.shape)}", f"shape {(b, t, h)} (batch, time, heads of K)")
-        if log_G.device != K.device:
-            raise InputError("log_G", f"device {log_G.device}", f"the device of K ({K.device})")
-    if V.device != K.device:
-        raise InputError("V", f"device {V.device}", f"the device of K ({K.device})")
-    if K.device.type != "cuda":
-        raise InputError("K", f"device {K.device}", "a CUDA tensor")
-    if config is not None and not isinstance(config, UpdateStateConfig):
-        raise InputError("config", type(config).__name__, "None or an UpdateStateConfig")
-
-    n = t // chunk_size
-    bhc = b * h * n
-    key = problem_key(K, log_G, deg, d_tile, chunk_size)
-    D = key.feature_dim
-    S = torch.empty((b, n, h, D, d), device=K.device, dtype=torch.float32)
-    s = torch.empty((b, n, h, D), device=K.device, dtype=torch.float32)
-    if bhc == 0:
-        return S, s
-    dev = K.device.index if K.device.index is not None else torch.cuda.current_device()
-    if config is None:
-        config = select_config(key, dev)
-    kernel = family.launchable(_kernel_key(key), config, _arch(dev))
-    grid = family.grid(key, config, bhc)
-    if grid[0] >= 2**31:
-        raise InputError("K", f"batch*heads*chunks={bhc} with D={D}", "fewer than 2^31 CTAs; split the batch")
-    table = block_table(d, deg, d_tile, K.device)
-    from vidrial.core.launch import current_stream_handle
-
-    if log_G is not None:
-        gptr, gs = log_G.data_ptr(), log_G.stride()
-    else:
-        gptr, gs = 0, (0, 0, 0)
-    ks, vs = K.stride(), V.stride()
-    kernel.launch(grid, (family.threads_per_block(config), 1, 1),
-                  (K.data_ptr(), V.data_ptr(), gptr, table.data_ptr(), S.data_ptr(), s.data_ptr(), h, n,
-                   ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], gs[0], gs[1], gs[2]),
-                  dev, current_stream_handle(dev))
-    return S, s
+    out = family(config, K=K, V=V, log_G=log_G, deg=deg, d_tile=d_tile, chunk_size=chunk_size)
+    return out["S"], out["s"]
 
 
-__all__ = ["UpdateStateConfig", "UpdateStateKey", "UpdateStateFamily", "family", "update_state",
-           "block_table_values"]
+__all__ = ["UpdateStateConfig", "UpdateStateKey", "UpdateStateFamily", "FAMILY", "family", "update_state"]
