@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vidrial.cli import main
-from vidrial.tuning import store
+from vidrial.dispatch import store
 
 REPO = Path(__file__).resolve().parent.parent
 GPU = store.GpuIdentity(name="NVIDIA H200", arch="sm_90", sm_count=132)

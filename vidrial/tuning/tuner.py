@@ -775,7 +775,7 @@ def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = N
     """Tunes `family` for one problem `key`; see the module docstring."""
     import optuna
 
-    from vidrial.tuning.store import GpuIdentity
+    from vidrial.dispatch.store import GpuIdentity
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out_dir = Path(settings.out_dir)  # created by what writes there (journal, reports): a failed start leaves none
@@ -929,7 +929,7 @@ def _finish(family: Any, key: Any, space: SearchSpace, study: Any, settings: Tun
         default_time_ms=default_time, trials=counted, status_counts=dict(counts), leaderboard=leaderboard,
         stopped_because=stopped)
     if winner is not None and settings.record:
-        from vidrial.tuning.store import record
+        from vidrial.dispatch.store import record
 
         path = record(family, key, winner, gpu=gpu, time_ms=win_time, default_time_ms=default_time, trials=counted,
                       directory=settings.tuned_dir)
@@ -962,7 +962,7 @@ def _already_tuned(family: Any, key: Any, gpu: Any, arch: str, name: str, settin
 # ---- report -----------------------------------------------------------------------------------------
 def write_report(result: StudyResult, rows: list[dict[str, Any]], space: SearchSpace, out_dir: Path) -> Path:
     """<out>/<family>/<gpu>/<key>/: leaderboard.md, leaderboard.csv, history.csv, history.png."""
-    from vidrial.tuning.store import slugify
+    from vidrial.dispatch.store import slugify
 
     d = Path(out_dir) / result.family / slugify(result.gpu["name"]) / slug(",".join(
         f"{k}={v}" for k, v in result.key.items()))
@@ -1242,7 +1242,7 @@ def tune(
     if settings.tuned_dir is not None:
         settings.tuned_dir = Path(settings.tuned_dir)
     check_settings(settings)
-    from vidrial.tuning.store import GpuIdentity
+    from vidrial.dispatch.store import GpuIdentity
 
     results = []
     measured_on: tuple[GpuIdentity, str] | None = None  # (GPU, arch) of the first study: all run there

@@ -119,7 +119,7 @@ class GpuBackend:
         self._expected: Any = None
 
     def hello(self) -> dict[str, Any]:
-        from vidrial.tuning.store import GpuIdentity, Toolchain
+        from vidrial.dispatch.store import GpuIdentity, Toolchain
 
         gpu = GpuIdentity.current(self.device_index)
         return {"gpu": gpu.model_dump(), "arch": gpu.arch, "toolchain": Toolchain.current().model_dump(),
