@@ -159,11 +159,11 @@ def test_tune_space_is_a_folder(tmp_path, capsys, no_tuning):
 
 
 def test_a_failed_tune_leaves_no_empty_output_folder(tmp_path, capsys):
-    from vidrial.tuning import testing as T
+    import tuning_doubles as T
 
     out = tmp_path / "vidrial-tune"
     rc = main(["tune", "--kernel", T.synthetic.REF, "--key", '{"head_dim": 128}', "--out", str(out),
-               "--backend", "vidrial.tuning.testing:NoDeviceBackend", "--no-progress"])
+               "--backend", "tuning_doubles:NoDeviceBackend", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "no CUDA device" in err, (rc, err)
     assert not out.exists(), sorted(out.rglob("*"))

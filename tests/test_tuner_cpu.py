@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vidrial.tuning import testing as T
+import tuning_doubles as T
 from vidrial.tuning.search_space import (
     Constraint,
     ConstraintSyntaxError,
@@ -20,7 +20,7 @@ from vidrial.tuning.search_space import (
 from vidrial.tuning.tuner import TuneSettings, canonical, pick_winner, trial_attrs, tune
 from vidrial.tuning.worker import MeasurementWorker
 
-FAKE = "vidrial.tuning.testing:FakeBackend"
+FAKE = "tuning_doubles:FakeBackend"
 KEY128 = {"head_dim": 128}
 
 
@@ -399,7 +399,7 @@ def test_processes_share_a_study_through_storage(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDRIAL_FAKE_DELAY_S", "0.05")  # measuring takes time, as on a GPU
     monkeypatch.setenv("VIDRIAL_FAKE_RENDEZVOUS", str(tmp_path / "device1-measured"))  # however slow the spawn
     (result,) = tune(T.synthetic, [KEY128], trials=16, out=tmp_path / "out", backend=FAKE, gpus=(0, 1),
-                     compiler="vidrial.tuning.testing:no_spill_compile", compile_ahead=1,
+                     compiler="tuning_doubles:no_spill_compile", compile_ahead=1,
                      tuned_dir=tmp_path / "tuned", progress=False, retime_rounds=1)
     rows = _journal_rows(result, tmp_path)
     devices = {r["device"] for r in rows if r["finished"] and r["status"] == "ok"}
@@ -518,7 +518,7 @@ def test_cli_end_to_end_with_resume(tmp_path, capsys):
 
     argv = ["tune", "--kernel", T.synthetic.REF, "--key", '{"head_dim": 128}', "--trials", "8", "--out",
             str(tmp_path / "out"), "--tuned-dir", str(tmp_path / "tuned"), "--backend", FAKE,
-            "--compiler", "vidrial.tuning.testing:no_spill_compile", "--no-progress"]
+            "--compiler", "tuning_doubles:no_spill_compile", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "_synthetic" in out and "8 trials" in out and "stored in" in out
@@ -592,3 +592,13 @@ def test_a_startup_error_sent_just_before_the_worker_exits_is_not_lost(monkeypat
     monkeypatch.setattr(worker, "_ctx", Ctx())
     with pytest.raises(WorkerError, match="no CUDA device present"):
         worker.start()
+
+
+def test_import_ref_takes_a_file_path():
+    """`vidrial tune --kernel tests/tuning_doubles.py:fault_probe` works from a checkout: the same module
+    object as 'tuning_doubles:...', so REFs the family gives itself resolve to it in workers too."""
+    from vidrial.tuning.worker import import_ref
+
+    assert import_ref(f"{T.__file__}:synthetic") is T.synthetic
+    with pytest.raises(ImportError, match="no such file"):
+        import_ref("tests/nope.py:x")

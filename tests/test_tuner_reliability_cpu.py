@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from vidrial.tuning import testing as T
+import tuning_doubles as T
 from vidrial.tuning.tuner import trial_attrs, tune
 
-FAKE = "vidrial.tuning.testing:FakeBackend"
-COMPILER = "vidrial.tuning.testing:no_spill_compile"
+FAKE = "tuning_doubles:FakeBackend"
+COMPILER = "tuning_doubles:no_spill_compile"
 KEY128 = {"head_dim": 128}
 
 
@@ -92,7 +92,7 @@ def _tune(tmp_path: Path, **kw: Any):
 def _tune_code(tmp_path: Path, **kw: Any) -> str:
     """Python code that runs the same study as _tune in a fresh process."""
     return f"""
-        from vidrial.tuning import testing as T
+        import tuning_doubles as T
         from vidrial.tuning.tuner import tune
         (r,) = tune(T.synthetic, [{KEY128!r}], **{_opts(tmp_path, **kw)!r})
         print("TRIALS", r.trials, "WINNER", r.winner is not None, flush=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vidrial.core.family import KernelFamily
-from vidrial.tuning import testing as T
+import tuning_doubles as T
 from vidrial.tuning.measure import time_cuda
 from vidrial.tuning.tuner import tune
 from vidrial.tuning.worker import MeasurementWorker

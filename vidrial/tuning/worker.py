@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 from vidrial.core.errors import VidrialError
@@ -41,10 +43,19 @@ class WorkerError(VidrialError, RuntimeError):
 
 
 def import_ref(ref: str) -> Any:
-    """'package.module:attr' -> the object."""
-    module, _, attr = ref.partition(":")
-    if not attr:
-        raise ValueError(f"expected 'module:attribute', got {ref!r}")
+    """'package.module:attr' or 'path/to/file.py:attr' -> the object. A file's folder goes on
+    sys.path and the file is imported under its own name, so the objects in it can name themselves
+    by 'module:attr' and processes spawned later (which inherit sys.path) import the same module."""
+    module, _, attr = ref.rpartition(":")
+    if not module or not attr:
+        raise ValueError(f"expected 'module:attribute' or 'file.py:attribute', got {ref!r}")
+    if module.endswith(".py") or os.sep in module:
+        path = Path(module).resolve()
+        if not path.is_file():
+            raise ImportError(f"no such file {module!r}", path=str(path))
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        module = path.stem
     obj = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
