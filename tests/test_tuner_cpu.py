@@ -17,7 +17,10 @@ from vidrial.tuning.search_space import (
     load_search_space,
     parse_search_space,
 )
-from vidrial.tuning.tuner import TuneSettings, canonical, pick_winner, trial_attrs, tune
+from vidrial.tuning.finish import pick_winner
+from vidrial.tuning.settings import TuneSettings
+from vidrial.tuning.study import canonical, trial_attrs
+from vidrial.tuning.tuner import tune
 from vidrial.tuning.worker import MeasurementWorker
 
 FAKE = "tuning_doubles:FakeBackend"
@@ -41,10 +44,10 @@ def _tune(tmp_path, **kw):
 def _journal_rows(result, tmp_path, storage=None):
     import optuna
 
-    from vidrial.tuning.tuner import _trial_rows, make_storage
+    from vidrial.tuning.study import make_storage, trial_rows
 
     study = optuna.load_study(study_name=result.study_name, storage=make_storage(storage, tmp_path / "out"))
-    return _trial_rows(study)
+    return [r.as_dict() for r in trial_rows(study)]
 
 
 # ---- search spaces ---------------------------------------------------------------------------------
@@ -266,7 +269,7 @@ def test_spilling_configs_are_rejected_before_timing(tmp_path):
     # reported to Optuna as constraint violations
     import optuna
 
-    from vidrial.tuning.tuner import make_storage
+    from vidrial.tuning.study import make_storage
 
     study = optuna.load_study(study_name=result.study_name, storage=make_storage(None, tmp_path / "out"))
     for t in study.trials:
@@ -281,7 +284,7 @@ def test_spilling_configs_are_rejected_before_timing(tmp_path):
 def test_repeated_suggestions_are_memoised(tmp_path):
     import optuna
 
-    from vidrial.tuning.tuner import SearchLoop, TuneSettings
+    from vidrial.tuning.loop import SearchLoop
     from vidrial.tuning.worker import InProcessMeasurer
 
     CountingBackend.calls = []
@@ -292,7 +295,7 @@ def test_repeated_suggestions_are_memoised(tmp_path):
     for params in (same, same, {"tile_m": 64, "tile_k": 32, "warps": 4, "stages": 2}, same):
         study.enqueue_trial(params)
     settings = TuneSettings(trials=4, progress=False, compile_ahead=2)
-    from vidrial.tuning.tuner import FunctionCompiler
+    from vidrial.tuning.compile_pool import FunctionCompiler
 
     loop = SearchLoop(T.synthetic, key, space, study, settings, InProcessMeasurer(CountingBackend()),
                       FunctionCompiler(T.fake_compiler()), "sm_90", budget=4, deadline=None)
@@ -327,7 +330,7 @@ def test_resume_after_interruption_continues_the_study(tmp_path):
     assert journal.is_file()
     import optuna
 
-    from vidrial.tuning.tuner import make_storage, study_name
+    from vidrial.tuning.study import make_storage, study_name
 
     name = study_name(T.synthetic, "fake-gpu", T.SynthKey(**KEY128))
     interrupted = optuna.load_study(study_name=name, storage=make_storage(None, tmp_path / "out")).trials
@@ -413,10 +416,11 @@ def test_compare_samplers_against_the_exhaustive_best(tmp_path):
     (result,) = _tune(tmp_path, sampler="grid", compare=(4, 8))
     text = (Path(result.report_dir) / "tuner_quality.md").read_text()
     assert "| tpe | 8 |" in text and "| gp | 4 |" in text and "| random | 4 |" in text
-    from vidrial.tuning.tuner import compare_samplers, exhaustive_table
+    from vidrial.tuning.records import TrialRow
+    from vidrial.tuning.report import compare_samplers, exhaustive_table
 
     space = load_search_space(T.synthetic)
-    table = exhaustive_table(_journal_rows(result, tmp_path))
+    table = exhaustive_table([TrialRow(**r) for r in _journal_rows(result, tmp_path)])
     rows = compare_samplers(T.synthetic, T.SynthKey(**KEY128), space, table, "sm_90", budgets=(10 * len(table),),
                             samplers=("random",), seeds=2)
     assert rows[0]["mean_ratio"] == pytest.approx(1.0) and rows[0]["found_optimum"] == 1.0
@@ -425,7 +429,7 @@ def test_compare_samplers_against_the_exhaustive_best(tmp_path):
 # ---- compile ahead with real NVRTC (no GPU needed) --------------------------------------------------------------
 def test_pool_compiler_compiles_ahead_with_nvrtc(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDRIAL_CACHE_DIR", str(tmp_path / "cache"))
-    from vidrial.tuning.tuner import PoolCompiler
+    from vidrial.tuning.compile_pool import PoolCompiler
 
     fam, key = T.fault_probe, T.ProbeKey()
     pool = PoolCompiler(workers=2)
@@ -531,7 +535,7 @@ def test_cli_end_to_end_with_resume(tmp_path, capsys):
 def test_progress_without_tqdm_prints_eta(monkeypatch, capsys):
     import sys
 
-    from vidrial.tuning.tuner import Progress
+    from vidrial.tuning.loop import Progress
 
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     bar = Progress(10, 0, "study", enabled=True)
@@ -602,3 +606,23 @@ def test_import_ref_takes_a_file_path():
     assert import_ref(f"{T.__file__}:synthetic") is T.synthetic
     with pytest.raises(ImportError, match="no such file"):
         import_ref("tests/nope.py:x")
+
+
+# ---- warm start ---------------------------------------------------------------------------------------------------
+def test_warm_start_measures_the_stale_previous_winner_right_after_the_default(tmp_path):
+    """A template change makes every stored entry stale for dispatch, but its config is still the best guess:
+    the re-tune measures the default (trial 0) and then the key's previous winner (trial 1)."""
+    from vidrial.dispatch import tuned_entry
+    from vidrial.dispatch.store import GpuIdentity, record
+
+    key = T.SynthKey(**KEY128)
+    previous = T.SynthConfig(tile_m=32, tile_k=16, warps=2, stages=1)  # far from the default and the optimum
+    gpu = GpuIdentity(name="Fake GPU", arch="sm_90", sm_count=132)
+    path = record(T.synthetic, key, previous, gpu=gpu, time_ms=2.0, default_time_ms=None, trials=1,
+                  directory=tmp_path / "tuned")
+    path.write_text(path.read_text().replace(T.synthetic.template_hash, "0ldtemplate00000"))
+    assert tuned_entry(T.synthetic, key, gpu.slug, tmp_path / "tuned") is None  # stale: dispatch ignores it
+    (result,) = _tune(tmp_path, trials=4, sampler="random")
+    configs = {r["trial"]: r["config"] for r in _journal_rows(result, tmp_path)}
+    assert configs[0] == T.SynthConfig().model_dump(mode="json")
+    assert configs[1] == previous.model_dump(mode="json")
