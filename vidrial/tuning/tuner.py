@@ -20,6 +20,10 @@ config are re-timed in interleaved rounds; ties within `tie_rel` go to the confi
 comes first in search-space order (smaller choices first), so the winner is
 deterministic. Winners go to the tuned-config store; a report (leaderboard, history)
 goes to the output dir.
+
+Modules: settings (TuneSettings, argument checks), records (typed trial records), study
+(storage, sampler, naming), loop (SearchLoop), compile_pool, finish (re-timing, the winner,
+the store), report; this one is the API (tune, tune_key) and the warm start.
 """
 from __future__ import annotations
 
@@ -181,7 +185,8 @@ def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = N
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # measured first: the default config (the speedup's baseline), then the previous winners
-            for config in [default, *(previous_winners(family, key, gpu.slug, settings) if settings.warm_start else ())]:
+            previous = previous_winners(family, key, gpu.slug, settings) if settings.warm_start else []
+            for config in [default, *previous]:
                 params = _params_in_space(space, key, config, arch)
                 if params is not None:
                     study.enqueue_trial(params, skip_if_exists=True)

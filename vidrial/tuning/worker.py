@@ -9,7 +9,8 @@ report the fault and exit; one that hangs past the job timeout, or a worker that
 is killed by the parent. Either way the trial is recorded as failed, and the next job
 starts a fresh worker: the study goes on.
 
-Result dicts: {"status": S, "time_ms": float | None, "reason": str, ...} with S one of
+Result dicts (JSON across the pipe; the tuner reads them as vidrial.tuning.records.Measurement):
+{"status": S, "time_ms": float | None, "reason": str, ...} with S one of
     ok        measured (time_ms is the median, "timing" has the details)
     wrong     ran, but the outputs differ from the reference (rel_err > tolerance)
     invalid   the family's check() rejects the config (ConfigError)
@@ -33,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from vidrial.core.errors import VidrialError
+from vidrial.tuning.records import FAILED_STATUSES  # noqa: F401 (re-exported)
 
-FAILED_STATUSES = ("wrong", "invalid", "error", "fault", "timeout", "crash", "compile_error", "infeasible")
 DEFAULT_BACKEND = "vidrial.tuning.worker:GpuBackend"
 
 
