@@ -29,7 +29,7 @@ if str(_REPO) not in sys.path:
 from vidrial import dispatch  # noqa: E402
 from vidrial.core.config import KernelConfig, ProblemKey  # noqa: E402
 from vidrial.core.family import KernelFamily  # noqa: E402
-from vidrial.tuning.store import GpuIdentity, record  # noqa: E402
+from vidrial.dispatch.store import GpuIdentity, record  # noqa: E402
 
 TARGET_US = 10.0
 

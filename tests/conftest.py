@@ -1,6 +1,13 @@
 import os
+from pathlib import Path
 
 import pytest
+
+# the tuner's test doubles (tests/tuning_doubles.py) are reached by 'tuning_doubles:attr': child
+# processes started with subprocess (not only spawned workers, which inherit sys.path) import them too
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS, os.environ.get("PYTHONPATH")) if p)
 
 
 def _gpu_skip_reason() -> str | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vidrial.cli import main
-from vidrial.tuning import store
+from vidrial.dispatch import store
 
 REPO = Path(__file__).resolve().parent.parent
 GPU = store.GpuIdentity(name="NVIDIA H200", arch="sm_90", sm_count=132)
@@ -159,11 +159,11 @@ def test_tune_space_is_a_folder(tmp_path, capsys, no_tuning):
 
 
 def test_a_failed_tune_leaves_no_empty_output_folder(tmp_path, capsys):
-    from vidrial.tuning import testing as T
+    import tuning_doubles as T
 
     out = tmp_path / "vidrial-tune"
     rc = main(["tune", "--kernel", T.synthetic.REF, "--key", '{"head_dim": 128}', "--out", str(out),
-               "--backend", "vidrial.tuning.testing:NoDeviceBackend", "--no-progress"])
+               "--backend", "tuning_doubles:NoDeviceBackend", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "no CUDA device" in err, (rc, err)
     assert not out.exists(), sorted(out.rglob("*"))

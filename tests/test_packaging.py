@@ -43,6 +43,12 @@ def test_wheel_carries_data_folders(wheel):
     assert entry_points and "vidrial = vidrial.cli:main" in zipfile.ZipFile(wheel).read(entry_points[0]).decode()
 
 
+def test_wheel_carries_no_test_scaffolding(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    scaffolding = [n for n in names if n.endswith(("tuning/testing.py", "tuning_doubles.py")) or n.startswith("tests/")]
+    assert not scaffolding, f"the wheel ships test scaffolding: {scaffolding}"
+
+
 def test_installed_wheel_finds_its_templates(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],

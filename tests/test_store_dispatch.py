@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import multiprocessing
+import os
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -17,8 +18,8 @@ from vidrial import dispatch
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
-from vidrial.tuning import store
-from vidrial.tuning.store import (
+from vidrial.dispatch import store
+from vidrial.dispatch.store import (
     SCHEMA_VERSION,
     GpuIdentity,
     Toolchain,
@@ -492,3 +493,14 @@ def test_bench_dispatch_runs(dirs):
     result = bench.measure(entries=50, number=200, repeat=3)
     assert result["median_us"] > 0 and set(result["sources"]) <= {"exact", "nearest", "default"}
     print(f"select_config warm overhead: {result['median_us']:.2f} us")
+
+
+def test_dispatch_does_not_import_the_tuner():
+    """Kernels call vidrial.dispatch.select_config: the store and dispatcher must not load vidrial.tuning."""
+    import subprocess
+    import sys
+
+    code = "import sys, vidrial.dispatch; print(','.join(m for m in sys.modules if m.startswith('vidrial.tuning')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == ""

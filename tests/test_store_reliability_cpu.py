@@ -20,8 +20,8 @@ from test_store_dispatch import FAM, GPU, NoopConfig, NoopKey, _record, _show, _
 from vidrial import dispatch
 from vidrial.cli import main
 from vidrial.core.errors import InputError
-from vidrial.tuning import store
-from vidrial.tuning.store import TunedConfigWarning, TunedFile, load_file
+from vidrial.dispatch import store
+from vidrial.dispatch.store import TunedConfigWarning, TunedFile, load_file
 
 SLUG = GPU.slug
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vidrial.tuning import testing as T
+import tuning_doubles as T
 from vidrial.tuning.search_space import (
     Constraint,
     ConstraintSyntaxError,
@@ -17,10 +17,13 @@ from vidrial.tuning.search_space import (
     load_search_space,
     parse_search_space,
 )
-from vidrial.tuning.tuner import TuneSettings, canonical, pick_winner, trial_attrs, tune
+from vidrial.tuning.finish import pick_winner
+from vidrial.tuning.settings import TuneSettings
+from vidrial.tuning.study import canonical, trial_attrs
+from vidrial.tuning.tuner import tune
 from vidrial.tuning.worker import MeasurementWorker
 
-FAKE = "vidrial.tuning.testing:FakeBackend"
+FAKE = "tuning_doubles:FakeBackend"
 KEY128 = {"head_dim": 128}
 
 
@@ -41,10 +44,10 @@ def _tune(tmp_path, **kw):
 def _journal_rows(result, tmp_path, storage=None):
     import optuna
 
-    from vidrial.tuning.tuner import _trial_rows, make_storage
+    from vidrial.tuning.study import make_storage, trial_rows
 
     study = optuna.load_study(study_name=result.study_name, storage=make_storage(storage, tmp_path / "out"))
-    return _trial_rows(study)
+    return [r.as_dict() for r in trial_rows(study)]
 
 
 # ---- search spaces ---------------------------------------------------------------------------------
@@ -266,7 +269,7 @@ def test_spilling_configs_are_rejected_before_timing(tmp_path):
     # reported to Optuna as constraint violations
     import optuna
 
-    from vidrial.tuning.tuner import make_storage
+    from vidrial.tuning.study import make_storage
 
     study = optuna.load_study(study_name=result.study_name, storage=make_storage(None, tmp_path / "out"))
     for t in study.trials:
@@ -281,7 +284,7 @@ def test_spilling_configs_are_rejected_before_timing(tmp_path):
 def test_repeated_suggestions_are_memoised(tmp_path):
     import optuna
 
-    from vidrial.tuning.tuner import SearchLoop, TuneSettings
+    from vidrial.tuning.loop import SearchLoop
     from vidrial.tuning.worker import InProcessMeasurer
 
     CountingBackend.calls = []
@@ -292,7 +295,7 @@ def test_repeated_suggestions_are_memoised(tmp_path):
     for params in (same, same, {"tile_m": 64, "tile_k": 32, "warps": 4, "stages": 2}, same):
         study.enqueue_trial(params)
     settings = TuneSettings(trials=4, progress=False, compile_ahead=2)
-    from vidrial.tuning.tuner import FunctionCompiler
+    from vidrial.tuning.compile_pool import FunctionCompiler
 
     loop = SearchLoop(T.synthetic, key, space, study, settings, InProcessMeasurer(CountingBackend()),
                       FunctionCompiler(T.fake_compiler()), "sm_90", budget=4, deadline=None)
@@ -327,7 +330,7 @@ def test_resume_after_interruption_continues_the_study(tmp_path):
     assert journal.is_file()
     import optuna
 
-    from vidrial.tuning.tuner import make_storage, study_name
+    from vidrial.tuning.study import make_storage, study_name
 
     name = study_name(T.synthetic, "fake-gpu", T.SynthKey(**KEY128))
     interrupted = optuna.load_study(study_name=name, storage=make_storage(None, tmp_path / "out")).trials
@@ -399,7 +402,7 @@ def test_processes_share_a_study_through_storage(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDRIAL_FAKE_DELAY_S", "0.05")  # measuring takes time, as on a GPU
     monkeypatch.setenv("VIDRIAL_FAKE_RENDEZVOUS", str(tmp_path / "device1-measured"))  # however slow the spawn
     (result,) = tune(T.synthetic, [KEY128], trials=16, out=tmp_path / "out", backend=FAKE, gpus=(0, 1),
-                     compiler="vidrial.tuning.testing:no_spill_compile", compile_ahead=1,
+                     compiler="tuning_doubles:no_spill_compile", compile_ahead=1,
                      tuned_dir=tmp_path / "tuned", progress=False, retime_rounds=1)
     rows = _journal_rows(result, tmp_path)
     devices = {r["device"] for r in rows if r["finished"] and r["status"] == "ok"}
@@ -413,10 +416,11 @@ def test_compare_samplers_against_the_exhaustive_best(tmp_path):
     (result,) = _tune(tmp_path, sampler="grid", compare=(4, 8))
     text = (Path(result.report_dir) / "tuner_quality.md").read_text()
     assert "| tpe | 8 |" in text and "| gp | 4 |" in text and "| random | 4 |" in text
-    from vidrial.tuning.tuner import compare_samplers, exhaustive_table
+    from vidrial.tuning.records import TrialRow
+    from vidrial.tuning.report import compare_samplers, exhaustive_table
 
     space = load_search_space(T.synthetic)
-    table = exhaustive_table(_journal_rows(result, tmp_path))
+    table = exhaustive_table([TrialRow(**r) for r in _journal_rows(result, tmp_path)])
     rows = compare_samplers(T.synthetic, T.SynthKey(**KEY128), space, table, "sm_90", budgets=(10 * len(table),),
                             samplers=("random",), seeds=2)
     assert rows[0]["mean_ratio"] == pytest.approx(1.0) and rows[0]["found_optimum"] == 1.0
@@ -425,7 +429,7 @@ def test_compare_samplers_against_the_exhaustive_best(tmp_path):
 # ---- compile ahead with real NVRTC (no GPU needed) --------------------------------------------------------------
 def test_pool_compiler_compiles_ahead_with_nvrtc(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDRIAL_CACHE_DIR", str(tmp_path / "cache"))
-    from vidrial.tuning.tuner import PoolCompiler
+    from vidrial.tuning.compile_pool import PoolCompiler
 
     fam, key = T.fault_probe, T.ProbeKey()
     pool = PoolCompiler(workers=2)
@@ -518,7 +522,7 @@ def test_cli_end_to_end_with_resume(tmp_path, capsys):
 
     argv = ["tune", "--kernel", T.synthetic.REF, "--key", '{"head_dim": 128}', "--trials", "8", "--out",
             str(tmp_path / "out"), "--tuned-dir", str(tmp_path / "tuned"), "--backend", FAKE,
-            "--compiler", "vidrial.tuning.testing:no_spill_compile", "--no-progress"]
+            "--compiler", "tuning_doubles:no_spill_compile", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "_synthetic" in out and "8 trials" in out and "stored in" in out
@@ -531,7 +535,7 @@ def test_cli_end_to_end_with_resume(tmp_path, capsys):
 def test_progress_without_tqdm_prints_eta(monkeypatch, capsys):
     import sys
 
-    from vidrial.tuning.tuner import Progress
+    from vidrial.tuning.loop import Progress
 
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     bar = Progress(10, 0, "study", enabled=True)
@@ -592,3 +596,33 @@ def test_a_startup_error_sent_just_before_the_worker_exits_is_not_lost(monkeypat
     monkeypatch.setattr(worker, "_ctx", Ctx())
     with pytest.raises(WorkerError, match="no CUDA device present"):
         worker.start()
+
+
+def test_import_ref_takes_a_file_path():
+    """`vidrial tune --kernel tests/tuning_doubles.py:fault_probe` works from a checkout: the same module
+    object as 'tuning_doubles:...', so REFs the family gives itself resolve to it in workers too."""
+    from vidrial.tuning.worker import import_ref
+
+    assert import_ref(f"{T.__file__}:synthetic") is T.synthetic
+    with pytest.raises(ImportError, match="no such file"):
+        import_ref("tests/nope.py:x")
+
+
+# ---- warm start ---------------------------------------------------------------------------------------------------
+def test_warm_start_measures_the_stale_previous_winner_right_after_the_default(tmp_path):
+    """A template change makes every stored entry stale for dispatch, but its config is still the best guess:
+    the re-tune measures the default (trial 0) and then the key's previous winner (trial 1)."""
+    from vidrial.dispatch import tuned_entry
+    from vidrial.dispatch.store import GpuIdentity, record
+
+    key = T.SynthKey(**KEY128)
+    previous = T.SynthConfig(tile_m=32, tile_k=16, warps=2, stages=1)  # far from the default and the optimum
+    gpu = GpuIdentity(name="Fake GPU", arch="sm_90", sm_count=132)
+    path = record(T.synthetic, key, previous, gpu=gpu, time_ms=2.0, default_time_ms=None, trials=1,
+                  directory=tmp_path / "tuned")
+    path.write_text(path.read_text().replace(T.synthetic.template_hash, "0ldtemplate00000"))
+    assert tuned_entry(T.synthetic, key, gpu.slug, tmp_path / "tuned") is None  # stale: dispatch ignores it
+    (result,) = _tune(tmp_path, trials=4, sampler="random")
+    configs = {r["trial"]: r["config"] for r in _journal_rows(result, tmp_path)}
+    assert configs[0] == T.SynthConfig().model_dump(mode="json")
+    assert configs[1] == previous.model_dump(mode="json")

@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 
-from vidrial.tuning import testing as T
-from vidrial.tuning.tuner import trial_attrs, tune
+import tuning_doubles as T
+from vidrial.tuning.study import trial_attrs
+from vidrial.tuning.tuner import tune
 
-FAKE = "vidrial.tuning.testing:FakeBackend"
-COMPILER = "vidrial.tuning.testing:no_spill_compile"
+FAKE = "tuning_doubles:FakeBackend"
+COMPILER = "tuning_doubles:no_spill_compile"
 KEY128 = {"head_dim": 128}
 
 
@@ -92,7 +93,7 @@ def _tune(tmp_path: Path, **kw: Any):
 def _tune_code(tmp_path: Path, **kw: Any) -> str:
     """Python code that runs the same study as _tune in a fresh process."""
     return f"""
-        from vidrial.tuning import testing as T
+        import tuning_doubles as T
         from vidrial.tuning.tuner import tune
         (r,) = tune(T.synthetic, [{KEY128!r}], **{_opts(tmp_path, **kw)!r})
         print("TRIALS", r.trials, "WINNER", r.winner is not None, flush=True)
@@ -126,7 +127,7 @@ def _measured_ok(tmp_path: Path) -> int:
 def _study(tmp_path: Path):
     import optuna
 
-    from vidrial.tuning.tuner import make_storage, study_name
+    from vidrial.tuning.study import make_storage, study_name
 
     name = study_name(T.synthetic, "fake-gpu", T.SynthKey(**KEY128))
     return optuna.load_study(study_name=name, storage=make_storage(None, tmp_path / "out"))
@@ -192,7 +193,7 @@ def test_a_fresh_run_refuses_to_delete_a_study_that_a_live_process_works(tmp_pat
 
 # ---- item 5: exact budgets, children that die with the parent, stale trials, torn journals, stale locks ----------
 def test_several_processes_keep_the_trial_budget_exactly(tmp_path, monkeypatch):
-    from vidrial.tuning.tuner import UNCOUNTED
+    from vidrial.tuning.records import UNCOUNTED
 
     monkeypatch.setenv("VIDRIAL_FAKE_DELAY_S", "0.05")
     monkeypatch.setenv("VIDRIAL_FAKE_RENDEZVOUS", str(tmp_path / "device1-measured"))
@@ -284,7 +285,7 @@ def test_a_stale_journal_lock_does_not_stall_the_next_run(tmp_path, left_by):
         killed = _python(f"""
             import os, signal
             from pathlib import Path
-            from vidrial.tuning.tuner import make_storage
+            from vidrial.tuning.study import make_storage
             storage = make_storage(None, Path({str(out)!r}))
             storage._backend._lock.acquire()  # as in the middle of an append
             os.kill(os.getpid(), signal.SIGKILL)
@@ -298,7 +299,7 @@ def test_a_stale_journal_lock_does_not_stall_the_next_run(tmp_path, left_by):
         import time
         import optuna
         from pathlib import Path
-        from vidrial.tuning.tuner import make_storage
+        from vidrial.tuning.study import make_storage
         t0 = time.perf_counter()
         optuna.create_study(study_name="after-the-kill", storage=make_storage(None, Path({str(out)!r})))
         print("SECONDS", time.perf_counter() - t0)

@@ -14,8 +14,8 @@ from vidrial import dispatch
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.family import KernelFamily
 from vidrial.core.launch import current_stream_handle
-from vidrial.tuning import store
-from vidrial.tuning.store import GpuIdentity, record
+from vidrial.dispatch import store
+from vidrial.dispatch.store import GpuIdentity, record
 
 pytestmark = pytest.mark.gpu
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vidrial.core.family import KernelFamily
-from vidrial.tuning import testing as T
+import tuning_doubles as T
 from vidrial.tuning.measure import time_cuda
 from vidrial.tuning.tuner import tune
 from vidrial.tuning.worker import MeasurementWorker
@@ -48,11 +48,11 @@ def test_study_survives_faulting_and_hanging_configs(tmp_path):
                      job_timeout_s=8, progress=False, retime_rounds=2)
     import optuna
 
-    from vidrial.tuning.tuner import _trial_rows, make_storage
+    from vidrial.tuning.study import make_storage, trial_rows
 
     study = optuna.load_study(study_name=result.study_name, storage=make_storage(None, tmp_path / "out"))
     by_mode: dict[str, set[str]] = {}
-    for r in _trial_rows(study):
+    for r in (row.as_dict() for row in trial_rows(study)):
         if r["config"] is not None and r["memo_of"] is None:
             by_mode.setdefault(r["config"]["mode"], set()).add(r["status"])
     assert by_mode["ok"] == {"ok"}, by_mode
@@ -110,9 +110,9 @@ def test_two_gpus_share_one_study(tmp_path):
                      tuned_dir=tmp_path / "tuned", job_timeout_s=8, progress=False, gpus=(0, 1))
     import optuna
 
-    from vidrial.tuning.tuner import _trial_rows, make_storage
+    from vidrial.tuning.study import make_storage, trial_rows
 
     study = optuna.load_study(study_name=result.study_name, storage=make_storage(None, tmp_path / "out"))
-    devices = {r["device"] for r in _trial_rows(study) if r["finished"] and r["memo_of"] is None}
+    devices = {r.device for r in trial_rows(study) if r.finished and r.memo_of is None}
     assert devices == {"0", "1"}
     assert result.winner["mode"] == "ok"

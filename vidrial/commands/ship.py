@@ -28,7 +28,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from vidrial.core.errors import InputError
-    from vidrial.tuning import store
+    from vidrial.dispatch import store
 
     if not args.source.is_dir() or not store.tuned_files(args.source):
         raise InputError("source", str(args.source), "a folder holding <gpu>/<family>.json tuned files")

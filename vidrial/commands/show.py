@@ -34,7 +34,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _gpu_slugs(requested: str | None, on_disk: list[Path]) -> tuple[list[str], str | None]:
     """(GPU slugs to report, the present GPU's arch or None); `on_disk`: the tuned files found."""
     from vidrial.core.errors import InputError
-    from vidrial.tuning import store
+    from vidrial.dispatch import store
 
     slugs = {p.parent.name for p in on_disk}
     if requested and store.slugify(requested) in slugs:
@@ -89,7 +89,7 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
     from vidrial.core.paths import user_tuned_dir
     from vidrial.dispatch import build_index, resolve
     from vidrial.kernels import families
-    from vidrial.tuning import store
+    from vidrial.dispatch import store
 
     shipped = store.shipped_tuned_dir()
     # listed once (an unreadable folder warns once); build_index reports each family's files itself

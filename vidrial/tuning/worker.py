@@ -9,7 +9,8 @@ report the fault and exit; one that hangs past the job timeout, or a worker that
 is killed by the parent. Either way the trial is recorded as failed, and the next job
 starts a fresh worker: the study goes on.
 
-Result dicts: {"status": S, "time_ms": float | None, "reason": str, ...} with S one of
+Result dicts (JSON across the pipe; the tuner reads them as vidrial.tuning.records.Measurement):
+{"status": S, "time_ms": float | None, "reason": str, ...} with S one of
     ok        measured (time_ms is the median, "timing" has the details)
     wrong     ran, but the outputs differ from the reference (rel_err > tolerance)
     invalid   the family's check() rejects the config (ConfigError)
@@ -24,15 +25,17 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 from vidrial.core.errors import VidrialError
+from vidrial.tuning.records import FAILED_STATUSES  # noqa: F401 (re-exported)
 
-FAILED_STATUSES = ("wrong", "invalid", "error", "fault", "timeout", "crash", "compile_error", "infeasible")
 DEFAULT_BACKEND = "vidrial.tuning.worker:GpuBackend"
 
 
@@ -41,10 +44,19 @@ class WorkerError(VidrialError, RuntimeError):
 
 
 def import_ref(ref: str) -> Any:
-    """'package.module:attr' -> the object."""
-    module, _, attr = ref.partition(":")
-    if not attr:
-        raise ValueError(f"expected 'module:attribute', got {ref!r}")
+    """'package.module:attr' or 'path/to/file.py:attr' -> the object. A file's folder goes on
+    sys.path and the file is imported under its own name, so the objects in it can name themselves
+    by 'module:attr' and processes spawned later (which inherit sys.path) import the same module."""
+    module, _, attr = ref.rpartition(":")
+    if not module or not attr:
+        raise ValueError(f"expected 'module:attribute' or 'file.py:attribute', got {ref!r}")
+    if module.endswith(".py") or os.sep in module:
+        path = Path(module).resolve()
+        if not path.is_file():
+            raise ImportError(f"no such file {module!r}", path=str(path))
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        module = path.stem
     obj = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
@@ -119,7 +131,7 @@ class GpuBackend:
         self._expected: Any = None
 
     def hello(self) -> dict[str, Any]:
-        from vidrial.tuning.store import GpuIdentity, Toolchain
+        from vidrial.dispatch.store import GpuIdentity, Toolchain
 
         gpu = GpuIdentity.current(self.device_index)
         return {"gpu": gpu.model_dump(), "arch": gpu.arch, "toolchain": Toolchain.current().model_dump(),

@@ -1,4 +1,6 @@
-"""Test doubles for the tuner (not registered as kernel families; reached by REF).
+"""Test doubles for the tuner (not registered as kernel families; reached by REF). They live
+under tests/, outside the package: REFs name the module `tuning_doubles`, which tests/conftest.py
+puts on PYTHONPATH for child processes (spawned workers inherit the parent's sys.path).
 
 - `synthetic`: a family with the fields of a real tile config whose "time" is a known
   function with a unique optimum; no CUDA needed (FakeBackend + fake_compiler).
@@ -12,7 +14,8 @@
 - `fault_probe`: a real CUDA family for the GPU isolation proof. Its `mode` field picks
   a kernel that works, writes to an illegal address, or spins for ~15 s (a hang past the
   tuner's job timeout). Tune it with
-  `vidrial tune --kernel vidrial.tuning.testing:fault_probe --sampler grid --job-timeout 8`.
+  `vidrial tune --kernel tests/tuning_doubles.py:fault_probe --sampler grid --job-timeout 8`
+  (a file path REF puts tests/ on sys.path; vidrial.tuning.worker.import_ref).
 """
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ class SyntheticFamily(KernelFamily):
     Config = SynthConfig
     Key = SynthKey
     signature = ("ptr",)
-    REF = "vidrial.tuning.testing:synthetic"
+    REF = "tuning_doubles:synthetic"
     SEARCH_SPACE_TOML = SYNTH_SPACE
 
     def default_config(self, key):
@@ -121,7 +124,7 @@ def fake_compiler(spills: Any = None):
     return compile_fn
 
 
-no_spill_compile = fake_compiler()  # for TuneSettings.compiler = "vidrial.tuning.testing:no_spill_compile"
+no_spill_compile = fake_compiler()  # for TuneSettings.compiler = "tuning_doubles:no_spill_compile"
 
 
 def _misbehaviour(config: dict[str, Any]) -> str | None:
@@ -237,7 +240,7 @@ class FaultProbeFamily(KernelFamily):
     Config = ProbeConfig
     Key = ProbeKey
     signature = ("ptr", "ptr", "i64", "i64")
-    REF = "vidrial.tuning.testing:fault_probe"
+    REF = "tuning_doubles:fault_probe"
     SEARCH_SPACE_TOML = PROBE_SPACE
 
     def default_config(self, key):

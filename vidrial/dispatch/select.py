@@ -42,8 +42,8 @@ from pydantic import ValidationError
 
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.paths import user_cache_dir, user_tuned_dir
-from vidrial.tuning import store
-from vidrial.tuning.store import SCHEMA_VERSION, GpuIdentity, TunedConfigWarning, TunedEntry
+from vidrial.dispatch import store
+from vidrial.dispatch.store import SCHEMA_VERSION, GpuIdentity, TunedConfigWarning, TunedEntry
 
 if TYPE_CHECKING:
     from vidrial.core.family import KernelFamily

@@ -293,6 +293,24 @@ def read_file(path: Path, *, missing_ok: bool = False) -> ReadResult | None:
     return ReadResult(path, tuned, reason, invalid, data)
 
 
+def recorded_entries(family_name: str, key_string: str, gpu_slug: str,
+                     roots: list[Path | None]) -> list[tuple[Path, TunedEntry]]:
+    """The entries recorded for `key_string` of `family_name` on `gpu_slug` in each of `roots` (None: skipped), in
+    that order, whatever their template hash or schema version: the tuner starts from them (warm start), where
+    dispatch would ignore stale ones. Never raises and never warns (dispatch warns about bad files)."""
+    out = []
+    for root in roots:
+        if root is None:
+            continue
+        found = read_file(file_path(root, gpu_slug, family_name), missing_ok=True)
+        if found is None or found.tuned is None or found.tuned.family != family_name:
+            continue
+        entry = found.tuned.entries.get(key_string)
+        if entry is not None:
+            out.append((found.path, entry))
+    return out
+
+
 def load_file(path: Path) -> TunedFile | None:
     """Reads one tuned file: its valid entries, or None when nothing in it is usable (missing, unreadable or
     corrupt file). Whatever is left out gives one warning (TunedConfigWarning); it never raises.

@@ -1,0 +1,219 @@
+"""Reports: a study's leaderboard and search history (<out>/<family>/<gpu>/<key>/), the run's
+summary (<out>/report.md), and the tuner's own quality: samplers replayed on an exhaustive study."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vidrial.tuning.loop import SearchLoop
+from vidrial.tuning.records import StudyResult, TrialRow
+from vidrial.tuning.search_space import SearchSpace
+from vidrial.tuning.settings import TuneSettings
+from vidrial.tuning.study import make_sampler, slug
+from vidrial.tuning.worker import InProcessMeasurer
+
+
+def write_report(result: StudyResult, rows: list[TrialRow], space: SearchSpace, out_dir: Path) -> Path:
+    """<out>/<family>/<gpu>/<key>/: leaderboard.md, leaderboard.csv, history.csv, history.png."""
+    from vidrial.dispatch.store import slugify
+
+    d = Path(out_dir) / result.family / slugify(result.gpu["name"]) / slug(",".join(
+        f"{k}={v}" for k, v in result.key.items()))
+    d.mkdir(parents=True, exist_ok=True)
+    fields = list(space.fields)
+    # leaderboard.csv: every evaluated config (memo repeats left out)
+    evaluated = [r for r in rows if r.finished and r.memo_of is None and r.config is not None]
+    retimes = {r.row.ck: r.retime_ms for r in result.leaderboard}
+    evaluated.sort(key=lambda r: (r.status != "ok", r.time_ms if r.time_ms is not None else math.inf, r.trial))
+    with open(d / "leaderboard.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "trial", "status", "time_ms", "retime_ms", *fields, "registers", "spill_bytes",
+                    "static_smem", "rel_err", "device", "reason"])
+        for i, r in enumerate(evaluated, 1):
+            facts = r.facts or {}
+            w.writerow([i, r.trial, r.status, _fmt(r.time_ms), _fmt(retimes.get(r.ck)),
+                        *[r.config.get(n) for n in fields], facts.get("registers", ""),
+                        (facts.get("spill_store_bytes", 0) + facts.get("spill_load_bytes", 0)) if facts else "",
+                        facts.get("static_smem_bytes", ""), _fmt(r.rel_err), r.device, r.reason])
+    # history.csv
+    best = math.inf
+    history = []
+    for r in sorted((r for r in rows if r.finished), key=lambda r: r.trial):
+        if r.status == "ok" and r.time_ms is not None:
+            best = min(best, r.time_ms)
+        history.append((r.trial, r.status, r.time_ms, None if best == math.inf else best))
+    with open(d / "history.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial", "status", "time_ms", "best_so_far_ms"])
+        for t, s, tm, b in history:
+            w.writerow([t, s, _fmt(tm), _fmt(b)])
+    plot_note = _plot_history(history, d / "history.png", f"{result.family} {result.key}")
+    # leaderboard.md
+    lines = [f"# Tuning report: {result.family}", "",
+             f"- key: `{json.dumps(result.key)}`",
+             f"- GPU: {result.gpu['name']} ({result.arch}, {result.gpu['sm_count']} SMs)",
+             f"- study: `{result.study_name}`",
+             f"- trials: {result.trials} ({', '.join(f'{k} {v}' for k, v in sorted(result.status_counts.items()))})",
+             f"- stopped: {result.stopped_because or 'n/a'}",
+             f"- winner: `{_label(result.winner)}` at {_fmt(result.time_ms)} ms"
+             + (f" (default `{_label(result.default_config)}` {_fmt(result.default_time_ms)} ms, "
+                f"speedup {result.speedup:.3f}x)" if result.speedup else ""),
+             f"- stored: {result.store_path or 'not recorded'}", ""]
+    lines += ["## Leaderboard", "", "| rank | trial | " + " | ".join(fields) + " | time ms | re-timed ms |",
+              "|" + "---|" * (len(fields) + 4)]
+    for i, r in enumerate([r for r in evaluated if r.status == "ok"][:20], 1):
+        lines.append(f"| {i} | {r.trial} | " + " | ".join(str(r.config.get(n)) for n in fields)
+                     + f" | {_fmt(r.time_ms)} | {_fmt(retimes.get(r.ck))} |")
+    failed = [r for r in evaluated if r.status != "ok"]
+    if failed:
+        lines += ["", "## Rejected and failed configs", "", "| trial | status | config | reason |", "|---|---|---|---|"]
+        for r in failed[:40]:
+            reason = str(r.reason).replace("|", "/").replace("\n", " ")[:160]
+            lines.append(f"| {r.trial} | {r.status} | `{_label(r.config)}` | {reason} |")
+    lines += ["", "## Search history", "", plot_note, ""]
+    (d / "leaderboard.md").write_text("\n".join(lines))
+    return d
+
+
+def _label(config: dict[str, Any] | None) -> str:
+    return " ".join(f"{k}={v}" for k, v in (config or {}).items())
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.5g}"
+    return str(v)
+
+
+def _plot_history(history: list[tuple], path: Path, title: str) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ("(history plot skipped: matplotlib is not installed; `pip install vidrial[plot]`. "
+                "The data is in history.csv.)")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ok = [(t, tm) for t, s, tm, _ in history if s == "ok" and tm is not None]
+    bad = [t for t, s, tm, _ in history if s != "ok"]
+    if ok:
+        ax.scatter([t for t, _ in ok], [tm for _, tm in ok], s=12, label="measured")
+        best = [(t, b) for t, _, _, b in history if b is not None]
+        ax.step([t for t, _ in best], [b for _, b in best], where="post", color="C3", label="best so far")
+        top = max(tm for _, tm in ok)
+        if bad:
+            ax.scatter(bad, [top * 1.05] * len(bad), marker="x", color="0.5", s=12, label="rejected / failed")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("time (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"![search history]({path.name})"
+
+
+def write_summary(results: list[StudyResult], out_dir: Path) -> Path:
+    lines = ["# vidrial tune: summary", "", "| family | key | GPU | trials | winner | time ms | default ms | speedup | report |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rel = os.path.relpath(r.report_dir, out_dir) if r.report_dir else ""
+        lines.append(f"| {r.family} | `{json.dumps(r.key)}` | {r.gpu['name']} | {r.trials} | `{_label(r.winner)}` | "
+                     f"{_fmt(r.time_ms)} | {_fmt(r.default_time_ms)} | "
+                     f"{f'{r.speedup:.3f}x' if r.speedup else ''} | {rel}/leaderboard.md |")
+    path = Path(out_dir) / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---- measuring the tuner itself: samplers replayed on an exhaustive study -----------------------
+class TableBackend:
+    """Measurement backend that replays an exhaustive study's results (no GPU)."""
+
+    def __init__(self, table: dict[str, dict[str, Any]], gpu: dict[str, Any], arch: str):
+        self.table, self.gpu, self.arch = table, gpu, arch
+
+    def hello(self) -> dict[str, Any]:
+        return {"gpu": self.gpu, "arch": self.arch}
+
+    def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        ck = json.dumps(job["config"], sort_keys=True, separators=(",", ":"))
+        return dict(self.table.get(ck, {"status": "error", "reason": "not in the exhaustive table"}))
+
+
+def exhaustive_table(result_rows: list[TrialRow]) -> dict[str, dict[str, Any]]:
+    """ck -> result (the worker protocol's dict, which TableBackend replays), from the trial rows of an
+    exhaustive (grid) study."""
+    table = {}
+    for r in result_rows:
+        if r.finished and r.memo_of is None and r.ck and r.status != "invalid":
+            res: dict[str, Any] = {"status": r.status, "reason": r.reason}
+            if r.time_ms is not None:
+                res["time_ms"] = r.time_ms
+            table[r.ck] = res
+    return table
+
+
+def compare_samplers(family: Any, key: Any, space: SearchSpace, table: dict[str, dict[str, Any]], arch: str,
+                     budgets: Sequence[int] = (10, 20, 40), samplers: Sequence[str] = ("tpe", "gp", "random"),
+                     seeds: int = 5) -> list[dict[str, Any]]:
+    """Replays each sampler against an exhaustive table: for each budget N, the mean ratio
+    (best found after N trials) / (exhaustive best) and how often the optimum was found."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    oks = [v["time_ms"] for v in table.values() if v.get("status") == "ok"]
+    if not oks:
+        return []
+    optimum = min(oks)
+    rows = []
+    gpu = {"name": "replay", "arch": arch, "sm_count": 1}
+    for sampler_name in samplers:
+        for n in budgets:
+            ratios, hits = [], 0
+            for seed in range(seeds):
+                settings = TuneSettings(trials=n, sampler=sampler_name, seed=seed, isolate=False, progress=False,
+                                        record=False, report=False, check=False)
+                study = optuna.create_study(sampler=make_sampler(sampler_name, seed, n), direction="minimize")
+                default_params = space.params_of(family.default_config(key))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if all(default_params[k] in space.fields[k] for k in space.fields):
+                        study.enqueue_trial(default_params)
+                replay = InProcessMeasurer(TableBackend(table, gpu, arch))
+                loop = SearchLoop(family, key, space, study, settings, replay, None, arch, n, None, n_valid=len(table))
+                loop.run()
+                found = loop.best if loop.best is not None else math.inf
+                ratios.append(found / optimum)
+                hits += found <= optimum * (1 + 1e-9)
+            rows.append({"sampler": sampler_name, "trials": n, "mean_ratio": statistics.fmean(ratios),
+                         "worst_ratio": max(ratios), "found_optimum": hits / seeds, "seeds": seeds,
+                         "space_valid": len(table)})
+    return rows
+
+
+def write_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    lines = [f"# Tuner quality: {title}", "",
+             "Best time found after N trials / exhaustive best (1.000 = optimum), replayed on the exhaustive "
+             "study's measurements.", "",
+             "| sampler | N trials | mean ratio | worst ratio | found the optimum | seeds |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['sampler']} | {r['trials']} | {r['mean_ratio']:.3f} | {r['worst_ratio']:.3f} | "
+                     f"{100 * r['found_optimum']:.0f}% | {r['seeds']} |")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+__all__ = ["write_report", "write_summary", "compare_samplers", "exhaustive_table", "write_comparison",
+           "TableBackend"]
