@@ -35,13 +35,13 @@ run_tune() {
   local common="--trials $TUNE_TRIALS --timeout ${TUNE_TIMEOUT:-15} --out $OUT/tune --tuned-dir $TUNED --no-progress --job-timeout 60"
   local keys=(${TUNE_KEYS:-})  # space-separated family|json (no spaces inside the JSON); default: shapes A/B
   [ ${#keys[@]} -gt 0 ] || keys=(\
-    'update_state|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","chunk_size":1024,"gating":true,"bh_chunks_bucket":512}' \
-    'intra_chunk_attention|{"head_dim":64,"deg":2,"dtype":"bf16","chunk_size":1024,"gating":true,"normalize":false,"bh_bucket":8,"t_bucket":65536}' \
-    'intra_chunk_attention|{"head_dim":64,"deg":2,"dtype":"bf16","chunk_size":1024,"gating":true,"normalize":false,"bh_bucket":64,"t_bucket":8192}' \
+    'update_state|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bfloat16","chunk_size":1024,"gating":true,"bh_chunks_bucket":512}' \
+    'intra_chunk_attention|{"head_dim":64,"deg":2,"dtype":"bfloat16","chunk_size":1024,"gating":true,"normalize":false,"bh_bucket":8,"t_bucket":65536}' \
+    'intra_chunk_attention|{"head_dim":64,"deg":2,"dtype":"bfloat16","chunk_size":1024,"gating":true,"normalize":false,"bh_bucket":64,"t_bucket":8192}' \
     'query_state|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bfloat16","o_dtype":"float32","chunk_size":1024,"tokens":65536}' \
-    'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":64}' \
-    'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":8}' \
-    'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","state_dtype":"fp32","group":1,"q_len":1,"gating":true,"bh_bucket":512}')
+    'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bfloat16","state_dtype":"float32","group":1,"q_len":1,"gating":true,"bh_bucket":64}' \
+    'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bfloat16","state_dtype":"float32","group":1,"q_len":1,"gating":true,"bh_bucket":8}' \
+    'decode_step|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bfloat16","state_dtype":"float32","group":1,"q_len":1,"gating":true,"bh_bucket":512}')
   for k in "${keys[@]}"; do
     timeout $((${TUNE_TIMEOUT:-15} + 30)) python3 -m vidrial tune $common --kernel "${k%%|*}" --key "${k#*|}" 2>&1 | tail -8
   done
@@ -53,7 +53,7 @@ run_tune() {
 run_compare() {
   # issue 6: exhaustive grid at shape A, then TPE/GP/random replayed on its results (best after N trials vs
   # the exhaustive best); the grid's winner is recorded like any study's (run before `tune`, which packs $OUT)
-  local k=${COMPARE_KEY:-'update_state|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bf16","chunk_size":1024,"gating":true,"bh_chunks_bucket":512}'}
+  local k=${COMPARE_KEY:-'update_state|{"head_dim":64,"deg":2,"d_tile":8,"dtype":"bfloat16","chunk_size":1024,"gating":true,"bh_chunks_bucket":512}'}
   timeout $((${COMPARE_BUDGET:-240} + 60)) python3 -m vidrial tune --kernel "${k%%|*}" --key "${k#*|}" --sampler grid \
     --compare 5,10,20,40 --timeout "${COMPARE_BUDGET:-240}" --out "$OUT/tune/compare-${k%%|*}" --tuned-dir "$TUNED" \
     --no-progress --job-timeout 60 2>&1 | tee "$OUT/compare-${k%%|*}.txt" | tail -30

@@ -277,10 +277,22 @@ class KernelFamily(ABC, Generic[K, C]):
 
 
 def _device_of(inputs: dict[str, Any]) -> Any:
-    """The device of a call: that of its first tensor input."""
+    """The device of a call: that of its tensor inputs, which must all be on one device kernels run on
+    (CUDA; the CPU only where a host launcher is installed, see core.launch)."""
     import torch
 
-    for value in inputs.values():
-        if isinstance(value, torch.Tensor):
-            return value.device
-    raise InputError("inputs", sorted(inputs), "at least one tensor")
+    from vidrial.core.launch import runs_on
+
+    device = None
+    for name, value in inputs.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if not runs_on(value.device):
+            raise InputError(name, f"device {value.device}", "a CUDA tensor")
+        if device is None:
+            device = value.device
+        elif value.device != device:
+            raise InputError(name, f"device {value.device}", f"the device of the other inputs ({device})")
+    if device is None:
+        raise InputError("inputs", sorted(inputs), "at least one tensor")
+    return device

@@ -35,12 +35,11 @@ def ptr(x: Any) -> int:
 
 def check_tensor(name: str, x: Any, *, dtypes: tuple[str, ...], shape: tuple[int, ...] | None = None,
                  ndim: int | None = None, device: Any = None, what: str = "", like: tuple[str, Any] | None = None) -> None:
-    """Raises InputError naming `name` unless x is a tensor of an allowed dtype and shape, on a device
-    the kernels run on (CUDA; the CPU too where a host launcher is installed, see core.launch).
-    like=(other_name, other): x must have other's shape, dtype and device."""
+    """Raises InputError naming `name` unless x is a tensor of an allowed dtype and shape (and on
+    `device`, when given). like=(other_name, other): x must have other's shape, dtype and device.
+    Whether the device can run kernels at all is checked once per call, after every argument's shape
+    and dtype (KernelFamily.plan)."""
     import torch
-
-    from vidrial.core.launch import runs_on
 
     if not isinstance(x, torch.Tensor):
         raise InputError(name, type(x).__name__, f"a torch.Tensor {what}".rstrip())
@@ -57,8 +56,6 @@ def check_tensor(name: str, x: Any, *, dtypes: tuple[str, ...], shape: tuple[int
         if x.dtype != other.dtype:
             raise InputError(name, f"dtype {x.dtype}", f"the dtype of {other_name} ({other.dtype})")
         device = other.device
-    if not runs_on(x.device):
-        raise InputError(name, f"device {x.device}", "a CUDA tensor")
     if device is not None and x.device != device:
         raise InputError(name, f"device {x.device}", f"the device of the other inputs ({device})")
 
