@@ -6,7 +6,7 @@ the kernels themselves with float64 references before any GPU run.
 
 Warp-collective operations (shuffles, mma.sync, ldmatrix) exchange values through a per-warp buffer
 between two per-warp barriers, so warps may diverge (skip work) as on the GPU; __syncwarp is that barrier. The inline PTX of
-templates/common/mma.cuh and common/attn_prims.cuh is replaced by host versions (PTX_EMU) written from
+templates/common/ptx.cuh is replaced by host versions (PTX_EMU, in its namespace vd) written from
 the PTX ISA's documented semantics:
   * mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} (fragments: g = lane/4, t = lane%4; A regs
     (g,2t) (g+8,2t) (g,2t+8) (g+8,2t+8), low half = lower column; B regs (k=2t,n=g) (k=2t+8,n=g); C/D
@@ -81,6 +81,8 @@ inline bool __any_sync(unsigned, bool p) {
 using std::isfinite;
 struct __nv_bfloat16 { unsigned short x; };   // storage type; arithmetic happens in float via to_f
 typedef _Float16 __half;
+inline __half __float2half_rn(float f) { return (__half)f; }
+inline __half __ushort_as_half(unsigned short u) { __half h; std::memcpy(&h, &u, 2); return h; }
 inline float __bfloat162float(__nv_bfloat16 v) {
   unsigned u = ((unsigned)v.x) << 16; float f; std::memcpy(&f, &u, 4); return f;
 }
@@ -150,9 +152,10 @@ struct Arg {
 """
 
 PTX_EMU = r"""
-// ---- host versions of common/mma.cuh + common/attn_prims.cuh (PTX ISA semantics) ----
+// ---- host versions of common/ptx.cuh (PTX ISA semantics) ----
 #include <deque>
 #include <cfloat>
+namespace vd {
 typedef unsigned int u32;
 typedef unsigned long long u64;
 inline unsigned char* emu_smem_ptr(u32 addr, int bytes, int align) {
@@ -262,18 +265,17 @@ inline void cp_async_wait() {
 }
 inline u32 pack_bf16(float lo, float hi) { return (u32)emu_to_bf16(lo) | ((u32)emu_to_bf16(hi) << 16); }
 inline u32 pack_f16(float lo, float hi) { return (u32)emu_to_f16(lo) | ((u32)emu_to_f16(hi) << 16); }
-inline float2 unpack_bf16(u32 v) { return make_float2(emu_bf16(v & 0xffffu), emu_bf16(v >> 16)); }
 inline float2 unpack_f16(u32 v) { return make_float2(emu_f16(v & 0xffffu), emu_f16(v >> 16)); }
-inline float attn_exp2(float x) {  // ex2.approx.ftz: denormal results flush to +0
+inline float ex2_approx(float x) {  // ex2.approx.ftz: denormal results flush to +0
   const float y = std::exp2(x);
   return y < FLT_MIN ? 0.f : y;
 }
+}  // namespace vd
 // ---- end of the host versions ----
 """
 
-# The headers whose inline PTX PTX_EMU replaces (from the header's banner to its include guard's #endif).
-_PTX_HEADERS = re.compile(r"// ---- common/(mma|attn_prims)\.cuh:.*?#endif  // VIDRIAL_COMMON_(MMA|ATTN_PRIMS)_CUH",
-                          re.S)
+# The header whose inline PTX PTX_EMU replaces (from the header's banner to its include guard's #endif).
+_PTX_HEADERS = re.compile(r"// ---- common/ptx\.cuh:.*?#endif  // VIDRIAL_COMMON_PTX_CUH", re.S)
 
 RUNNER = r"""
 extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_bytes, const Arg* a) {

@@ -5,7 +5,7 @@ __syncthreads is a block-wide std::barrier, warp shuffles go through a per-warp 
 barrier, blocks run one after another (so the last-CTA counter logic, the workspace layout and
 the launch arguments are exercised exactly as on the GPU, only without concurrency between CTAs).
 Shared memory is poisoned (0xFF bytes: NaN floats) before every block. Inline PTX in
-templates/common/decode_prims.cuh is replaced by plain loads under VIDRIAL_CPU_EMU.
+templates/common/decode.cuh is replaced by plain loads under VIDRIAL_CPU_EMU.
 
 Used by tests/test_decode_exec_cpu.py to prove the decode_step kernel's index math before any
 GPU run. Skipped when no g++ with C++20 <barrier> is present.

@@ -48,36 +48,37 @@ def rel(got, want) -> float:
 _MMA_TEST = r"""
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-{% include "common/mma.cuh" %}
-{% include "common/attn_prims.cuh" %}
-{% include "common/warp_mma.cuh" %}
+{% include "common/ptx.cuh" %}
+{% include "common/elem.cuh" %}
+{% include "common/tiles.cuh" %}
+using namespace vd;
 // one warp: A [16][32], Bt [16][32], Bk [32][16] b16 -> C1 = A Bt^T, C2 = A Bk, C3 = bf16(C1) Bk[0:16] (fp32 [16][16])
 extern "C" __global__ void {{ entry }}(const __nv_bfloat16* A, const __nv_bfloat16* Bt, const __nv_bfloat16* Bk,
                                        float* C1, float* C2, float* C3) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
   const u32 sA = smem_u32(smem_raw), sBt = sA + 16 * 32 * 2, sBk = sBt + 16 * 32 * 2;
-  wmma16::load_tile<16, 32, 32>(sA, A, 32, 16, A);
-  wmma16::load_tile<16, 32, 32>(sBt, Bt, 32, 16, A);
+  vd::load_tile<16, 32, 32>(sA, A, 32, 16, A);
+  vd::load_tile<16, 32, 32>(sBt, Bt, 32, 16, A);
   cp_async_commit();
-  wmma16::load_tile<32, 16, 32>(sBk, Bk, 16, 32, A);
+  vd::load_tile<32, 16, 32>(sBk, Bk, 16, 32, A);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
   float c1[2][4] = {}, c2[2][4] = {}, c3[2][4] = {};
   for (int kk = 0; kk < 2; ++kk) {
     u32 a[4], b[4];
-    wmma16::frag_a<32>(a, sA, 0, kk, lane);
-    wmma16::frag_b<32>(b, sBt, 0, kk, lane);
+    vd::frag_a<32>(a, sA, 0, kk, lane);
+    vd::frag_b<32>(b, sBt, 0, kk, lane);
     {{ mma }}(c1[0], a, b[0], b[1]);
     {{ mma }}(c1[1], a, b[2], b[3]);
-    wmma16::frag_bt<16>(b, sBk, kk * 16, 0, lane);
+    vd::frag_bt<16>(b, sBk, kk * 16, 0, lane);
     {{ mma }}(c2[0], a, b[0], b[1]);
     {{ mma }}(c2[1], a, b[2], b[3]);
   }
   u32 a[4], b[4];
-  wmma16::acc_to_a(a, c1[0], c1[1]);
-  wmma16::frag_bt<16>(b, sBk, 0, 0, lane);
+  vd::acc_to_a(a, c1[0], c1[1]);
+  vd::frag_bt<16>(b, sBk, 0, 0, lane);
   {{ mma }}(c3[0], a, b[0], b[1]);
   {{ mma }}(c3[1], a, b[2], b[3]);
   for (int nb = 0; nb < 2; ++nb)

@@ -1,4 +1,4 @@
-"""query_state_bwd impl="mma16" (the tensor-core rows pass, templates/query_state_bwd_mma16.cu.j2) on
+"""query_state_bwd impl="mma16" (the tensor-core rows pass, templates/query_state_bwd.cu.j2) on
 the CPU: its config rules, and the kernel itself executed through tests/bwd_host_emu.py (mma.sync
 m16n8k16 bf16, ldmatrix and cp.async emulated) against the float64 row pass of bwd_emulation and
 against the row-loop kernel, with poisoned outputs. Its NVRTC compilation (sm_80 / sm_90, no spills)

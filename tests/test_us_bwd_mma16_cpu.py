@@ -1,4 +1,4 @@
-"""update_state_bwd impl="mma16" (templates/update_state_bwd_mma16.cu.j2: dphi = dS v + ds and
+"""update_state_bwd impl="mma16" (templates/update_state_bwd.cu.j2: dphi = dS v + ds and
 dV = phi(k)^T dS on bf16 tensor cores, the chain rule on the CUDA cores) on the CPU: its config rules,
 and the kernel itself executed through tests/bwd_host_emu.py (mma.sync m16n8k16 bf16, ldmatrix(.trans)
 and cp.async emulated) against the float64 emulation (bwd_emulation.update_state_bwd), with poisoned

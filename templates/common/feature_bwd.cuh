@@ -1,5 +1,5 @@
 {% raw %}
-// ---- common/feature_bwd.cuh: tensor-core backward through the feature map (MATH.md section 4) ----
+// ---- common/feature_bwd.cuh: the chain rule of the feature map on tensor cores (MATH.md section 4) ----
 // For a tile of rows x (raw inputs, one row per thread of a warp) and a state X [D][HD] (bf16):
 //   dphi'[row][f] = U[row] . X[f] + w[row] xs[f]       (U: bf16 rows, e.g. dY; xs: fp32 [D])
 //   dx[row]  += chain(x[row], dphi'[row])              (d/dx of sum_f dphi'_f phi_f(x))
@@ -7,29 +7,23 @@
 //   out[row] += phi(x[row])^T X                        (optional: phi written by the chain, bf16)
 // query_state_bwd rows: U = dY, X = Sbar, xs = sbar, w = -(dY.Y). update_state_bwd: U = V, X = dS
 // (bf16), xs = ds, w = 1, and dV = phi(k)^T dS from the phi the chain step writes.
-// Pieces (include common/mma.cuh and common/bwd_prims.cuh first):
+// Namespace vd; builds on common/ptx.cuh, elem.cuh and sympow.cuh (include them first). Pieces:
 //   StateTile      cp.async staging of TK features of X (bf16) and xs (fp32), STAGES buffers
 //   load_u_frags   a warp's 32 rows of U as mma A fragments, kept in registers for the whole loop
 //   dphi_gemm      32 rows x SUB=64 features (or NF=32, half the accumulators): mma.sync m16n8k16
 //                  bf16, fp32 accumulate (dphi_gemm_smem: U's fragments from shared memory instead)
 //   store_dphi     fragments -> the warp's scratch [32][SUB] fp32 (swizzled: conflict-free both ways)
-//   Chain::step    one thread = one row: the sympow chain rule over those SUB features; with PHI it
+//   SympowChain::step   one thread = one row: the sympow chain rule over those SUB features; with PHI it
 //                  also writes phi(x[row]) over them (bf16) into its own scratch row (phi_idx)
 //   phi_x_gemm     out[32 rows][HD] += phi (scratch, bf16) x X (the stage's rows, ldmatrix.trans)
 #ifndef VIDRIAL_COMMON_FEATURE_BWD_CUH
 #define VIDRIAL_COMMON_FEATURE_BWD_CUH
 
-namespace vfb {
+namespace vd {
 
 constexpr int SUB = 64;       // features per warp GEMM step (8 n8 tiles)
 constexpr int WROWS = 32;     // rows per warp: two m16 tiles, one row per lane in the chain
 constexpr int PS = SUB + 8;   // scratch row stride in floats (8 mod 32, see scratch_idx)
-
-constexpr int ipow(int b, int e) {
-  int r = 1;
-  for (int i = 0; i < e; ++i) r *= b;
-  return r;
-}
 
 template <int HD>
 struct Geometry {
@@ -50,67 +44,11 @@ __device__ __forceinline__ int scratch_idx(int row, int k) {
 
 // Float index of row's phi (bf16, SUB values = SUB/2 floats) inside a scratch: the row's own dphi'
 // row, shifted by 4 floats in rows 4..7 of every 8 so that the ldmatrix reads of phi_x_gemm (8 rows of
-// 16 bytes, row stride PS = 8 mod 32 floats) hit 32 distinct banks. Chain::step<.., PHI> writes the
+// 16 bytes, row stride PS = 8 mod 32 floats) hit 32 distinct banks. SympowChain::step<.., PHI> writes the
 // phi of features [f, f+8) at phi_idx + f/2 after reading the dphi' of features [0, f+8); the floats
 // it overwrites hold dphi' of features < f/2 + 12 <= f + 8 (f >= 8; f = 0: features 0..3, read):
 // consumed, and only the thread's own row (row = lane) is touched, so no barrier is needed.
 __device__ __forceinline__ int phi_idx(int row) { return row * PS + (((row >> 2) & 1) << 2); }
-
-template <typename T> struct IsBf16 { static constexpr bool value = false; };
-template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
-
-// 8 elements of type TX (bits in a float4) as 8 bf16 (the mma operand type).
-template <typename TX>
-__device__ __forceinline__ float4 to_bf16x8(const float4& raw) {
-  if constexpr (IsBf16<TX>::value) {
-    return raw;
-  } else {
-    const TX* e = reinterpret_cast<const TX*>(&raw);
-    float4 out;
-    __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) o[k] = __float2bfloat16_rn(vbwd::to_f(e[k]));
-    return out;
-  }
-}
-
-// N consecutive 16-bit values from shared memory as floats (widest aligned loads).
-template <int N, typename TX>
-__device__ __forceinline__ void load_vals(float (&out)[N], const TX* p) {
-  if constexpr (N % 8 == 0) {
-#pragma unroll
-    for (int i = 0; i < N; i += 8) {
-      const float4 raw = vbwd::ld4(reinterpret_cast<const float*>(p + i));
-      const TX* e = reinterpret_cast<const TX*>(&raw);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) out[i + k] = vbwd::to_f(e[k]);
-    }
-  } else if constexpr (N == 4) {
-    const float2 raw = vbwd::ld2(reinterpret_cast<const float*>(p));
-    const TX* e = reinterpret_cast<const TX*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) out[k] = vbwd::to_f(e[k]);
-  } else {
-#pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = vbwd::to_f(p[k]);
-  }
-}
-
-// p[0..N) += s * v (shared memory, one thread's row).
-template <int N>
-__device__ __forceinline__ void add_scaled(float* p, const float (&v)[N], float s) {
-  if constexpr (N % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < N; i += 4) {
-      const float4 o = vbwd::ld4(p + i);
-      *reinterpret_cast<float4*>(p + i) =
-          float4{fmaf(s, v[i], o.x), fmaf(s, v[i + 1], o.y), fmaf(s, v[i + 2], o.z), fmaf(s, v[i + 3], o.w)};
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) p[i] = fmaf(s, v[i], p[i]);
-  }
-}
 
 // TK features of X (rows padded to LD) and of xs per stage. Features >= D repeat the last valid
 // row / 4 values (no zero-fill needed): their dphi' columns are computed but never read.
@@ -272,7 +210,7 @@ __device__ __forceinline__ void store_dphi(float* scratch, const float (&c)[2][N
 //   dot          += H sum_k xs_k prod_l x_l[b_l(k)]
 //   phi_k         = H prod_l x_l[b_l(k)]                  (PHI: bf16 into the row's scratch, phi_idx)
 template <int T, int P>
-struct Chain {
+struct SympowChain {
   static constexpr int BS = ipow(T, P);
   // p = 4 keeps chunks of 16 features (M = 2): with CHUNK = 64 (M = 3) the xl/acc arrays of step()
   // went to local memory (96-byte stack frame in both mma16 kernels; none with this cap)
@@ -306,23 +244,23 @@ struct Chain {
       if (fc >= D) break;  // uniform over the CTA
       const int gb = fc / BS;
       const unsigned packed = __ldg(blocks + gb);
-      const float coef = vbwd::block_coef<P>(packed);
+      const float coef = block_coef<P>(packed);
       int ih[NH > 0 ? NH : 1];
       float xh[NH > 0 ? NH : 1];
       float hp = coef;
       int hi = (fc - gb * BS) / CHUNK;
 #pragma unroll
       for (int s = NH - 1; s >= 0; --s) {
-        ih[s] = vbwd::tile_of(packed, s) * T + hi % T;
+        ih[s] = tile_of(packed, s) * T + hi % T;
         hi /= T;
-        xh[s] = vbwd::to_f(x[ih[s]]);
+        xh[s] = to_f(x[ih[s]]);
         hp *= xh[s];
       }
       int tl[M > 0 ? M : 1];
       float xl[M > 0 ? M : 1][T], acc[M > 0 ? M : 1][T];
 #pragma unroll
       for (int l = 0; l < M; ++l) {
-        tl[l] = vbwd::tile_of(packed, NH + l) * T;
+        tl[l] = tile_of(packed, NH + l) * T;
         load_vals<T>(xl[l], x + tl[l]);
 #pragma unroll
         for (int b = 0; b < T; ++b) acc[l][b] = 0.f;
@@ -334,7 +272,7 @@ struct Chain {
         const int kk = j * CHUNK + k0;
         float dv[K4], sv[K4];
         if constexpr (K4 == 4) {
-          const float4 d4 = vbwd::ld4(scratch + scratch_idx(row, kk)), s4 = vbwd::ld4(xs + kk);
+          const float4 d4 = ld4(scratch + scratch_idx(row, kk)), s4 = ld4(xs + kk);
           dv[0] = d4.x; dv[1] = d4.y; dv[2] = d4.z; dv[3] = d4.w;
           sv[0] = s4.x; sv[1] = s4.y; sv[2] = s4.z; sv[3] = s4.w;
         } else {
@@ -385,6 +323,6 @@ struct Chain {
   }
 };
 
-}  // namespace vfb
+}  // namespace vd
 #endif  // VIDRIAL_COMMON_FEATURE_BWD_CUH
 {% endraw %}

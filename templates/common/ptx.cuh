@@ -1,10 +1,14 @@
 {% raw %}
-// ---- common/mma.cuh: tensor-core MMA, ldmatrix, cp.async and shared-memory helpers ----------
-// Inline PTX only (NVRTC has no CUDA toolkit headers). Shared-memory addresses are 32-bit
-// offsets in the shared window (from smem_u32), so address arithmetic stays in one register.
-// Needs sm_80+ (mma.sync m16n8k16 bf16, cp.async, ldmatrix).
-#ifndef VIDRIAL_COMMON_MMA_CUH
-#define VIDRIAL_COMMON_MMA_CUH
+// ---- common/ptx.cuh: every inline-PTX wrapper of the tensor-core kernels (namespace vd) ---------
+// cp.async, ldmatrix, mma.sync m16n8k16, shared loads/stores on 32-bit addresses, packed 16-bit
+// conversions and the SFU exp2. Inline PTX only (NVRTC has no CUDA toolkit headers); sm_80+.
+// Shared-memory addresses are 32-bit offsets in the shared window (smem_u32), so address
+// arithmetic stays in one register. tests/bwd_host_emu.py replaces this whole block (banner to
+// include guard) by host versions with the PTX ISA's semantics: keep the two markers as they are.
+#ifndef VIDRIAL_COMMON_PTX_CUH
+#define VIDRIAL_COMMON_PTX_CUH
+
+namespace vd {
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -16,6 +20,7 @@ __device__ __forceinline__ u32 smem_u32(const void* ptr) {
   return addr;
 }
 
+// ---- mma.sync / ldmatrix -------------------------------------------------------------------------
 // D = A * B + D, m16n8k16, A row-major (4 regs), B col-major (2 regs), fp32 accumulators.
 __device__ __forceinline__ void mma_16816_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -39,15 +44,26 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32& r0, u32& r1, u32& r2, u32
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
 
-// cp.async 16 bytes global -> shared, L2 only (.cg); groups for a multi-stage pipeline.
+// ---- cp.async ------------------------------------------------------------------------------------
+// 16 bytes global -> shared, L2 only (.cg).
 __device__ __forceinline__ void cp_async_16(u32 dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
 }
+// With zero fill: src_bytes = 16 copies, 0 writes zeros (the source is then not read, but must
+// still be a valid address expression).
+__device__ __forceinline__ void cp_async_16_zfill(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+// 4 bytes (.ca: the only size-4 form) with zero fill, for arrays whose rows are only 4-byte aligned.
+__device__ __forceinline__ void cp_async_4_zfill(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+// Commit groups for a multi-stage pipeline: wait until at most N groups are in flight.
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 
-// Plain shared loads / stores on 32-bit shared addresses.
+// ---- plain shared loads / stores on 32-bit shared addresses --------------------------------------
 __device__ __forceinline__ uint4 lds128(u32 addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
@@ -70,7 +86,7 @@ __device__ __forceinline__ void sts64(u32 addr, u32 a, u32 b) {
   asm volatile("st.shared.v2.u32 [%0], {%1,%2};" :: "r"(addr), "r"(a), "r"(b) : "memory");
 }
 
-// Packed two-element arithmetic and conversions (x = low half, y = high half).
+// ---- packed two-element arithmetic and conversions (x = low half, y = high half) -----------------
 __device__ __forceinline__ u32 mul2_bf16(u32 a, u32 b) {
   u32 d;  // fma with -0.0 addend: an exact product rounded once (mul.bf16x2 needs sm_90)
   asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
@@ -80,9 +96,6 @@ __device__ __forceinline__ u32 mul2_f16(u32 a, u32 b) {
   u32 d;
   asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
   return d;
-}
-__device__ __forceinline__ float2 unpack_bf16(u32 v) {
-  return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
 }
 __device__ __forceinline__ float2 unpack_f16(u32 v) {
   float lo, hi;
@@ -100,5 +113,14 @@ __device__ __forceinline__ u32 pack_f16(float lo, float hi) {
   return d;
 }
 
-#endif  // VIDRIAL_COMMON_MMA_CUH
+// 2^x on the SFU (ex2.approx.ftz: flushes denormal results to 0, -inf -> 0).
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+}  // namespace vd
+
+#endif  // VIDRIAL_COMMON_PTX_CUH
 {% endraw %}

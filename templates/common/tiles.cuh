@@ -1,16 +1,16 @@
 {% raw %}
-// ---- common/warp_mma.cuh: warp-level bf16 GEMM fragments over swizzled shared tiles ------------
-// Builds on common/mma.cuh (include it first); no inline PTX of its own. A tile is ROWS x HD bf16
-// in shared memory, rows of HD elements whose 16-byte chunks are XOR-swizzled so that the eight
-// row addresses of an ldmatrix phase hit eight different bank groups (8 consecutive rows, same
-// logical chunk). HD is a power of two in 16..256. Fragments follow the PTX ISA layout of
+// ---- common/tiles.cuh: tiles and mma fragments over swizzled shared tiles; vector global I/O ----
+// Builds on common/ptx.cuh (include it first); namespace vd, no inline PTX of its own. A tile is
+// ROWS x HD bf16 in shared memory, rows of HD elements whose 16-byte chunks are XOR-swizzled so that
+// the eight row addresses of an ldmatrix phase hit eight different bank groups (8 consecutive rows,
+// same logical chunk). HD is a power of two in 16..256. Fragments follow the PTX ISA layout of
 // mma.m16n8k16 (g = lane / 4, t = lane % 4): A regs (g, 2t), (g+8, 2t), (g, 2t+8), (g+8, 2t+8);
 // B regs (k = 2t, n = g), (k = 2t+8, n = g); C (g, 2t..2t+1), (g+8, 2t..2t+1).
-// (The forward kernel keeps its own copy of the swizzle: its template hash pins tuned configs.)
-#ifndef VIDRIAL_COMMON_WARP_MMA_CUH
-#define VIDRIAL_COMMON_WARP_MMA_CUH
+// (update_state keeps its own swizzle: its k-stage layout is not a [rows][HD] tile.)
+#ifndef VIDRIAL_COMMON_TILES_CUH
+#define VIDRIAL_COMMON_TILES_CUH
 
-namespace wmma16 {
+namespace vd {
 
 // Element offset of (row, 16-byte chunk) in a swizzled [rows][HD] bf16 tile.
 template <int HD>
@@ -74,7 +74,42 @@ __device__ __forceinline__ void acc_to_a(u32 (&a)[4], const float (&c0)[4], cons
   a[3] = pack_bf16(c1[2], c1[3]);
 }
 
-}  // namespace wmma16
+// ---- vector global loads / stores of fp32 rows (VEC = 4, 2 or 1 consecutive values) --------------
+template <int VEC>
+__device__ __forceinline__ void load_f(float (&v)[VEC], const float* __restrict__ p) {
+  if constexpr (VEC == 4) {
+    float4 x = __ldg(reinterpret_cast<const float4*>(p));
+    v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+  } else if constexpr (VEC == 2) {
+    float2 x = __ldg(reinterpret_cast<const float2*>(p));
+    v[0] = x.x; v[1] = x.y;
+  } else {
+    v[0] = __ldg(p);
+  }
+}
+template <int VEC>
+__device__ __forceinline__ void store_f(float* p, const float (&v)[VEC]) {
+  if constexpr (VEC == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  } else if constexpr (VEC == 2) {
+    *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+  } else {
+    p[0] = v[0];
+  }
+}
+template <int VEC>
+__device__ __forceinline__ void store_bf16(__nv_bfloat16* p, const float (&v)[VEC]) {
+  if constexpr (VEC == 4) {
+    uint2 u = make_uint2(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]));
+    *reinterpret_cast<uint2*>(p) = u;
+  } else if constexpr (VEC == 2) {
+    *reinterpret_cast<unsigned*>(p) = pack_bf16(v[0], v[1]);
+  } else {
+    p[0] = __float2bfloat16_rn(v[0]);
+  }
+}
 
-#endif  // VIDRIAL_COMMON_WARP_MMA_CUH
+}  // namespace vd
+
+#endif  // VIDRIAL_COMMON_TILES_CUH
 {% endraw %}
