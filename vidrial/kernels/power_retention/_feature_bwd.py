@@ -32,10 +32,10 @@ def state_tile_floats(head_dim: int, tile_f: int, stages: int) -> int:
 def check_layout(head_dim: int, d_tile: int) -> None:
     """Raises ConfigError(head_dim / d_tile, ...) unless feature_bwd.cuh supports this layout."""
     if head_dim % 32 or head_dim > MAX_HEAD_DIM:
-        raise ConfigError("head_dim", head_dim, f"a multiple of 32 up to {MAX_HEAD_DIM} (the warp's dY/V fragments "
-                                                f"stay in registers); got head_dim={head_dim}")
+        raise ConfigError("head_dim", head_dim, f"head_dim a multiple of 32 up to {MAX_HEAD_DIM} (the warp's dY/V "
+                                                f"fragments stay in registers); got head_dim={head_dim}")
     if d_tile & (d_tile - 1):
-        raise ConfigError("d_tile", d_tile, f"a power of two (whole sympow chunks per {SUB}-feature step); "
+        raise ConfigError("d_tile", d_tile, f"d_tile a power of two (whole sympow chunks per {SUB}-feature step); "
                                             f"got d_tile={d_tile}")
 
 
