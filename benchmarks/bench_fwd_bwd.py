@@ -155,24 +155,11 @@ def run_shape(name, shp, reps, retention_configs, split=True, variants=True):
     rows.append(("vidrial", ms_v, mem_v, ms_vf))
     del leaves
 
-    # the alternatives to the defaults, one backward kernel at a time, then all row loops (the pre-tensor-core
-    # backward): query_state_bwd's state pass on its state kernel and its rows pass on the row loop, the
-    # intra-chunk backward and update_state_bwd on their row loops
+    # (the row-loop alternatives to the backward defaults were deleted 2026-12-02: docs/PERF_NOTES.md)
     from vidrial.kernels.power_retention import intra_chunk_attention_bwd as icb
-    from vidrial.kernels.power_retention import query_state_bwd as qsb_mod
     from vidrial.kernels.power_retention import update_state_bwd as usb_mod
 
-    switches = {"vidrial_state_kernel": (qsb_mod, "STATE_IMPL_DEFAULT", "kernel"),
-                "vidrial_rows_rowloop": (qsb_mod, "ROWS_IMPL_DEFAULT", "rowloop"),
-                "vidrial_intra_rowloop": (icb, "IMPL_DEFAULT", "rowloop"),
-                "vidrial_us_rowloop": (usb_mod, "IMPL_DEFAULT", "rowloop")}
     diffs_v = {}
-    if variants:
-        diffs_v = {label: _variant(label, _patched(*sw), fv, (Q, K, V, log_G), dY, reps, ms_vf, grads_v, rows, name)
-                   for label, sw in switches.items()}
-        diffs_v["vidrial_all_rowloop"] = _variant(
-            "vidrial_all_rowloop", _all_patched(*(_patched(*sw) for sw in switches.values())), fv,
-            (Q, K, V, log_G), dY, reps, ms_vf, grads_v, rows, name)
 
     # retention (Triton)
     grads_r = None
@@ -244,32 +231,15 @@ def run_shape(name, shp, reps, retention_configs, split=True, variants=True):
     qs = query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c)
     dS, ds = qs["dSbar"].clone(), qs["dsbar"].clone()
     from vidrial.kernels.power_retention.qs_bwd_state_update import state_pass_update_state
-    from vidrial.kernels.power_retention._bwd_util import default_row_loop
-    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import IntraBwdConfig, IntraBwdKey
-    from vidrial.kernels.power_retention.query_state_bwd import (QueryStateBwdConfig, QueryStateBwdKey, mma16_config,
-                                                                 state_pass_kernel)
-    from vidrial.kernels.power_retention.update_state_bwd import UpdateStateBwdConfig, UpdateStateBwdKey
+    from vidrial.kernels.power_retention.intra_chunk_attention_bwd import IntraBwdKey
+    from vidrial.kernels.power_retention.query_state_bwd import QueryStateBwdKey, mma16_config
+    from vidrial.kernels.power_retention.update_state_bwd import UpdateStateBwdKey
 
-    # each backward kernel's implementations with explicit configs (the defaults are whatever dispatch picks)
-    ucfg_rowloop = default_row_loop(UpdateStateBwdConfig, d, p, dt)
+    # each backward kernel with explicit configs (the defaults are whatever dispatch picks)
     ucfg_mma16 = usb_mod.mma16_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt))
-    us_rowloop = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=ucfg_rowloop)
-    us_mma16 = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=ucfg_mma16)
-    print("update_state_bwd mma16 vs rowloop, rel diff (dK, dV, E): " + ", ".join(
-        f"{((x.double() - y.double()).norm() / y.double().norm()).item():.2e}" for x, y in zip(us_mma16, us_rowloop)
-        if x is not None))
     ikey = IntraBwdKey(head_dim=d, deg=p)
-    icfg_rowloop = IntraBwdConfig(tile=64 if d <= 64 else 32, mma=True)
     icfg_flash = (icb.flash_default(ikey), icb.flash_default(ikey.model_copy(update={"stage": "dq"})))
     intra_args = (Q, K, V, gc, m, qs["dO"], qs["dl"])
-    rowloop_out = intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale, chunk_size=c, config=icfg_rowloop,
-                                            dq_config=icfg_rowloop)
-    flash_out = intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale, chunk_size=c, config=icfg_flash[0],
-                                          dq_config=icfg_flash[1])
-    print("intra_chunk_attention_bwd flash vs rowloop, rel diff (dQ, dK, dV, dgcol): " + ", ".join(
-        f"{((x.double() - y.double()).norm() / y.double().norm()).item():.2e}" for x, y in zip(flash_out, rowloop_out)
-        if x is not None and y is not None))
-    qcfg_rowloop = default_row_loop(QueryStateBwdConfig, d, p, dt)
     qcfg_mma16 = mma16_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt))
     qs_rows = lambda cfg: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale,  # noqa: E731
                                           chunk_size=c, config=cfg, state=False)
@@ -280,21 +250,15 @@ def run_shape(name, shp, reps, retention_configs, split=True, variants=True):
         "query_state_bwd (rows+state)": bench(
             lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c),
             reps),
-        "  query_state_bwd rows pass (rowloop)": bench(lambda: qs_rows(qcfg_rowloop), reps),
         "  query_state_bwd rows pass (mma16)": bench(lambda: qs_rows(qcfg_mma16), reps),
-        "  query_state_bwd state pass alone (kernel)": bench(
-            lambda: state_pass_kernel(Q, qs["qscale"], qs["dAh"], qs["dBh"], h, deg=p, d_tile=dt, scale=scale,
-                                      chunk_size=c), reps),
         "  query_state_bwd state pass alone (update_state)": bench(
             lambda: state_pass_update_state(Q, qs["qscale"], qs["dAh"], qs["dBh"], h, deg=p, d_tile=dt, scale=scale,
                                             chunk_size=c), reps),
         "discumsum_bwd": bench(lambda: discumsum_bwd(qs["dSbar"], qs["dsbar"], Sb16, sb, L), reps),
         "update_state_bwd": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c), reps),
-        "  update_state_bwd (rowloop)": bench(lambda: us_call(ucfg_rowloop), reps),
         "  update_state_bwd (mma16)": bench(lambda: us_call(ucfg_mma16), reps),
         "intra_chunk_attention_bwd (dkv+dq)": bench(
             lambda: intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale, chunk_size=c), reps),
-        "  intra_chunk_attention_bwd (rowloop)": bench(lambda: intra_call(icfg_rowloop, icfg_rowloop), reps),
         "  intra_chunk_attention_bwd (flash)": bench(lambda: intra_call(*icfg_flash), reps),
         "forward op (all 4 fwd kernels)": bench(
             lambda: power_retention_fwd(Q, K, V, log_G, None, None, p, scale, c, dt, False), reps),

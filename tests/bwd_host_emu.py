@@ -376,8 +376,7 @@ class HostLaunchable:
 
     def __init__(self, family, key, config):
         self.family, self.key, self.config = family, key, config
-        sig = family.state_signature if getattr(key, "stage", None) == "state" else family.signature
-        self._launch = host_kernel(family.render(key, config), sig)
+        self._launch = host_kernel(family.render(key, config), family.signature)
 
     def launch(self, grid, block, args, device_index, stream):
         gx, gy = grid[0], grid[1]
@@ -404,6 +403,59 @@ def install():
     def undo():
         _bwd_util.HOST_LAUNCHER = old
         set_host_launcher(old_core)
+    return undo
+
+
+def _phi_bf16(x, deg, d_tile):
+    """phi of bf16 x as update_state forms it: a bf16 multiply per factor, coef applied in fp32 later."""
+    from vidrial.kernels.power_retention.sympow import layout
+
+    idx, coef = layout(x.shape[-1], deg, d_tile).feature_indices()
+    out = x[..., idx[:, 0]]
+    for j in range(1, deg):
+        out = (out.float() * x[..., idx[:, j]].float()).bfloat16()  # exact product, one bf16 rounding
+    return out.double(), coef
+
+
+def emulated_update_state(round_phi: bool = True):
+    """Stand-in for the forward update_state (which needs a GPU) at query_state_bwd's state pass
+    (qs_bwd_state_update.update_state): the real launcher's checks first (it must refuse only the CPU
+    device), then float64 sums of phi(K) V^T / phi(K), with phi(K) rounded as the kernel forms it
+    (round_phi) and fp32 outputs."""
+    from vidrial.core.errors import InputError
+    from vidrial.kernels.power_retention.update_state import update_state as real_update_state
+    from vidrial.reference.forward import phi
+
+    def run(K, V, log_G, *, deg, d_tile, chunk_size, config=None):
+        try:
+            real_update_state(K, V, log_G, deg=deg, d_tile=d_tile, chunk_size=chunk_size, config=config)
+        except InputError as exc:
+            assert str(exc).startswith("K: got device cpu; expected a CUDA tensor"), str(exc)
+        else:
+            raise AssertionError("update_state accepted CPU tensors")
+        assert log_G is None
+        b, t, h, d = K.shape
+        n = t // chunk_size
+        pk, coef = _phi_bf16(K, deg, d_tile) if round_phi else (phi(K, deg, d_tile), None)
+        pk = pk.reshape(b, n, chunk_size, h, -1)
+        S = torch.einsum("bnchD,bnche->bnhDe", pk, V.double().reshape(b, n, chunk_size, h, d))
+        s = pk.sum(2)
+        if coef is not None:  # the kernel's fp32 epilogue
+            S, s = S * coef[:, None], s * coef
+        return S.float(), s.float()
+    return run
+
+
+def install_update_state(update_state=None):
+    """Route query_state_bwd's state pass (the forward update_state) to `update_state` (default:
+    emulated_update_state()); returns an undo callable."""
+    from vidrial.kernels.power_retention import qs_bwd_state_update as mod
+
+    old = mod.update_state
+    mod.update_state = update_state or emulated_update_state()
+
+    def undo():
+        mod.update_state = old
     return undo
 
 

@@ -1,8 +1,10 @@
 """Backward kernel families on the CPU: config/key validation, NVRTC compilation of every standard
-key (default + corner configs, sm_80 and sm_90, no spills), and each kernel *executed* on the CPU
+key (default + corner configs, sm_80 and sm_90, no spills), discumsum_bwd *executed* on the CPU
 (tests/bwd_host_emu.py: the rendered CUDA source compiled as C++ with threads + barriers) against
 the float64 emulation of its algorithm (vidrial/reference/backward.py), which
-tests/test_backward_math_cpu.py proves against autograd of the reference."""
+tests/test_backward_math_cpu.py proves against autograd of the reference (the tensor-core kernels:
+test_us_bwd_mma16_cpu.py, test_qs_bwd_mma16_cpu.py, test_intra_bwd_flash_cpu.py), and the whole
+backward op executed the same way against float64 autograd."""
 from __future__ import annotations
 
 import math
@@ -19,18 +21,15 @@ from vidrial.core.compile import CompiledKernel, compile_many
 from vidrial.core.errors import ConfigError
 from vidrial.kernels import get_family
 from vidrial.reference import backward as em
-from vidrial.kernels.power_retention._bwd_util import default_row_loop
-from vidrial.kernels.power_retention._fwd_util import block_table
 from vidrial.kernels.power_retention.discumsum_bwd import FAMILY as DB, DiscumsumBwdConfig, DiscumsumBwdKey
-from vidrial.kernels.power_retention.intra_chunk_attention_bwd import FAMILY as IB, IntraBwdConfig, IntraBwdKey
-from vidrial.kernels.power_retention.query_state_bwd import FAMILY as QB, QueryStateBwdConfig, QueryStateBwdKey
+from vidrial.kernels.power_retention.intra_chunk_attention_bwd import FAMILY as IB, IntraBwdConfig
+from vidrial.kernels.power_retention.query_state_bwd import FAMILY as QB, QueryStateBwdConfig
 from vidrial.kernels.power_retention.sympow import layout
 from vidrial.kernels.power_retention.update_state_bwd import FAMILY as UB, UpdateStateBwdConfig, UpdateStateBwdKey
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bwd_host_emu  # noqa: E402
 
-F32, F64 = torch.float32, torch.float64
 FAMS = (UB, QB, DB, IB)
 needs_gxx = pytest.mark.skipif(not bwd_host_emu.available(), reason="g++ not found (host execution of the kernels)")
 
@@ -41,9 +40,9 @@ def test_registered():
 
 
 @pytest.mark.parametrize("cls,fields,field", [
-    (UpdateStateBwdConfig, dict(tile_f=48), "tile_f"), (UpdateStateBwdConfig, dict(warps=2), "warps"),
+    (UpdateStateBwdConfig, dict(tile_f=48), "tile_f"), (UpdateStateBwdConfig, dict(warps=1), "warps"),
     (QueryStateBwdConfig, dict(tile_f=512), "tile_f"), (DiscumsumBwdConfig, dict(threads=96), "threads"),
-    (DiscumsumBwdConfig, dict(per_thread=0), "per_thread"), (IntraBwdConfig, dict(tile=128), "tile"),
+    (DiscumsumBwdConfig, dict(per_thread=0), "per_thread"), (IntraBwdConfig, dict(tile=256), "tile"),
 ])
 def test_config_validation(cls, fields, field):
     with pytest.raises((ConfigError, ValidationError), match=rf"{field}={list(fields.values())[0]}"):
@@ -51,14 +50,6 @@ def test_config_validation(cls, fields, field):
 
 
 def test_check_rules_and_keys():
-    with pytest.raises(ConfigError, match="shared memory"):
-        IB.check(IntraBwdKey(head_dim=128), IntraBwdConfig(tile=64), "sm_80")
-    with pytest.raises(ConfigError, match="tile"):
-        IB.check(IntraBwdKey(head_dim=256), IntraBwdConfig(tile=64), "sm_90")
-    with pytest.raises(ConfigError, match="tile_f"):
-        QB.check(QueryStateBwdKey(head_dim=128, stage="state"), QueryStateBwdConfig(tile_f=128, warps=4), "sm_90")
-    with pytest.raises((ConfigError, ValidationError), match="stage"):
-        QueryStateBwdKey(stage="nope")
     with pytest.raises(Exception, match="d_tile"):
         UpdateStateBwdKey(head_dim=64, d_tile=5)
     for fam in FAMS:
@@ -69,7 +60,7 @@ def test_check_rules_and_keys():
 def _jobs():
     """Every standard key with its default config on sm_80 and sm_90; the corner configs (extreme
     tiles) of the bf16 keys on both archs as well (fp16 differs only in the input conversion, except in
-    the intra backward's impl="flash": S = Q K^T on fp16 tensor cores, so its fp16 default too)."""
+    the intra backward: S = Q K^T on fp16 tensor cores, so its fp16 default too)."""
     from vidrial.kernels.power_retention.intra_chunk_attention_bwd import FLASH_HEAD_DIMS, flash_default
 
     jobs, labels = [], []
@@ -101,14 +92,8 @@ def test_compile_standard_keys_default_and_corner_configs():
 
 # ---- kernels executed on the CPU ------------------------------------------------------------------
 def _run(fam, key, cfg, grid, args):
-    launch = bwd_host_emu.host_kernel(fam.render(key, cfg), _sig(fam, key))
+    launch = bwd_host_emu.host_kernel(fam.render(key, cfg), fam.signature)
     launch(grid, fam.threads_per_block(cfg), fam.dynamic_smem_bytes(key, cfg), args)
-
-
-def _sig(fam, key):
-    if fam is QB and key.stage == "state":
-        return QB.state_signature
-    return fam.signature
 
 
 def _close(got, want, tol=2e-4):
@@ -116,105 +101,6 @@ def _close(got, want, tol=2e-4):
     scale = max(want.abs().max().item(), 1e-20)
     err = (got - want).abs().max().item() / scale
     assert err < tol, err
-
-
-def _chunk_g(b, t, h, c, seed):
-    gen = torch.Generator().manual_seed(seed)
-    base = torch.linspace(-2.0, 0.5, t, dtype=F64)[None, :, None]
-    lg = torch.nn.functional.logsigmoid(base + torch.randn(b, t, h, generator=gen, dtype=F64))
-    return lg.reshape(b, t // c, c, h).cumsum(2).reshape(b, t, h)
-
-
-@needs_gxx
-@pytest.mark.parametrize("d,deg,d_tile,cfg", [(32, 2, 8, None), (32, 2, 4, UpdateStateBwdConfig(tile_f=32, warps=4)),
-                                              (32, 2, 8, UpdateStateBwdConfig(tile_f=64, warps=8, rows_per_lane=1)),
-                                              (32, 2, 8, UpdateStateBwdConfig(tile_f=64, warps=8, mma=True)),
-                                              (32, 2, 4, UpdateStateBwdConfig(tile_f=64, warps=4, mma=True)),
-                                              (16, 4, 2, UpdateStateBwdConfig(tile_f=64, warps=4))])
-@pytest.mark.parametrize("gating", [False, True])
-def test_update_state_bwd_kernel_on_cpu(d, deg, d_tile, cfg, gating):
-    b, h, c, n = 1, 2, 48, 2
-    t = n * c
-    D = layout(d, deg, d_tile).feature_dim
-    gen = torch.Generator().manual_seed(0)
-    K = (torch.randn(b, t, h, d, generator=gen) * 0.7).bfloat16()
-    V = torch.randn(b, t, h, d, generator=gen).bfloat16()
-    dS = torch.randn(b, n, h, D, d, generator=gen) * 0.1
-    ds = torch.randn(b, n, h, D, generator=gen) * 0.1
-    g = _chunk_g(b, t, h, c, 1).to(F32) if gating else None
-    key = UpdateStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile)
-    cfg = cfg or default_row_loop(UpdateStateBwdConfig, d, deg, d_tile)  # the mma16 kernel: test_us_bwd_mma16_cpu.py
-    dK, dV = torch.zeros(b, t, h, d), torch.zeros(b, t, h, d)
-    E = torch.zeros(b, t, h)
-    rt = -(-c // cfg.rows)
-    _run(UB, key, cfg, b * h * n * rt, (K, V, g, dS, ds, block_table(d, deg, d_tile, "cpu"), dK, dV, E, t, n, c, h, rt))
-    wK, wV, wE = em.update_state_bwd(K.double(), V.double(), None if g is None else g.double(), dS.double(),
-                                     ds.double(), deg, d_tile, c)
-    tol = 3e-3 if cfg.mma else 2e-4  # tf32 operands: 10-bit mantissa
-    _close(dK, wK, tol)
-    _close(dV, wV, tol)
-    if gating:
-        _close(E, wE, tol)
-
-
-@needs_gxx
-@pytest.mark.parametrize("gating,gqa,rpl,mma", [(True, 2, 2, False), (False, 1, 2, False), (True, 1, 1, False),
-                                                (True, 2, 2, True)])
-def test_query_state_bwd_kernels_on_cpu(gating, gqa, rpl, mma):
-    d, deg, d_tile = 32, 2, 8
-    b, h, c, n = 1, 1, 48, 2
-    hq, t = h * gqa, n * c
-    D = layout(d, deg, d_tile).feature_dim
-    gen = torch.Generator().manual_seed(2)
-    Q = torch.randn(b, t, hq, d, generator=gen).bfloat16()
-    K = torch.randn(b, t, h, d, generator=gen).bfloat16()
-    V = torch.randn(b, t, h, d, generator=gen).bfloat16()
-    lg = None
-    if gating:
-        lg = torch.nn.functional.logsigmoid(torch.randn(b, t, h, generator=gen, dtype=F64) + 1.0)
-    scale = 1.0 / math.sqrt(d)
-    f = em.forward_pieces(Q, K, V, lg, deg, scale, c, d_tile)
-    g64 = f["g"] if f["g"] is not None else None
-    Sbar, sbar = f["Sbar"], f["sbar"]
-    Y = f["Y"].bfloat16()
-    dY = torch.randn(b, t, hq, d, generator=gen).bfloat16()
-    g = g64.float() if g64 is not None else None
-    # inputs as the kernel sees them (float32; Sbar rounded to bf16 as in the real op)
-    Sb16 = Sbar[:, :n].float().bfloat16().contiguous()
-    sb = sbar.float().contiguous()
-    O, l, m = f["O"].float(), f["l"].float(), f["m"].float()
-    key = QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile)
-    cfg = QB.default_config(key).model_copy(update={"rows_per_lane": rpl, "mma": mma})
-    outs = {k: torch.zeros(b, t, hq, d) for k in ("dQ", "dO", "dAh")}
-    outs.update({k: torch.zeros(b, t, hq) for k in ("dl", "dBh", "qscale", "dg")})
-    rt = -(-c // cfg.rows)
-    tab = block_table(d, deg, d_tile, "cpu")
-    _run(QB, key, cfg, b * hq * n * rt,
-         (Q, g, Sb16, sb, O, l, m, Y, dY, tab, outs["dQ"], outs["dO"], outs["dl"], outs["dAh"], outs["dBh"],
-          outs["qscale"], outs["dg"], t, n, c, hq, gqa, n, sb.shape[1], rt, scale**deg))
-    gz = g64 if g64 is not None else torch.zeros(b, t, h, dtype=F64)
-    w = em.qs_bwd_rows(Q.double(), gz, Sb16.double(), sb[:, :n].double(), O.double(), l.double(), m.double(),
-                       Y.double(), dY.double(), deg, d_tile, scale, c)
-    for name, want in zip(("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg"), w):
-        if mma and name == "dg":
-            # dg = phi.dphi + dO.O + dl l: cancelling terms (their exact sum is -dl 1e-6), so tf32's
-            # rounding shows relative to the tiny result; compare against the size of the terms
-            _close(outs[name], want, 3e-3 * (outs["dl"].abs() * l).max().item() / want.abs().max().item())
-            continue
-        _close(outs[name], want, 3e-3 if mma else 1e-3)
-    # state pass from the kernel's own row outputs
-    key_s = key.model_copy(update={"stage": "state"})
-    cfg_s = QB.default_config(key_s).model_copy(update={"rows_per_lane": rpl, "mma": mma})
-    from vidrial.kernels.power_retention.query_state_bwd import state_ftiles
-
-    ft = state_ftiles(D, cfg_s)
-    dSbar, dsbar = torch.zeros(b, n, h, D, d), torch.zeros(b, n, h, D)
-    _run(QB, key_s, cfg_s, b * h * n * ft, (Q, outs["qscale"], outs["dAh"], outs["dBh"], tab, dSbar, dsbar, t, n, c,
-                                             hq, gqa, ft, scale**deg))
-    wS, ws = em.qs_bwd_state(Q.double(), outs["qscale"].double(), outs["dAh"].double(), outs["dBh"].double(), h, deg,
-                             d_tile, scale, c)
-    _close(dSbar, wS, 3e-3 if mma else 2e-4)
-    _close(dsbar, ws, 3e-3 if mma else 2e-4)
 
 
 @needs_gxx
@@ -250,63 +136,21 @@ def test_discumsum_bwd_kernel_on_cpu(gating, final, init):
         _close(ds0, want[4], 1e-5)
 
 
-@needs_gxx
-@pytest.mark.parametrize("d,deg,tile,c,gqa,gating,mma", [(32, 2, 32, 80, 2, True, False), (16, 4, 64, 64, 1, True, False),
-                                                         (32, 2, 64, 96, 1, False, False), (32, 2, 32, 80, 2, True, True),
-                                                         (32, 2, 64, 96, 1, True, True)])
-def test_intra_bwd_kernels_on_cpu(d, deg, tile, c, gqa, gating, mma):
-    b, h, n = 1, 1, 2
-    hq = h * gqa
-    t = n * c - 7  # a partial last chunk
-    gen = torch.Generator().manual_seed(4)
-    Q = torch.randn(b, t, hq, d, generator=gen).bfloat16()
-    K = torch.randn(b, t, h, d, generator=gen).bfloat16()
-    V = torch.randn(b, t, h, d, generator=gen).bfloat16()
-    scale = 1.0 / math.sqrt(d)
-    lg = torch.nn.functional.logsigmoid(torch.randn(b, t, h, generator=gen, dtype=F64) + 1.0) if gating else None
-    from vidrial.reference.forward import intra_chunk_attention_reference
-
-    O, l, m = intra_chunk_attention_reference(Q, K, V, lg, deg, scale, c)
-    dO = torch.randn(b, t, hq, d, generator=gen)
-    dl = torch.randn(b, t, hq, generator=gen)
-    g = None
-    if gating:
-        tp = n * c
-        gp = torch.nn.functional.pad(lg, (0, 0, 0, tp - t)).reshape(b, n, c, h).cumsum(2).reshape(b, tp, h)
-        g = gp[:, :t].float().contiguous()
-    mf = m.float()
-    dQ, dK, dV, dg = (torch.zeros(b, t, hq, d), torch.zeros(b, t, h, d), torch.zeros(b, t, h, d), torch.zeros(b, t, h))
-    for stage in ("dkv", "dq"):
-        key = IntraBwdKey(head_dim=d, deg=deg, stage=stage)
-        cfg = IntraBwdConfig(tile=tile, mma=mma)
-        tiles = -(-c // tile)
-        heads = h if stage == "dkv" else hq
-        _run(IB, key, cfg, b * heads * n * tiles,
-             (Q, K, V, g, mf, dO, dl, None, dQ, dK, dV, dg if gating else None, t, n, c, hq, gqa, tiles, scale))
-    # emulation on the padded problem
-    pad = n * c - t
-    P = lambda x: torch.nn.functional.pad(x.double(), (0, 0) * (x.dim() - 2) + (0, pad))  # noqa: E731
-    gpad = torch.nn.functional.pad(g.double(), (0, 0, 0, pad)) if gating else None
-    wQ, wK, wV, wg = em.intra_bwd(P(Q), P(K), P(V), gpad, P(mf), P(dO), P(dl), deg, scale, c)
-    tol = 3e-3 if mma else 2e-4
-    _close(dQ, wQ[:, :t], tol)
-    _close(dK, wK[:, :t], tol)
-    _close(dV, wV[:, :t], tol)
-    if gating:
-        _close(dg, wg[:, :t], tol)
-
-
 # ---- the whole backward op (launchers + glue of vidrial.autograd) on the CPU --------------------------
-def _backward_op_errors(gating, state, gqa, chunk, t=96, dtype=torch.bfloat16, small_first_score=False):
+def _backward_op_errors(gating, state, gqa, chunk, t=96, dtype=torch.bfloat16, small_first_score=False,
+                        update_state=None):
     """vidrial::power_retention_bwd with every kernel executed on the CPU (real launchers, real glue), fed
     with the forward's saved tensors (float64 forward, cast as the forward kernels store them), against
     float64 autograd of the reference: {gradient name: relative error}. small_first_score: the sequence's
     first query nearly orthogonal to its key (x_00 = s q_0.k_0 = 1e-3 s |q_0| |k_0|): Y_0 = v_0 whatever
-    q_0, so the true dQ_0 is 0 while the kernels' ds_00 ~ (dP_00 + dl_0) / x_00 amplifies any rounding."""
+    q_0, so the true dQ_0 is 0 while the kernels' ds_00 ~ (dP_00 + dl_0) / x_00 amplifies any rounding.
+    update_state: the stand-in for the forward update_state that runs query_state_bwd's state pass
+    (default: bwd_host_emu.emulated_update_state(), bf16-faithful; the CPU cannot run that kernel)."""
     import vidrial.autograd  # noqa: F401
     from vidrial.reference.forward import intra_chunk_attention_reference, power_retention_reference
 
     undo = bwd_host_emu.install()
+    undo_us = bwd_host_emu.install_update_state(update_state)
     try:
         d, deg, d_tile = 32, 2, 8
         b, h = 1, 1
@@ -356,57 +200,37 @@ def _backward_op_errors(gating, state, gqa, chunk, t=96, dtype=torch.bfloat16, s
         return {name: ((a.double() - w.grad).norm() / w.grad.norm()).item()
                 for name, a, w in zip(("dQ", "dK", "dV", "dlog_G", "dS0", "ds0"), got, leaves) if w is not None}
     finally:
+        undo_us()
         undo()
 
 
-def _defaults(monkeypatch, mma, impl, state_impl):
-    from vidrial.kernels.power_retention import _bwd_util
-    from vidrial.kernels.power_retention import intra_chunk_attention_bwd as icb
-    from vidrial.kernels.power_retention import query_state_bwd as qsb
-
-    monkeypatch.setattr(_bwd_util, "MMA_DEFAULT", mma)
-    monkeypatch.setattr(icb, "IMPL_DEFAULT", impl)
-    monkeypatch.setattr(qsb, "STATE_IMPL_DEFAULT", state_impl)
-    assert IB.default_config(IntraBwdKey(head_dim=32)).impl == impl
-
-
 @needs_gxx
-@pytest.mark.parametrize("gating,state,gqa,chunk,mma,impl", [
-    (True, True, 2, 48, False, "rowloop"), (False, False, 1, 32, False, "rowloop"),
-    (True, False, 1, 0, False, "rowloop"), (True, True, 2, 48, True, "rowloop"), (True, True, 2, 48, True, "flash"),
-    (True, False, 1, 0, True, "flash")])
-def test_backward_op_on_cpu_matches_float64_autograd(gating, state, gqa, chunk, mma, impl, monkeypatch,
-                                                    state_impl: str = "kernel"):
-    """The whole backward op on the CPU (_backward_op_errors). impl: the intra-chunk backward's default
-    implementation (the op switches by config); state_impl: query_state_bwd's state pass (the default
-    "update_state" runs the forward update_state kernel, which the CPU emulates only in
-    tests/test_qs_bwd_state_update_cpu.py, the caller that passes it)."""
-    _defaults(monkeypatch, mma, impl, state_impl)
+@pytest.mark.parametrize("gating,state,gqa,chunk", [(True, True, 2, 48), (False, False, 1, 32), (True, False, 1, 0)])
+def test_backward_op_on_cpu_matches_float64_autograd(gating, state, gqa, chunk):
+    """The whole backward op on the CPU (_backward_op_errors; query_state_bwd's state pass on the
+    bf16-faithful stand-in for update_state)."""
     for name, err in _backward_op_errors(gating, state, gqa, chunk).items():
         assert err < 2e-2, f"{name}: {err:.3e}"
 
 
 @needs_gxx
-@pytest.mark.parametrize("impl", ["flash", "rowloop"])
 @pytest.mark.parametrize("chunk", [32, 0])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_backward_op_first_row_with_a_small_score(dtype, chunk, impl, monkeypatch):
+def test_backward_op_first_row_with_a_small_score(dtype, chunk):
     """The fp16 backward hole (H200, ungated, t=1500: dQ off by 7e-2 .. 1.2 on some seeds): a sequence whose
     first score x_00 is small. The true dQ_0 is 0 (Y_0 = v_0); the flash kernel got dP_00 + dl_0 = 0 only
     if it saw V and the incoming gradient exactly, but it rounded fp16 V and dO to bf16 (1.3e-1 relative
-    error here before the fix). bf16 inputs and the fp32 rowloop were not affected."""
-    _defaults(monkeypatch, False, impl, "kernel")
+    error here before the fix). bf16 inputs were not affected."""
     errs = _backward_op_errors(False, False, 1, chunk, dtype=dtype, small_first_score=True)
     assert max(errs.values()) < 1e-2, errs
 
 
 @needs_gxx
 @pytest.mark.parametrize("t,chunk", [(128, 0), (192, 64)])
-def test_flash_gate_gradient_rows_match_columns(t, chunk, monkeypatch):
-    """dlog_G with impl="flash": the intra row part sum_j P dP (dgrow) must come from the same bf16-operand
+def test_flash_gate_gradient_rows_match_columns(t, chunk):
+    """dlog_G: the intra row part sum_j P dP (dgrow) must come from the same bf16-operand
     P and dP as the column part (dgcol), else the two, which cancel over a chunk, leave the difference of
-    fp32 and bf16 dO behind (before: 3.4e-2 quadratic, 9.3e-3 chunked; the rowloop: 1.2e-3, 3.2e-3)."""
-    _defaults(monkeypatch, False, "flash", "kernel")
+    fp32 and bf16 dO behind (before: 3.4e-2 quadratic, 9.3e-3 chunked; the retired row loop: 1.2e-3, 3.2e-3)."""
     errs = _backward_op_errors(True, False, 2, chunk, t=t)
     assert errs["dlog_G"] < 6e-3, errs
     assert max(errs.values()) < 6e-3, errs

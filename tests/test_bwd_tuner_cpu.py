@@ -37,9 +37,8 @@ needs_gxx = pytest.mark.skipif(not bwd_host_emu.available(), reason="g++ not fou
 # small keys: with TUNE_CHUNK patched to 32 (p=2) / 16 (p=4) each problem has 2+ heads of 2+ chunks
 SMALL = [
     ("update_state_bwd", dict(head_dim=32, deg=2, d_tile=8, tokens=256)),
-    ("update_state_bwd", dict(head_dim=16, deg=4, d_tile=2, dtype="float16", tokens=128)),
-    ("query_state_bwd", dict(head_dim=32, deg=2, d_tile=8, tokens=256, stage="rows")),
-    ("query_state_bwd", dict(head_dim=32, deg=2, d_tile=8, tokens=64, stage="state")),
+    ("update_state_bwd", dict(head_dim=32, deg=4, d_tile=4, dtype="float16", tokens=128)),
+    ("query_state_bwd", dict(head_dim=32, deg=2, d_tile=8, tokens=256)),
     ("discumsum_bwd", dict(head_dim=8, feature_dim=40, batch_heads=2, chunks=4)),
     ("intra_chunk_attention_bwd", dict(head_dim=32, deg=2, stage="dkv", chunk_size=32, tokens=256)),
     ("intra_chunk_attention_bwd", dict(head_dim=32, deg=2, dtype="float16", stage="dq", chunk_size=32, tokens=256)),
@@ -115,7 +114,7 @@ def test_problem_lands_in_the_key_buckets(name, kw, monkeypatch):
 
 def _scale(fam, key, inputs, ref, i) -> float:
     """The size check_outputs measures tensor i against (query_state_bwd's dg: the size of its terms)."""
-    if fam.name == "query_state_bwd" and key.stage == "rows" and ROW_OUTPUTS[i] == "dg":
+    if fam.name == "query_state_bwd" and ROW_OUTPUTS[i] == "dg":
         dl = ref[ROW_OUTPUTS.index("dl")]
         return max(ref[i].norm().item(), (dl * bt.leading(inputs["l"], dl.shape)).norm().item())
     return ref[i].norm().item()
@@ -181,12 +180,10 @@ def host_kernels():
 
 
 def _other_config(fam, key):
-    """A second valid config of the space, far from the default (flipped tensor cores where it can)."""
-    space = load_search_space(fam)
-    valid = space.valid_configs(key, "sm_90")
+    """A second valid config of the space."""
+    valid = load_search_space(fam).valid_configs(key, "sm_90")
     default = fam.default_config(key)
-    flipped = [c for c in valid if getattr(c, "mma", None) not in (None, getattr(default, "mma", None))]
-    return (flipped or [c for c in valid if c != default])[0]
+    return [c for c in valid if c != default][0]
 
 
 @needs_gxx
@@ -236,7 +233,7 @@ def _cpu_timer(fn, device=None, **_):
 
 
 @needs_gxx
-@pytest.mark.parametrize("name,kw", [SMALL[4], SMALL[6]], ids=["discumsum_bwd", "intra_dq"])
+@pytest.mark.parametrize("name,kw", [SMALL[3], SMALL[5]], ids=["discumsum_bwd", "intra_dq"])
 def test_a_short_study_on_the_cpu_checks_times_and_records(name, kw, host_kernels, monkeypatch, tmp_path):
     import json
 

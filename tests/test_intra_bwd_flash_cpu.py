@@ -1,4 +1,4 @@
-"""impl="flash" of intra_chunk_attention_bwd on the CPU (no GPU needed).
+"""intra_chunk_attention_bwd (FlashAttention-2 style on tensor cores) on the CPU (no GPU needed).
 
 * the host shim's PTX emulation (tests/bwd_host_emu.py: mma.sync m16n8k16 bf16/f16, ldmatrix(.trans),
   cp.async, the C -> A fragment reuse) against a plain matmul, through a one-warp test kernel;
@@ -6,8 +6,8 @@
   primitives) to the float64 reference: the emulated semantics are the hardware's, as far as they go;
 * the flash kernels executed on the CPU against the float64 emulation (bwd_emulation.intra_bwd), both
   exact and with the kernel's bf16 operand rounding, outputs poisoned with NaN before the run;
-* the launcher (fp16 inputs, the quadratic path) against the rowloop kernels, run the same way (the whole
-  backward op with flash as the default: tests/test_backward_kernels_cpu.py);
+* the launcher (fp16 inputs, the quadratic path) against the float64 emulation (the whole backward op:
+  tests/test_backward_kernels_cpu.py);
 * the emulation catches a missing cp.async wait, a wrong mask and a wrong ldmatrix (mutated sources).
 """
 from __future__ import annotations
@@ -35,7 +35,6 @@ import bwd_host_emu  # noqa: E402
 F64 = torch.float64
 NAN = float("nan")
 pytestmark = pytest.mark.skipif(not bwd_host_emu.available(), reason="g++ not found (host execution of the kernels)")
-FLASH = dict(impl="flash")
 
 
 def rel(got, want) -> float:
@@ -194,7 +193,7 @@ CASES = [  # d, deg, chunk, gqa, gating, dkv config, dq config (None: flash_defa
 @pytest.mark.parametrize("d,deg,c,gqa,gating,kv,q", CASES)
 def test_flash_kernels_on_cpu(d, deg, c, gqa, gating, kv, q):
     p = _problem(d, deg, c, gqa, gating)
-    cfgs = [IntraBwdConfig(**FLASH, **x) if x else flash_default(IntraBwdKey(head_dim=d, stage=st))
+    cfgs = [IntraBwdConfig(**x) if x else flash_default(IntraBwdKey(head_dim=d, stage=st))
             for x, st in ((kv, "dkv"), (q, "dq"))]
     for cfg, st in zip(cfgs, ("dkv", "dq")):
         IB.check(IntraBwdKey(head_dim=d, deg=deg, stage=st), cfg, "sm_90")
@@ -239,9 +238,9 @@ def test_emulation_catches_kernel_bugs(mutation):
 
 # ---- launcher and the backward op ---------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,chunk", [(torch.float16, 48), (torch.bfloat16, None)])
-def test_launcher_flash_matches_rowloop(dtype, chunk):
-    """The launcher with impl='flash' (fp16 inputs converted to bf16; the quadratic path chunk=None)
-    against the rowloop kernels, both executed on the CPU through the launcher."""
+def test_launcher_flash_against_float64(dtype, chunk):
+    """The launcher (fp16 inputs; the quadratic path chunk=None) executed on the CPU against the float64
+    emulation on the same inputs."""
     from vidrial.kernels.power_retention.intra_chunk_attention_bwd import intra_chunk_attention_bwd
 
     p = _problem(32, 2, 48, 2, True, n=2, pad=5)
@@ -250,16 +249,18 @@ def test_launcher_flash_matches_rowloop(dtype, chunk):
     g = p["g"] if chunk else -torch.rand(1, Q.shape[1], 1, generator=torch.Generator().manual_seed(6)).cumsum(1) * 0.2
     undo = bwd_host_emu.install()
     try:
-        outs = {}
-        for impl in ("rowloop", "flash"):
-            cfg = flash_default(IntraBwdKey(head_dim=32)) if impl == "flash" else IntraBwdConfig(tile=32)
-            qcfg = flash_default(IntraBwdKey(head_dim=32, stage="dq")) if impl == "flash" else IntraBwdConfig(tile=32)
-            outs[impl] = intra_chunk_attention_bwd(Q, K, V, g, p["m"], p["dO"], p["dl"], deg=2, scale=p["scale"],
-                                                   chunk_size=chunk, config=cfg, dq_config=qcfg)
+        out = intra_chunk_attention_bwd(Q, K, V, g, p["m"], p["dO"], p["dl"], deg=2, scale=p["scale"],
+                                        chunk_size=chunk, config=flash_default(IntraBwdKey(head_dim=32)),
+                                        dq_config=flash_default(IntraBwdKey(head_dim=32, stage="dq")))
     finally:
         undo()
-    for a, b_ in zip(outs["flash"], outs["rowloop"]):
-        assert rel(a, b_) < 6e-3
+    t = Q.shape[1]
+    c = chunk or t
+    pad = -(-t // c) * c - t
+    P = lambda x: torch.nn.functional.pad(x.double(), (0, 0) * (x.dim() - 2) + (0, pad))  # noqa: E731
+    want = em.intra_bwd(P(Q), P(K), P(V), P(g), P(p["m"]), P(p["dO"]), P(p["dl"]), 2, p["scale"], c)
+    for name, a, w in zip(("dQ", "dK", "dV", "dg"), out, want):
+        assert rel(a, w[:, :t]) < 6e-3, name
 
 
 def test_launcher_flash_fp16_small_diagonal_scores():
@@ -301,14 +302,12 @@ def test_launcher_flash_fp16_small_diagonal_scores():
 
 
 def test_flash_config_rules():
-    with pytest.raises(Exception, match="mma"):
-        IntraBwdConfig(impl="flash", mma=True)
     with pytest.raises(Exception, match="warps"):
-        IntraBwdConfig(impl="flash", tile=64, warps=1)  # 64 rows per warp
+        IntraBwdConfig(tile=64, warps=1)  # 64 rows per warp
     with pytest.raises(Exception, match="step"):
-        IntraBwdConfig(step=32)  # rowloop has no step
+        IntraBwdConfig(step=8)
     with pytest.raises(ConfigError, match="step"):
-        IB.check(IntraBwdKey(head_dim=128), IntraBwdConfig(impl="flash", tile=64, step=64), "sm_90")
+        IB.check(IntraBwdKey(head_dim=128), IntraBwdConfig(tile=64, step=64), "sm_90")
     with pytest.raises(ConfigError, match="head_dim"):
-        IB.check(IntraBwdKey(head_dim=48), IntraBwdConfig(impl="flash"), "sm_90")
-    assert IB.threads_per_block(IntraBwdConfig(impl="flash", tile=128, warps=8)) == 256
+        IB.check(IntraBwdKey(head_dim=48), IntraBwdConfig(), "sm_90")
+    assert IB.threads_per_block(IntraBwdConfig(tile=128, warps=8)) == 256

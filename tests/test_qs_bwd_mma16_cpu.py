@@ -1,7 +1,7 @@
-"""query_state_bwd impl="mma16" (the tensor-core rows pass, templates/query_state_bwd.cu.j2) on
-the CPU: its config rules, and the kernel itself executed through tests/bwd_host_emu.py (mma.sync
-m16n8k16 bf16, ldmatrix and cp.async emulated) against the float64 row pass of bwd_emulation and
-against the row-loop kernel, with poisoned outputs. Its NVRTC compilation (sm_80 / sm_90, no spills)
+"""query_state_bwd's rows pass (the tensor-core kernel, templates/query_state_bwd.cu.j2) on the CPU:
+its config rules, and the kernel itself executed through tests/bwd_host_emu.py (mma.sync m16n8k16
+bf16, ldmatrix and cp.async emulated) against the float64 rows pass of reference.backward, with
+poisoned outputs. Its NVRTC compilation (sm_80 / sm_90, no spills)
 is part of test_backward_kernels_cpu.py's corner configs."""
 from __future__ import annotations
 
@@ -34,35 +34,30 @@ TOL = 2e-5
 
 @pytest.mark.parametrize("fields,field", [
     (dict(warps=1), "warps"), (dict(tile_f=32), "tile_f"), (dict(stages=5), "stages"),
-    (dict(rows_per_lane=1), "rows_per_lane"), (dict(mma=True), "mma"),
 ])
 def test_mma16_field_rules(fields, field):
     value = list(fields.values())[0]
     with pytest.raises((ConfigError, ValidationError), match=rf"{field}={value}"):
-        QueryStateBwdConfig(impl="mma16", **fields)
+        QueryStateBwdConfig(**fields)
     # model_copy skips the validators: check() applies the same rules
-    cfg = QueryStateBwdConfig(impl="mma16").model_copy(update=fields)
+    cfg = QueryStateBwdConfig().model_copy(update=fields)
     with pytest.raises(ConfigError, match=rf"{field}={value}"):
         QB.check(QueryStateBwdKey(), cfg, "sm_90")
 
 
 def test_mma16_key_rules_and_geometry():
-    cfg = QueryStateBwdConfig(impl="mma16", warps=2)
-    assert cfg.rows == 64 and QueryStateBwdConfig(warps=8).rows == 64  # rowloop: 32 * rows_per_lane
-    with pytest.raises(ConfigError, match="impl='mma16'.*the rows pass only"):
-        QB.check(QueryStateBwdKey(stage="state"), cfg, "sm_90")
-    with pytest.raises(ConfigError, match="impl='mma16'.*head_dim a multiple of 32 up to 128"):
+    cfg = QueryStateBwdConfig(warps=2)
+    assert cfg.rows == 64
+    with pytest.raises(ConfigError, match="head_dim a multiple of 32 up to 128"):
         QB.check(QueryStateBwdKey(head_dim=256, d_tile=16), cfg, "sm_90")
-    with pytest.raises(ConfigError, match="impl='mma16'.*d_tile a power of two"):
+    with pytest.raises(ConfigError, match="d_tile a power of two"):
         QB.check(QueryStateBwdKey(head_dim=96, d_tile=3), cfg, "sm_90")
     with pytest.raises(ConfigError, match="shared memory"):  # 8 warps at d=64: 204 KB > sm_80's 163 KB
-        QB.check(QueryStateBwdKey(head_dim=64), QueryStateBwdConfig(impl="mma16", warps=8), "sm_80")
-    with pytest.raises((ConfigError, ValidationError), match="stages=3"):
-        QueryStateBwdConfig(stages=3)  # rowloop has no pipeline
+        QB.check(QueryStateBwdKey(head_dim=64), QueryStateBwdConfig(warps=8), "sm_80")
     for key in QB.standard_keys():
-        if key.stage == "rows":
-            QB.check(key, mma16_config(key), "sm_80")
-            assert mma16_config(key) in QB.corner_configs(key)
+        QB.check(key, mma16_config(key), "sm_80")
+        assert mma16_config(key) in QB.corner_configs(key)
+        assert QB.default_config(key) == mma16_config(key)
 
 
 # ---- the kernel executed on the CPU ---------------------------------------------------------------
@@ -119,11 +114,11 @@ def _close(name, got, want, terms, tol):
 
 @needs_emu
 @pytest.mark.parametrize("d,deg,d_tile,c,n,gqa,gating,cfg", [
-    (32, 2, 8, 48, 2, 2, True, QueryStateBwdConfig(impl="mma16", warps=2)),          # one partial tile, GQA
-    (64, 2, 8, 96, 2, 1, False, QueryStateBwdConfig(impl="mma16", warps=2)),         # second tile partial
-    (32, 2, 16, 64, 2, 1, True, QueryStateBwdConfig(impl="mma16", warps=2, tile_f=128, stages=3)),  # high digit
-    (32, 2, 1, 32, 2, 2, True, QueryStateBwdConfig(impl="mma16", warps=2)),          # T=1: scalar chunks, D tail
-    (32, 4, 4, 32, 1, 1, True, QueryStateBwdConfig(impl="mma16", warps=2, tile_f=128)),  # p=4: D=84480, one CTA
+    (32, 2, 8, 48, 2, 2, True, QueryStateBwdConfig(warps=2)),          # one partial tile, GQA
+    (64, 2, 8, 96, 2, 1, False, QueryStateBwdConfig(warps=2)),         # second tile partial
+    (32, 2, 16, 64, 2, 1, True, QueryStateBwdConfig(warps=2, tile_f=128, stages=3)),  # high digit
+    (32, 2, 1, 32, 2, 2, True, QueryStateBwdConfig(warps=2)),          # T=1: scalar chunks, D tail
+    (32, 4, 4, 32, 1, 1, True, QueryStateBwdConfig(warps=2, tile_f=128)),  # p=4: D=84480, one CTA
 ])
 def test_mma16_rows_pass_on_cpu(d, deg, d_tile, c, n, gqa, gating, cfg):
     key = QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile)
@@ -137,46 +132,35 @@ def test_mma16_rows_pass_on_cpu(d, deg, d_tile, c, n, gqa, gating, cfg):
     terms = (want[2].abs() * p["l"].double()).max().item()
     for name, w in zip(OUTS, want):
         _close(name, got[name], w, terms, TOL)
-    if d != 64:
-        return  # the row-loop cross-check once (and in the launcher test): each host build costs seconds
-    # the row-loop kernel (fp32 CUDA cores) on the same inputs
-    ref = _kernel_outputs(key, QB.default_config(key).model_copy(update={"mma": False}), p)
-    for name in OUTS:
-        _close(name, got[name], ref[name], terms, TOL)
 
 
 @needs_emu
-def test_launcher_with_mma16_matches_rowloop_on_cpu():
-    """query_state_bwd (grid from config.rows = 32 * warps, then the state pass on its outputs) with
-    impl="mma16" equals the row-loop launch; state=False runs the rows pass alone."""
+def test_launcher_on_cpu():
+    """query_state_bwd (grid from config.rows = 32 * warps, then the state pass on its outputs) against
+    the float64 rows pass; the state pass gets the rows pass's outputs (qs_bwd_state_update, on the
+    stand-in for update_state); state=False runs the rows pass alone."""
+    from vidrial.kernels.power_retention import qs_bwd_state_update as mod
     from vidrial.kernels.power_retention.query_state_bwd import query_state_bwd
 
     d, deg, d_tile, c = 32, 2, 8, 96
     p = _problem(d, deg, d_tile, c, 2, True, seed=5, n=1)
     args = (p["Q"], p["g"].float(), p["Sb16"], p["sb"], p["O"], p["l"], p["m"], p["Y"], p["dY"])
-    kw = dict(deg=deg, d_tile=d_tile, scale=p["scale"], chunk_size=c, state_impl="kernel")
+    kw = dict(deg=deg, d_tile=d_tile, scale=p["scale"], chunk_size=c)
     undo = bwd_host_emu.install()
+    undo_us = bwd_host_emu.install_update_state()
     try:
-        got = query_state_bwd(*args, config=QueryStateBwdConfig(impl="mma16", warps=2), **kw)
-        want = query_state_bwd(*args, config=QueryStateBwdConfig(), **kw)
-        rows = query_state_bwd(*args, config=QueryStateBwdConfig(impl="mma16", warps=2), state=False, **kw)
+        got = query_state_bwd(*args, config=QueryStateBwdConfig(warps=2), **kw)
+        rows = query_state_bwd(*args, config=QueryStateBwdConfig(warps=2), state=False, **kw)
+        dS, ds = mod.state_pass_update_state(p["Q"], got["qscale"], got["dAh"], got["dBh"], 1, deg=deg,
+                                             d_tile=d_tile, scale=p["scale"], chunk_size=c)
     finally:
+        undo_us()
         undo()
     assert "dSbar" not in rows and all(torch.equal(rows[k], got[k]) for k in OUTS)  # state=False: rows pass only
-    terms = (want["dl"].abs() * p["l"]).max().item()
-    for name in OUTS + ("dSbar", "dsbar"):
-        _close(name, got[name], want[name], terms, TOL)
-
-
-def test_rows_impl_default_switch(monkeypatch):
-    """ROWS_IMPL_DEFAULT ('mma16' since its GPU tests passed) picks the rows pass's default; the state
-    pass keeps the row loop."""
-    from vidrial.kernels.power_retention import query_state_bwd as qsb
-
-    key = QueryStateBwdKey(head_dim=64)
-    assert QB.default_config(key) == mma16_config(key)
-    monkeypatch.setattr(qsb, "ROWS_IMPL_DEFAULT", "rowloop")
-    assert QB.default_config(key).impl == "rowloop"
-    monkeypatch.setattr(qsb, "ROWS_IMPL_DEFAULT", "mma16")
-    assert QB.default_config(key) == mma16_config(key)
-    assert QB.default_config(key.model_copy(update={"stage": "state"})).impl == "rowloop"
+    assert torch.equal(got["dSbar"], dS) and torch.equal(got["dsbar"], ds)
+    want = em.qs_bwd_rows(p["Q"].double(), p["g"].float().double(), p["Sb16"].double(), p["sb"][:, :p["n"]].double(),
+                          p["O"].double(), p["l"].double(), p["m"].double(), p["Y"].double(), p["dY"].double(), deg,
+                          d_tile, p["scale"], c)
+    terms = (want[2].abs() * p["l"].double()).max().item()
+    for name, w in zip(OUTS, want):
+        _close(name, got[name], w, terms, TOL)

@@ -5,7 +5,7 @@ rounds like the kernel (bf16 inputs, phi(K') by bf16 multiplies, fp32 outputs) a
 launcher's input checks. Checked: the composition is exact w.r.t. its bf16 inputs (layout, GQA sum,
 folded factors), it stays within bf16 tolerance of the state pass's float64 emulation and of float64
 autograd (full gradients), the inputs pass update_state's checks and its kernels for these chunk
-lengths compile (NVRTC sm_80/sm_90), and the switch in query_state_bwd selects it."""
+lengths compile (NVRTC sm_80/sm_90), and query_state_bwd runs it (the only state pass)."""
 from __future__ import annotations
 
 import math
@@ -18,9 +18,7 @@ import torch
 from vidrial.core.errors import InputError
 from vidrial.reference import backward as em
 from vidrial.kernels.power_retention import qs_bwd_state_update as mod
-from vidrial.kernels.power_retention import query_state_bwd as qsb
 from vidrial.reference.forward import phi, power_retention_reference
-from vidrial.kernels.power_retention.sympow import layout
 from vidrial.kernels.power_retention.update_state import update_state as real_update_state
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -34,31 +32,7 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def _phi_bf16(x, deg, d_tile):
-    """phi of bf16 x as update_state forms it: a bf16 multiply per factor, coef applied in fp32 later."""
-    idx, coef = layout(x.shape[-1], deg, d_tile).feature_indices()
-    out = x[..., idx[:, 0]]
-    for j in range(1, deg):
-        out = (out.float() * x[..., idx[:, j]].float()).bfloat16()  # exact product, one bf16 rounding
-    return out.double(), coef
-
-
-def emulated_update_state(round_phi: bool):
-    """Stand-in for update_state: the launcher's checks, then float64 sums of phi(K) V^T / phi(K)."""
-    def run(K, V, log_G, *, deg, d_tile, chunk_size, config=None):
-        with pytest.raises(InputError, match=r"^K: got device cpu; expected a CUDA tensor"):
-            real_update_state(K, V, log_G, deg=deg, d_tile=d_tile, chunk_size=chunk_size, config=config)
-        assert log_G is None
-        b, t, h, d = K.shape
-        n = t // chunk_size
-        pk, coef = _phi_bf16(K, deg, d_tile) if round_phi else (phi(K, deg, d_tile), None)
-        pk = pk.reshape(b, n, chunk_size, h, -1)
-        S = torch.einsum("bnchD,bnche->bnhDe", pk, V.double().reshape(b, n, chunk_size, h, d))
-        s = pk.sum(2)
-        if coef is not None:  # the kernel's fp32 epilogue
-            S, s = S * coef[:, None], s * coef
-        return S.float(), s.float()
-    return run
+emulated_update_state = bwd_host_emu.emulated_update_state  # the stand-in for update_state
 
 
 def _rows_pass(b, t, hq, h, d, deg, d_tile, c, gating, seed):
@@ -205,8 +179,8 @@ def test_update_state_kernels_for_the_state_pass_compile():
 
 @pytest.mark.skipif(not bwd_host_emu.available(), reason="g++ not found (host execution of the kernels)")
 def test_backward_op_on_cpu_with_update_state_pass(monkeypatch):
-    """vidrial::power_retention_bwd on the CPU (other kernels host-executed, real launchers and glue) with
-    the switch on: query_state_bwd must route its state pass here; gradients vs float64 autograd."""
+    """vidrial::power_retention_bwd on the CPU (other kernels host-executed, real launchers and glue):
+    query_state_bwd must route its state pass here; gradients vs float64 autograd."""
     calls = []
     emulated = emulated_update_state(round_phi=True)
 
@@ -215,22 +189,15 @@ def test_backward_op_on_cpu_with_update_state_pass(monkeypatch):
         return emulated(*args, **kwargs)
 
     monkeypatch.setattr(mod, "update_state", counted)
-    kernels_cpu.test_backward_op_on_cpu_matches_float64_autograd(True, True, 2, 48, True, "rowloop", monkeypatch,
-                                                                 state_impl="update_state")
+    for name, err in kernels_cpu._backward_op_errors(True, True, 2, 48, update_state=counted).items():
+        assert err < 2e-2, f"{name}: {err:.3e}"
     assert calls == [2 * 48]  # one update_state chunk per (chunk, KV head): r * c rows
 
 
-def test_query_state_bwd_switch_and_errors(monkeypatch):
-    with pytest.raises(InputError, match=r"^state_impl: got 'fast'"):
-        qsb._state_impl("fast")
-    monkeypatch.setattr(qsb, "STATE_IMPL_DEFAULT", "update_state")
-    assert qsb._state_impl(None) == "update_state" and qsb._state_impl("kernel") == "kernel"
-    monkeypatch.setattr(qsb, "STATE_IMPL_DEFAULT", "nope")
-    with pytest.raises(InputError, match=r"^VIDRIAL_QS_BWD_STATE: got 'nope'"):
-        qsb._state_impl(None)
-    with pytest.raises(InputError, match=r"^state_impl: .*head_dim in \(32, 64, 128\)"):
+def test_state_pass_errors():
+    with pytest.raises(InputError, match=r"^Q: .*head_dim in \(32, 64, 128\)"):
         mod.check_supported(96, 1, 64)
-    with pytest.raises(InputError, match=r"^state_impl: .*multiple of 16"):
+    with pytest.raises(InputError, match=r"^chunk_size: .*multiple of 16"):
         mod.check_supported(64, 1, 40)
 
 

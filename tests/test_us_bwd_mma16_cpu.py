@@ -1,4 +1,4 @@
-"""update_state_bwd impl="mma16" (templates/update_state_bwd.cu.j2: dphi = dS v + ds and
+"""update_state_bwd (templates/update_state_bwd.cu.j2: dphi = dS v + ds and
 dV = phi(k)^T dS on bf16 tensor cores, the chain rule on the CUDA cores) on the CPU: its config rules,
 and the kernel itself executed through tests/bwd_host_emu.py (mma.sync m16n8k16 bf16, ldmatrix(.trans)
 and cp.async emulated) against the float64 emulation (bwd_emulation.update_state_bwd), with poisoned
@@ -40,41 +40,29 @@ TOL_EXACT = 1e-4  # dK and E vs float64 on the kernel's own (bf16) dS: fp32 sums
 
 @pytest.mark.parametrize("fields,field", [
     (dict(warps=1), "warps"), (dict(tile_f=32), "tile_f"), (dict(stages=5), "stages"),
-    (dict(rows_per_lane=1), "rows_per_lane"), (dict(mma=True), "mma"),
 ])
 def test_us_bwd_mma16_field_rules(fields, field):
     value = list(fields.values())[0]
     with pytest.raises((ConfigError, ValidationError), match=rf"{field}={value}"):
-        UpdateStateBwdConfig(impl="mma16", **fields)
-    cfg = UpdateStateBwdConfig(impl="mma16").model_copy(update=fields)  # skips the validators
+        UpdateStateBwdConfig(**fields)
+    cfg = UpdateStateBwdConfig().model_copy(update=fields)  # skips the validators
     with pytest.raises(ConfigError, match=rf"{field}={value}"):
         UB.check(UpdateStateBwdKey(), cfg, "sm_90")
 
 
-def test_us_bwd_mma16_key_rules_and_defaults(monkeypatch):
-    from vidrial.kernels.power_retention import update_state_bwd as usb
-
-    cfg = UpdateStateBwdConfig(impl="mma16", warps=2)
-    assert cfg.rows == 64 and UpdateStateBwdConfig(warps=8).rows == 64  # rowloop: 32 * rows_per_lane
-    with pytest.raises(ConfigError, match="impl='mma16'.*head_dim a multiple of 32 up to 128"):
+def test_us_bwd_mma16_key_rules_and_defaults():
+    cfg = UpdateStateBwdConfig(warps=2)
+    assert cfg.rows == 64
+    with pytest.raises(ConfigError, match="head_dim a multiple of 32 up to 128"):
         UB.check(UpdateStateBwdKey(head_dim=256, d_tile=16), cfg, "sm_90")
-    with pytest.raises(ConfigError, match="impl='mma16'.*multiple of 16 features"):
+    with pytest.raises(ConfigError, match="multiple of 16 features"):
         UB.check(UpdateStateBwdKey(head_dim=32, deg=2, d_tile=2), cfg, "sm_90")  # chunks of 4
     with pytest.raises(ConfigError, match="shared memory"):  # 8 warps at d=64: ~196 KB > sm_80's 163 KB
-        UB.check(UpdateStateBwdKey(head_dim=64), UpdateStateBwdConfig(impl="mma16", warps=8), "sm_80")
-    with pytest.raises((ConfigError, ValidationError), match="stages=3"):
-        UpdateStateBwdConfig(stages=3)  # rowloop has no pipeline
+        UB.check(UpdateStateBwdKey(head_dim=64), UpdateStateBwdConfig(warps=8), "sm_80")
     for key in UB.standard_keys():
         UB.check(key, mma16_config(key), "sm_80")
         assert mma16_config(key) in UB.corner_configs(key)
-    # the switch, read per call
-    key = UpdateStateBwdKey(head_dim=64)
-    assert UB.default_config(key) == mma16_config(key)
-    monkeypatch.setattr(usb, "IMPL_DEFAULT", "rowloop")
-    assert UB.default_config(key).impl == "rowloop"
-    monkeypatch.setattr(usb, "IMPL_DEFAULT", "mma16")
-    assert UB.default_config(key) == mma16_config(key)
-    assert UB.default_config(UpdateStateBwdKey(head_dim=32, d_tile=2)).impl == "rowloop"  # unsupported: row loop
+        assert UB.default_config(key) == mma16_config(key)
 
 
 # ---- the kernel executed on the CPU ---------------------------------------------------------------
@@ -119,12 +107,12 @@ def _rel(got, want):
 
 @needs_emu
 @pytest.mark.parametrize("b,h,d,deg,d_tile,c,n,gating,cfg", [
-    (2, 2, 32, 2, 8, 48, 2, False, UpdateStateBwdConfig(impl="mma16", warps=2)),  # one partial row tile, b, h > 1
-    (1, 1, 32, 2, 8, 96, 2, True, UpdateStateBwdConfig(impl="mma16", warps=2, tile_f=128, stages=3)),  # 2nd partial
-    (1, 2, 64, 2, 8, 64, 3, True, UpdateStateBwdConfig(impl="mma16", warps=2)),  # shape A's layout, 3 chunks
-    (1, 1, 32, 2, 16, 32, 2, True, UpdateStateBwdConfig(impl="mma16", warps=2)),  # T=16: a high digit per chunk
-    (1, 1, 32, 4, 4, 32, 1, True, UpdateStateBwdConfig(impl="mma16", warps=2, tile_f=128)),  # p=4: D=84480
-    (1, 1, 128, 2, 8, 32, 1, True, UpdateStateBwdConfig(impl="mma16", warps=2)),  # V's fragments from shared memory
+    (2, 2, 32, 2, 8, 48, 2, False, UpdateStateBwdConfig(warps=2)),  # one partial row tile, b, h > 1
+    (1, 1, 32, 2, 8, 96, 2, True, UpdateStateBwdConfig(warps=2, tile_f=128, stages=3)),  # 2nd partial
+    (1, 2, 64, 2, 8, 64, 3, True, UpdateStateBwdConfig(warps=2)),  # shape A's layout, 3 chunks
+    (1, 1, 32, 2, 16, 32, 2, True, UpdateStateBwdConfig(warps=2)),  # T=16: a high digit per chunk
+    (1, 1, 32, 4, 4, 32, 1, True, UpdateStateBwdConfig(warps=2, tile_f=128)),  # p=4: D=84480
+    (1, 1, 128, 2, 8, 32, 1, True, UpdateStateBwdConfig(warps=2)),  # V's fragments from shared memory
 ], ids=["b2h2-c48", "c96-tile128", "d64-n3", "T16", "p4", "d128"])
 def test_us_bwd_mma16_kernel_on_cpu(b, h, d, deg, d_tile, c, n, gating, cfg):
     key = UpdateStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile)
@@ -145,10 +133,10 @@ def test_us_bwd_mma16_kernel_on_cpu(b, h, d, deg, d_tile, c, n, gating, cfg):
 
 
 @needs_emu
-def test_us_bwd_mma16_launcher_matches_rowloop_on_cpu(monkeypatch):
-    """update_state_bwd with config=None after flipping IMPL_DEFAULT runs the mma16 kernel (grid from
-    config.rows = 32 * warps, the bf16 copy of dS) and agrees with the row loop's launch; the tuner
-    protocol's run() works with both implementations."""
+def test_us_bwd_mma16_launcher_on_cpu():
+    """update_state_bwd with config=None runs the default config (grid from config.rows = 32 * warps,
+    the bf16 copy of dS) and agrees with float64; the tuner protocol's run() passes its check with two
+    configs."""
     from vidrial.kernels.power_retention import update_state_bwd as usb
 
     b, h, d, deg, d_tile, c, n = 2, 2, 32, 2, 8, 64, 2
@@ -156,15 +144,14 @@ def test_us_bwd_mma16_launcher_matches_rowloop_on_cpu(monkeypatch):
     kw = dict(deg=deg, d_tile=d_tile, chunk_size=c)
     undo = bwd_host_emu.install()
     try:
-        want = usb.update_state_bwd(K, V, g, dS, ds, config=UpdateStateBwdConfig(), **kw)
-        monkeypatch.setattr(usb, "IMPL_DEFAULT", "mma16")
         got = usb.update_state_bwd(K, V, g, dS, ds, **kw)  # CPU tensors: the default config
         key = UpdateStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile, tokens=256)
         inputs = UB.make_inputs(key, "cpu", 0)
         expected = UB.reference(key, inputs)
-        for cfg in (mma16_config(key), UB.default_config(key).model_copy(update={"impl": "rowloop"})):
+        for cfg in (mma16_config(key), UpdateStateBwdConfig(warps=2, tile_f=128, stages=3)):
             assert UB.check_outputs(key, inputs, UB.run(key, cfg, inputs), expected) < UB.tolerance(key)
     finally:
         undo()
+    want = em.update_state_bwd(K.double(), V.double(), g.double(), dS.double(), ds.double(), deg, d_tile, c)
     for x, w in zip(got, want):
         assert _rel(x, w) < TOL

@@ -7,20 +7,18 @@ Inside each chunk (the quadratic path: one chunk of the whole sequence), j <= i:
     dk_j += ds q_i,  dg_j -= P dP
 
 (dO, dl: gradients w.r.t. the shifted O, l from the query_state backward; m is a constant because
-O e^m and l e^m do not depend on it). Two passes of one template: ``stage="dkv"`` (key-stationary,
-loops over the r query heads: GQA sums without atomics) and ``stage="dq"`` (query-stationary).
-``impl="rowloop"`` (default): fp32 SIMT (or tf32 mma with ``mma=True``), P recomputed in each pass.
-``impl="flash"`` (the default where head_dim allows): FlashAttention-2 style on bf16 tensor cores
-(templates/intra_chunk_attention_bwd_flash.cu.j2), same passes, outputs and semantics; its dq pass can
-also return dgrow_i = sum_j P dP, the row part of the gate gradient from the same bf16-operand P and dP
-as its dgcol (``want_dgrow``): vidrial.autograd uses it in place of the fp32 row term dO.O + dl (l - 1e-6),
-which does not cancel against a dgcol made from the bf16-rounded dO.
+O e^m and l e^m do not depend on it). Two passes of one template, FlashAttention-2 style on bf16 (fp16)
+tensor cores (templates/intra_chunk_attention_bwd.cu.j2), P recomputed in each pass: ``stage="dkv"``
+(key-stationary, loops over the r query heads: GQA sums without atomics) and ``stage="dq"``
+(query-stationary). The dq pass can also return dgrow_i = sum_j P dP, the row part of the gate gradient
+from the same bf16-operand P and dP as its dgcol (``want_dgrow``): vidrial.autograd uses it in place of
+the fp32 row term dO.O + dl (l - 1e-6), which does not cancel against a dgcol made from the bf16-rounded dO.
 """
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
@@ -41,27 +39,14 @@ FLASH_DEFAULT_ACC = 144
 
 
 class IntraBwdConfig(KernelConfig):
-    impl: Literal["rowloop", "flash"] = Field(
-        "rowloop", description="rowloop: the SIMT/tf32 row loops; flash: FlashAttention-2 style on bf16 tensor cores")
-    tile: int = Field(64, description="rowloop: queries and keys per tile (256 threads, (tile/16)^2 scores per "
-                                      "thread); flash: stationary rows per CTA (keys in dkv, queries in dq)")
-    mma: bool = Field(False, description="rowloop: the five GEMMs on tensor cores (mma.sync m16n8k8 tf32)")
-    step: int = Field(64, description="flash: rows of the other side per pipeline step")
-    warps: int = Field(4, description="flash: warps per CTA, each owns tile / warps stationary rows")
+    tile: int = Field(64, description="stationary rows per CTA (keys in dkv, queries in dq)")
+    step: int = Field(64, description="rows of the other side per pipeline step")
+    warps: int = Field(4, description="warps per CTA, each owns tile / warps stationary rows")
 
     @model_validator(mode="after")
     def _valid(self):
-        if self.impl == "rowloop":
-            if self.tile not in (32, 64):
-                raise ConfigError("tile", self.tile, "32 or 64")
-            if (self.step, self.warps) != (64, 4):
-                raise ConfigError("step" if self.step != 64 else "warps", self.step if self.step != 64 else self.warps,
-                                  "left at its default with impl='rowloop' (the row loops use 256 threads)")
-            return self
-        if self.mma:
-            raise ConfigError("mma", self.mma, "False with impl='flash' (always bf16 tensor cores)")
         if self.tile not in (32, 64, 128):
-            raise ConfigError("tile", self.tile, "32, 64 or 128 with impl='flash'")
+            raise ConfigError("tile", self.tile, "32, 64 or 128")
         if self.step not in (16, 32, 64):
             raise ConfigError("step", self.step, "16, 32 or 64")
         if self.warps not in (1, 2, 4, 8):
@@ -72,7 +57,7 @@ class IntraBwdConfig(KernelConfig):
 
     @property
     def row_blocks(self) -> int:
-        """flash: 16-row blocks per warp."""
+        """16-row blocks per warp."""
         return self.tile // (16 * self.warps)
 
 
@@ -94,69 +79,52 @@ class IntraBwdKey(ProblemKey):
         return self
 
 
-def _smem_floats(d: int, tile: int) -> int:
-    return 4 * tile * (d + 4) + 3 * tile * (tile + 4) + 4 * tile + 16 * tile
-
-
 def _flash_smem_bytes(key: IntraBwdKey, cfg: IntraBwdConfig) -> int:
-    """templates/intra_chunk_attention_bwd_flash.cu.j2: bf16 R1, R2 [tile][d], C1, C2 [2][step][d]; fp32 stats."""
+    """templates/intra_chunk_attention_bwd.cu.j2: bf16 R1, R2 [tile][d], C1, C2 [2][step][d]; fp32 stats."""
     nstat = 3 if key.stage == "dkv" else 1
     return 2 * key.head_dim * (2 * cfg.tile + 4 * cfg.step) + 4 * 2 * nstat * cfg.step
 
 
 def flash_accumulators(key: IntraBwdKey, cfg: IntraBwdConfig) -> int:
-    """fp32 accumulators per thread of a flash config: scores s1, s2 and dK, dV (dkv) or dQ (dq)."""
+    """fp32 accumulators per thread of a config: scores s1, s2 and dK, dV (dkv) or dQ (dq)."""
     outs = 2 if key.stage == "dkv" else 1
     return cfg.row_blocks * (cfg.step + outs * key.head_dim // 2)
 
 
 class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
     name = "intra_chunk_attention_bwd"
-    template = "intra_chunk_attention_bwd.cu.j2"  # includes the flash template for impl="flash"
+    template = "intra_chunk_attention_bwd.cu.j2"
     Config = IntraBwdConfig
     Key = IntraBwdKey
     signature = ("ptr",) * 12 + ("i32",) * 6 + ("f32",)
 
     def default_config(self, key: IntraBwdKey) -> IntraBwdConfig:
-        from vidrial.kernels.power_retention import _bwd_util
-
-        if IMPL_DEFAULT == "flash" and key.head_dim in FLASH_HEAD_DIMS:
-            return flash_default(key)
-        return IntraBwdConfig(tile=64 if key.head_dim <= 64 and key.chunk_size >= 64 else 32,
-                              mma=_bwd_util.MMA_DEFAULT)
+        return flash_default(key)
 
     def render_context(self, key: IntraBwdKey, config: IntraBwdConfig) -> dict[str, Any]:
-        # rowloop 64-tiles: 1 CTA per SM minimum (registers up to 255: no spills); 32-tiles: 2
-        return dict(impl=config.impl, head_dim=key.head_dim, deg=key.deg, tile=config.tile, step=config.step,
-                    warps=config.warps, in_type=DTYPE_NAMES[key.dtype], min_ctas=1 if config.tile == 64 else 2,
-                    mma=config.mma, pass_=key.stage, key_label=key.label(), config_label=config.label())
+        # impl: picks this kernel in the wrapper template while the row loop's branch is still there
+        return dict(impl="flash", head_dim=key.head_dim, deg=key.deg, tile=config.tile, step=config.step,
+                    warps=config.warps, in_type=DTYPE_NAMES[key.dtype], pass_=key.stage, key_label=key.label(),
+                    config_label=config.label())
 
     def threads_per_block(self, config: IntraBwdConfig) -> int:
-        return 32 * config.warps if config.impl == "flash" else 256
+        return 32 * config.warps
 
     def dynamic_smem_bytes(self, key: IntraBwdKey, config: IntraBwdConfig) -> int:
-        if config.impl == "flash":
-            return _flash_smem_bytes(key, config)
-        return 4 * _smem_floats(key.head_dim, config.tile)
+        return _flash_smem_bytes(key, config)
 
     def check(self, key: IntraBwdKey, config: IntraBwdConfig, arch: str) -> None:
         if config.tile > max(key.chunk_size, 32):  # (keeps dispatch's nearest key from handing a tuned tile to
             # smaller chunks; 32 is the smallest tile)
             raise ConfigError("tile", config.tile, f"at most max(chunk_size, 32) = {max(key.chunk_size, 32)} (a "
                                                    "larger tile mostly computes masked scores)")
-        if config.impl == "flash":
-            if key.head_dim not in FLASH_HEAD_DIMS:
-                raise ConfigError("impl", config.impl, f"head_dim in {FLASH_HEAD_DIMS} (given {key.head_dim})")
-            acc = flash_accumulators(key, config)
-            if acc > FLASH_MAX_ACC:
-                raise ConfigError("step", config.step, f"{acc} fp32 accumulators per thread exceed {FLASH_MAX_ACC} "
-                                                       f"(head_dim={key.head_dim}, {key.stage}): use a smaller step "
-                                                       "or 16 rows per warp")
-        else:
-            acc = (config.tile // 16) * (key.head_dim // 16) * (2 if key.stage == "dkv" else 1)
-            if acc > 64:
-                raise ConfigError("tile", config.tile, f"{acc} accumulators per thread exceed 64 for head_dim="
-                                                       f"{key.head_dim}; use tile=32")
+        if key.head_dim not in FLASH_HEAD_DIMS:
+            raise ConfigError("head_dim", key.head_dim, f"one of {FLASH_HEAD_DIMS}")
+        acc = flash_accumulators(key, config)
+        if acc > FLASH_MAX_ACC:
+            raise ConfigError("step", config.step, f"{acc} fp32 accumulators per thread exceed {FLASH_MAX_ACC} "
+                                                   f"(head_dim={key.head_dim}, {key.stage}): use a smaller step "
+                                                   "or 16 rows per warp")
         super().check(key, config, arch)
 
     def shape_keys(self, dtype: str = "bfloat16") -> list[IntraBwdKey]:
@@ -169,19 +137,7 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
         return self.shape_keys() + self.shape_keys("float16")
 
     def corner_configs(self, key: IntraBwdKey) -> list[IntraBwdConfig]:
-        cands = [self.default_config(key), dict(tile=32), dict(tile=64), dict(tile=64 if key.head_dim <= 64 else 32,
-                                                                           mma=True)]
-        if key.head_dim in FLASH_HEAD_DIMS:  # (only its default: the CI compiles every corner on two archs)
-            cands.append(flash_default(key))
-        out = []
-        for cand in cands:
-            try:
-                cfg = cand if isinstance(cand, IntraBwdConfig) else IntraBwdConfig(**cand)
-                self.check(key, cfg, "sm_80")
-                out.append(cfg)
-            except (ConfigError, ValidationError):
-                pass
-        return list(dict.fromkeys(out))
+        return [self.default_config(key)]  # (only the default: the CI compiles every corner on two archs)
 
     # ---- tuner protocol (shared pieces and the checked slice: bwd_tuning.py) ----------------------
     def make_inputs(self, key: IntraBwdKey, device: Any, seed: int) -> dict[str, Any]:
@@ -223,17 +179,12 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
         return (dK, dV, dg) if key.stage == "dkv" else (dQ,)
 
 
-# Which implementation default_config picks: "flash" (1.7 ms vs 11.5 ms for the row loops at shape A on the
-# H200; GPU-verified with tests/gpu/test_backward_gpu.py), "rowloop" for head dims flash does not build.
-IMPL_DEFAULT: Literal["rowloop", "flash"] = "flash"
-
-
 def flash_default(key: IntraBwdKey) -> IntraBwdConfig:
-    """The flash config used when nothing is tuned: 64 stationary rows over 4 warps; 64-row steps, shorter
+    """The config used when nothing is tuned: 64 stationary rows over 4 warps; 64-row steps, shorter
     (32, 16) where d = 128 would exceed the default's register budget (FLASH_DEFAULT_ACC)."""
-    cfg = IntraBwdConfig(impl="flash", tile=64, step=64, warps=4)
+    cfg = IntraBwdConfig(tile=64, step=64, warps=4)
     if key.chunk_size < 64:  # a tile within the chunk: 32 rows over 2 warps
-        cfg = IntraBwdConfig(impl="flash", tile=32, step=32, warps=2)
+        cfg = IntraBwdConfig(tile=32, step=32, warps=2)
     for step in (32, 16):
         if flash_accumulators(key, cfg) <= FLASH_DEFAULT_ACC:
             break
@@ -285,7 +236,7 @@ def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: in
                                    want_dgrow: bool = False, dY=None, flash_operands=None):
     """One pass (inputs as intra_chunk_attention_bwd): stage "dkv" returns (dK, dV [b,t,h,d], dgcol [b,t,h]
     or None), stage "dq" returns dQ [b,t,hq,d] (fp32), or with `want_dgrow` (dQ, dgrow [b,t,hq] fp32 =
-    sum_j P dP, None unless the pass is impl="flash" and G is given). Current stream, no host sync.
+    sum_j P dP, None without G). Current stream, no host sync.
     flash_operands: flash_dO_operands(dO, dY, Q.dtype) when the caller made them once for both passes."""
     import torch
 
@@ -306,7 +257,7 @@ def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: in
         out, heads = (dK, dV, dg), h
     else:
         dQ, dK, dV = torch.empty(b, t, hq, d, **f32), None, None
-        dg = torch.empty(b, t, hq, **f32) if (want_dgrow and config.impl == "flash" and G is not None) else None
+        dg = torch.empty(b, t, hq, **f32) if (want_dgrow and G is not None) else None
         out, heads = ((dQ, dg) if want_dgrow else dQ), hq
     if Q.numel() == 0:
         return out
@@ -314,12 +265,11 @@ def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: in
     grid = b * heads * n * tiles
     if grid >= 2**31:
         raise InputError("Q", tuple(Q.shape), "fewer than 2^31 tiles")
-    args = [Q, K, V, G, m, dO, dl, None]  # rowloop: fp32 dO, no alpha
-    if config.impl == "flash":  # Q, K, V and the incoming gradient in the input type, exact (template header)
-        dYin, alpha = flash_operands if flash_operands is not None else flash_dO_operands(dO, dY, Q.dtype)
-        # cp.async needs 16-byte aligned rows
-        Q, K, V, dYin = (x if x.data_ptr() % 16 == 0 else x.clone() for x in (Q, K, V, dYin))
-        args = [Q, K, V, G, m, dYin, dl, alpha]
+    # Q, K, V and the incoming gradient in the input type, exact (template header)
+    dYin, alpha = flash_operands if flash_operands is not None else flash_dO_operands(dO, dY, Q.dtype)
+    # cp.async needs 16-byte aligned rows
+    Q, K, V, dYin = (x if x.data_ptr() % 16 == 0 else x.clone() for x in (Q, K, V, dYin))
+    args = [Q, K, V, G, m, dYin, dl, alpha]
     kernel = launchable(FAMILY, compile_key(key), config, dev)
     kernel.launch((grid, 1, 1), (FAMILY.threads_per_block(config), 1, 1),
                   (*(ptr(x) for x in args), ptr(dQ), ptr(dK), ptr(dV), ptr(dg), t, n, c, hq, hq // h, tiles,
@@ -333,21 +283,22 @@ def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, 
     """Q [b,t,hq,d], K, V [b,t,h,d] bf16/fp16; G [b,t,h] fp32 cumulative log gates (chunk-local; global for
     chunk_size None) or None; m, dl [b,t,hq], dO [b,t,hq,d] fp32. t need not be a multiple of the chunk.
     Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dgcol [b,t,h] (or None) fp32. Current stream, no host sync.
-    `config` (dkv pass) and `dq_config` (dq pass) choose the implementation of each pass independently.
+    `config` (dkv pass) and `dq_config` (dq pass): each pass's tiles.
     want_dgrow: also return dgrow [b,t,hq] fp32 = sum_j P dP (5th value), the row part of the gate gradient
-    consistent with dgcol, or None where the fp32 row term dO.O + dl (l - 1e-6) is the consistent one (no
-    gates, or the dkv pass is not impl="flash") or where the dq pass cannot give it (not impl="flash").
+    consistent with dgcol (None without gates).
     dY [b,t,hq,d] (input type): the gradient that dO is a row-scaled copy of (dO_i = alpha_i dY_i), when the
-    caller has it; impl="flash" then takes it exactly (flash_dO_operands)."""
+    caller has it; the kernels then take it exactly (flash_dO_operands)."""
     Q, K, V, m, dO, dl = (x.contiguous() for x in (Q, K, V, m, dO, dl))  # once for both passes
     G = G.contiguous() if G is not None else None
     kw = dict(deg=deg, scale=scale, chunk_size=chunk_size, dY=dY)
     config = pass_config("dkv", Q, K, deg=deg, chunk_size=chunk_size, config=config)
     dq_config = pass_config("dq", Q, K, deg=deg, chunk_size=chunk_size, config=dq_config)
-    if "flash" in (config.impl, dq_config.impl) and Q.numel():  # the operands once for both passes
+    if Q.numel():  # the operands once for both passes
         kw["flash_operands"] = flash_dO_operands(dO, dY, Q.dtype)
     dK, dV, dg = intra_chunk_attention_bwd_pass("dkv", Q, K, V, G, m, dO, dl, want_dg=want_dg, config=config, **kw)
-    row_term = want_dgrow and config.impl == "flash"  # a rowloop dgcol pairs with the fp32 row term instead
-    dq_out = intra_chunk_attention_bwd_pass("dq", Q, K, V, G, m, dO, dl, config=dq_config, want_dgrow=row_term, **kw)
-    dQ, dgrow = dq_out if row_term else (dq_out, None)
-    return (dQ, dK, dV, dg, dgrow) if want_dgrow else (dQ, dK, dV, dg)
+    dq_out = intra_chunk_attention_bwd_pass("dq", Q, K, V, G, m, dO, dl, config=dq_config, want_dgrow=want_dgrow,
+                                            **kw)
+    if not want_dgrow:
+        return dq_out, dK, dV, dg
+    dQ, dgrow = dq_out
+    return dQ, dK, dV, dg, dgrow

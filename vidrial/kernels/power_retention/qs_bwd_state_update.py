@@ -1,9 +1,11 @@
-"""query_state_bwd's state pass on the forward update_state kernel. Opt-in (query_state_bwd
-``state_impl="update_state"`` or VIDRIAL_QS_BWD_STATE=update_state): CPU-verified against the float64
-emulation and autograd (tests/test_qs_bwd_state_update_cpu.py), NOT yet run on a GPU.
+"""query_state_bwd's state pass, on the forward update_state kernel (the only implementation: 1.21 ms
+vs 21.4 ms for the retired row-loop state kernel at shape A on the H200, docs/PERF_NOTES.md).
+CPU-verified against the float64 emulation and autograd (tests/test_qs_bwd_state_update_cpu.py),
+GPU-verified on the H200 (tests/gpu/test_backward_gpu.py). update_state is dispatched with its own key
+(ungated, chunk r*c) and its own tuned configs.
 
 The state pass computes, per batch, KV head and chunk nu, summed over the chunk's c rows and the r
-query heads of the KV head (bwd_emulation.qs_bwd_state):
+query heads of the KV head (reference.backward.qs_bwd_state):
 
     dSbar_nu = s^p sum_rows phi(qh) dAh^T,   dsbar_nu = s^p sum_rows phi(qh) dBh,   qh = q * qscale
 
@@ -47,11 +49,11 @@ MOMENT_ELEMS = 1 << 24
 def check_supported(head_dim: int, r: int, chunk_size: int) -> None:
     """Raises InputError unless update_state can run the state pass of this problem."""
     if head_dim not in HEAD_DIMS:
-        raise InputError("state_impl", "'update_state'", f"head_dim in {HEAD_DIMS} (update_state's head dims); "
-                                                         f"got head_dim={head_dim}: use state_impl='kernel'")
+        raise InputError("Q", f"head_dim {head_dim}", f"head_dim in {HEAD_DIMS} (update_state's head dims, which "
+                                                      "run the state pass)")
     if (r * chunk_size) % 16:
-        raise InputError("state_impl", "'update_state'", f"r * chunk_size a multiple of 16 (one update_state chunk "
-                                                         f"per chunk and KV head); got {r} * {chunk_size}")
+        raise InputError("chunk_size", chunk_size, f"(query heads per KV head) * chunk_size a multiple of 16 (one "
+                                                   f"update_state chunk per chunk and KV head); got {r} * {chunk_size}")
 
 
 def _rows_by_kv_head(x, b: int, n: int, c: int, h: int, r: int):

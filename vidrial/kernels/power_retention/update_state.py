@@ -199,8 +199,8 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
     def shape_keys(self) -> list[UpdateStateKey]:
         from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
 
-        # gated: the forward; ungated: the backward's state pass (query_state_bwd's default state_impl
-        # runs this kernel on inputs whose gates it has already applied)
+        # gated: the forward; ungated: the backward's state pass (query_state_bwd runs this kernel on
+        # inputs whose gates it has already applied)
         return unique(self.problem_key(dict(K=meta(p.b, p.t, p.h, p.d), log_G=gates, deg=p.deg, d_tile=p.d_tile,
                                             chunk_size=p.chunk_size))
                       for p in training_problems() for gates in (meta(p.b, p.t, p.h, dtype="float32"), None))

@@ -5,19 +5,13 @@ Per chunk nu, KV head, key row tau (k~ = k exp((L - g_tau)/p), L = g at the chun
     dphi = dS_nu v_tau + ds_nu,   dv_tau = phi(k~)^T dS_nu,
     dk_tau = chain(k~, dphi) exp((L - g_tau)/p),   e_tau = phi(k~).dphi
 
-(``e``: the gate's share, dg_tau -= e_tau, dL_nu += sum_tau e_tau). phi is formed tile by tile in
-shared memory and never written (templates/update_state_bwd.cu.j2, common/bwd_prims.cuh RowLoop).
-CTA = 32 * rows_per_lane key rows of one chunk; the state dS_nu streams through shared memory in tiles
-of whole sympow blocks. The two GEMMs (dphi = dS v, dv = phi^T dS) run in fp32 on the CUDA cores, or
-with ``mma=True`` on the tensor cores (mma.sync m16n8k8 tf32, fp32 accumulate); phi, the gate term and
-the sympow chain rule always on the CUDA cores.
-
-``impl="mma16"`` (the default, GPU-verified on the H200; switch: ``IMPL_DEFAULT``) runs both GEMMs on bf16 tensor cores in one loop over the features
-(templates/update_state_bwd_mma16.cu.j2 on common/feature_bwd.cuh): dphi = dS v + ds (mma.sync
-m16n8k16, V's fragments in registers), the chain rule at the raw k on the CUDA cores (one row per
-thread), which also writes phi(k) as bf16, and dV += phi(k)^T dS (m16n8k16 on the same dS tile);
-every gate factor is applied once per row at the end (phi is homogeneous of degree p). CTA = 32 *
-warps rows. The launcher hands it a bf16 copy of dS (see update_state_bwd for the accuracy).
+(``e``: the gate's share, dg_tau -= e_tau, dL_nu += sum_tau e_tau). Both GEMMs run on bf16 tensor
+cores in one loop over the features (templates/update_state_bwd.cu.j2 on common/feature_bwd.cuh):
+dphi = dS v + ds (mma.sync m16n8k16, V's fragments in registers), the chain rule at the raw k on the
+CUDA cores (one row per thread), which also writes phi(k) as bf16, and dV += phi(k)^T dS (m16n8k16 on
+the same dS tile); every gate factor is applied once per row at the end (phi is homogeneous of degree
+p). CTA = 32 * warps key rows of one chunk. The launcher hands it a bf16 copy of dS (see
+update_state_bwd for the accuracy).
 """
 from __future__ import annotations
 
@@ -29,21 +23,9 @@ from vidrial.core.config import ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily
 from vidrial.kernels import register
-from vidrial.kernels.power_retention._bwd_util import (
-    launchable,
-    pick,
-    stream_of,
-    RowLoopConfig,
-    SliceCheck,
-    check_row_loop,
-    ptr,
-    row_loop_context,
-    row_loop_geometry,
-    row_loop_smem_floats,
-)
+from vidrial.kernels.power_retention._bwd_util import SliceCheck, launchable, pick, ptr, stream_of
 from vidrial.kernels.power_retention._feature_bwd import (
-    Mma16Config,
-    default_for,
+    FeatureBwdConfig,
     chain_chunk,
     check_layout,
     padded_row,
@@ -52,26 +34,20 @@ from vidrial.kernels.power_retention._feature_bwd import (
 )
 from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pow2_bucket
 
-__all__ = ["UpdateStateBwdConfig", "UpdateStateBwdKey", "FAMILY", "update_state_bwd", "mma16_config", "IMPL_DEFAULT"]
+__all__ = ["UpdateStateBwdConfig", "UpdateStateBwdKey", "FAMILY", "update_state_bwd", "mma16_config"]
 
-# The default implementation: "mma16" (GPU-verified on the H200 2026-11-29: tests/gpu/test_backward_gpu.py
-# -k us_bwd_mma16; fwd+bwd at shape A 35.5 -> 19.9 ms with it); "rowloop" where mma16's check rejects the key.
-# Read by default_config at every call (so vidrial.autograd follows a change at once).
-IMPL_DEFAULT = "mma16"
-
-
-class UpdateStateBwdConfig(Mma16Config):
+class UpdateStateBwdConfig(FeatureBwdConfig):
     pass
 
 
 def mma16_config(key: "UpdateStateBwdKey") -> UpdateStateBwdConfig:
-    """The tensor-core kernel's default tiles for `key`: 4 warps (2 CTAs per SM at d=64), 2 at head_dim
+    """The default tiles for `key`: 4 warps (2 CTAs per SM at d=64), 2 at head_dim
     128 (V's fragments move to shared memory there; fits sm_80)."""
-    return UpdateStateBwdConfig(impl="mma16", warps=4 if key.head_dim <= 64 else 2, tile_f=64, stages=2)
+    return UpdateStateBwdConfig(warps=4 if key.head_dim <= 64 else 2, tile_f=64, stages=2)
 
 
 def mma16_smem_bytes(head_dim: int, config: UpdateStateBwdConfig) -> int:
-    """Dynamic shared memory of templates/update_state_bwd_mma16.cu.j2 (its static_assert checks it):
+    """Dynamic shared memory of templates/update_state_bwd.cu.j2 (its static_assert checks it):
     state tiles | k rows (16-bit) | v rows (bf16, head_dim > 64 only) | u rows (fp32, stride d+4) |
     per-warp scratch | row scales."""
     rows = 32 * config.warps
@@ -83,10 +59,10 @@ def mma16_smem_bytes(head_dim: int, config: UpdateStateBwdConfig) -> int:
 
 def check_mma16_layout(key: "UpdateStateBwdKey") -> None:
     """feature_bwd.cuh's layouts, and whole 16-feature groups per chain chunk (phi written in place)."""
-    check_layout(key.head_dim, key.d_tile, "impl", "mma16")
+    check_layout(key.head_dim, key.d_tile)
     chunk = chain_chunk(key.head_dim, key.deg, key.d_tile)
     if chunk % 16:
-        raise ConfigError("impl", "mma16", f"chain chunks of a multiple of 16 features (phi for the dV GEMM is "
+        raise ConfigError("d_tile", key.d_tile, f"chain chunks of a multiple of 16 features (phi for the dV GEMM is "
                                            f"written in place per chunk); d_tile={key.d_tile}, deg={key.deg} "
                                            f"gives {chunk}")
 
@@ -117,34 +93,27 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
     signature = ("ptr",) * 9 + ("i32",) * 5
 
     def default_config(self, key: UpdateStateBwdKey) -> UpdateStateBwdConfig:
-        return default_for(self, key, IMPL_DEFAULT, mma16_config(key))
+        return mma16_config(key)
 
     def render_context(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> dict[str, Any]:
-        if config.impl == "mma16":
-            from vidrial.kernels.power_retention.sympow import layout
+        from vidrial.kernels.power_retention.sympow import layout
 
-            return dict(impl="mma16", head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile,
-                        n_blocks=layout(key.head_dim, key.deg, key.d_tile).n_blocks, warps=config.warps,
-                        tile_f=config.tile_f, stages=config.stages, in_type=DTYPE_NAMES[key.dtype],
-                        smem_bytes=mma16_smem_bytes(key.head_dim, config), key_label=key.label(),
-                        config_label=config.label())
-        return row_loop_context(key, config) | dict(impl="rowloop")
+        # impl: picks this kernel in the wrapper template while the row loop's branch is still there
+        return dict(impl="mma16", head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile,
+                    n_blocks=layout(key.head_dim, key.deg, key.d_tile).n_blocks, warps=config.warps,
+                    tile_f=config.tile_f, stages=config.stages, in_type=DTYPE_NAMES[key.dtype],
+                    smem_bytes=mma16_smem_bytes(key.head_dim, config), key_label=key.label(),
+                    config_label=config.label())
 
     def threads_per_block(self, config: UpdateStateBwdConfig) -> int:
         return config.warps * 32
 
     def dynamic_smem_bytes(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> int:
-        if config.impl == "mma16":
-            return mma16_smem_bytes(key.head_dim, config)
-        geo = row_loop_geometry(key.head_dim, key.deg, key.d_tile, config)
-        return 4 * row_loop_smem_floats(key.head_dim, geo["F"], config.warps, config.rows)
+        return mma16_smem_bytes(key.head_dim, config)
 
     def check(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig, arch: str) -> None:
         config.check_fields()  # again: model_copy(update=...) skips the validators
-        if config.impl == "mma16":
-            check_mma16_layout(key)
-        else:
-            check_row_loop(key.head_dim, key.deg, key.d_tile, config)
+        check_mma16_layout(key)
         super().check(key, config, arch)
 
     def shape_keys(self, dtype: str = "bfloat16") -> list[UpdateStateBwdKey]:
@@ -157,9 +126,7 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
 
     def corner_configs(self, key: UpdateStateBwdKey) -> list[UpdateStateBwdConfig]:
         out = [self.default_config(key)]
-        for cfg in (UpdateStateBwdConfig(tile_f=32, warps=4, rows_per_lane=1),
-                    self.default_config(key).model_copy(update={"mma": True}), mma16_config(key),
-                    UpdateStateBwdConfig(impl="mma16", warps=2, tile_f=64, stages=3)):
+        for cfg in (UpdateStateBwdConfig(warps=2, tile_f=64, stages=3),):
             try:
                 self.check(key, cfg, "sm_80")
                 out.append(cfg)
@@ -217,12 +184,14 @@ def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int,
     K, V [b,t,h,d] bf16/fp16 with t a multiple of chunk_size; G [b,t,h] fp32 chunk-local cumulative
     log gates or None; dS [b,n,h,D,d], ds [b,n,h,D] fp32. Current stream, no host sync.
 
-    impl="mma16" reads dS as bf16 (one conversion here; ds stays fp32): 8 significant bits per entry,
+    The kernel reads dS as bf16 (one conversion here; ds stays fp32): 8 significant bits per entry,
     relative rounding <= 2^-9, and both GEMMs sum D >= hundreds of products in fp32 with independent
     rounding errors, so dK, dV and E stay within ~1e-3 of float64 (tests/test_us_bwd_mma16_cpu.py
     measures it) -- well inside the project's bf16 tolerance of ~1e-2. Rounding phi(k) to bf16 for the
     dV GEMM is the same size; V is exact (bf16 input), fp16 V is rounded to bf16."""
     import torch
+
+    from vidrial.kernels.power_retention.sympow import feature_dim
 
     b, t, h, d = K.shape
     c = int(chunk_size)
@@ -230,14 +199,14 @@ def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int,
         raise InputError("K", tuple(K.shape), f"a time length that is a multiple of chunk_size={c}")
     n = t // c
     key = problem_key(K, deg, d_tile)
-    geo = row_loop_geometry(d, deg, d_tile, RowLoopConfig())
-    if tuple(dS.shape) != (b, n, h, geo["D"], d) or dS.dtype != torch.float32:
-        raise InputError("dS", (tuple(dS.shape), str(dS.dtype)), f"float32 {(b, n, h, geo['D'], d)}")
+    D = feature_dim(d, deg, d_tile)
+    if tuple(dS.shape) != (b, n, h, D, d) or dS.dtype != torch.float32:
+        raise InputError("dS", (tuple(dS.shape), str(dS.dtype)), f"float32 {(b, n, h, D, d)}")
     dev = K.device
     if config is None:
         config = pick(FAMILY, key, dev)
     K, V, ds = K.contiguous(), V.contiguous(), ds.contiguous()
-    dS = dS.to(torch.bfloat16).contiguous() if config.impl == "mma16" else dS.contiguous()
+    dS = dS.to(torch.bfloat16).contiguous()
     G = G.contiguous() if G is not None else None
     dK = torch.empty(b, t, h, d, device=dev, dtype=torch.float32)
     dV = torch.empty(b, t, h, d, device=dev, dtype=torch.float32)
