@@ -96,7 +96,6 @@ def run_shape(name, shp, reps, retention_configs, gating=True, sweep=False):
     # query_state config sweep (checked against the default config's output)
     if sweep:
         from vidrial.kernels.power_retention.query_state import FAMILY as QF
-        from vidrial.kernels.power_retention._fwd_util import compile_key
         from vidrial.kernels.power_retention.query_state import QueryStateConfig, QueryStateKey
 
         qkey = QueryStateKey(head_dim=d, deg=p, d_tile=dt, o_dtype="float32", chunk_size=c)
@@ -119,7 +118,7 @@ def run_shape(name, shp, reps, retention_configs, gating=True, sweep=False):
                 Y1 = qs(cfg).double()
                 err = ((Y1 - Y0).norm() / Y0.norm()).item()
                 ms = bench(lambda: qs(cfg), reps)
-                facts = QF.launchable(compile_key(qkey), cfg, "sm_90").compiled.facts
+                facts = QF.launchable(QF.compile_key(qkey), cfg, "sm_90").compiled.facts
                 print(f"   {cfg.label():<72} {ms:7.3f} ms {mma_flops / ms / 1e9:6.1f} TFLOP/s  diff {err:.1e}  "
                       f"regs {facts.registers} spill {facts.spill_store_bytes}", flush=True)
             except Exception as exc:

@@ -386,7 +386,6 @@ class HostLaunchable:
 def install():
     """Route the launchers' CPU calls to the host emulation (returns an undo callable)."""
     from vidrial.core.launch import set_host_launcher
-    from vidrial.kernels.power_retention import _bwd_util
 
     cache = {}
 
@@ -396,13 +395,10 @@ def install():
             cache[k] = HostLaunchable(family, key, config)
         return cache[k]
 
-    old = _bwd_util.HOST_LAUNCHER
-    _bwd_util.HOST_LAUNCHER = make
-    old_core = set_host_launcher(make)
+    old = set_host_launcher(make)
 
     def undo():
-        _bwd_util.HOST_LAUNCHER = old
-        set_host_launcher(old_core)
+        set_host_launcher(old)
     return undo
 
 

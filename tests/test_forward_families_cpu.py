@@ -11,7 +11,6 @@ from pydantic import ValidationError
 from vidrial.core.compile import CompiledKernel, compile_many
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.kernels import get_family
-from vidrial.kernels.power_retention._fwd_util import compile_key
 from vidrial.kernels.power_retention.discumsum import FAMILY as DFAM
 from vidrial.kernels.power_retention.discumsum import DiscumsumConfig, DiscumsumKey
 from vidrial.kernels.power_retention.query_state import FAMILY as QFAM
@@ -74,8 +73,8 @@ def test_render_is_deterministic_and_runtime_buckets_do_not_recompile():
     other = QFAM.render(QKEY.model_copy(update={"dtype": "float16"}), QFAM.default_config(QKEY))
     assert other.source_hash != QFAM.render(QKEY, QFAM.default_config(QKEY)).source_hash
     k1 = QKEY.model_copy(update={"tokens": 1024, "chunk_size": 64})
-    assert compile_key(k1) == compile_key(QKEY)
-    assert compile_key(DKEY.model_copy(update={"batch_heads": 64})) == compile_key(DKEY)
+    assert QFAM.compile_key(k1) == QFAM.compile_key(QKEY)
+    assert DFAM.compile_key(DKEY.model_copy(update={"batch_heads": 64})) == DFAM.compile_key(DKEY)
 
 
 def _jobs():

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from vidrial.core.errors import ConfigError
 from vidrial.reference import backward as em
-from vidrial.kernels.power_retention._fwd_util import block_table
+from vidrial.kernels.power_retention.sympow import block_table
 from vidrial.kernels.power_retention.query_state_bwd import (
     FAMILY as QB,
     QueryStateBwdConfig,

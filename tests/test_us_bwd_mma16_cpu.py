@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from vidrial.core.errors import ConfigError
 from vidrial.reference import backward as em
-from vidrial.kernels.power_retention._fwd_util import block_table
+from vidrial.kernels.power_retention.sympow import block_table
 from vidrial.kernels.power_retention.sympow import layout
 from vidrial.kernels.power_retention.update_state_bwd import (
     FAMILY as UB,

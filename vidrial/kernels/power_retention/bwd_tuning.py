@@ -148,3 +148,14 @@ def check_slice(n_chunks: int) -> int:
 
 __all__ = ["TUNE_CHUNK", "TUNE_HEADS", "CHECK_CHUNKS", "TOLERANCE", "split_tokens", "generator", "randn", "rand",
            "chunk_gates", "intra_forward", "query_state_problem", "leading", "rel_err", "slice_error", "check_slice"]
+
+
+class SliceCheck:
+    """check_outputs and tolerance of the backward families' tuner protocol: the outputs' leading block
+    (the slice reference() computes) against reference(), 2-norm relative error."""
+
+    def check_outputs(self, key: Any, inputs: dict[str, Any], outputs: Any, expected: Any) -> float:
+        return slice_error(outputs, expected)
+
+    def tolerance(self, key: Any) -> float:
+        return TOLERANCE

@@ -17,10 +17,10 @@ from pydantic import Field, model_validator
 
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
-from vidrial.core.family import KernelFamily
+from vidrial.core.family import KernelFamily, Launch
+from vidrial.core.tensors import pow2_bucket, ptr
 from vidrial.kernels import register
-from vidrial.kernels.power_retention._bwd_util import SliceCheck, launchable, pick, ptr, stream_of
-from vidrial.kernels.power_retention._fwd_util import compile_key, pow2_bucket
+from vidrial.kernels.power_retention.bwd_tuning import SliceCheck
 
 __all__ = ["DiscumsumBwdConfig", "DiscumsumBwdKey", "FAMILY", "discumsum_bwd"]
 
@@ -83,12 +83,66 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
     def shape_keys(self) -> list[DiscumsumBwdKey]:
         from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
 
-        return unique(problem_key(meta(p.b, p.chunks, p.h, p.feature_dim, p.d, dtype="float32"))
+        return unique(self.problem_key(dict(dSbar=meta(p.b, p.chunks, p.h, p.feature_dim, p.d, dtype="float32")))
                       for p in training_problems())
 
     def corner_configs(self, key: DiscumsumBwdKey) -> list[DiscumsumBwdConfig]:
         return [self.default_config(key), DiscumsumBwdConfig(threads=64, per_thread=1),
                 DiscumsumBwdConfig(threads=1024, per_thread=4)]
+
+    # ---- launch path -------------------------------------------------------------------------
+    def prepare(self, x: dict[str, Any]) -> dict[str, Any]:
+        """dSbar [b,n,h,D,d] / dsbar [b,n,h,D] fp32 contiguous (updated in place), Sbar16 [b,n,h,D,d] bf16,
+        sbar [b,>=n,h,D] fp32, chunk_gates [b,n,h] or None, dS_final / ds_final or None, want_initial."""
+        import torch
+
+        dSbar, dsbar, Sbar16, sbar = x["dSbar"], x["dsbar"], x["Sbar16"], x["sbar"]
+        b, n, h, D, d = dSbar.shape
+        for name, y in (("dSbar", dSbar), ("dsbar", dsbar)):
+            if y.dtype != torch.float32 or not y.is_contiguous():
+                raise InputError(name, (str(y.dtype), y.is_contiguous()), "a contiguous float32 tensor (updated in place)")
+        if tuple(dsbar.shape) != (b, n, h, D):
+            raise InputError("dsbar", tuple(dsbar.shape), f"{(b, n, h, D)}")
+        if Sbar16.dtype != torch.bfloat16 or tuple(Sbar16.shape) != (b, n, h, D, d):
+            raise InputError("Sbar16", (tuple(Sbar16.shape), str(Sbar16.dtype)), f"bfloat16 {(b, n, h, D, d)}")
+        if sbar.dtype != torch.float32 or sbar.shape[1] < n or tuple(sbar.shape[::2]) != (b, h):
+            raise InputError("sbar", (tuple(sbar.shape), str(sbar.dtype)), f"float32 [{b}, >={n}, {h}, {D}]")
+        if b * h > 65535:
+            raise InputError("dSbar", f"batch*heads={b * h}", "batch * heads <= 65535")
+        contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        return dict(dSbar=dSbar, dsbar=dsbar, Sbar16=Sbar16.contiguous(), sbar=sbar.contiguous(),
+                    chunk_gates=contiguous(x.get("chunk_gates")), dS_final=contiguous(x.get("dS_final")),
+                    ds_final=contiguous(x.get("ds_final")), want_initial=bool(x.get("want_initial", False)))
+
+    def problem_key(self, x: dict[str, Any]) -> DiscumsumBwdKey:
+        """b*h and n bucketed to powers of two."""
+        b, n, h, D, d = x["dSbar"].shape
+        return DiscumsumBwdKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
+
+    def outputs(self, key: DiscumsumBwdKey, config: DiscumsumBwdConfig, x: dict[str, Any]) -> dict[str, Any]:
+        """dS, ds (the inputs dSbar, dsbar, overwritten), dL_parts [b*h, n, CTAs] (gated), d_initial
+        [b,h,D,d] and d_sum_of_keys [b,h,D] (want_initial)."""
+        import torch
+
+        b, n, h, D, d = x["dSbar"].shape
+        tile = config.threads * config.per_thread
+        parts = -(-(D * d) // tile) + -(-D // tile)
+        new = lambda *shape: torch.empty(shape, device=x["dSbar"].device, dtype=torch.float32)  # noqa: E731
+        return dict(dS=x["dSbar"], ds=x["dsbar"],
+                    dL_parts=new(b * h, n, parts) if x["chunk_gates"] is not None else None,
+                    d_initial=new(b, h, D, d) if x["want_initial"] else None,
+                    d_sum_of_keys=new(b, h, D) if x["want_initial"] else None)
+
+    def launches(self, key: DiscumsumBwdKey, config: DiscumsumBwdConfig, x: dict[str, Any], out: dict[str, Any]):
+        b, n, h, D, d = x["dSbar"].shape
+        if b * h == 0 or n == 0:
+            return
+        tile = config.threads * config.per_thread
+        blocks_S, blocks_s = -(-(D * d) // tile), -(-D // tile)
+        yield Launch((blocks_S + blocks_s, b * h, 1),
+                     (x["dSbar"].data_ptr(), x["dsbar"].data_ptr(), x["Sbar16"].data_ptr(), x["sbar"].data_ptr(),
+                      ptr(x["chunk_gates"]), ptr(x["dS_final"]), ptr(x["ds_final"]), ptr(out["d_initial"]),
+                      ptr(out["d_sum_of_keys"]), ptr(out["dL_parts"]), n, h, x["sbar"].shape[1], blocks_S))
 
     # ---- tuner protocol (shared pieces: bwd_tuning.py) -------------------------------------------
     def make_inputs(self, key: DiscumsumBwdKey, device: Any, seed: int) -> dict[str, Any]:
@@ -134,12 +188,6 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
 FAMILY = register(DiscumsumBwdFamily())
 
 
-def problem_key(dSbar: Any) -> DiscumsumBwdKey:
-    """The dispatch key of a call on state gradients dSbar [b, n, h, D, d] (b*h and n bucketed)."""
-    b, n, h, D, d = dSbar.shape
-    return DiscumsumBwdKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
-
-
 def discumsum_bwd(dSbar, dsbar, Sbar16, sbar, chunk_gates=None, dS_final=None, ds_final=None, *,
                   want_initial: bool = False, config=None):
     """In place: dSbar [b,n,h,D,d] / dsbar [b,n,h,D] fp32 (gradients w.r.t. the states at the start of each
@@ -149,40 +197,13 @@ def discumsum_bwd(dSbar, dsbar, Sbar16, sbar, chunk_gates=None, dS_final=None, d
     d_sum_of_keys [b,h,D] or None). Current stream, no host sync."""
     import torch
 
-    b, n, h, D, d = dSbar.shape
-    for name, x in (("dSbar", dSbar), ("dsbar", dsbar)):
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            raise InputError(name, (str(x.dtype), x.is_contiguous()), "a contiguous float32 tensor (updated in place)")
-    if tuple(dsbar.shape) != (b, n, h, D):
-        raise InputError("dsbar", tuple(dsbar.shape), f"{(b, n, h, D)}")
-    if Sbar16.dtype != torch.bfloat16 or tuple(Sbar16.shape) != (b, n, h, D, d):
-        raise InputError("Sbar16", (tuple(Sbar16.shape), str(Sbar16.dtype)), f"bfloat16 {(b, n, h, D, d)}")
-    if sbar.dtype != torch.float32 or sbar.shape[1] < n or tuple(sbar.shape[::2]) != (b, h):
-        raise InputError("sbar", (tuple(sbar.shape), str(sbar.dtype)), f"float32 [{b}, >={n}, {h}, {D}]")
-    key = problem_key(dSbar)
-    dev = dSbar.device
-    if config is None:
-        config = pick(FAMILY, key, dev)
-    Sbar16, sbar = Sbar16.contiguous(), sbar.contiguous()
-    L = chunk_gates.contiguous() if chunk_gates is not None else None
-    dSf = dS_final.contiguous() if dS_final is not None else None
-    dsf = ds_final.contiguous() if ds_final is not None else None
-    tile = config.threads * config.per_thread
-    blocks_S, blocks_s = -(-(D * d) // tile), -(-D // tile)
-    parts = blocks_S + blocks_s
-    dLpart = torch.empty(b * h, n, parts, device=dev, dtype=torch.float32) if L is not None else None
-    dS0 = torch.empty(b, h, D, d, device=dev, dtype=torch.float32) if want_initial else None
-    ds0 = torch.empty(b, h, D, device=dev, dtype=torch.float32) if want_initial else None
-    if b * h > 65535:
-        raise InputError("dSbar", f"batch*heads={b * h}", "batch * heads <= 65535")
-    if b * h and n:
-        kernel = launchable(FAMILY, compile_key(key), config, dev)
-        kernel.launch((parts, b * h, 1), (config.threads, 1, 1),
-                      (dSbar.data_ptr(), dsbar.data_ptr(), Sbar16.data_ptr(), sbar.data_ptr(), ptr(L), ptr(dSf),
-                       ptr(dsf), ptr(dS0), ptr(ds0), ptr(dLpart), n, h, sbar.shape[1], blocks_S),
-                      dev.index, stream_of(dev))
-    elif want_initial:
-        dS0.copy_(dSf if dSf is not None else torch.zeros_like(dS0))
-        ds0.copy_(dsf if dsf is not None else torch.zeros_like(ds0))
-    dL = dLpart.sum(-1).view(b, h, n).transpose(1, 2) if dLpart is not None else None
-    return dSbar, dsbar, dL, dS0, ds0
+    out = FAMILY(config, dSbar=dSbar, dsbar=dsbar, Sbar16=Sbar16, sbar=sbar, chunk_gates=chunk_gates,
+                 dS_final=dS_final, ds_final=ds_final, want_initial=want_initial)
+    b, n, h = dSbar.shape[:3]
+    dS0, ds0 = out["d_initial"], out["d_sum_of_keys"]
+    if want_initial and (b * h == 0 or n == 0):  # no scan: the initial state's gradient is the final one's
+        dS0.copy_(dS_final if dS_final is not None else torch.zeros_like(dS0))
+        ds0.copy_(ds_final if ds_final is not None else torch.zeros_like(ds0))
+    parts = out["dL_parts"]  # per-CTA partial sums (no atomics), reduced here
+    dL = parts.sum(-1).view(b, h, n).transpose(1, 2) if parts is not None else None
+    return out["dS"], out["ds"], dL, dS0, ds0

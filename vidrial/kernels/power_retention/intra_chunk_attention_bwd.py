@@ -22,10 +22,10 @@ from pydantic import Field, model_validator
 
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
-from vidrial.core.family import KernelFamily
+from vidrial.core.family import KernelFamily, Launch
+from vidrial.core.tensors import C_TYPES, dtype_name, pow2_bucket, ptr
 from vidrial.kernels import register
-from vidrial.kernels.power_retention._bwd_util import SliceCheck, launchable, pick, ptr, stream_of
-from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, compile_key, pow2_bucket
+from vidrial.kernels.power_retention.bwd_tuning import SliceCheck
 
 __all__ = ["IntraBwdConfig", "IntraBwdKey", "FAMILY", "intra_chunk_attention_bwd", "intra_chunk_attention_bwd_pass"]
 
@@ -104,7 +104,7 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
     def render_context(self, key: IntraBwdKey, config: IntraBwdConfig) -> dict[str, Any]:
         # impl: picks this kernel in the wrapper template while the row loop's branch is still there
         return dict(impl="flash", head_dim=key.head_dim, deg=key.deg, tile=config.tile, step=config.step,
-                    warps=config.warps, in_type=DTYPE_NAMES[key.dtype], pass_=key.stage, key_label=key.label(),
+                    warps=config.warps, in_type=C_TYPES[key.dtype], pass_=key.stage, key_label=key.label(),
                     config_label=config.label())
 
     def threads_per_block(self, config: IntraBwdConfig) -> int:
@@ -130,14 +130,75 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
     def shape_keys(self, dtype: str = "bfloat16") -> list[IntraBwdKey]:
         from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
 
-        return unique(_pass_key(stage, meta(p.b, p.t, p.h, p.d, dtype=dtype), meta(p.b, p.t, p.h, p.d, dtype=dtype),
-                                p.chunk_size, p.deg) for p in training_problems() for stage in ("dkv", "dq"))
+        return unique(self.problem_key(dict(stage=stage, Q=meta(p.b, p.t, p.h, p.d, dtype=dtype),
+                                            K=meta(p.b, p.t, p.h, p.d, dtype=dtype), chunk_size=p.chunk_size,
+                                            deg=p.deg))
+                      for p in training_problems() for stage in ("dkv", "dq"))
 
     def standard_keys(self) -> list[IntraBwdKey]:
         return self.shape_keys() + self.shape_keys("float16")
 
     def corner_configs(self, key: IntraBwdKey) -> list[IntraBwdConfig]:
         return [self.default_config(key)]  # (only the default: the CI compiles every corner on two archs)
+
+    # ---- launch path: one pass (vidrial.autograd has checked the forward's inputs) -------------------
+    def prepare(self, x: dict[str, Any]) -> dict[str, Any]:
+        """stage "dkv" or "dq"; Q [b,t,hq,d], K, V [b,t,h,d] bf16/fp16; G [b,t,h] fp32 or None; m, dl
+        [b,t,hq], dO [b,t,hq,d] fp32; deg, scale, chunk_size (None: the whole sequence); want_dg,
+        want_dgrow; dY or flash_operands (see intra_chunk_attention_bwd_pass)."""
+        Q, K = x["Q"], x["K"]
+        if x["stage"] not in ("dkv", "dq"):
+            raise InputError("stage", repr(x["stage"]), "'dkv' or 'dq'")
+        h, hq = K.shape[2], Q.shape[2]
+        if h < 1 or hq % h:
+            raise InputError("Q", tuple(Q.shape), f"query heads a multiple of the KV heads {h}")
+        y = {k: x[k].contiguous() for k in ("Q", "K", "V", "m", "dO", "dl")}
+        G = x.get("G")
+        operands = x.get("flash_operands")
+        if Q.numel() and operands is None:
+            operands = flash_dO_operands(y["dO"], x.get("dY"), Q.dtype)
+        if operands is not None:  # cp.async needs 16-byte aligned rows
+            operands = (operands[0] if operands[0].data_ptr() % 16 == 0 else operands[0].clone(), operands[1])
+            for k in ("Q", "K", "V"):
+                y[k] = y[k] if y[k].data_ptr() % 16 == 0 else y[k].clone()
+        c = int(x["chunk_size"]) if x.get("chunk_size") else Q.shape[1]
+        return dict(y, stage=x["stage"], G=G.contiguous() if G is not None else None, deg=x["deg"],
+                    scale=float(x["scale"]), chunk_size=c, want_dg=x.get("want_dg", True),
+                    want_dgrow=x.get("want_dgrow", False), flash_operands=operands)
+
+    def problem_key(self, x: dict[str, Any]) -> IntraBwdKey:
+        """The pass, the chunk and b*t*hq bucketed to powers of two (chunk_size None: the sequence)."""
+        b, t, hq, d = x["Q"].shape
+        c = int(x["chunk_size"]) if x.get("chunk_size") else t
+        return IntraBwdKey(head_dim=d, deg=x["deg"], dtype=dtype_name(x["Q"].dtype), stage=x["stage"],
+                           chunk_size=pow2_bucket(c), tokens=pow2_bucket(b * t * hq))
+
+    def outputs(self, key: IntraBwdKey, config: IntraBwdConfig, x: dict[str, Any]) -> dict[str, Any]:
+        """dkv: dK, dV [b,t,h,d], dg (the column gate term [b,t,h], want_dg); dq: dQ [b,t,hq,d], dg (the
+        row term sum_j P dP [b,t,hq], want_dgrow). fp32; dg None without gates."""
+        import torch
+
+        b, t, hq, d = x["Q"].shape
+        h, gated = x["K"].shape[2], x["G"] is not None
+        new = lambda *shape: torch.empty(shape, device=x["Q"].device, dtype=torch.float32)  # noqa: E731
+        if key.stage == "dkv":
+            return dict(dQ=None, dK=new(b, t, h, d), dV=new(b, t, h, d),
+                        dg=new(b, t, h) if x["want_dg"] and gated else None)
+        return dict(dQ=new(b, t, hq, d), dK=None, dV=None, dg=new(b, t, hq) if x["want_dgrow"] and gated else None)
+
+    def launches(self, key: IntraBwdKey, config: IntraBwdConfig, x: dict[str, Any], out: dict[str, Any]):
+        Q, K, c = x["Q"], x["K"], x["chunk_size"]
+        b, t, hq, d = Q.shape
+        if Q.numel() == 0:
+            return
+        h, n, tiles = K.shape[2], -(-t // c), -(-c // config.tile)
+        heads = h if key.stage == "dkv" else hq
+        if b * heads * n * tiles >= 2**31:
+            raise InputError("Q", tuple(Q.shape), "fewer than 2^31 tiles")
+        dYin, alpha = x["flash_operands"]
+        yield Launch((b * heads * n * tiles, 1, 1),
+                     (*(ptr(y) for y in (Q, K, x["V"], x["G"], x["m"], dYin, x["dl"], alpha)), ptr(out["dQ"]),
+                      ptr(out["dK"]), ptr(out["dV"]), ptr(out["dg"]), t, n, c, hq, hq // h, tiles, x["scale"]))
 
     # ---- tuner protocol (shared pieces and the checked slice: bwd_tuning.py) ----------------------
     def make_inputs(self, key: IntraBwdKey, device: Any, seed: int) -> dict[str, Any]:
@@ -195,21 +256,10 @@ def flash_default(key: IntraBwdKey) -> IntraBwdConfig:
 FAMILY = register(IntraBwdFamily())
 
 
-def _pass_key(stage: str, Q, K, chunk_size: int | None, deg: int) -> IntraBwdKey:
-    if stage not in ("dkv", "dq"):
-        raise InputError("stage", repr(stage), "'dkv' or 'dq'")
-    b, t, hq, d = Q.shape
-    h = K.shape[2]
-    if h < 1 or hq % h:
-        raise InputError("Q", tuple(Q.shape), f"query heads a multiple of the KV heads {h}")
-    c = int(chunk_size) if chunk_size else t
-    return IntraBwdKey(head_dim=d, deg=deg, dtype=str(Q.dtype).replace("torch.", ""), stage=stage,
-                       chunk_size=pow2_bucket(c), tokens=pow2_bucket(b * t * hq))
-
-
 def pass_config(stage: str, Q, K, *, deg: int, chunk_size: int | None, config=None) -> IntraBwdConfig:
     """The config a pass runs with: `config`, else the dispatched one for this problem."""
-    return config if config is not None else pick(FAMILY, _pass_key(stage, Q, K, chunk_size, deg), Q.device)
+    key = FAMILY.problem_key(dict(stage=stage, Q=Q, K=K, deg=deg, chunk_size=chunk_size))
+    return FAMILY.config_for(key, Q.device, config)
 
 
 def flash_dO_operands(dO, dY, dtype):
@@ -238,44 +288,11 @@ def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: in
     or None), stage "dq" returns dQ [b,t,hq,d] (fp32), or with `want_dgrow` (dQ, dgrow [b,t,hq] fp32 =
     sum_j P dP, None without G). Current stream, no host sync.
     flash_operands: flash_dO_operands(dO, dY, Q.dtype) when the caller made them once for both passes."""
-    import torch
-
-    key = _pass_key(stage, Q, K, chunk_size, deg)
-    b, t, hq, d = Q.shape
-    h = K.shape[2]
-    c = int(chunk_size) if chunk_size else t
-    n = -(-t // c) if t else 0
-    dev = Q.device
-    if config is None:
-        config = pick(FAMILY, key, dev)
-    Q, K, V, m, dO, dl = (x.contiguous() for x in (Q, K, V, m, dO, dl))
-    G = G.contiguous() if G is not None else None
-    f32 = dict(device=dev, dtype=torch.float32)
+    out = FAMILY(config, stage=stage, Q=Q, K=K, V=V, G=G, m=m, dO=dO, dl=dl, deg=deg, scale=scale,
+                 chunk_size=chunk_size, want_dg=want_dg, want_dgrow=want_dgrow, dY=dY, flash_operands=flash_operands)
     if stage == "dkv":
-        dQ, dK, dV = None, torch.empty(b, t, h, d, **f32), torch.empty(b, t, h, d, **f32)
-        dg = torch.empty(b, t, h, **f32) if (want_dg and G is not None) else None
-        out, heads = (dK, dV, dg), h
-    else:
-        dQ, dK, dV = torch.empty(b, t, hq, d, **f32), None, None
-        dg = torch.empty(b, t, hq, **f32) if (want_dgrow and G is not None) else None
-        out, heads = ((dQ, dg) if want_dgrow else dQ), hq
-    if Q.numel() == 0:
-        return out
-    tiles = -(-c // config.tile)
-    grid = b * heads * n * tiles
-    if grid >= 2**31:
-        raise InputError("Q", tuple(Q.shape), "fewer than 2^31 tiles")
-    # Q, K, V and the incoming gradient in the input type, exact (template header)
-    dYin, alpha = flash_operands if flash_operands is not None else flash_dO_operands(dO, dY, Q.dtype)
-    # cp.async needs 16-byte aligned rows
-    Q, K, V, dYin = (x if x.data_ptr() % 16 == 0 else x.clone() for x in (Q, K, V, dYin))
-    args = [Q, K, V, G, m, dYin, dl, alpha]
-    kernel = launchable(FAMILY, compile_key(key), config, dev)
-    kernel.launch((grid, 1, 1), (FAMILY.threads_per_block(config), 1, 1),
-                  (*(ptr(x) for x in args), ptr(dQ), ptr(dK), ptr(dV), ptr(dg), t, n, c, hq, hq // h, tiles,
-                   float(scale)),
-                  dev.index, stream_of(dev))
-    return out
+        return out["dK"], out["dV"], out["dg"]
+    return (out["dQ"], out["dg"]) if want_dgrow else out["dQ"]
 
 
 def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, chunk_size: int | None,

@@ -26,9 +26,10 @@ from pydantic import Field, model_validator
 
 from vidrial.core.config import ProblemKey
 from vidrial.core.errors import ConfigError, InputError
-from vidrial.core.family import KernelFamily
+from vidrial.core.family import KernelFamily, Launch
+from vidrial.core.tensors import C_TYPES, dtype_name, pow2_bucket, ptr
 from vidrial.kernels import register
-from vidrial.kernels.power_retention._bwd_util import SliceCheck, launchable, pick, ptr, stream_of
+from vidrial.kernels.power_retention.bwd_tuning import SliceCheck
 from vidrial.kernels.power_retention._feature_bwd import (
     FeatureBwdConfig,
     check_layout,
@@ -36,7 +37,7 @@ from vidrial.kernels.power_retention._feature_bwd import (
     scratch_floats,
     state_tile_floats,
 )
-from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pow2_bucket
+from vidrial.kernels.power_retention.sympow import block_table, feature_dim
 
 __all__ = ["QueryStateBwdConfig", "QueryStateBwdKey", "FAMILY", "query_state_bwd", "query_state_bwd_rows",
            "mma16_config"]
@@ -98,7 +99,7 @@ class QueryStateBwdFamily(SliceCheck, KernelFamily[QueryStateBwdKey, QueryStateB
         # impl, pass_: pick this kernel in the wrapper template while the row loop's branches are still there
         return dict(impl="mma16", pass_="rows", head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile,
                     n_blocks=layout(key.head_dim, key.deg, key.d_tile).n_blocks, warps=config.warps,
-                    tile_f=config.tile_f, stages=config.stages, in_type=DTYPE_NAMES[key.dtype],
+                    tile_f=config.tile_f, stages=config.stages, in_type=C_TYPES[key.dtype],
                     smem_bytes=mma16_smem_bytes(key.head_dim, config), key_label=key.label(),
                     config_label=config.label())
 
@@ -116,7 +117,8 @@ class QueryStateBwdFamily(SliceCheck, KernelFamily[QueryStateBwdKey, QueryStateB
     def shape_keys(self, dtype: str = "bfloat16") -> list[QueryStateBwdKey]:
         from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
 
-        return unique(_key(meta(p.b, p.t, p.h, p.d, dtype=dtype), p.deg, p.d_tile) for p in training_problems())
+        return unique(self.problem_key(dict(Q=meta(p.b, p.t, p.h, p.d, dtype=dtype), deg=p.deg, d_tile=p.d_tile))
+                      for p in training_problems())
 
     def standard_keys(self) -> list[QueryStateBwdKey]:
         return self.shape_keys() + self.shape_keys("float16")
@@ -131,6 +133,54 @@ class QueryStateBwdFamily(SliceCheck, KernelFamily[QueryStateBwdKey, QueryStateB
             except ConfigError:
                 pass
         return out
+
+    # ---- launch path: the rows pass (vidrial.autograd has checked the forward's inputs) ----------------
+    def prepare(self, x: dict[str, Any]) -> dict[str, Any]:
+        """Q, Y, dY [b,t,hq,d] bf16/fp16 (t a multiple of chunk_size), G [b,t,h] fp32 or None, Sbar16
+        [b,>=n,h,D,d] bf16, sbar [b,>=n,h,D] fp32, O [b,t,hq,d], l, m [b,t,hq] fp32; deg, d_tile, scale,
+        chunk_size."""
+        import torch
+
+        Q, Sbar16, c = x["Q"], x["Sbar16"], int(x["chunk_size"])
+        b, t, hq, d = Q.shape
+        if t % c:
+            raise InputError("Q", tuple(Q.shape), f"a time length that is a multiple of chunk_size={c}")
+        n, D = t // c, feature_dim(d, x["deg"], x["d_tile"])
+        if Sbar16.dtype != torch.bfloat16 or Sbar16.shape[1] < n or tuple(Sbar16.shape[3:]) != (D, d):
+            raise InputError("Sbar16", (tuple(Sbar16.shape), str(Sbar16.dtype)),
+                             f"bfloat16 [{b}, >={n}, {Sbar16.shape[2]}, {D}, {d}]")
+        y = {k: x[k].contiguous() for k in ("Q", "Y", "dY", "O", "l", "m", "Sbar16", "sbar")}
+        G = x.get("G")
+        return dict(y, G=G.contiguous() if G is not None else None, deg=x["deg"], d_tile=x["d_tile"],
+                    scale=float(x["scale"]), chunk_size=c)
+
+    def problem_key(self, x: dict[str, Any]) -> QueryStateBwdKey:
+        """b*t*hq bucketed to a power of two."""
+        b, t, hq, d = x["Q"].shape
+        return QueryStateBwdKey(head_dim=d, deg=x["deg"], d_tile=x["d_tile"], dtype=dtype_name(x["Q"].dtype),
+                                tokens=pow2_bucket(b * t * hq))
+
+    def outputs(self, key: QueryStateBwdKey, config: QueryStateBwdConfig, x: dict[str, Any]) -> dict[str, Any]:
+        """dQ, dO, dAh [b,t,hq,d], dl, dBh, qscale, dg [b,t,hq], fp32."""
+        import torch
+
+        b, t, hq, d = x["Q"].shape
+        new = lambda *shape: torch.empty(shape, device=x["Q"].device, dtype=torch.float32)  # noqa: E731
+        return dict(dQ=new(b, t, hq, d), dO=new(b, t, hq, d), dAh=new(b, t, hq, d), dl=new(b, t, hq),
+                    dBh=new(b, t, hq), qscale=new(b, t, hq), dg=new(b, t, hq))
+
+    def launches(self, key: QueryStateBwdKey, config: QueryStateBwdConfig, x: dict[str, Any], out: dict[str, Any]):
+        Q, Sbar16, c = x["Q"], x["Sbar16"], x["chunk_size"]
+        b, t, hq, d = Q.shape
+        if Q.numel() == 0:
+            return
+        n, h, rt = t // c, Sbar16.shape[2], -(-c // config.rows)
+        table = block_table(d, key.deg, key.d_tile, Q.device)
+        yield Launch((b * hq * n * rt, 1, 1),
+                     (Q.data_ptr(), ptr(x["G"]), Sbar16.data_ptr(), x["sbar"].data_ptr(), x["O"].data_ptr(),
+                      x["l"].data_ptr(), x["m"].data_ptr(), x["Y"].data_ptr(), x["dY"].data_ptr(), table.data_ptr(),
+                      *(out[k].data_ptr() for k in ("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg")), t, n, c, hq,
+                      hq // h, Sbar16.shape[1], x["sbar"].shape[1], rt, x["scale"] ** key.deg))
 
     # ---- tuner protocol (shared pieces and the checked slice: bwd_tuning.py) ----------------------
     def make_inputs(self, key: QueryStateBwdKey, device: Any, seed: int) -> dict[str, Any]:
@@ -182,53 +232,12 @@ class QueryStateBwdFamily(SliceCheck, KernelFamily[QueryStateBwdKey, QueryStateB
 FAMILY = register(QueryStateBwdFamily())
 
 
-def _key(Q, deg: int, d_tile: int) -> QueryStateBwdKey:
-    b, t, hq, d = Q.shape
-    return QueryStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=str(Q.dtype).replace("torch.", ""),
-                            tokens=pow2_bucket(b * t * hq))
-
-
 def query_state_bwd_rows(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int, scale: float,
                          chunk_size: int, config=None):
     """The row pass alone (inputs as query_state_bwd). Returns dict dQ, dO, dAh [b,t,hq,d], dl, dBh,
     qscale, dg [b,t,hq] (fp32). Current stream, no host sync."""
-    import torch
-
-    from vidrial.kernels.power_retention.sympow import feature_dim
-
-    b, t, hq, d = Q.shape
-    h = Sbar16.shape[2]
-    c = int(chunk_size)
-    if t % c:
-        raise InputError("Q", tuple(Q.shape), f"a time length that is a multiple of chunk_size={c}")
-    n = t // c
-    D = feature_dim(d, deg, d_tile)
-    if Sbar16.dtype != torch.bfloat16 or Sbar16.shape[1] < n or tuple(Sbar16.shape[3:]) != (D, d):
-        raise InputError("Sbar16", (tuple(Sbar16.shape), str(Sbar16.dtype)), f"bfloat16 [{b}, >={n}, {h}, {D}, {d}]")
-    key = _key(Q, deg, d_tile)
-    dev = Q.device
-    if config is None:
-        config = pick(FAMILY, key, dev)
-    Q, Y, dY, O, l, m = (x.contiguous() for x in (Q, Y, dY, O, l, m))
-    Sbar16, sbar = Sbar16.contiguous(), sbar.contiguous()
-    G = G.contiguous() if G is not None else None
-    f32 = dict(device=dev, dtype=torch.float32)
-    out = dict(dQ=torch.empty(b, t, hq, d, **f32), dO=torch.empty(b, t, hq, d, **f32),
-               dAh=torch.empty(b, t, hq, d, **f32), dl=torch.empty(b, t, hq, **f32), dBh=torch.empty(b, t, hq, **f32),
-               qscale=torch.empty(b, t, hq, **f32), dg=torch.empty(b, t, hq, **f32))
-    if Q.numel() == 0:
-        out.update(dSbar=torch.empty(b, n, h, D, d, **f32), dsbar=torch.empty(b, n, h, D, **f32))
-        return out
-    rt = -(-c // config.rows)
-    kernel = launchable(FAMILY, compile_key(key), config, dev)
-    kernel.launch((b * hq * n * rt, 1, 1), (config.warps * 32, 1, 1),
-                  (Q.data_ptr(), ptr(G), Sbar16.data_ptr(), sbar.data_ptr(), O.data_ptr(), l.data_ptr(), m.data_ptr(),
-                   Y.data_ptr(), dY.data_ptr(), block_table(d, deg, d_tile, dev).data_ptr(), out["dQ"].data_ptr(),
-                   out["dO"].data_ptr(), out["dl"].data_ptr(), out["dAh"].data_ptr(), out["dBh"].data_ptr(),
-                   out["qscale"].data_ptr(), out["dg"].data_ptr(), t, n, c, hq, hq // h, Sbar16.shape[1],
-                   sbar.shape[1], rt, float(scale) ** deg),
-                  dev.index, stream_of(dev))
-    return out
+    return FAMILY(config, Q=Q, G=G, Sbar16=Sbar16, sbar=sbar, O=O, l=l, m=m, Y=Y, dY=dY, deg=deg, d_tile=d_tile,
+                  scale=scale, chunk_size=chunk_size)
 
 
 def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int, scale: float, chunk_size: int,
@@ -248,6 +257,14 @@ def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int
     out = query_state_bwd_rows(Q, G, Sbar16, sbar, O, l, m, Y, dY, deg=deg, d_tile=d_tile, scale=scale,
                                chunk_size=chunk_size, config=config)
     if not state:  # the rows pass only
+        return out
+    if Q.numel() == 0:
+        import torch
+
+        b, t, hq, d = Q.shape
+        n, D = t // int(chunk_size), feature_dim(d, deg, d_tile)
+        f32 = dict(device=Q.device, dtype=torch.float32)
+        out.update(dSbar=torch.empty(b, n, h, D, d, **f32), dsbar=torch.empty(b, n, h, D, **f32))
         return out
     out["dSbar"], out["dsbar"] = state_pass_update_state(Q, out["qscale"], out["dAh"], out["dBh"], h, deg=deg,
                                                          d_tile=d_tile, scale=scale, chunk_size=chunk_size,

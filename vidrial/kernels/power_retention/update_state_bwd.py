@@ -15,15 +15,16 @@ update_state_bwd for the accuracy).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
 from vidrial.core.config import ProblemKey
 from vidrial.core.errors import ConfigError, InputError
-from vidrial.core.family import KernelFamily
+from vidrial.core.family import KernelFamily, Launch
+from vidrial.core.tensors import C_TYPES, InDType, dtype_name, pow2_bucket, ptr
 from vidrial.kernels import register
-from vidrial.kernels.power_retention._bwd_util import SliceCheck, launchable, pick, ptr, stream_of
+from vidrial.kernels.power_retention.bwd_tuning import SliceCheck
 from vidrial.kernels.power_retention._feature_bwd import (
     FeatureBwdConfig,
     chain_chunk,
@@ -32,7 +33,7 @@ from vidrial.kernels.power_retention._feature_bwd import (
     scratch_floats,
     state_tile_floats,
 )
-from vidrial.kernels.power_retention._fwd_util import DTYPE_NAMES, block_table, compile_key, pow2_bucket
+from vidrial.kernels.power_retention.sympow import block_table, feature_dim
 
 __all__ = ["UpdateStateBwdConfig", "UpdateStateBwdKey", "FAMILY", "update_state_bwd", "mma16_config"]
 
@@ -72,7 +73,7 @@ class UpdateStateBwdKey(ProblemKey):
     head_dim: int = 64
     deg: int = 2
     d_tile: int = 8
-    dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    dtype: InDType = "bfloat16"
     tokens: int = Field(65536, description="bucket (power of two) of batch * time * kv heads")
 
     @model_validator(mode="after")
@@ -101,7 +102,7 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
         # impl: picks this kernel in the wrapper template while the row loop's branch is still there
         return dict(impl="mma16", head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile,
                     n_blocks=layout(key.head_dim, key.deg, key.d_tile).n_blocks, warps=config.warps,
-                    tile_f=config.tile_f, stages=config.stages, in_type=DTYPE_NAMES[key.dtype],
+                    tile_f=config.tile_f, stages=config.stages, in_type=C_TYPES[key.dtype],
                     smem_bytes=mma16_smem_bytes(key.head_dim, config), key_label=key.label(),
                     config_label=config.label())
 
@@ -119,7 +120,8 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
     def shape_keys(self, dtype: str = "bfloat16") -> list[UpdateStateBwdKey]:
         from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
 
-        return unique(problem_key(meta(p.b, p.t, p.h, p.d, dtype=dtype), p.deg, p.d_tile) for p in training_problems())
+        return unique(self.problem_key(dict(K=meta(p.b, p.t, p.h, p.d, dtype=dtype), deg=p.deg, d_tile=p.d_tile))
+                      for p in training_problems())
 
     def standard_keys(self) -> list[UpdateStateBwdKey]:
         return self.shape_keys() + self.shape_keys("float16")
@@ -133,6 +135,50 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
             except ConfigError:
                 pass
         return out
+
+    # ---- launch path (vidrial.autograd has checked the forward's inputs) ---------------------------
+    def prepare(self, x: dict[str, Any]) -> dict[str, Any]:
+        """K, V [b,t,h,d] bf16/fp16 with t a multiple of chunk_size; G [b,t,h] fp32 chunk-local cumulative
+        log gates or None; dS [b,n,h,D,d], ds [b,n,h,D] fp32; deg, d_tile, chunk_size."""
+        import torch
+
+        K, dS, c = x["K"], x["dS"], int(x["chunk_size"])
+        b, t, h, d = K.shape
+        if t % c:
+            raise InputError("K", tuple(K.shape), f"a time length that is a multiple of chunk_size={c}")
+        D = feature_dim(d, x["deg"], x["d_tile"])
+        if tuple(dS.shape) != (b, t // c, h, D, d) or dS.dtype != torch.float32:
+            raise InputError("dS", (tuple(dS.shape), str(dS.dtype)), f"float32 {(b, t // c, h, D, d)}")
+        G = x.get("G")
+        # the kernel reads dS as bf16 (update_state_bwd says why that is accurate enough)
+        return dict(K=K.contiguous(), V=x["V"].contiguous(), G=G.contiguous() if G is not None else None,
+                    dS=dS.to(torch.bfloat16).contiguous(), ds=x["ds"].contiguous(), deg=x["deg"], d_tile=x["d_tile"],
+                    chunk_size=c)
+
+    def problem_key(self, x: dict[str, Any]) -> UpdateStateBwdKey:
+        """b*t*h bucketed to a power of two."""
+        b, t, h, d = x["K"].shape
+        return UpdateStateBwdKey(head_dim=d, deg=x["deg"], d_tile=x["d_tile"], dtype=dtype_name(x["K"].dtype),
+                                 tokens=pow2_bucket(b * t * h))
+
+    def outputs(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig, x: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        new = lambda *shape: torch.empty(shape, device=x["K"].device, dtype=torch.float32)  # noqa: E731
+        b, t, h, d = x["K"].shape
+        return {"dK": new(b, t, h, d), "dV": new(b, t, h, d), "E": new(b, t, h) if x["G"] is not None else None}
+
+    def launches(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig, x: dict[str, Any],
+                 out: dict[str, Any]):
+        K, c = x["K"], x["chunk_size"]
+        b, t, h, d = K.shape
+        if K.numel() == 0:
+            return
+        n, rt = t // c, -(-c // config.rows)
+        table = block_table(d, key.deg, key.d_tile, K.device)
+        yield Launch((b * h * n * rt, 1, 1),
+                     (K.data_ptr(), x["V"].data_ptr(), ptr(x["G"]), x["dS"].data_ptr(), x["ds"].data_ptr(),
+                      table.data_ptr(), out["dK"].data_ptr(), out["dV"].data_ptr(), ptr(out["E"]), t, n, c, h, rt))
 
     # ---- tuner protocol (shared pieces and the checked slice: bwd_tuning.py) ----------------------
     def make_inputs(self, key: UpdateStateBwdKey, device: Any, seed: int) -> dict[str, Any]:
@@ -171,13 +217,6 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
 FAMILY = register(UpdateStateBwdFamily())
 
 
-def problem_key(K: Any, deg: int, d_tile: int) -> UpdateStateBwdKey:
-    """The dispatch key of a call on keys K [b, t, h, d] (b*t*h bucketed)."""
-    b, t, h, d = K.shape
-    return UpdateStateBwdKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=str(K.dtype).replace("torch.", ""),
-                             tokens=pow2_bucket(b * t * h))
-
-
 def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int, config=None):
     """dK, dV [b,t,h,d] fp32 and E [b,t,h] fp32 (phi(k~).dphi, None without gating).
 
@@ -189,36 +228,5 @@ def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int,
     rounding errors, so dK, dV and E stay within ~1e-3 of float64 (tests/test_us_bwd_mma16_cpu.py
     measures it) -- well inside the project's bf16 tolerance of ~1e-2. Rounding phi(k) to bf16 for the
     dV GEMM is the same size; V is exact (bf16 input), fp16 V is rounded to bf16."""
-    import torch
-
-    from vidrial.kernels.power_retention.sympow import feature_dim
-
-    b, t, h, d = K.shape
-    c = int(chunk_size)
-    if t % c:
-        raise InputError("K", tuple(K.shape), f"a time length that is a multiple of chunk_size={c}")
-    n = t // c
-    key = problem_key(K, deg, d_tile)
-    D = feature_dim(d, deg, d_tile)
-    if tuple(dS.shape) != (b, n, h, D, d) or dS.dtype != torch.float32:
-        raise InputError("dS", (tuple(dS.shape), str(dS.dtype)), f"float32 {(b, n, h, D, d)}")
-    dev = K.device
-    if config is None:
-        config = pick(FAMILY, key, dev)
-    K, V, ds = K.contiguous(), V.contiguous(), ds.contiguous()
-    dS = dS.to(torch.bfloat16).contiguous()
-    G = G.contiguous() if G is not None else None
-    dK = torch.empty(b, t, h, d, device=dev, dtype=torch.float32)
-    dV = torch.empty(b, t, h, d, device=dev, dtype=torch.float32)
-    E = torch.empty(b, t, h, device=dev, dtype=torch.float32) if G is not None else None
-    if dK.numel() == 0:
-        return dK, dV, E
-    rt = -(-c // config.rows)
-    grid = b * h * n * rt
-    kernel = launchable(FAMILY, compile_key(key), config, dev)
-    table = block_table(d, deg, d_tile, dev)
-    kernel.launch((grid, 1, 1), (config.warps * 32, 1, 1),
-                  (K.data_ptr(), V.data_ptr(), ptr(G), dS.data_ptr(), ds.data_ptr(), table.data_ptr(),
-                   dK.data_ptr(), dV.data_ptr(), ptr(E), t, n, c, h, rt),
-                  dev.index, stream_of(dev))
-    return dK, dV, E
+    out = FAMILY(config, K=K, V=V, G=G, dS=dS, ds=ds, deg=deg, d_tile=d_tile, chunk_size=chunk_size)
+    return out["dK"], out["dV"], out["E"]
