@@ -112,9 +112,9 @@ def test_strided_cache_and_scale():
 
 
 def test_token_by_token_loop_with_the_kernel_source():
-    """vidrial.inference._step (the API's step logic) with the CPU-executed kernel as the decoder and
+    """vidrial.pipeline.decoding.step (the API's step logic) with the CPU-executed kernel as the decoder and
     the float64 update for absorption: every token equals the training forward (float64 reference)."""
-    from vidrial.inference import _step, _update_reference
+    from vidrial.pipeline.decoding import step as _step, update_reference as _update_reference
     from vidrial.reference.forward import power_retention_reference
 
     b, t, h, r, d, deg, switch = 1, 40, 2, 2, 32, 2, 16

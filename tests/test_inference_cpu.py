@@ -157,10 +157,10 @@ def test_emulation_is_stable_without_gating_at_long_history():
 
 @pytest.mark.parametrize("gating,r,deg,d,d_tile", [(True, 1, 2, 32, 8), (False, 2, 2, 32, 4), (True, 2, 4, 16, 4)])
 def test_token_by_token_loop_equals_training_forward(gating, r, deg, d, d_tile):
-    """The inference loop (vidrial.inference._step with the kernel's emulation and the float64
+    """The inference loop (vidrial.pipeline.decoding.step with the kernel's emulation and the float64
     update): cache grows to switch_over, is absorbed, dropped, ...; every Y equals the training
     forward over the whole sequence."""
-    from vidrial.inference import _step, _update_reference
+    from vidrial.pipeline.decoding import step as _step, update_reference as _update_reference
 
     b, t, h, switch = 1, 45, 2, 16
     g = torch.Generator().manual_seed(3)
@@ -269,17 +269,17 @@ def test_positive_log_G_is_an_input_error():
 
 
 def test_log_G_values_are_checked_on_every_call_not_memoised(monkeypatch):
-    """_checked remembers the structural checks per shape; the gate values change from step to step."""
-    from vidrial import inference
+    """checks.checked_inference remembers the structural checks per shape; the gate values change from step to step."""
+    from vidrial.pipeline import checks
 
-    monkeypatch.setattr(inference, "_CHECKED", {})
-    monkeypatch.setattr(inference, "_check", lambda *a: ("checked",))  # structure ok (CPU tensors)
+    monkeypatch.setattr(checks, "_CHECKED", {})
+    monkeypatch.setattr(checks, "check_inference", lambda *a: ("checked",))  # structure ok (CPU tensors)
     x = _inputs()
     args = [x["Q"], x["K"], x["V"], x["log_G"], x["initial_state"], x["sum_of_keys"], 2, None, 512, None, None]
-    assert inference._checked(*args) == ("checked",)
+    assert checks.checked_inference(*args) == ("checked",)
     args[3] = torch.full_like(x["log_G"], 0.5)  # same shape: a memo hit
     with pytest.raises(InputError, match=r"^log_G: got max value 0.5"):
-        inference._checked(*args)
+        checks.checked_inference(*args)
 
 
 def test_no_cache_and_no_state_is_an_error():
@@ -315,7 +315,7 @@ def test_search_space_and_tuner_protocol_on_cpu():
 def test_absorb_of_a_long_cache_combines_chunks(monkeypatch, gating):
     """Caches longer than one update_state chunk are absorbed chunk by chunk and combined with the
     gate from each chunk's end (update_state replaced by its float64 reference on the CPU)."""
-    import vidrial.inference as inf
+    import vidrial.pipeline.decoding as inf
     import vidrial.kernels.power_retention.update_state as us
 
     def fake_update_state(K, V, G, *, deg, d_tile, chunk_size):
@@ -323,13 +323,13 @@ def test_absorb_of_a_long_cache_combines_chunks(monkeypatch, gating):
         return S.float(), s.float()
 
     monkeypatch.setattr(us, "update_state", fake_update_state)
-    monkeypatch.setattr(inf, "_ABSORB_CHUNK", 32)
+    monkeypatch.setattr(inf, "ABSORB_CHUNK", 32)
     g = torch.Generator().manual_seed(4)
     b, L, h, d = 1, 100, 2, 32
     K, V = torch.randn(b, L, h, d, generator=g), torch.randn(b, L, h, d, generator=g)
     G = torch.nn.functional.logsigmoid(2 + torch.randn(b, L, h, generator=g)) if gating else None
-    S1, s1 = inf._update_gpu(K, V, G, 2, 8)
-    S2, s2 = inf._update_reference(K, V, G, 2, 8)
+    S1, s1 = inf.update_gpu(K, V, G, 2, 8)
+    S2, s2 = inf.update_reference(K, V, G, 2, 8)
     assert ((S1.double() - S2).abs().max() / S2.abs().max()).item() < 1e-5
     assert ((s1.double() - s2).abs().max() / s2.abs().max()).item() < 1e-5
 
@@ -338,7 +338,7 @@ def test_absorb_of_a_long_cache_combines_chunks(monkeypatch, gating):
 def test_many_new_tokens_split_into_kernel_sized_groups(L, with_state):
     """tq * r > 16 rows (speculative / chunked decoding): groups of new tokens, each against the
     cache prefix that ends with its last token, equal the one-shot reference."""
-    from vidrial.inference import _split_queries
+    from vidrial.pipeline.decoding import split_queries as _split_queries
 
     b, tq, h, r, d, deg, dt = 1, 11, 2, 2, 32, 2, 8
     g = torch.Generator().manual_seed(8)
