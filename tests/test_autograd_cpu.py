@@ -101,3 +101,22 @@ def test_intra_row_term():
     dl, l = torch.randn(2, 5, 3, dtype=torch.float64), torch.rand(2, 5, 3, dtype=torch.float64)
     want = torch.einsum("bthd,bthd->bth", dO, O) + dl * (l - 1e-6)
     torch.testing.assert_close(_intra_row_term(dO, O, dl, l), want)
+
+
+def test_compiled_log_G_check_skips_the_value_read():
+    """Issue 17 item 9a: the log_G checks that power_retention and power_retention_inference run
+    (structure, then values) trace with fullgraph=True: the device->host read of max(log_G) is skipped
+    while compiling (it would break the graph), and still raises in eager mode."""
+    from vidrial.core.errors import InputError
+    from vidrial.pipeline import checks
+
+    lg = torch.full((1, 8, 2), 0.5)  # breaks the contract: only eager calls can see it
+
+    def f(lg):
+        checks._check_log_G(lg, (1, 8, 2), "batch, time, kv_heads")
+        return lg * 2
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(lg), lg * 2)
+    with pytest.raises(InputError, match=r"^log_G: got max value 0.5"):
+        f(lg)

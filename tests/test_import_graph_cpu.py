@@ -78,6 +78,37 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def test_root_package_imports_nothing_at_import_time():
+    """`import vidrial` stays light: its only vidrial imports sit inside the lazy __getattr__."""
+    tree = ast.parse((ROOT / "__init__.py").read_text())
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [ast.unparse(n) for n in top if "vidrial" in ast.unparse(n)]
+
+
+def test_no_import_cycles_in_vidrial():
+    assert cycles(import_graph()) == []
+
+
+def test_pipeline_imports_point_one_way():
+    """public (ops, inference) -> autograd -> pipeline -> kernels: no module imports one above it."""
+    graph = import_graph()
+    above = {"vidrial.autograd": {"vidrial.ops", "vidrial.inference"}}
+    above["vidrial.pipeline"] = above["vidrial.autograd"] | {"vidrial.autograd"}
+    above["vidrial.kernels"] = above["vidrial.pipeline"] | {"vidrial.pipeline"}
+    bad = []
+    for mod, deps in graph.items():
+        for layer, banned in above.items():
+            if mod == layer or mod.startswith(layer + "."):
+                bad += [f"{mod} -> {d}" for d in deps if any(d == b or d.startswith(b + ".") for b in banned)]
+    assert not bad, bad
+
+
+def test_the_graph_sees_function_local_imports():
+    graph = import_graph()
+    assert "vidrial.autograd" in graph["vidrial.ops"]  # imported inside power_retention only
+    assert "vidrial.kernels.power_retention.update_state" in graph["vidrial.pipeline.forward"]
+
+
 if __name__ == "__main__":
     for c in cycles(import_graph()):
         print(c)

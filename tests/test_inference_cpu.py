@@ -355,3 +355,78 @@ def test_many_new_tokens_split_into_kernel_sized_groups(L, with_state):
     Y = _split_queries(decode, Q, K, V, G, S, z, 16 // r)
     Yr, _, _ = power_retention_inference_reference(Q, K, V, G, S, z, deg=deg, switch_over_seq_len=None, d_tile=dt)
     assert ((Y - Yr).abs().max() / Yr.abs().max()).item() < 1e-10
+
+
+@pytest.mark.parametrize("r,tq,L,with_state,launches", [
+    (32, 1, 30, True, [16, 16]), (33, 1, 0, True, [11, 11, 11]), (20, 3, 30, False, [10] * 6),
+    (17, 1, 12, True, [9, 8])])
+def test_wide_gqa_group_splits_into_kernel_sized_row_groups(r, tq, L, with_state, launches):
+    """Issue 17 item 9b: a GQA group wider than 16 rows per KV head runs as launches of <= 16 rows (equal
+    groups of query heads, then groups of new tokens), each equal to the one-shot float64 reference."""
+    from vidrial.kernels.power_retention.decode import MAX_ROWS
+    from vidrial.pipeline.decoding import decode_rows
+
+    b, h, d, deg, dt = 2, 2, 32, 2, 8
+    g = torch.Generator().manual_seed(r + tq)
+    Q = torch.randn(b, tq, h * r, d, generator=g)
+    K = torch.randn(b, L, h, d, generator=g) if L else None
+    V = torch.randn(b, L, h, d, generator=g) if L else None
+    G = torch.nn.functional.logsigmoid(3 + torch.randn(b, L, h, generator=g)) if L else None
+    S, z = _state(b, h, d, deg, dt) if with_state else (None, None)
+    rows = []
+
+    def decode(Qs, Ks, Vs, Gs, S_, z_):
+        rows.append(Qs.shape[2] // h * Qs.shape[1])
+        assert rows[-1] <= MAX_ROWS and Qs.shape[2] % h == 0
+        return emulate_decode_step(Qs, Ks, Vs, Gs, S_, z_, deg=deg, d_tile=dt, tile_f=64, cache_tile=32)
+
+    Y = decode_rows(decode, Q, K, V, G, S, z, h, MAX_ROWS)
+    Yr, _, _ = power_retention_inference_reference(Q, K, V, G, S, z, deg=deg, switch_over_seq_len=None, d_tile=dt)
+    assert rows == launches
+    assert Y.shape == Q.shape
+    assert ((Y - Yr).abs().max() / Yr.abs().max()).item() < 1e-10
+
+
+def test_public_inference_at_group_32_never_runs_the_reference(monkeypatch):
+    """power_retention_inference (its routing, on CPU tensors: validation and the launcher replaced by the
+    kernel's float64 emulation) at GQA group 32: every launch has <= 16 rows, no float64 reference."""
+    import vidrial.kernels.power_retention.decode as dec
+    import vidrial.reference.forward as ref
+    from vidrial import power_retention_inference
+    from vidrial.pipeline import checks
+
+    b, h, r, d, deg, dt, L = 1, 2, 32, 32, 2, 8, 20
+    g = torch.Generator().manual_seed(32)
+    Q = torch.randn(b, 1, h * r, d, generator=g).bfloat16()
+    K, V = torch.randn(b, L, h, d, generator=g).bfloat16(), torch.randn(b, L, h, d, generator=g).bfloat16()
+    G = torch.nn.functional.logsigmoid(3 + torch.randn(b, L, h, generator=g))
+    S, z = _state(b, h, d, deg, dt)
+    S, z = S.float(), z.float()
+    Yr, _, _ = ref.power_retention_inference_reference(Q, K, V, G, S, z, deg=deg, switch_over_seq_len=None, d_tile=dt)
+    real_check = checks.check_inference
+    monkeypatch.setattr(checks, "_CHECKED", {})
+
+    def check_on_cpu(*args):
+        try:
+            return real_check(*args)
+        except InputError as e:  # CPU tensors: everything but the device is fine
+            assert str(e).startswith("Q: got device cpu"), e
+        return b, 1, h * r, h, d, L, dt, feature_dim(d, deg, dt)
+
+    rows = []
+
+    def launch(Qs, Ks, Vs, Gs, S_, z_, *, deg, d_tile, scale):
+        rows.append(Qs.shape[2] // h * Qs.shape[1])
+        assert rows[-1] <= dec.MAX_ROWS
+        return dec.emulate_decode_step(Qs, Ks, Vs, Gs, S_, z_, deg=deg, d_tile=d_tile, scale=scale).to(Qs.dtype)
+
+    def no_reference(*a, **k):
+        raise AssertionError("the float64 reference ran inside power_retention_inference")
+
+    monkeypatch.setattr(checks, "check_inference", check_on_cpu)
+    monkeypatch.setattr(dec, "decode_step", launch)
+    monkeypatch.setattr(ref, "power_retention_inference_reference", no_reference)
+    Y, S2, z2 = power_retention_inference(Q, K, V, G, S, z, deg=deg, switch_over_seq_len=None, d_tile=dt)
+    assert rows == [16, 16] and S2 is S and z2 is z
+    assert Y.shape == Q.shape and Y.dtype == Q.dtype
+    assert ((Y.double() - Yr).abs().max() / Yr.abs().max()).item() < 1e-2
