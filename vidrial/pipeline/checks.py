@@ -182,7 +182,8 @@ def _check_inference_state(initial_state: torch.Tensor, sum_of_keys: torch.Tenso
         raise InputError("initial_state", f"dtype {initial_state.dtype}",
                          "torch.float32 or torch.bfloat16 (the state dtype is part of its layout)")
     if tuple(sum_of_keys.shape) != (b, h, D):
-        raise InputError("sum_of_keys", f"shape {tuple(sum_of_keys.shape)}", f"shape {(b, h, D)} = [batch, kv_heads, D]")
+        raise InputError("sum_of_keys", f"shape {tuple(sum_of_keys.shape)}",
+                         f"shape {(b, h, D)} = [batch, kv_heads, D]")
     if sum_of_keys.dtype != torch.float32:
         raise InputError("sum_of_keys", f"dtype {sum_of_keys.dtype}", "torch.float32")
     es = initial_state.element_size()
