@@ -49,15 +49,15 @@ def test_compile_fullgraph_traces_the_public_op(monkeypatch):
     """vidrial.power_retention (module attribute, padding, checks) traces with fullgraph=True; the
     device checks are relaxed so that meta tensors stand in for CUDA ones."""
     import vidrial
-    import vidrial.ops as ops
+    from vidrial.pipeline import checks
 
-    real = ops._check_inputs
+    real = checks.check_inputs
 
     def lenient(Q, K, V, log_G, *args):
         b, t, hq, d = Q.shape
         return b, t, hq, K.shape[2], d
 
-    monkeypatch.setattr(ops, "_check_inputs", lenient)
+    monkeypatch.setattr(checks, "check_inputs", lenient)
     assert real is not lenient
 
     def f(Q, K, V, lg):
@@ -75,7 +75,7 @@ def test_compile_fullgraph_traces_the_public_op(monkeypatch):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_scan_time_is_the_cumsum_along_time(shape, reverse):
     """The gate scans run on an [.., h, T] copy (fast innermost scan); same sums as cumsum along T."""
-    from vidrial.autograd import _scan_time
+    from vidrial.pipeline.backward import scan_time as _scan_time
 
     x = torch.randn(shape, dtype=torch.float64)
     want = x.flip(-2).cumsum(-2).flip(-2) if reverse else x.cumsum(-2)
@@ -85,7 +85,7 @@ def test_scan_time_is_the_cumsum_along_time(shape, reverse):
 
 
 def test_chunk_cumsum_restarts_every_chunk():
-    from vidrial.autograd import _chunk_cumsum
+    from vidrial.pipeline.backward import chunk_cumsum as _chunk_cumsum
 
     lg = torch.randn(2, 48, 3)
     got = _chunk_cumsum(lg, 16)
@@ -95,9 +95,28 @@ def test_chunk_cumsum_restarts_every_chunk():
 
 
 def test_intra_row_term():
-    from vidrial.autograd import _intra_row_term
+    from vidrial.pipeline.backward import intra_row_term as _intra_row_term
 
     dO, O = torch.randn(2, 5, 3, 8, dtype=torch.float64), torch.randn(2, 5, 3, 8, dtype=torch.float64)
     dl, l = torch.randn(2, 5, 3, dtype=torch.float64), torch.rand(2, 5, 3, dtype=torch.float64)
     want = torch.einsum("bthd,bthd->bth", dO, O) + dl * (l - 1e-6)
     torch.testing.assert_close(_intra_row_term(dO, O, dl, l), want)
+
+
+def test_compiled_log_G_check_skips_the_value_read():
+    """Issue 17 item 9a: the log_G checks that power_retention and power_retention_inference run
+    (structure, then values) trace with fullgraph=True: the device->host read of max(log_G) is skipped
+    while compiling (it would break the graph), and still raises in eager mode."""
+    from vidrial.core.errors import InputError
+    from vidrial.pipeline import checks
+
+    lg = torch.full((1, 8, 2), 0.5)  # breaks the contract: only eager calls can see it
+
+    def f(lg):
+        checks._check_log_G(lg, (1, 8, 2), "batch, time, kv_heads")
+        return lg * 2
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(lg), lg * 2)
+    with pytest.raises(InputError, match=r"^log_G: got max value 0.5"):
+        f(lg)

@@ -122,9 +122,9 @@ def test_strided_cache_and_scale():
 
 
 def test_token_by_token_loop_with_the_kernel_source():
-    """vidrial.inference._step (the API's step logic) with the CPU-executed kernel as the decoder and
+    """vidrial.pipeline.decoding.step (the API's step logic) with the CPU-executed kernel as the decoder and
     the float64 update for absorption: every token equals the training forward (float64 reference)."""
-    from vidrial.inference import _step, _update_reference
+    from vidrial.pipeline.decoding import step as _step, update_reference as _update_reference
     from vidrial.reference.forward import power_retention_reference
 
     b, t, h, r, d, deg, switch = 1, 40, 2, 2, 32, 2, 16
@@ -151,3 +151,36 @@ def test_token_by_token_loop_with_the_kernel_source():
         if S2 is not S:
             S, z, c0 = S2.contiguous(), z2.contiguous(), i + 1
     assert c0 == t // switch * switch
+
+
+@pytest.mark.parametrize("tq,L", [(1, 40), (2, 0)])
+def test_gqa_group_32_in_row_groups_with_the_kernel_source(tq, L):
+    """Issue 17 item 9b: GQA group 32 (> MAX_ROWS = 16 rows per KV head) through
+    vidrial.pipeline.decoding.decode_rows (what power_retention_inference runs) with the CPU-executed
+    kernel: launches of <= 16 rows (query-head groups of 16, then token groups), equal to the reference."""
+    from vidrial.kernels.power_retention.decode import MAX_ROWS
+    from vidrial.pipeline.decoding import decode_rows
+
+    b, h, r, d, deg = 1, 2, 32, 32, 2
+    dt = default_d_tile(d, deg)
+    g = torch.Generator().manual_seed(32 + tq)
+    Q = torch.randn(b, tq, h * r, d, generator=g).bfloat16()
+    K = torch.randn(b, L, h, d, generator=g).bfloat16() if L else None
+    V = torch.randn(b, L, h, d, generator=g).bfloat16() if L else None
+    G = torch.nn.functional.logsigmoid(3 + torch.randn(b, L, h, generator=g)) if L else None
+    K0, V0 = torch.randn(b, 32, h, d, generator=g), torch.randn(b, 32, h, d, generator=g)
+    S, z = update_state_reference(K0, V0, None, deg, dt, 32)
+    S, z = S[:, 0].float().contiguous(), z[:, 0].float().contiguous()
+    cfg = DecodeConfig(tile_f=256, warps=4, cache_tile=32, unroll=4, load_bytes=16)
+    rows = []
+
+    def kernel(Qs, Ks, Vs, Gs, S_, z_):
+        rows.append(Qs.shape[2] // h * Qs.shape[1])
+        return _run(Qs, Ks, Vs, Gs, S_, z_, deg, dt, cfg)
+
+    Y = decode_rows(kernel, Q, K, V, G, S, z, h, MAX_ROWS)
+    Yr, _, _ = power_retention_inference_reference(Q, K, V, G, S.double(), z.double(), deg=deg,
+                                                   switch_over_seq_len=None, d_tile=dt)
+    assert rows == [16] * (2 * tq) and max(rows) <= MAX_ROWS
+    assert Y.shape == Q.shape and Y.dtype == Q.dtype
+    assert _rel(Y, Yr) < 1e-2

@@ -153,10 +153,10 @@ def test_emulation_is_stable_without_gating_at_long_history():
 
 @pytest.mark.parametrize("gating,r,deg,d,d_tile", [(True, 1, 2, 32, 8), (False, 2, 2, 32, 4), (True, 2, 4, 16, 4)])
 def test_token_by_token_loop_equals_training_forward(gating, r, deg, d, d_tile):
-    """The inference loop (vidrial.inference._step with the kernel's emulation and the float64
+    """The inference loop (vidrial.pipeline.decoding.step with the kernel's emulation and the float64
     update): cache grows to switch_over, is absorbed, dropped, ...; every Y equals the training
     forward over the whole sequence."""
-    from vidrial.inference import _step, _update_reference
+    from vidrial.pipeline.decoding import step as _step, update_reference as _update_reference
 
     b, t, h, switch = 1, 45, 2, 16
     g = torch.Generator().manual_seed(3)
@@ -265,17 +265,17 @@ def test_positive_log_G_is_an_input_error():
 
 
 def test_log_G_values_are_checked_on_every_call_not_memoised(monkeypatch):
-    """_checked remembers the structural checks per shape; the gate values change from step to step."""
-    from vidrial import inference
+    """checks.checked_inference remembers the structural checks per shape; the gate values change from step to step."""
+    from vidrial.pipeline import checks
 
-    monkeypatch.setattr(inference, "_CHECKED", {})
-    monkeypatch.setattr(inference, "_check", lambda *a: ("checked",))  # structure ok (CPU tensors)
+    monkeypatch.setattr(checks, "_CHECKED", {})
+    monkeypatch.setattr(checks, "check_inference", lambda *a: ("checked",))  # structure ok (CPU tensors)
     x = _inputs()
     args = [x["Q"], x["K"], x["V"], x["log_G"], x["initial_state"], x["sum_of_keys"], 2, None, 512, None, None]
-    assert inference._checked(*args) == ("checked",)
+    assert checks.checked_inference(*args) == ("checked",)
     args[3] = torch.full_like(x["log_G"], 0.5)  # same shape: a memo hit
     with pytest.raises(InputError, match=r"^log_G: got max value 0.5"):
-        inference._checked(*args)
+        checks.checked_inference(*args)
 
 
 def test_no_cache_and_no_state_is_an_error():
@@ -311,7 +311,7 @@ def test_search_space_and_tuner_protocol_on_cpu():
 def test_absorb_of_a_long_cache_combines_chunks(monkeypatch, gating):
     """Caches longer than one update_state chunk are absorbed chunk by chunk and combined with the
     gate from each chunk's end (update_state replaced by its float64 reference on the CPU)."""
-    import vidrial.inference as inf
+    import vidrial.pipeline.decoding as inf
     import vidrial.kernels.power_retention.update_state as us
 
     def fake_update_state(K, V, G, *, deg, d_tile, chunk_size):
@@ -319,13 +319,13 @@ def test_absorb_of_a_long_cache_combines_chunks(monkeypatch, gating):
         return S.float(), s.float()
 
     monkeypatch.setattr(us, "update_state", fake_update_state)
-    monkeypatch.setattr(inf, "_ABSORB_CHUNK", 32)
+    monkeypatch.setattr(inf, "ABSORB_CHUNK", 32)
     g = torch.Generator().manual_seed(4)
     b, L, h, d = 1, 100, 2, 32
     K, V = torch.randn(b, L, h, d, generator=g), torch.randn(b, L, h, d, generator=g)
     G = torch.nn.functional.logsigmoid(2 + torch.randn(b, L, h, generator=g)) if gating else None
-    S1, s1 = inf._update_gpu(K, V, G, 2, 8)
-    S2, s2 = inf._update_reference(K, V, G, 2, 8)
+    S1, s1 = inf.update_gpu(K, V, G, 2, 8)
+    S2, s2 = inf.update_reference(K, V, G, 2, 8)
     assert ((S1.double() - S2).abs().max() / S2.abs().max()).item() < 1e-5
     assert ((s1.double() - s2).abs().max() / s2.abs().max()).item() < 1e-5
 
@@ -334,7 +334,7 @@ def test_absorb_of_a_long_cache_combines_chunks(monkeypatch, gating):
 def test_many_new_tokens_split_into_kernel_sized_groups(L, with_state):
     """tq * r > 16 rows (speculative / chunked decoding): groups of new tokens, each against the
     cache prefix that ends with its last token, equal the one-shot reference."""
-    from vidrial.inference import _split_queries
+    from vidrial.pipeline.decoding import split_queries as _split_queries
 
     b, tq, h, r, d, deg, dt = 1, 11, 2, 2, 32, 2, 8
     g = torch.Generator().manual_seed(8)
@@ -351,3 +351,78 @@ def test_many_new_tokens_split_into_kernel_sized_groups(L, with_state):
     Y = _split_queries(decode, Q, K, V, G, S, z, 16 // r)
     Yr, _, _ = power_retention_inference_reference(Q, K, V, G, S, z, deg=deg, switch_over_seq_len=None, d_tile=dt)
     assert ((Y - Yr).abs().max() / Yr.abs().max()).item() < 1e-10
+
+
+@pytest.mark.parametrize("r,tq,L,with_state,launches", [
+    (32, 1, 30, True, [16, 16]), (33, 1, 0, True, [11, 11, 11]), (20, 3, 30, False, [10] * 6),
+    (17, 1, 12, True, [9, 8])])
+def test_wide_gqa_group_splits_into_kernel_sized_row_groups(r, tq, L, with_state, launches):
+    """Issue 17 item 9b: a GQA group wider than 16 rows per KV head runs as launches of <= 16 rows (equal
+    groups of query heads, then groups of new tokens), each equal to the one-shot float64 reference."""
+    from vidrial.kernels.power_retention.decode import MAX_ROWS
+    from vidrial.pipeline.decoding import decode_rows
+
+    b, h, d, deg, dt = 2, 2, 32, 2, 8
+    g = torch.Generator().manual_seed(r + tq)
+    Q = torch.randn(b, tq, h * r, d, generator=g)
+    K = torch.randn(b, L, h, d, generator=g) if L else None
+    V = torch.randn(b, L, h, d, generator=g) if L else None
+    G = torch.nn.functional.logsigmoid(3 + torch.randn(b, L, h, generator=g)) if L else None
+    S, z = _state(b, h, d, deg, dt) if with_state else (None, None)
+    rows = []
+
+    def decode(Qs, Ks, Vs, Gs, S_, z_):
+        rows.append(Qs.shape[2] // h * Qs.shape[1])
+        assert rows[-1] <= MAX_ROWS and Qs.shape[2] % h == 0
+        return emulate_decode_step(Qs, Ks, Vs, Gs, S_, z_, deg=deg, d_tile=dt, tile_f=64, cache_tile=32)
+
+    Y = decode_rows(decode, Q, K, V, G, S, z, h, MAX_ROWS)
+    Yr, _, _ = power_retention_inference_reference(Q, K, V, G, S, z, deg=deg, switch_over_seq_len=None, d_tile=dt)
+    assert rows == launches
+    assert Y.shape == Q.shape
+    assert ((Y - Yr).abs().max() / Yr.abs().max()).item() < 1e-10
+
+
+def test_public_inference_at_group_32_never_runs_the_reference(monkeypatch):
+    """power_retention_inference (its routing, on CPU tensors: validation and the launcher replaced by the
+    kernel's float64 emulation) at GQA group 32: every launch has <= 16 rows, no float64 reference."""
+    import vidrial.kernels.power_retention.decode as dec
+    import vidrial.reference.forward as ref
+    from vidrial import power_retention_inference
+    from vidrial.pipeline import checks
+
+    b, h, r, d, deg, dt, L = 1, 2, 32, 32, 2, 8, 20
+    g = torch.Generator().manual_seed(32)
+    Q = torch.randn(b, 1, h * r, d, generator=g).bfloat16()
+    K, V = torch.randn(b, L, h, d, generator=g).bfloat16(), torch.randn(b, L, h, d, generator=g).bfloat16()
+    G = torch.nn.functional.logsigmoid(3 + torch.randn(b, L, h, generator=g))
+    S, z = _state(b, h, d, deg, dt)
+    S, z = S.float(), z.float()
+    Yr, _, _ = ref.power_retention_inference_reference(Q, K, V, G, S, z, deg=deg, switch_over_seq_len=None, d_tile=dt)
+    real_check = checks.check_inference
+    monkeypatch.setattr(checks, "_CHECKED", {})
+
+    def check_on_cpu(*args):
+        try:
+            return real_check(*args)
+        except InputError as e:  # CPU tensors: everything but the device is fine
+            assert str(e).startswith("Q: got device cpu"), e
+        return b, 1, h * r, h, d, L, dt, feature_dim(d, deg, dt)
+
+    rows = []
+
+    def launch(Qs, Ks, Vs, Gs, S_, z_, *, deg, d_tile, scale):
+        rows.append(Qs.shape[2] // h * Qs.shape[1])
+        assert rows[-1] <= dec.MAX_ROWS
+        return dec.emulate_decode_step(Qs, Ks, Vs, Gs, S_, z_, deg=deg, d_tile=d_tile, scale=scale).to(Qs.dtype)
+
+    def no_reference(*a, **k):
+        raise AssertionError("the float64 reference ran inside power_retention_inference")
+
+    monkeypatch.setattr(checks, "check_inference", check_on_cpu)
+    monkeypatch.setattr(dec, "decode_step", launch)
+    monkeypatch.setattr(ref, "power_retention_inference_reference", no_reference)
+    Y, S2, z2 = power_retention_inference(Q, K, V, G, S, z, deg=deg, switch_over_seq_len=None, d_tile=dt)
+    assert rows == [16, 16] and S2 is S and z2 is z
+    assert Y.shape == Q.shape and Y.dtype == Q.dtype
+    assert ((Y.double() - Yr).abs().max() / Yr.abs().max()).item() < 1e-2

@@ -327,3 +327,33 @@ def test_many_new_tokens_in_one_call():
     Yr, _, _ = power_retention_inference_reference(Q[:, -tq:], K, V, G, S.double(), z.double(), deg=deg,
                                                    switch_over_seq_len=None)
     assert _rel(Y, Yr) < TOL
+
+
+@pytest.mark.parametrize("r,tq,L,with_state", [(32, 1, 120, True), (32, 1, 0, True), (32, 2, 40, False),
+                                               (20, 3, 64, True)])
+def test_wide_gqa_group_runs_on_the_kernels(r, tq, L, with_state, monkeypatch):
+    """Issue 17 item 9b: a GQA group wider than MAX_ROWS = 16 runs as launches of <= 16 rows per KV head
+    (groups of query heads, and of new tokens), not on the float64 reference."""
+    import vidrial.reference.forward as ref
+    from vidrial import power_retention_inference
+
+    b, h, d, deg = 2, 2, 64, 2
+    dt = default_d_tile(d, deg)
+    Q, K, V, G = _seq(b, max(L, tq), h, r, d, True, seed=r + tq + L)
+    Q = Q[:, -tq:]
+    if L == 0:
+        K = V = G = None
+    S, z = _history_state(b, h, d, deg, dt) if with_state else (None, None)
+    Yr, _, _ = power_retention_inference_reference(Q, K, V, G, S.double() if with_state else None,
+                                                   z.double() if with_state else None, deg=deg,
+                                                   switch_over_seq_len=None)
+
+    def no_reference(*a, **k):
+        raise AssertionError("the float64 reference ran inside power_retention_inference")
+
+    monkeypatch.setattr(ref, "power_retention_inference_reference", no_reference)
+    _poison()
+    Y, S2, z2 = power_retention_inference(Q, K, V, G, S, z, deg=deg, switch_over_seq_len=None)
+    assert Y.shape == Q.shape and Y.dtype == Q.dtype
+    assert _rel(Y, Yr) < TOL
+    assert S2 is S and z2 is z
