@@ -414,7 +414,7 @@ def test_public_inference_at_group_32_never_runs_the_reference(monkeypatch):
     def launch(Qs, Ks, Vs, Gs, S_, z_, *, deg, d_tile, scale):
         rows.append(Qs.shape[2] // h * Qs.shape[1])
         assert rows[-1] <= dec.MAX_ROWS
-        return dec.emulate_decode_step(Qs, Ks, Vs, Gs, S_, z_, deg=deg, d_tile=d_tile, scale=scale).to(Qs.dtype)
+        return emulate_decode_step(Qs, Ks, Vs, Gs, S_, z_, deg=deg, d_tile=d_tile, scale=scale).to(Qs.dtype)
 
     def no_reference(*a, **k):
         raise AssertionError("the float64 reference ran inside power_retention_inference")

@@ -13,13 +13,13 @@ from typing import Any, Optional
 import torch
 
 from vidrial.core.errors import InputError
+from vidrial.core.tensors import HEAD_DIMS
 from vidrial.kernels.power_retention.sympow import default_d_tile, feature_dim
 from vidrial.pipeline.layout import layout_rule
 
 __all__ = ["HEAD_DIMS", "check_log_G_values", "check_inputs", "check_state", "check_inference",
            "checked_inference"]
 
-HEAD_DIMS = (32, 64, 128)
 _DEG_RULE = "2 or 4 (an even degree keeps the weights non-negative)"
 
 
@@ -39,7 +39,7 @@ def check_log_G_values(log_G: Optional[torch.Tensor]) -> None:
         return
     if log_G.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    top = float(log_G.max())
+    top = float(log_G.detach().max())  # detached: a value read, not part of the graph
     if not top <= 0:  # NaN fails this too
         raise InputError("log_G", f"max value {top:g}", "values <= 0 (log gates: exp(log_G) in (0, 1])")
 
