@@ -69,6 +69,14 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
   warp_sync();
   return r;
 }
+inline float __shfl_down_sync(unsigned, float v, int o) {
+  const int lane = threadIdx.x & 31;
+  warp_slot(lane)[0] = __float_as_uint(v);
+  warp_sync();
+  const float r = __uint_as_float(warp_slot((lane & 31) + o < 32 ? lane + o : lane)[0]);
+  warp_sync();
+  return r;
+}
 inline bool __any_sync(unsigned, bool p) {
   const int lane = threadIdx.x & 31;
   warp_slot(lane)[0] = p;
@@ -241,33 +249,50 @@ inline void ldmatrix_x4_trans(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
   u32 r[4]; emu_ldmatrix_x4<true>(r, addr); r0 = r[0]; r1 = r[1]; r2 = r[2]; r3 = r[3];
 }
 // cp.async: queued per thread, performed by the wait_group that covers the copy's commit group
-struct EmuCopy { u32 dst; const void* src; int src_bytes; };
+struct EmuCopy { u32 dst; const void* src; int src_bytes; int size; };
 thread_local std::vector<EmuCopy> emu_open_group;
 thread_local std::deque<std::vector<EmuCopy>> emu_groups;
-inline void cp_async_16_zfill(u32 dst, const void* src, int src_bytes) {
-  std::memset(emu_smem_ptr(dst, 16, 16), 0xff, 16);  // in flight: NaN until the wait (catches early reuse)
-  if (src_bytes && (reinterpret_cast<std::uintptr_t>(src) & 15)) {
+inline void emu_cp_async(u32 dst, const void* src, int src_bytes, int size) {
+  std::memset(emu_smem_ptr(dst, size, size), 0xff, size);  // in flight: NaN until the wait (catches early reuse)
+  if (src_bytes && (reinterpret_cast<std::uintptr_t>(src) & (size - 1))) {
     std::fprintf(stderr, "misaligned cp.async source %p\n", src);
     std::abort();
   }
-  emu_open_group.push_back({dst, src, src_bytes});
+  emu_open_group.push_back({dst, src, src_bytes, size});
 }
-inline void cp_async_16(u32 dst, const void* src) { cp_async_16_zfill(dst, src, 16); }
+inline void cp_async_16_zfill(u32 dst, const void* src, int src_bytes) { emu_cp_async(dst, src, src_bytes, 16); }
+inline void cp_async_16(u32 dst, const void* src) { emu_cp_async(dst, src, 16, 16); }
+inline void cp_async_4_zfill(u32 dst, const void* src, int src_bytes) { emu_cp_async(dst, src, src_bytes, 4); }
 inline void cp_async_commit() { emu_groups.push_back(std::move(emu_open_group)); emu_open_group.clear(); }
 template <int N>
 inline void cp_async_wait() {
   while ((int)emu_groups.size() > N) {
     for (const EmuCopy& cp : emu_groups.front()) {
-      unsigned char* d = emu_smem_ptr(cp.dst, 16, 16);
-      std::memset(d, 0, 16);
+      unsigned char* d = emu_smem_ptr(cp.dst, cp.size, cp.size);
+      std::memset(d, 0, cp.size);
       if (cp.src_bytes) std::memcpy(d, cp.src, cp.src_bytes);
     }
     emu_groups.pop_front();
   }
 }
 inline u32 pack_bf16(float lo, float hi) { return (u32)emu_to_bf16(lo) | ((u32)emu_to_bf16(hi) << 16); }
+// shared loads/stores on 32-bit shared addresses (vector accesses must be naturally aligned)
+inline uint4 lds128(u32 addr) { uint4 v; std::memcpy(&v, emu_smem_ptr(addr, 16, 16), 16); return v; }
+inline uint2 lds64(u32 addr) { uint2 v; std::memcpy(&v, emu_smem_ptr(addr, 8, 8), 8); return v; }
+inline float4 lds128f(u32 addr) { float4 v; std::memcpy(&v, emu_smem_ptr(addr, 16, 16), 16); return v; }
+inline void sts128(u32 addr, u32 a, u32 b, u32 c, u32 d) {
+  const u32 v[4] = {a, b, c, d}; std::memcpy(emu_smem_ptr(addr, 16, 16), v, 16);
+}
+inline void sts64(u32 addr, u32 a, u32 b) { const u32 v[2] = {a, b}; std::memcpy(emu_smem_ptr(addr, 8, 8), v, 8); }
+// packed products: exact in float (8x8 or 11x11 significant bits), rounded once like fma.rn / mul.rn
+inline u32 mul2_bf16(u32 a, u32 b) {
+  return pack_bf16(emu_bf16(a & 0xffffu) * emu_bf16(b & 0xffffu), emu_bf16(a >> 16) * emu_bf16(b >> 16));
+}
 inline u32 pack_f16(float lo, float hi) { return (u32)emu_to_f16(lo) | ((u32)emu_to_f16(hi) << 16); }
 inline float2 unpack_f16(u32 v) { return make_float2(emu_f16(v & 0xffffu), emu_f16(v >> 16)); }
+inline u32 mul2_f16(u32 a, u32 b) {
+  return pack_f16(emu_f16(a & 0xffffu) * emu_f16(b & 0xffffu), emu_f16(a >> 16) * emu_f16(b >> 16));
+}
 inline float ex2_approx(float x) {  // ex2.approx.ftz: denormal results flush to +0
   const float y = std::exp2(x);
   return y < FLT_MIN ? 0.f : y;
@@ -423,12 +448,17 @@ def emulated_update_state(round_phi: bool = True):
     from vidrial.reference.forward import phi
 
     def run(K, V, log_G, *, deg, d_tile, chunk_size, config=None):
+        from vidrial.core.launch import set_host_launcher
+
+        previous = set_host_launcher(None)  # the launcher's own checks, as on a machine without the emulation
         try:
             real_update_state(K, V, log_G, deg=deg, d_tile=d_tile, chunk_size=chunk_size, config=config)
         except InputError as exc:
             assert str(exc).startswith("K: got device cpu; expected a CUDA tensor"), str(exc)
         else:
             raise AssertionError("update_state accepted CPU tensors")
+        finally:
+            set_host_launcher(previous)
         assert log_G is None
         b, t, h, d = K.shape
         n = t // chunk_size

@@ -102,11 +102,14 @@ def test_problem_lands_in_the_key_buckets(name, kw, monkeypatch):
     class Picked(Exception):
         pass
 
-    def spy(family, k, device):
+    def spy(k, device, config=None):
         seen.append(k)
         raise Picked
 
-    monkeypatch.setattr(sys.modules[type(fam).__module__], "pick", spy)
+    monkeypatch.setattr(fam, "config_for", spy)
+    from vidrial.core import launch
+
+    monkeypatch.setattr(launch, "_HOST_LAUNCHER", object())  # CPU inputs: let the call reach its dispatch
     with pytest.raises(Picked):
         fam.run(key, None, inputs)
     assert seen == [key]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vidrial.core.launch import set_host_launcher
 from vidrial.core.tensors import pow2_bucket
 from vidrial.kernels.power_retention.decode import DecodeConfig, family, workspace
 from vidrial.reference.forward import power_retention_inference_reference, update_state_reference
@@ -27,8 +28,14 @@ def _kernel(key, config):
 
 
 def _plan(Q, K, V, G, S, z, deg, d_tile, config, scale=None):
-    """The GPU launcher's plan (prepare, key, outputs, grid and arguments), run here on the CPU."""
-    return family.plan(config, Q=Q, K=K, V=V, log_G=G, state=S, sum_of_keys=z, deg=deg, d_tile=d_tile, scale=scale)
+    """The GPU launcher's plan (prepare, key, outputs, grid and arguments), run here on the CPU: CPU tensors
+    pass the core's device rule while a host launcher is installed."""
+    previous = set_host_launcher(lambda fam, key, cfg: None)  # the plan only; _run executes it
+    try:
+        return family.plan(config, Q=Q, K=K, V=V, log_G=G, state=S, sum_of_keys=z, deg=deg, d_tile=d_tile,
+                           scale=scale)
+    finally:
+        set_host_launcher(previous)
 
 
 def _run(Q, K, V, G, S, z, deg, d_tile, config, scale=None):

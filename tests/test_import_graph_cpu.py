@@ -20,16 +20,27 @@ def _module_names() -> dict[str, Path]:
     return out
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def import_graph() -> dict[str, set[str]]:
     """module -> the vidrial modules it imports anywhere in its source (top level or inside functions).
     `from a import b` points at a.b when that is a module, else at a; parent packages are not added (a lazy
     package __getattr__ would otherwise make every module a cycle). Edges into the root package are dropped:
-    importing `vidrial` runs only its top level, which imports nothing (test_root_package_imports_nothing)."""
+    importing `vidrial` runs only its top level, which imports nothing (test_root_package_imports_nothing).
+    Imports under `if TYPE_CHECKING:` are annotations only, never executed: not edges."""
     mods = _module_names()
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for name, path in mods.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                       for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]

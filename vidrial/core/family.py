@@ -31,10 +31,13 @@ C = TypeVar("C", bound=KernelConfig)
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch of a call: the grid and the arguments in `signature` order."""
+    """One kernel launch of a call: the grid and the arguments in `signature` order. `keep`: temporaries
+    made for this launch whose pointers are in `args`; they must live until the launch is enqueued
+    (afterwards the caching allocator's stream order keeps their memory until the kernel is done)."""
 
     grid: tuple[int, int, int]
     args: tuple[Any, ...]
+    keep: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)

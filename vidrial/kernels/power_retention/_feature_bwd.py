@@ -3,10 +3,13 @@ its shared-memory geometry, the layouts it supports, and the config shared by th
 (query_state_bwd's rows pass, update_state_bwd), which size their shared memory from these."""
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from vidrial.core.config import KernelConfig
 from vidrial.core.errors import ConfigError
+from vidrial.core.tensors import C_TYPES
 
 SUB = 64  # features per warp GEMM step (vfb::SUB)
 WROWS = 32  # rows per warp (vfb::WROWS)
@@ -78,3 +81,45 @@ class FeatureBwdConfig(KernelConfig):
                                                      f"{SUB}-feature GEMM steps)")
         if not 2 <= self.stages <= 4:
             raise ConfigError("stages", self.stages, "between 2 and 4")
+
+
+class FeatureBwdFamily:
+    """What the two families on feature_bwd.cuh share (mixed in before KernelFamily): rendering, threads,
+    shared memory from `smem_bytes(head_dim, config)`, the layout check `check_key(key)`, and the standard
+    keys (bf16 and fp16 of the training shapes)."""
+
+    def smem_bytes(self, head_dim: int, config: FeatureBwdConfig) -> int:
+        raise NotImplementedError
+
+    def check_key(self, key: Any) -> None:
+        check_layout(key.head_dim, key.d_tile)
+
+    def render_context(self, key: Any, config: FeatureBwdConfig) -> dict[str, Any]:
+        from vidrial.kernels.power_retention.sympow import layout
+
+        return dict(head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile,
+                    n_blocks=layout(key.head_dim, key.deg, key.d_tile).n_blocks, warps=config.warps,
+                    tile_f=config.tile_f, stages=config.stages, in_type=C_TYPES[key.dtype],
+                    smem_bytes=self.smem_bytes(key.head_dim, config), key_label=key.label(),
+                    config_label=config.label())
+
+    def threads_per_block(self, config: FeatureBwdConfig) -> int:
+        return config.warps * 32
+
+    def dynamic_smem_bytes(self, key: Any, config: FeatureBwdConfig) -> int:
+        return self.smem_bytes(key.head_dim, config)
+
+    def check(self, key: Any, config: FeatureBwdConfig, arch: str) -> None:
+        config.check_fields()  # again: model_copy(update=...) skips the validators
+        self.check_key(key)
+        super().check(key, config, arch)
+
+    def shape_keys(self, dtype: str = "bfloat16") -> list[Any]:
+        from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
+
+        # signature_input: the family's tensor its problem_key reads the sizes off
+        return unique(self.problem_key({self.signature_input: meta(p.b, p.t, p.h, p.d, dtype=dtype), "deg": p.deg,
+                                        "d_tile": p.d_tile}) for p in training_problems())
+
+    def standard_keys(self) -> list[Any]:
+        return self.shape_keys() + self.shape_keys("float16")

@@ -347,7 +347,7 @@ class IntraChunkAttentionFamily(KernelFamily[IntraChunkAttentionKey, IntraChunkA
         yield Launch((tiles * b * hq, 1, 1),
                      (Q.data_ptr(), K.data_ptr(), V.data_ptr(), ptr(G), O.data_ptr(), ptr(out.get("l")),
                       ptr(out.get("m")), t, hq, K.shape[2], b * hq, g_len, *Q.stride()[:3], *K.stride()[:3],
-                      *V.stride()[:3], x["scale"]))
+                      *V.stride()[:3], x["scale"]), keep=(G,))
 
 
 FAMILY = family = register(IntraChunkAttentionFamily())

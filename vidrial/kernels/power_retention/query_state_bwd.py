@@ -32,6 +32,7 @@ from vidrial.kernels import register
 from vidrial.kernels.power_retention.bwd_tuning import SliceCheck
 from vidrial.kernels.power_retention._feature_bwd import (
     FeatureBwdConfig,
+    FeatureBwdFamily,
     check_layout,
     padded_row,
     scratch_floats,
@@ -83,7 +84,7 @@ class QueryStateBwdKey(ProblemKey):
 ROW_OUTPUTS = ("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg")
 
 
-class QueryStateBwdFamily(SliceCheck, KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
+class QueryStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
     name = "query_state_bwd"
     template = "query_state_bwd.cu.j2"
     Config = QueryStateBwdConfig
@@ -93,35 +94,10 @@ class QueryStateBwdFamily(SliceCheck, KernelFamily[QueryStateBwdKey, QueryStateB
     def default_config(self, key: QueryStateBwdKey) -> QueryStateBwdConfig:
         return mma16_config(key)
 
-    def render_context(self, key: QueryStateBwdKey, config: QueryStateBwdConfig) -> dict[str, Any]:
-        from vidrial.kernels.power_retention.sympow import layout
+    signature_input = "Q"  # the tensor problem_key reads the sizes off
 
-        # impl, pass_: pick this kernel in the wrapper template while the row loop's branches are still there
-        return dict(impl="mma16", pass_="rows", head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile,
-                    n_blocks=layout(key.head_dim, key.deg, key.d_tile).n_blocks, warps=config.warps,
-                    tile_f=config.tile_f, stages=config.stages, in_type=C_TYPES[key.dtype],
-                    smem_bytes=mma16_smem_bytes(key.head_dim, config), key_label=key.label(),
-                    config_label=config.label())
-
-    def threads_per_block(self, config: QueryStateBwdConfig) -> int:
-        return config.warps * 32
-
-    def dynamic_smem_bytes(self, key: QueryStateBwdKey, config: QueryStateBwdConfig) -> int:
-        return mma16_smem_bytes(key.head_dim, config)
-
-    def check(self, key: QueryStateBwdKey, config: QueryStateBwdConfig, arch: str) -> None:
-        config.check_fields()  # again: model_copy(update=...) skips the validators
-        check_layout(key.head_dim, key.d_tile)
-        super().check(key, config, arch)
-
-    def shape_keys(self, dtype: str = "bfloat16") -> list[QueryStateBwdKey]:
-        from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
-
-        return unique(self.problem_key(dict(Q=meta(p.b, p.t, p.h, p.d, dtype=dtype), deg=p.deg, d_tile=p.d_tile))
-                      for p in training_problems())
-
-    def standard_keys(self) -> list[QueryStateBwdKey]:
-        return self.shape_keys() + self.shape_keys("float16")
+    def smem_bytes(self, head_dim: int, config: FeatureBwdConfig) -> int:
+        return mma16_smem_bytes(head_dim, config)
 
     def corner_configs(self, key: QueryStateBwdKey) -> list[QueryStateBwdConfig]:
         out = [self.default_config(key)]

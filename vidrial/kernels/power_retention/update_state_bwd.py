@@ -27,6 +27,7 @@ from vidrial.kernels import register
 from vidrial.kernels.power_retention.bwd_tuning import SliceCheck
 from vidrial.kernels.power_retention._feature_bwd import (
     FeatureBwdConfig,
+    FeatureBwdFamily,
     chain_chunk,
     check_layout,
     padded_row,
@@ -86,7 +87,7 @@ class UpdateStateBwdKey(ProblemKey):
         return self
 
 
-class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]):
+class UpdateStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]):
     name = "update_state_bwd"
     template = "update_state_bwd.cu.j2"
     Config = UpdateStateBwdConfig
@@ -96,35 +97,13 @@ class UpdateStateBwdFamily(SliceCheck, KernelFamily[UpdateStateBwdKey, UpdateSta
     def default_config(self, key: UpdateStateBwdKey) -> UpdateStateBwdConfig:
         return mma16_config(key)
 
-    def render_context(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> dict[str, Any]:
-        from vidrial.kernels.power_retention.sympow import layout
+    signature_input = "K"  # the tensor problem_key reads the sizes off
 
-        # impl: picks this kernel in the wrapper template while the row loop's branch is still there
-        return dict(impl="mma16", head_dim=key.head_dim, deg=key.deg, d_tile=key.d_tile,
-                    n_blocks=layout(key.head_dim, key.deg, key.d_tile).n_blocks, warps=config.warps,
-                    tile_f=config.tile_f, stages=config.stages, in_type=C_TYPES[key.dtype],
-                    smem_bytes=mma16_smem_bytes(key.head_dim, config), key_label=key.label(),
-                    config_label=config.label())
+    def smem_bytes(self, head_dim: int, config: FeatureBwdConfig) -> int:
+        return mma16_smem_bytes(head_dim, config)
 
-    def threads_per_block(self, config: UpdateStateBwdConfig) -> int:
-        return config.warps * 32
-
-    def dynamic_smem_bytes(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> int:
-        return mma16_smem_bytes(key.head_dim, config)
-
-    def check(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig, arch: str) -> None:
-        config.check_fields()  # again: model_copy(update=...) skips the validators
+    def check_key(self, key: UpdateStateBwdKey) -> None:
         check_mma16_layout(key)
-        super().check(key, config, arch)
-
-    def shape_keys(self, dtype: str = "bfloat16") -> list[UpdateStateBwdKey]:
-        from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
-
-        return unique(self.problem_key(dict(K=meta(p.b, p.t, p.h, p.d, dtype=dtype), deg=p.deg, d_tile=p.d_tile))
-                      for p in training_problems())
-
-    def standard_keys(self) -> list[UpdateStateBwdKey]:
-        return self.shape_keys() + self.shape_keys("float16")
 
     def corner_configs(self, key: UpdateStateBwdKey) -> list[UpdateStateBwdConfig]:
         out = [self.default_config(key)]
