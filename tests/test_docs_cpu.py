@@ -150,3 +150,19 @@ def test_documents_are_the_projects_own(name):
     """Headed, numbered where the code cites numbers, and not empty."""
     text = (ROOT / "docs" / f"{name}.md").read_text()
     assert text.startswith("# ") and len(text.splitlines()) > 50
+
+
+def test_readme_training_example_passes_validation_up_to_the_device():
+    """The training block's model, run on CPU tensors, gets through every argument check but the device
+    one: shapes, dtypes, strides and log_G are what vidrial.power_retention accepts."""
+    import torch
+
+    from vidrial.core.errors import InputError
+
+    src = _readme_blocks("python")[0]
+    head = src.split("\nvocab, dim")[0]  # the imports and the block class, before the first CUDA call
+    ns: dict = {}
+    exec(compile(head, "README.md training block", "exec"), ns)
+    block = ns["PowerRetentionBlock"](dim=128, heads=2, head_dim=64, chunk=64).bfloat16()
+    with pytest.raises(InputError, match="CUDA"):
+        block(torch.randn(1, 128, 128, dtype=torch.bfloat16))
