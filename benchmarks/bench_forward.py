@@ -1,13 +1,13 @@
 """Forward benchmark: vidrial.power_retention vs retention 1.0.7 (Triton) vs PyTorch SDPA (flash).
 
-Shapes (docs: /work/shared/ANCHORS.md): A = b1 t65536 h8 d64 p2 chunk1024 bf16 gating;
+Shapes (docs: docs/BENCHMARKS.md): A = b1 t65536 h8 d64 p2 chunk1024 bf16 gating;
 B = b8 t8192, same otherwise. Times: CUDA events around each call after an L2 flush, median of
---reps. TFLOP/s: MATH.md section 6 useful FLOPs with the exact D = C(d+p-1, p) (d_tile = 1):
+--reps. TFLOP/s: docs/MATH.md section 6 useful FLOPs with the exact D = C(d+p-1, p) (d_tile = 1):
 b*h*t*d*(4D + 2c). Per-kernel split: each of vidrial's four kernels timed alone on the same data.
 
 retention autotunes over dozens of configs per kernel (minutes on first use); by default each of
 its autotuners is limited to --retention-configs configs, so its numbers here can be worse than
-its tuned ones (ANCHORS.md: A 5.80 ms, B 5.97 ms).
+its tuned ones (docs/BENCHMARKS.md: A 5.80 ms, B 5.97 ms).
 
     python benchmarks/bench_forward.py [--shapes A,B] [--reps 15] [--retention-configs 2]
 """
@@ -163,7 +163,8 @@ def run_shape(name, shp, reps, retention_configs, gating=True, sweep=False):
     print(f"{'impl':<18}{'ms':>9}{'TFLOP/s':>10}{'vidrial/impl':>14}")
     for impl, ms in rows:
         print(f"{impl:<18}{ms:>9.3f}{flops / ms / 1e9:>10.1f}{ms_v / ms:>14.2f}")
-    print(f"anchors (tuned, ANCHORS.md): retention {ANCHOR_RETENTION_MS[name]} ms, sdpa {ANCHOR_SDPA_MS[name]} ms;"
+    print(f"anchors (tuned, docs/BENCHMARKS.md): retention {ANCHOR_RETENTION_MS[name]} ms, "
+          f"sdpa {ANCHOR_SDPA_MS[name]} ms;"
           f" vidrial/retention_tuned = {ms_v / ANCHOR_RETENTION_MS[name]:.2f}")
     print("vidrial per-kernel split (each alone):")
     tot = sum(split.values())

@@ -1,9 +1,9 @@
 """Forward+backward benchmark: vidrial.power_retention (autograd, backward kernels) vs retention 1.0.7
 (Triton) vs PyTorch SDPA (flash), in one run.
 
-Shapes (ANCHORS.md): A = b1 t65536 h8 d64 p2 chunk1024 bf16 gating; B = b8 t8192, same otherwise.
+Shapes (docs/BENCHMARKS.md): A = b1 t65536 h8 d64 p2 chunk1024 bf16 gating; B = b8 t8192, same otherwise.
 Times: CUDA events around forward+backward (Y = f(...); Y.backward(dY)) after an L2 flush, median of
---reps. TFLOP/s: MATH.md section 6 useful FLOPs of the forward with the exact D = C(d+p-1, p) times
+--reps. TFLOP/s: docs/MATH.md section 6 useful FLOPs of the forward with the exact D = C(d+p-1, p) times
 3.5 (backward ~ 2.5x forward). Peak memory: torch.cuda.max_memory_allocated during one fwd+bwd minus
 what was allocated before it (inputs and dY excluded, gradients included). Per-kernel split: each backward kernel
 (and each forward kernel) timed alone on the same data.
@@ -210,7 +210,7 @@ def run_shape(name, shp, reps, retention_configs, split=True, variants=True):
         print(f"{impl:<18}{ms:>12.3f}{flops / ms / 1e9:>10.1f}{ms_v / ms:>14.2f}{mem:>10.0f}{msf:>9.3f}")
     a = ANCHOR_MS.get(name)
     if a is not None:
-        print(f"anchors (tuned, ANCHORS.md): retention fwd+bwd {a['retention']} ms, sdpa {a['sdpa']} ms; "
+        print(f"anchors (tuned, docs/BENCHMARKS.md): retention fwd+bwd {a['retention']} ms, sdpa {a['sdpa']} ms; "
               f"vidrial/retention_tuned = {ms_v / a['retention']:.2f}")
     if grads_r is not None:
         diffs = [((x.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(grads_v, grads_r)]

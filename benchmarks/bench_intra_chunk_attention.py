@@ -3,13 +3,13 @@
     python benchmarks/bench_intra_chunk_attention.py [--shapes A,B,Q] [--reps 30] [--no-retention]
                                                      [--configs default|sweep] [--json out.json]
 
-Shapes (ANCHORS.md): A: b=1, t=65536, h=8, d=64, p=2, chunk 1024, bf16, gating;
+Shapes (docs/BENCHMARKS.md): A: b=1, t=65536, h=8, d=64, p=2, chunk 1024, bf16, gating;
 B: b=8, t=8192, same otherwise; Q: the quadratic path, b=1, t=16384, h=8, normalised output;
 A0, Q0: A and Q without gating. Gates are logsigmoid(U(-1, 5)) per step (about -0.35 on average),
 so with gating a query's weights on keys more than a few hundred steps back underflow to 0 in
 float32 and the kernel stops walking back there (exactly: see the template); A0/Q0 do all the work.
 Timing: CUDA events around each call after an L2 flush (256 MB memset), median of --reps.
-Useful FLOPs (MATH.md section 6): causal intra-chunk attention = 2 c^2 d per chunk per head
+Useful FLOPs (docs/MATH.md section 6): causal intra-chunk attention = 2 c^2 d per chunk per head
 (QK^T and PV over the causal half), i.e. 2 * c * t * d * b * hq; quadratic: 2 t^2 d * b * hq.
 Peers: retention's Triton attention called the way retention calls it (chunk views, cumsum'd
 gates, norm=False; its own autotune runs on the first call), with and without its torch gate

@@ -1,6 +1,6 @@
 """Benchmark: vidrial's fused update_state vs retention 1.0.7's Triton update_state.
 
-Shapes (ANCHORS.md): A = b1 t65536, B = b8 t8192; h=8, d=64, p=2, chunk 1024, bf16, gating on.
+Shapes (docs/BENCHMARKS.md): A = b1 t65536, B = b8 t8192; h=8, d=64, p=2, chunk 1024, bf16, gating on.
 CUDA events, warm-up, L2 flushed (256 MB write) before every rep, medians. TFLOP/s use the exact
 symmetric-power D (d_tile=1: 2080 for d=64): 2*c*D*d per chunk per head, whatever D the kernel
 stores. Also: an 8192^3 bf16 matmul (ceiling, same run), cold compile and warm load times (new

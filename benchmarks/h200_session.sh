@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One batched call on the H200 test machine (see ../shared/gpu/README.md):
+# One batched call on the H200 test machine (no network there: the wheel travels with the call):
 #   GPU test suite (files in parallel groups: compile-bound, correctness only),
 #   then tuning of the shape-A/B keys (alone on the GPU), then `vidrial bench`.
 # Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|compare|tune|tune_all|ship|fwdbwd|bench|profile|kernels|flash ...]

@@ -1,5 +1,5 @@
 """CPU: the float64 emulation of the backward kernels (bwd_emulation.py) equals float64 autograd
-through reference.power_retention_reference (MATH.md section 4)."""
+through reference.power_retention_reference (docs/MATH.md section 4)."""
 import math
 
 import pytest

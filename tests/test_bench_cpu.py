@@ -1,5 +1,5 @@
 """CPU tests of `vidrial bench` (vidrial/bench, vidrial/commands/bench.py): work counts against
-MATH.md section 6, presets, case building with missing peers, the runner's failure handling, the
+docs/MATH.md section 6, presets, case building with missing peers, the runner's failure handling, the
 report writer (JSON, markdown, PNG when matplotlib is there) and the CLI parser. No GPU needed."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vidrial.bench import report, runner
 from vidrial.bench.peers import IMPL_NAMES, Peer, load_all, load_gla, load_retention
 
 
-# ---------------------------------------------------------------- work counts (MATH.md section 6)
+# ---------------------------------------------------------------- work counts (docs/MATH.md section 6)
 
 def test_exact_feature_dim():
     assert C.exact_feature_dim(64, 2) == 2080  # C(65, 2)
@@ -24,7 +24,7 @@ def test_exact_feature_dim():
 def test_forward_flops_shape_a_matches_hand_count():
     # t*d*(4D + 2c) per (b, h): 65536 * 64 * (4*2080 + 2*1024) = 65536*64*10368, times h=8
     assert C.retention_fwd_flops(C.SHAPE_A) == 8 * 65536 * 64 * 10368 == 347_892_350_976
-    # ANCHORS.md: retention forward at shape A, 5.80 ms = "60 TFLOP/s useful"
+    # docs/BENCHMARKS.md: retention forward at shape A, 5.80 ms = "60 TFLOP/s useful"
     assert round(C.retention_fwd_flops(C.SHAPE_A) / 5.80e-3 / 1e12) == 60
 
 
@@ -414,6 +414,6 @@ def test_anchor_rows_on_h200_only():
     got = {(r[0], r[1]): r for r in rows}
     assert got[("fwd A", "retention")][2:] == ["1.000", "5.800", "5.80x"]
     assert ("decode b8", "sdpa") in got and ("fwd B", "sdpa") in got
-    assert "ANCHORS.md" in report.text_report(doc)
+    assert "docs/BENCHMARKS.md" in report.text_report(doc)
     doc["gpu"]["name"] = "NVIDIA A100"
     assert report.anchor_rows(doc) == []

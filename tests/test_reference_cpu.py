@@ -1,7 +1,7 @@
 """CPU tests of the float64 references (vidrial/reference/forward.py).
 
 Every check compares against an independent computation written here (a feature map built from
-the sympow docstring, the recurrent view of MATH.md section 1 as a loop over time, closed forms for
+the sympow docstring, the recurrent view of docs/MATH.md section 1 as a loop over time, closed forms for
 the chunk sums), never against the same code path. Inputs are fresh random tensors (seeded
 torch.Generator), gates are logsigmoid of random numbers (never zeros).
 """
@@ -69,7 +69,7 @@ def _phi_indep(x, p, T):
 
 
 def _recurrent(Q, K, V, log_G, p, T, scale=None, S0=None, s0=None):
-    """MATH.md recurrent view, one step at a time: S_i = a_i S_{i-1} + phi(k_i) v_i^T,
+    """docs/MATH.md recurrent view, one step at a time: S_i = a_i S_{i-1} + phi(k_i) v_i^T,
     z_i = a_i z_{i-1} + phi(k_i), Y_i = phi(s q_i).S_i / phi(s q_i).z_i. Returns Y, S_t, z_t."""
     b, t, hq, d = Q.shape
     h = K.shape[2]

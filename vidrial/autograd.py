@@ -1,4 +1,4 @@
-"""Differentiable power retention (MATH.md section 4): the torch.library custom ops and their autograd.
+"""Differentiable power retention (docs/MATH.md section 4): the torch.library custom ops and their autograd.
 
 Two custom ops, both with fake (meta) implementations, so that ``torch.compile(fullgraph=True)``
 traces ``power_retention`` as two opaque nodes without graph breaks:

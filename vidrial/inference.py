@@ -1,4 +1,4 @@
-"""Inference (decoding) for power retention (MATH.md section 5), with the `retention` package's
+"""Inference (decoding) for power retention (docs/MATH.md section 5), with the `retention` package's
 semantics (1.0.7, `retention.power_retention_inference`, non-fused normaliser):
 
     Y, state, sum_of_keys = power_retention_inference(Q, K, V, log_G, initial_state, sum_of_keys,

@@ -1,4 +1,4 @@
-"""Public op `power_retention` (training forward, differentiable; MATH.md sections 1-4).
+"""Public op `power_retention` (training forward, differentiable; docs/MATH.md sections 1-4).
 
 The semantics (padding, quadratic/chunked switch, final state) are vidrial.pipeline.forward's; this module
 only chooses between the plain forward (no gradients: the kernels directly) and the custom op of
@@ -24,7 +24,7 @@ def _use_autograd(*tensors: Any) -> bool:
 
 def power_retention(Q, K, V, log_G=None, initial_state=None, sum_of_keys=None, return_final_state=False, deg=2,
                     scale=None, chunk_size=None, switch_over_seq_len=None, d_tile=None):
-    """Symmetric power retention (MATH.md), forward, on the GPU with vidrial's kernels.
+    """Symmetric power retention (docs/MATH.md), forward, on the GPU with vidrial's kernels.
 
     Q [b,t,hq,d], K, V [b,t,h,d] (bf16 or fp16, same dtype, CUDA; d in 32/64/128; hq a multiple
     of h: query head i uses KV head i // (hq/h)); log_G [b,t,h] float32 per-step log gates (<= 0)

@@ -1,4 +1,4 @@
-"""Backward on a real GPU (MATH.md section 4).
+"""Backward on a real GPU (docs/MATH.md section 4).
 
 * each backward kernel against the float64 emulation of its algorithm (bwd_emulation.py, itself
   proven against autograd in tests/test_backward_math_cpu.py), incl. a gate that varies across chunks;

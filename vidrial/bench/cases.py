@@ -1,6 +1,6 @@
 """Benchmark cases as data: name, kind, shape, the callables of vidrial and each peer, FLOPs and bytes.
 
-Work counts (MATH.md section 6), with the exact feature dimension D = C(d+p-1, p) (2080 for d=64,
+Work counts (docs/MATH.md section 6), with the exact feature dimension D = C(d+p-1, p) (2080 for d=64,
 p=2; what d_tile=1 would store), whatever layout an implementation actually uses:
 
 * power retention forward, chunked (t > chunk c):  b*h * t*d*(4*D + 2*c)
@@ -54,7 +54,7 @@ class Shape:
         return f"b{self.b} t{self.t} h{self.h} d{self.d} p{self.deg}"
 
 
-# the standard shapes (ANCHORS.md)
+# the standard shapes (docs/BENCHMARKS.md)
 SHAPE_A = Shape(b=1, t=65536)
 SHAPE_B = Shape(b=8, t=8192)
 DECODE_HISTORY = 65536
@@ -83,7 +83,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-# ANCHORS.md: peers on an NVIDIA H200 (2026-11-28), retention fully autotuned; ms (decode: us/step)
+# docs/BENCHMARKS.md: peers on an NVIDIA H200 (2026-11-28), retention fully autotuned; ms (decode: us/step)
 ANCHORS = {
     ("fwd", "A"): {"retention": 5.80, "sdpa": 9.57},
     ("fwd", "B"): {"retention": 5.97, "sdpa": 1.26},
@@ -94,7 +94,7 @@ ANCHORS = {
 ANCHORS_GPU = "NVIDIA H200"
 
 
-# ---------------------------------------------------------------- work counts (MATH.md section 6)
+# ---------------------------------------------------------------- work counts (docs/MATH.md section 6)
 
 def exact_feature_dim(d: int, deg: int) -> int:
     """D = C(d + p - 1, p): the symmetric power's distinct monomials (2080 for d=64, p=2)."""

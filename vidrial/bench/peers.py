@@ -9,7 +9,7 @@ A peer that cannot be imported (or has no CUDA device to run on) is recorded as
 * ``retention``    retention.triton.power_retention / power_retention_inference (Manifest AI, Triton).
                    Its Triton autotune is exhaustive (about 6 minutes on first use on an H200), so the
                    bench keeps at most N configs per autotuned kernel (``limit_autotune``); the report
-                   says so. ANCHORS.md has its fully tuned numbers.
+                   says so. docs/BENCHMARKS.md has its fully tuned numbers.
 * ``sdpa``         torch.nn.functional.scaled_dot_product_attention, flash backend, causal, bf16,
                    layout [b, h, t, d].
 * ``gla``          flash-linear-attention's gated linear attention (fla.ops.gla.chunk_gla for

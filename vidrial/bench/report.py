@@ -132,7 +132,7 @@ def table_rows(doc: dict[str, Any], kind: str) -> tuple[list[str], list[list[str
 
 
 def anchor_rows(doc: dict[str, Any]) -> list[list[str]]:
-    """vidrial against the fully tuned peer numbers of ANCHORS.md (H200 only): one row per
+    """vidrial against the fully tuned peer numbers of docs/BENCHMARKS.md (H200 only): one row per
     (kind, shape, peer): vidrial ms, anchor ms, anchor / vidrial."""
     from vidrial.bench.cases import ANCHORS, ANCHORS_GPU
 
@@ -151,7 +151,7 @@ def anchor_rows(doc: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-ANCHOR_HEAD = ["case", "peer (ANCHORS.md, tuned)", "vidrial ms", "peer ms", "vidrial vs peer"]
+ANCHOR_HEAD = ["case", "peer (docs/BENCHMARKS.md, tuned)", "vidrial ms", "peer ms", "vidrial vs peer"]
 
 
 def _fmt_text(head: list[str], rows: list[list[str]]) -> str:
@@ -200,10 +200,10 @@ def text_report(doc: dict[str, Any]) -> str:
         parts += ["", f"== {KIND_TITLES[kind]} ({TABLE_NOTES[kind]}) ==", _fmt_text(head, rows)]
     anchors = anchor_rows(doc)
     if anchors:
-        parts += ["", "== vidrial vs the fully tuned peers of ANCHORS.md (same GPU model, another run) ==",
+        parts += ["", "== vidrial vs the fully tuned peers of docs/BENCHMARKS.md (same GPU model, another run) ==",
                   _fmt_text(ANCHOR_HEAD, anchors)]
     parts += ["", "vidrial vs X = X's time / vidrial's time (above 1: vidrial is faster). "
-                  "% = FLOPs (exact D, MATH.md 6) or bytes per second over the measured ceiling."]
+                  "% = FLOPs (exact D, docs/MATH.md section 6) or bytes per second over the measured ceiling."]
     bad = [r for r in doc.get("results", []) if r.get("status") in ("error", "check failed")]
     for r in bad:
         parts.append(f"{r['status']}: {r['case']} {r['impl']}: {r.get('note', '')}"
@@ -217,11 +217,12 @@ def markdown_report(doc: dict[str, Any], plots: list[str] | None = None) -> str:
         head, rows = table_rows(doc, kind)
         parts += ["", f"## {KIND_TITLES[kind]}", "", f"{TABLE_NOTES[kind]}.", "", _fmt_md(head, rows)]
     if anchor_rows(doc):
-        parts += ["", "## vidrial vs the fully tuned peers of ANCHORS.md", "", _fmt_md(ANCHOR_HEAD, anchor_rows(doc))]
+        parts += ["", "## vidrial vs the fully tuned peers of docs/BENCHMARKS.md", "",
+                  _fmt_md(ANCHOR_HEAD, anchor_rows(doc))]
     parts += ["", "vidrial vs X = X's time / vidrial's time (above 1: vidrial is faster). Fraction of the "
-                  "ceiling: useful FLOPs (exact D, MATH.md section 6) per second over the bf16 matmul rate, "
+                  "ceiling: useful FLOPs (exact D, docs/MATH.md section 6) per second over the bf16 matmul rate, "
                   "or for decode the bytes the step must read per second over the copy rate. "
-                  "Shape tags A and B: ANCHORS.md."]
+                  "Shape tags A and B: docs/BENCHMARKS.md."]
     for p in plots or []:
         parts += ["", f"![{p}]({p})"]
     return "\n".join(parts) + "\n"
@@ -392,10 +393,10 @@ def readme_section(doc: dict[str, Any], plot_paths: list[str]) -> str:
         head, rows = table_rows(doc, kind)
         parts += ["", f"**{KIND_TITLES[kind]}** ({TABLE_NOTES[kind]})", "", _fmt_md(head, rows)]
     if anchor_rows(doc):
-        parts += ["", "**vidrial vs the fully tuned peers of ANCHORS.md** (same GPU model, another run)", "",
+        parts += ["", "**vidrial vs the fully tuned peers of docs/BENCHMARKS.md** (same GPU model, another run)", "",
                   _fmt_md(ANCHOR_HEAD, anchor_rows(doc))]
     parts += ["", "vidrial vs X = X's time / vidrial's time (above 1: vidrial is faster); % = useful FLOPs "
-                  "(exact D, MATH.md section 6) per second over the measured bf16 matmul rate, or for decode the "
+                  "(exact D, docs/MATH.md section 6) per second over the measured bf16 matmul rate, or for decode the "
                   "bytes a step must read per second over the measured copy rate.", "", README_END]
     return "\n".join(parts)
 

@@ -8,7 +8,7 @@
                                            # write README's results block
 
 Forward, forward+backward (context sweep t = 1k..64k at 65536 tokens per batch, shapes A and B of
-ANCHORS.md) and decode (b = 1, 8, 64). Correctness check of vidrial before timing; CUDA events,
+docs/BENCHMARKS.md) and decode (b = 1, 8, 64). Correctness check of vidrial before timing; CUDA events,
 L2 flush, warm-up, medians over several input sets; device ceilings measured in the same run.
 Writes bench.json, bench.md and PNG plots under --out; prints the table.
 """

@@ -1,4 +1,4 @@
-"""The power retention pipeline behind the public ops (MATH.md sections 3-5), written once:
+"""The power retention pipeline behind the public ops (docs/MATH.md sections 3-5), written once:
 
 * checks.py    argument validation of every public op (errors name the argument, what was given, what is allowed)
 * layout.py    the inference state's layout record (d_tile, D, dtype)

@@ -1,4 +1,4 @@
-"""The backward composition (MATH.md section 4): the body of the custom op vidrial::power_retention_bwd.
+"""The backward composition (docs/MATH.md section 4): the body of the custom op vidrial::power_retention_bwd.
 
 Chunked: query_state_bwd (rows, state) -> discumsum_bwd -> update_state_bwd, and
 intra_chunk_attention_bwd (dkv, dq); then the pieces are combined in torch (sums over GQA heads, the

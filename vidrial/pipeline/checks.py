@@ -1,4 +1,4 @@
-"""Argument validation of the public ops (DESIGN.md principle 7): every error names the argument, what was
+"""Argument validation of the public ops (docs/DESIGN.md principle 7): every error names the argument, what was
 given and what is allowed. Shape and dtype errors come before device errors, so that a bad call reads the
 same on any device (the CPU tests rely on it).
 

@@ -1,4 +1,4 @@
-"""The inference step (MATH.md section 5) after validation: decode launches per row group, cache absorption.
+"""The inference step (docs/MATH.md section 5) after validation: decode launches per row group, cache absorption.
 
 The decode kernel (vidrial.kernels.power_retention.decode) takes at most MAX_ROWS query rows per KV head
 (GQA group x new tokens). decode_rows splits wider problems into launches that each fit: groups of new

@@ -1,4 +1,4 @@
-"""The training forward (MATH.md sections 1-3), with the `retention` package's semantics (1.0.7,
+"""The training forward (docs/MATH.md sections 1-3), with the `retention` package's semantics (1.0.7,
 `retention.triton.power_retention`):
 
 * t is padded with zeros (log_G with 0) to a multiple of chunk_size and the padding is dropped

@@ -1,4 +1,4 @@
-"""The layout of an inference state (MATH.md section 2): it travels with the state, a mismatch is an error."""
+"""The layout of an inference state (docs/MATH.md section 2): it travels with the state, a mismatch is an error."""
 from __future__ import annotations
 
 from dataclasses import dataclass

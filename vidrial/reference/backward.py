@@ -1,4 +1,4 @@
-"""Float64 torch emulation of the backward kernels' algorithms (MATH.md section 4).
+"""Float64 torch emulation of the backward kernels' algorithms (docs/MATH.md section 4).
 
 Each function here mirrors one CUDA backward kernel step by step (same intermediate quantities,
 same stabiliser, same order of reductions up to summation order), in float64 on any device. The

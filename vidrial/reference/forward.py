@@ -1,10 +1,10 @@
-"""Float64 reference implementations of power retention (MATH.md): what every kernel test compares to.
+"""Float64 reference implementations of power retention (docs/MATH.md): what every kernel test compares to.
 
 Pure torch, any device, every computation in float64 (inputs of any float dtype are converted;
 outputs are float64, the caller casts). Everything is differentiable with autograd, so the
 backward references are ``torch.autograd.grad`` through these functions.
 
-Conventions (MATH.md section 1, and the ``retention`` 1.0.7 package where noted):
+Conventions (docs/MATH.md section 1, and the ``retention`` 1.0.7 package where noted):
 
 * Layout ``[batch, time, heads, dim]``. ``Q [b,t,hq,d]``, ``K, V [b,t,h,d]``, ``log_G [b,t,h]``
   (per-step log gates, <= 0; *not* cumsum'd), ``hq = r*h``; query head ``i`` uses KV head ``i // r``
@@ -98,7 +98,7 @@ def _check_deg(deg) -> None:
 
 
 def _check_qkv(Q, K, V, log_G, allow_shorter_q: bool = False) -> tuple[int, int, int, int, int, int]:
-    """Returns b, tq, hq, d, tk, h. Shapes per MATH.md section 1."""
+    """Returns b, tq, hq, d, tk, h. Shapes per docs/MATH.md section 1."""
     if Q.dim() != 4:
         raise InputError("Q", tuple(Q.shape), "a 4-d tensor [batch, time, q_heads, head_dim]")
     if K.dim() != 4 or V.dim() != 4:
@@ -168,7 +168,7 @@ def phi(x: torch.Tensor, deg: int, d_tile: int) -> torch.Tensor:
 
 
 def update_state_reference(K, V, log_G, deg, d_tile, chunk_size):
-    """Per-chunk states (MATH.md section 3 step 1), float64.
+    """Per-chunk states (docs/MATH.md section 3 step 1), float64.
 
     K, V [b,t,h,d] with t a multiple of chunk_size; log_G [b,t,h] or None. With ``g`` the cumsum of
     log_G inside each chunk, the decayed keys are ``k~ = k * exp((g[c-1] - g[tau]) / p)`` and
@@ -203,7 +203,7 @@ def update_state_reference(K, V, log_G, deg, d_tile, chunk_size):
 
 
 def discumsum_reference(S, s, log_G_chunk, initial_state=None, sum_of_keys=None):
-    """Discounted cumulative sum over chunks (MATH.md section 3 step 2), float64.
+    """Discounted cumulative sum over chunks (docs/MATH.md section 3 step 2), float64.
 
     S [b,n,h,D,d], s [b,n,h,D], log_G_chunk [b,n,h] = chunk gates ``L_nu = g[nu, c-1]`` (None: no decay).
 
@@ -270,7 +270,7 @@ def _causal_attention(Q, K, V, G, deg, scale, log_eps, denom_eps):
 
 
 def attention_reference(Q, K, V, log_G=None, deg=2, scale=None, *, log_eps=LOG_EPS, denom_eps=DENOM_EPS):
-    """The quadratic formula of MATH.md section 1, float64 ``[b,t,hq,d]``.
+    """The quadratic formula of docs/MATH.md section 1, float64 ``[b,t,hq,d]``.
 
         Y_i = sum_{j<=i} w_ij v_j / sum_{j<=i} w_ij,  w_ij = (s q_i.k_j)^p exp(G_i - G_j),  G = cumsum(log_G)
 
@@ -290,7 +290,7 @@ def attention_reference(Q, K, V, log_G=None, deg=2, scale=None, *, log_eps=LOG_E
 
 
 def intra_chunk_attention_reference(Q, K, V, log_G, deg, scale, chunk_size, *, log_eps=LOG_EPS, denom_eps=DENOM_EPS):
-    """Unnormalised causal attention inside each chunk (MATH.md section 3 step 3), float64.
+    """Unnormalised causal attention inside each chunk (docs/MATH.md section 3 step 3), float64.
 
     Q [b,t,hq,d], K, V [b,t,h,d], log_G [b,t,h] or None; t need not be a multiple of chunk_size (a
     last partial chunk is just shorter). For a query at position i in chunk nu = i // c, over keys j
@@ -373,7 +373,7 @@ def _check_state(initial_state, sum_of_keys, b, h, D, d, d_tile, deg):
 def power_retention_reference(Q, K, V, log_G=None, initial_state=None, sum_of_keys=None, return_final_state=False,
                               deg=2, scale=None, chunk_size=None, d_tile=None, *,
                               log_eps=LOG_EPS, denom_eps=DENOM_EPS):
-    """Float64 chunked power retention (MATH.md section 3): ``Y`` or ``(Y, S_final, s_final)``.
+    """Float64 chunked power retention (docs/MATH.md section 3): ``Y`` or ``(Y, S_final, s_final)``.
 
     Q [b,t,hq,d], K, V [b,t,h,d], log_G [b,t,h] or None, initial_state [b,h,D,d] and sum_of_keys
     [b,h,D] (both or neither; state per KV head, unscaled, in the ``d_tile`` layout). Steps:
@@ -443,7 +443,7 @@ def power_retention_reference(Q, K, V, log_G=None, initial_state=None, sum_of_ke
 def power_retention_inference_reference(Q, K, V, log_G=None, initial_state=None, sum_of_keys=None, deg=2,
                                         scale=None, switch_over_seq_len=512, d_tile=None, *,
                                         log_eps=LOG_EPS, denom_eps=DENOM_EPS):
-    """Float64 decoding step (MATH.md section 5), mirroring retention's ``power_retention_inference``
+    """Float64 decoding step (docs/MATH.md section 5), mirroring retention's ``power_retention_inference``
     (non-fused normaliser, the one ``retention.triton`` exports): returns ``(Y, state, sum_of_keys)``.
 
     Q [b,tq,hq,d] (usually tq=1); K, V [b,tk,h,d] the KV cache including the current token(s), or

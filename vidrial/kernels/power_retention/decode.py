@@ -1,4 +1,4 @@
-"""Fused decode step (MATH.md section 5): one launch per generated token answers the new query
+"""Fused decode step (docs/MATH.md section 5): one launch per generated token answers the new query
 (or the few new queries) from the recurrent state and the short KV cache.
 
 Per (batch, KV head) the state S [D, d] is read exactly once: its D rows are split across

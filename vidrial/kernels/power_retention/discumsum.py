@@ -1,4 +1,4 @@
-"""discumsum (MATH.md section 3 step 2): discounted cumulative sum of chunk states.
+"""discumsum (docs/MATH.md section 3 step 2): discounted cumulative sum of chunk states.
 
     Sbar_0 = initial_state (or 0),   Sbar_{nu+1} = exp(L_nu) Sbar_nu + S_nu      (same for s)
 

@@ -1,4 +1,4 @@
-"""discumsum backward (MATH.md section 4): reverse scan over the chunks.
+"""discumsum backward (docs/MATH.md section 4): reverse scan over the chunks.
 
     acc = dSbar_n (gradient of the final state, or 0)
     nu = n-1 .. 0:  dS_nu = acc,  dL_nu = e^L_nu (<Sbar_nu, acc> + <sbar_nu, acc_s>),
@@ -147,7 +147,7 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
     # ---- tuner protocol (shared pieces: bwd_tuning.py) -------------------------------------------
     def make_inputs(self, key: DiscumsumBwdKey, device: Any, seed: int) -> dict[str, Any]:
         """b = 1, h = batch_heads, n = chunks; Gaussian gradients and states (the scan is linear in the
-        gradients and only reads the states), chunk gates that vary across chunks (MATH.md section 4:
+        gradients and only reads the states), chunk gates that vary across chunks (docs/MATH.md section 4:
         a constant gate hides index bugs). The kernel works in place: dSbar0/dsbar0 keep head 0's
         original gradients, the checked slice."""
         from vidrial.kernels.power_retention import bwd_tuning as bt

@@ -1,4 +1,4 @@
-"""Intra-chunk power attention (MATH.md section 3 step 3, and section 1 for the quadratic path).
+"""Intra-chunk power attention (docs/MATH.md section 3 step 3, and section 1 for the quadratic path).
 
 Causal inside each chunk of ``chunk_size`` tokens (``chunk_size`` None/0: the whole sequence is
 one causal block), gated, GQA (query head i reads KV head i // r), flash-style on mma.sync
@@ -401,7 +401,7 @@ def gate_cumsum(log_G, chunk_size: int, g_len: int):
 
 def intra_chunk_attention(Q, K, V, log_G=None, *, deg: int, scale: float | None = None, chunk_size: int | None,
                           normalize: bool = False, config: IntraChunkAttentionConfig | None = None, out=None):
-    """Causal power attention inside chunks (MATH.md section 3 step 3) on the GPU.
+    """Causal power attention inside chunks (docs/MATH.md section 3 step 3) on the GPU.
 
     Q [b,t,hq,d], K, V [b,t,h,d]: bf16 or fp16 CUDA tensors (same dtype), hq a multiple of h, d in
     (32, 64, 128). log_G: [b,t,h] per-step log gates (float32, <= 0; cumsum'd here) or None.

@@ -1,4 +1,4 @@
-"""intra-chunk attention backward (MATH.md section 4), flash style with the forward's saved m.
+"""intra-chunk attention backward (docs/MATH.md section 4), flash style with the forward's saved m.
 
 Inside each chunk (the quadratic path: one chunk of the whole sequence), j <= i:
 

@@ -1,4 +1,4 @@
-"""query_state (MATH.md section 3 step 4), fused with the merge of the intra-chunk half.
+"""query_state (docs/MATH.md section 3 step 4), fused with the merge of the intra-chunk half.
 
 Per (batch, chunk nu, query head) and a tile of `tile_m` queries:
 

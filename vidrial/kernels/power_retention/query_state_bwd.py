@@ -1,4 +1,4 @@
-"""query_state backward (MATH.md section 4): the rows pass as this family's kernel, the state pass on
+"""query_state backward (docs/MATH.md section 4): the rows pass as this family's kernel, the state pass on
 the forward update_state kernel (qs_bwd_state_update.py).
 
 Rows pass (CTA = 32 * warps query rows of one batch, query head, chunk): with q~ = q exp(g/p),

@@ -1,4 +1,4 @@
-"""The standard problem set: shapes A and B of ANCHORS.md and the decode shapes, at every head
+"""The standard problem set: shapes A and B of docs/BENCHMARKS.md and the decode shapes, at every head
 dim / degree the product supports. Shipped configs must cover the keys these problems dispatch
 (`vidrial show` reports it; `vidrial tune --preset shapes` tunes exactly them).
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-# (name, batch, time, heads); chunk 1024, bf16, gating on (ANCHORS.md)
+# (name, batch, time, heads); chunk 1024, bf16, gating on (docs/BENCHMARKS.md)
 TRAINING_SHAPES: tuple[tuple[str, int, int, int], ...] = (("A", 1, 65536, 8), ("B", 8, 8192, 8))
 CHUNK_SIZE = 1024
 # p = 4 only at d = 32: at d = 64 one fp32 chunk state is already 254 MB (D = 992256), 130 GB at shape A

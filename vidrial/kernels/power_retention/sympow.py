@@ -1,4 +1,4 @@
-"""The tiled symmetric power feature layout (MATH.md section 2), one integer knob d_tile.
+"""The tiled symmetric power feature layout (docs/MATH.md section 2), one integer knob d_tile.
 
 x (length d) is split into n = d / d_tile tiles. Features come in blocks, one per
 multiset of p tile indices, enumerated as non-decreasing tuples (i_1 <= ... <= i_p) in

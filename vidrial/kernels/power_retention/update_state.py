@@ -1,4 +1,4 @@
-"""Fused update_state (MATH.md section 3 step 1): per-chunk states S [b,n,h,D,d] and s [b,n,h,D].
+"""Fused update_state (docs/MATH.md section 3 step 1): per-chunk states S [b,n,h,D,d] and s [b,n,h,D].
 
     S[:, nu] = sum_tau phi(k~_tau) v_tau^T,   s[:, nu] = sum_tau phi(k~_tau),
     k~ = k * exp((g[nu, c-1] - g[nu, tau]) / p),  g = cumsum of log_G inside the chunk.
@@ -344,7 +344,7 @@ def _key(head_dim: int, deg: int, d_tile: int, dtype: str, chunk: int, gating: b
 
 def update_state(K, V, log_G=None, *, deg: int = 2, d_tile: int | None = None, chunk_size: int,
                  config: UpdateStateConfig | None = None):
-    """Per-chunk states of power retention (MATH.md section 3 step 1), fused on the GPU.
+    """Per-chunk states of power retention (docs/MATH.md section 3 step 1), fused on the GPU.
 
     K, V: [b, t, h, d] bf16 or fp16 CUDA tensors (last dim contiguous), d in (32, 64, 128), t a
     multiple of chunk_size (the caller pads). log_G: [b, t, h] float32 or None (no gating).

@@ -1,4 +1,4 @@
-"""update_state backward (MATH.md section 4): dK, dV and the gate term from the chunk-state gradients.
+"""update_state backward (docs/MATH.md section 4): dK, dV and the gate term from the chunk-state gradients.
 
 Per chunk nu, KV head, key row tau (k~ = k exp((L - g_tau)/p), L = g at the chunk's last step):
 
