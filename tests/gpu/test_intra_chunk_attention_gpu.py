@@ -99,11 +99,11 @@ def _precompile():
     arch = device_arch()
     keys = set()
     for (_, _, _, _, d, deg, dtype, chunk, gating) in CASES:
-        keys.add(family.Key(head_dim=d, deg=deg, dtype=dtype, chunk_size=chunk, gating=gating))
+        keys.add(family.Key(head_dim=d, deg=deg, dtype=str(DT[dtype]).removeprefix("torch."), chunk_size=chunk, gating=gating))
     for (_, _, _, _, d, deg, dtype, gating) in NORM_CASES:
-        keys.add(family.Key(head_dim=d, deg=deg, dtype=dtype, chunk_size=0, gating=gating, normalize=True))
-        keys.add(family.Key(head_dim=d, deg=deg, dtype=dtype, chunk_size=128, gating=gating, normalize=True))
-        keys.add(family.Key(head_dim=d, deg=deg, dtype=dtype, chunk_size=128, gating=gating))
+        keys.add(family.Key(head_dim=d, deg=deg, dtype=str(DT[dtype]).removeprefix("torch."), chunk_size=0, gating=gating, normalize=True))
+        keys.add(family.Key(head_dim=d, deg=deg, dtype=str(DT[dtype]).removeprefix("torch."), chunk_size=128, gating=gating, normalize=True))
+        keys.add(family.Key(head_dim=d, deg=deg, dtype=str(DT[dtype]).removeprefix("torch."), chunk_size=128, gating=gating))
     jobs = [(family.render(family.compile_key(k), family.default_config(k)), arch, (), k.label()) for k in sorted(
         keys, key=lambda k: k.key_string())]
     compile_many(jobs)
