@@ -290,11 +290,13 @@ def _device_of(inputs: dict[str, Any]) -> Any:
     for name, value in inputs.items():
         if not isinstance(value, torch.Tensor):
             continue
-        if not runs_on(value.device):
-            raise InputError(name, f"device {value.device}", "a CUDA tensor")
-        if device is None:
+        if device is None:  # the first tensor's device must run kernels; the others must match it
             device = value.device
+            if not runs_on(device):
+                raise InputError(name, f"device {device}", "a CUDA tensor")
         elif value.device != device:
+            if not runs_on(value.device):
+                raise InputError(name, f"device {value.device}", "a CUDA tensor")
             raise InputError(name, f"device {value.device}", f"the device of the other inputs ({device})")
     if device is None:
         raise InputError("inputs", sorted(inputs), "at least one tensor")
