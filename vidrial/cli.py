@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from vidrial.core.errors import InputError, VidrialError
+from vidrial.core.errors import InputError, MissingExtraError, VidrialError
 
 SUBCOMMANDS = ("compile", "tune", "show", "bench", "ship", "cache")
 
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except MissingExtraError as exc:  # a light install asked for the tuner (or another extra): what to install
+        print(f"vidrial {args.command}: {exc}", file=sys.stderr)
+        return 2
     except InputError as exc:  # a person's mistake: one line naming the argument, no traceback
         flag = _flag(parser, args.command, exc.argument)
         print(f"vidrial {args.command}: {flag}: got {exc.given}; expected {exc.allowed}", file=sys.stderr)
