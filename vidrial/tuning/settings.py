@@ -45,7 +45,7 @@ class TuneSettings:
     tuned_dir: Path | None = None
     warm_start: bool = True  # enqueue the key's previous winners (stale template hash too) after the default
     skip_tuned: bool = False  # keys with an exact entry (shipped, user dir or tuned_dir) for this GPU are skipped
-    progress: bool = True
+    progress: bool | None = None  # the tqdm bar; None: only when stderr is a terminal
     report: bool = True
     space_path: str | None = None
 
