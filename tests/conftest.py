@@ -43,8 +43,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skipped = getattr(config, "_vidrial_gpu_skipped", None)
     if skipped:
         n, reason = skipped
-        terminalreporter.write_line(f"{n} GPU tests skipped: no CUDA device ({reason}); "
-                                    "on a GPU machine they run (select them alone with -m gpu)")
+        terminalreporter.write_line(f"{n} GPU tests skipped (deselected): {reason}")
 
 
 @pytest.fixture(autouse=True, scope="session")
