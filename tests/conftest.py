@@ -24,10 +24,26 @@ def pytest_collection_modifyitems(config, items):
     reason = _gpu_skip_reason()
     if reason is None:
         return
-    skip = pytest.mark.skip(reason=reason)
-    for item in items:
-        if "gpu" in item.keywords:
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    if "gpu" in (config.getoption("markexpr", "") or ""):
+        # asked for by name (-m gpu) on a machine without one: each test says why it skips
+        skip = pytest.mark.skip(reason=reason)
+        for item in gpu:
             item.add_marker(skip)
+        return
+    # deselected at collection: one summary line instead of a SKIPPED line per test under -ra
+    config.hook.pytest_deselected(items=gpu)
+    items[:] = [item for item in items if "gpu" not in item.keywords]
+    config._vidrial_gpu_skipped = (len(gpu), reason)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = getattr(config, "_vidrial_gpu_skipped", None)
+    if skipped:
+        n, reason = skipped
+        terminalreporter.write_line(f"{n} GPU tests skipped (deselected): {reason}")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -338,7 +338,7 @@ def test_input_sets_differ_and_are_not_zero(cpu_cases):
 
 # ---------------------------------------------------------------- the whole run with fakes (no GPU)
 
-def test_run_end_to_end_with_fakes(monkeypatch, tmp_path):
+def test_run_end_to_end_with_fakes(monkeypatch, tmp_path, capsys):
     import vidrial.bench.ceilings as ceil
     import vidrial.bench.peers as P
     import vidrial.tuning.measure as M
@@ -373,9 +373,10 @@ def test_run_end_to_end_with_fakes(monkeypatch, tmp_path):
         monkeypatch.setitem(C.CHECKS, key, lambda fn, s, seed: {"rel_err": 1e-3, "tol": 2e-2, "what": "fake"})
     progress = []
     doc = runner.run(C.PRESETS["quick"], C.KINDS, on_progress=lambda d: progress.append(len(d["results"])),
-                     log=lambda s: None)
+                     log=lambda s: None, progress=True)
     rows = doc["results"]
     assert len(rows) == (3 + 3 + 2) * 4 and progress[-1] == len(rows)
+    assert f"{len(rows)}/{len(rows)}" in capsys.readouterr().err  # the tqdm bar over the (case, impl) runs
     st = {(r["kind"], r["shape"]["t"], r["shape"]["b"], r["impl"]): r for r in rows}
     assert st[("fwd", 65536, 1, "vidrial")]["status"] == "ok"
     assert st[("fwd", 65536, 1, "vidrial")]["vs"] == {"retention": 3.0, "sdpa": 2.0}

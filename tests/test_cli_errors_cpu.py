@@ -52,6 +52,39 @@ def test_compile_unknown_kernel(capsys):
     assert "[" not in err  # the allowed names as a plain list, not a Python repr
 
 
+def _fake_compile_many(spilling: set[int]):
+    """compile_many without NVRTC: job i spills 16 bytes when i is in `spilling`."""
+    from vidrial.core.compile import CompiledKernel, CompileFacts
+
+    def compile_many(jobs, workers=None, on_done=None):
+        out = []
+        for i, (kernel, arch, _opts, _label) in enumerate(jobs):
+            spill = 8 if i in spilling else 0
+            facts = CompileFacts(registers=255, spill_store_bytes=spill, spill_load_bytes=spill,
+                                 stack_frame_bytes=0, static_smem_bytes=0)
+            out.append(CompiledKernel(kernel.entry, arch, b"\0", facts, "fake", 0.0, False))
+            if on_done is not None:
+                on_done(i, out[-1])
+        return out
+    return compile_many
+
+
+@pytest.mark.parametrize("spilling, rc", [({1}, 0), ({0}, 1)])
+def test_compile_marks_and_counts_every_spilling_config(spilling, rc, capsys, monkeypatch):
+    """Job 0 is the first key's default config, job 1 its first corner: a spilling corner is a marked row and a
+    problem in the summary (exit 0); a spilling default stays an error (exit 1)."""
+    import vidrial.commands.compile as command
+
+    monkeypatch.setattr(command, "compile_many", _fake_compile_many(spilling))
+    assert main(["compile", "--arch", "sm_90", "--kernel", "discumsum", "--space", "corners", "--limit-keys", "1",
+                 "--progress"]) == rc
+    captured = capsys.readouterr()
+    marked = [line for line in captured.out.splitlines() if "SPILLS]" in line]
+    assert len(marked) == 1 and ("[DEFAULT CONFIG SPILLS]" in marked[0]) == (0 in spilling)
+    assert "1 problem(s)" in captured.out
+    assert "compiling" in captured.err  # --progress: the bar, on stderr
+
+
 def test_a_real_process_prints_no_traceback():
     out = subprocess.run([sys.executable, "-m", "vidrial", "compile", "--arch", "sm_75"], capture_output=True,
                          text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})

@@ -6,9 +6,13 @@ import argparse
 import importlib
 import sys
 
-from vidrial.core.errors import InputError, VidrialError
+from vidrial.core.errors import InputError, MissingExtraError, VidrialError
 
 SUBCOMMANDS = ("compile", "tune", "show", "bench", "ship", "cache")
+# what `vidrial --help` says (the module docstring is for readers of this file)
+DESCRIPTION = ("vidrial: generates, compiles, autotunes and dispatches GPU kernels (power retention). "
+               "Compiling needs no GPU; tuning and benchmarks need a CUDA GPU, and tuning the [tune] extra.")
+EPILOG = "Run `vidrial <command> --help` for a command's options. Docs: README.md and docs/ in the repository."
 
 
 def version() -> str:
@@ -24,7 +28,7 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vidrial", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vidrial", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"vidrial {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except MissingExtraError as exc:  # a light install asked for the tuner (or another extra): what to install
+        print(f"vidrial {args.command}: {exc}", file=sys.stderr)
+        return 2
     except InputError as exc:  # a person's mistake: one line naming the argument, no traceback
         flag = _flag(parser, args.command, exc.argument)
         print(f"vidrial {args.command}: {flag}: got {exc.given}; expected {exc.allowed}", file=sys.stderr)

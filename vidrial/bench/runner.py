@@ -20,6 +20,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from tqdm import tqdm
+
 from vidrial.bench import cases as C
 from vidrial.bench.peers import IMPL_NAMES, dist_version
 
@@ -275,9 +277,10 @@ def _order(cases: list[C.Case]) -> list[C.Case]:
 def run(preset: C.Preset, kinds: tuple[str, ...] = C.KINDS, *, autotune_configs: int | None = None,
         skip_peers: tuple[str, ...] = (), budget_s: float | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print, progress: bool | None = False) -> dict[str, Any]:
     """Runs the preset; returns the result document (see report.py). `on_progress(doc)` is called
-    after each case (the command writes the JSON there, so a crash leaves the numbers so far)."""
+    after each case (the command writes the JSON there, so a crash leaves the numbers so far).
+    progress: a tqdm bar on stderr over the (case, impl) runs (None: only when stderr is a terminal)."""
     from vidrial.bench import ceilings as ceil
     from vidrial.bench.peers import load_all
 
@@ -307,6 +310,9 @@ def run(preset: C.Preset, kinds: tuple[str, ...] = C.KINDS, *, autotune_configs:
     log(f"  ceilings: copy {cp / 1e12 if cp else float('nan'):.2f} TB/s (read+write), "
         f"bf16 matmul {mm / 1e12 if mm else float('nan'):.0f} TFLOP/s")
     all_cases = _order(C.build_cases(preset, kinds, peers))
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=len(all_cases) * len(IMPL_NAMES), desc="bench", unit="run", file=sys.stderr,
+               disable=not show, dynamic_ncols=True)
     for k, case in enumerate(all_cases):
         for name in IMPL_NAMES:
             over = bool(budget) and (time.perf_counter() - t0) > budget
@@ -316,7 +322,9 @@ def run(preset: C.Preset, kinds: tuple[str, ...] = C.KINDS, *, autotune_configs:
                 row = case.describe()
                 row.update(impl=name, status=STATUS_ERROR, note=f"{type(exc).__name__}: {exc}")
             doc["results"].append(row)
-            log(_line(time.perf_counter() - t0, k + 1, len(all_cases), row))
+            with tqdm.external_write_mode():  # the row's line above the bar, not through it
+                log(_line(time.perf_counter() - t0, k + 1, len(all_cases), row))
+            bar.update(1)
         derive(doc["results"], doc["ceilings"])
         doc["elapsed_s"] = time.perf_counter() - t0
         if on_progress is not None:
@@ -324,6 +332,7 @@ def run(preset: C.Preset, kinds: tuple[str, ...] = C.KINDS, *, autotune_configs:
                 on_progress(doc)
             except Exception as exc:
                 log(f"  (could not write progress: {exc})")
+    bar.close()
     doc["elapsed_s"] = time.perf_counter() - t0
     log(f"done in {doc['elapsed_s']:.0f} s")
     return doc

@@ -47,6 +47,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--readme", metavar="FILE", default=None,
                         help="also write the results block (tables, plots, GPU, date) into FILE between "
                              "the bench markers (e.g. README.md)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar on stderr (default: when stderr is a terminal)")
     parser.set_defaults(func=run)
     return parser
 
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     doc = run_bench(preset, kinds_of(args.only), autotune_configs=args.autotune_configs,
                     skip_peers=tuple(args.skip_peer or ()), budget_s=args.budget,
-                    on_progress=lambda d: report.write_json(d, args.out))
+                    on_progress=lambda d: report.write_json(d, args.out), progress=args.progress)
     out = report.write_all(doc, args.out)
     print()
     print(report.text_report(doc))

@@ -57,7 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-record", action="store_true", help="do not write winners to the tuned-config store")
     p.add_argument("--skip-tuned", action="store_true",
                    help="skip keys that already have an exact entry for this GPU (shipped, user dir or --tuned-dir)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
     p.add_argument("--compare", type=_budgets, default=None, metavar="N,N,...",
                    help="with --sampler grid: replay TPE/GP/random on the exhaustive results and report "
                         "their best after N trials against the exhaustive best")
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                        sampler=args.sampler, out=args.out, storage=args.storage, resume=args.resume,
                        gpus=args.gpus, compare=args.compare, seed=args.seed, job_timeout_s=args.job_timeout,
                        leaders=args.leaders, tuned_dir=args.tuned_dir, record=not args.no_record,
-                       progress=not args.no_progress, space_path=args.space_path, skip_tuned=args.skip_tuned,
+                       progress=args.progress, space_path=args.space_path, skip_tuned=args.skip_tuned,
                        **({"backend": args.backend} if args.backend else {}),
                        **({"compiler": args.compiler} if args.compiler else {}), on_result=_print_result)
     except KeyboardInterrupt:

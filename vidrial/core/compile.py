@@ -18,8 +18,8 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -301,19 +301,32 @@ def _compile_job(job: tuple[RenderedKernel, str, tuple[str, ...], str]) -> Compi
 def compile_many(
     jobs: Iterable[tuple[RenderedKernel, str, Sequence[str], str]],
     workers: int | None = None,
+    on_done: Callable[[int, CompiledKernel | CompileError], None] | None = None,
 ) -> list[CompiledKernel | CompileError]:
     """Compiles (kernel, arch, extra_options, label) jobs in worker processes, in order.
 
     A failed compile comes back as its CompileError instead of raising, so one bad
-    config does not hide the others."""
+    config does not hide the others. `on_done(index, result)` is called as each job finishes
+    (in completion order: a progress bar moves while the slow ones still compile)."""
     job_list = [(k, a, tuple(o), lbl) for k, a, o, lbl in jobs]
     if workers is None:
         workers = min(len(job_list), os.cpu_count() or 1)
+    results: list[CompiledKernel | CompileError | None] = [None] * len(job_list)
     if workers <= 1 or len(job_list) <= 1:
-        return [_compile_job(j) for j in job_list]
+        for i, job in enumerate(job_list):
+            results[i] = _compile_job(job)
+            if on_done is not None:
+                on_done(i, results[i])
+        return results  # type: ignore[return-value]
     # spawn: forking a process that holds a CUDA context is unsafe
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(_compile_job, job_list))
+        futures = {pool.submit(_compile_job, job): i for i, job in enumerate(job_list)}
+        for future in as_completed(futures):
+            i = futures[future]
+            results[i] = future.result()
+            if on_done is not None:
+                on_done(i, results[i])
+    return results  # type: ignore[return-value]
 
 
 def cache_stats() -> dict[str, int]:

@@ -34,3 +34,28 @@ class ConfigError(VidrialError, ValueError):
     def __init__(self, field: str, value: Any, rule: str):
         self.field, self.value, self.rule = field, value, rule
         super().__init__(f"{field}={value!r}: {rule}")
+
+
+class MissingExtraError(InputError):
+    """A feature whose optional dependencies (a pip extra) are not installed; the message says what to install."""
+
+    def __init__(self, extra: str, module: str, feature: str):
+        super().__init__(f"vidrial[{extra}]", f"{module} is not installed", f'pip install "vidrial[{extra}]"')
+        self.extra, self.module, self.feature = extra, module, feature
+        # one line: str(exc) is what the CLI prints
+        self.args = (f'{feature} needs {module}, which is not installed: pip install "vidrial[{extra}]"',)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def require_extra(extra: str, modules: tuple[str, ...], feature: str) -> None:
+    """Raises MissingExtraError naming `pip install "vidrial[<extra>]"` when one of `modules` cannot be imported
+    (the light install leaves the tuner's, bench's and plots' dependencies out)."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise MissingExtraError(extra, module, feature) from exc

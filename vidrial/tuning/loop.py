@@ -25,52 +25,29 @@ def measure_job(fam_ref: str, key: Any, config: Any, arch: str, settings: TuneSe
 
 
 class Progress:
-    """A progress bar with ETA: tqdm when installed, else a line on stderr every few seconds."""
+    """The tuner's progress bar: tqdm on stderr (trials, rate, ETA, best time so far). enabled: True / False, or
+    None for a bar only when stderr is a terminal (logs and captured output stay clean)."""
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool = True):
-        self.total, self.n, self.desc, self.enabled = total, initial, desc, enabled
-        self._bar = None
-        self._start = time.monotonic()
-        self._start_n = initial
-        self._last_print = 0.0
-        self._first = True
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool | None = True):
+        self.total, self.n, self.desc = total, initial, desc
+        self.enabled = sys.stderr.isatty() if enabled is None else bool(enabled)
         self.best: float | None = None
-        if not enabled:
-            return
-        try:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="trial", dynamic_ncols=True,
-                             file=sys.stderr)
-        except ImportError:
-            self._bar = None
+        self._bar: Any = None
 
     def set(self, n: int, best: float | None = None) -> None:
         if best is not None:
             self.best = best
-        if self._first:  # resumed studies start with trials done: the ETA counts from here
-            self._first = False
-            self._start_n = n
-            self._start = time.monotonic()
-        if not self.enabled:
-            self.n = n
-            return
-        if self._bar is not None:
-            if n > self.n:
-                self._bar.update(n - self.n)
-            if self.best is not None:
-                self._bar.set_postfix_str(f"best {self.best:.4g} ms", refresh=False)
-            self.n = n
-            return
+        if self.enabled and self._bar is None:
+            from tqdm import tqdm
+
+            # made at the first count: a resumed study's done trials are tqdm's `initial`, out of the rate and ETA
+            self._bar = tqdm(total=self.total, initial=n, desc=self.desc, unit="trial", dynamic_ncols=True,
+                             file=sys.stderr)
+        elif self._bar is not None and n > self.n:
+            self._bar.update(n - self.n)
+        if self._bar is not None and self.best is not None:
+            self._bar.set_postfix_str(f"best {self.best:.4g} ms", refresh=False)
         self.n = n
-        now = time.monotonic()
-        if now - self._last_print >= 2.0 or n >= self.total:
-            self._last_print = now
-            done = n - self._start_n
-            rate = done / max(now - self._start, 1e-9)
-            eta = (self.total - n) / rate if rate > 0 else float("nan")
-            best = f", best {self.best:.4g} ms" if self.best is not None else ""
-            print(f"{self.desc}: {n}/{self.total} trials, ETA {eta:.0f} s{best}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -45,7 +45,7 @@ class TuneSettings:
     tuned_dir: Path | None = None
     warm_start: bool = True  # enqueue the key's previous winners (stale template hash too) after the default
     skip_tuned: bool = False  # keys with an exact entry (shipped, user dir or tuned_dir) for this GPU are skipped
-    progress: bool = True
+    progress: bool | None = None  # the tqdm bar; None: only when stderr is a terminal
     report: bool = True
     space_path: str | None = None
 
@@ -111,6 +111,18 @@ def check_storage(url: str | None, out_dir: Path) -> None:
         raise InputError("storage", f"{url!r} ({why})", STORAGE_RULE)
 
 
+def require_tuner(sampler: str = "tpe", compare: bool = False) -> None:
+    """MissingExtraError (pip install "vidrial[tune]") unless the tuner's dependencies are installed: the light
+    install runs kernels without Optuna; scipy is needed only by the GP sampler (also replayed by --compare)."""
+    from vidrial.core.errors import require_extra
+
+    require_extra("tune", ("optuna",), "the tuner (vidrial tune)")
+    if sampler == "gp":
+        require_extra("tune", ("scipy",), "--sampler gp")
+    if compare:
+        require_extra("tune", ("scipy",), "--compare (it replays the GP sampler)")
+
+
 def check_settings(settings: TuneSettings) -> None:
     """The arguments a person gets wrong, checked before anything is created, measured or compiled."""
     from vidrial.core.paths import check_folder_argument
@@ -127,5 +139,5 @@ def check_settings(settings: TuneSettings) -> None:
         raise InputError("space_path", f"{settings.space_path} ({why})", "a search-space TOML file")
 
 
-__all__ = ["TuneSettings", "check_settings", "check_storage", "journal_path", "SAMPLERS", "PRESETS",
+__all__ = ["TuneSettings", "check_settings", "require_tuner", "check_storage", "journal_path", "SAMPLERS", "PRESETS",
            "STORAGE_RULE"]

@@ -49,7 +49,15 @@ from vidrial.tuning.loop import Progress, SearchLoop
 from vidrial.tuning.records import UNCOUNTED, StudyResult
 from vidrial.tuning.report import compare_samplers, exhaustive_table, write_comparison, write_report, write_summary
 from vidrial.tuning.search_space import SearchSpace, SearchSpaceError, load_search_space
-from vidrial.tuning.settings import PRESETS, SAMPLERS, TuneSettings, check_settings, check_storage, journal_path
+from vidrial.tuning.settings import (
+    PRESETS,
+    SAMPLERS,
+    TuneSettings,
+    check_settings,
+    check_storage,
+    journal_path,
+    require_tuner,
+)
 from vidrial.tuning.study import (
     ATTR,
     canonical,
@@ -133,6 +141,7 @@ def previous_winners(family: Any, key: Any, gpu_slug: str, settings: TuneSetting
 def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = None, compiler: Any = None,
              space: SearchSpace | None = None) -> StudyResult:
     """Tunes `family` for one problem `key`; see the module docstring."""
+    require_tuner(settings.sampler)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -303,6 +312,7 @@ def tune(
     (arch, seed, job_timeout_s, leaders, record, tuned_dir, progress, ...)."""
     if sampler not in SAMPLERS:
         raise InputError("sampler", repr(sampler), f"one of {', '.join(SAMPLERS)}")
+    require_tuner(sampler, bool(compare))  # before anything is created: the light install has no Optuna
     unknown = sorted(set(options) - set(TuneSettings.__dataclass_fields__))
     if unknown:
         raise InputError("options", ", ".join(unknown), f"fields of TuneSettings: {', '.join(TuneSettings.__dataclass_fields__)}")
