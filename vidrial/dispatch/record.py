@@ -77,7 +77,7 @@ def record(path: str | Path | None = None) -> Iterator[Recorder]:
     `path` (None: nothing is written; the yielded Recorder holds them). The file is read first, so a
     file that is not a keys file fails before the block runs, not after it."""
     target = None if path is None else Path(path)
-    existing = read_keys(target) if target is not None and target.exists() else {}
+    existing = read_keys(target, "path") if target is not None and target.exists() else {}
     recorder = Recorder(target)
     token = _ACTIVE.set(_ACTIVE.get() + (recorder,))
     try:
@@ -110,25 +110,25 @@ def write_keys(path: str | Path, keys: dict[str, list[dict[str, Any]]]) -> None:
     write_atomic(path, json.dumps(keys, indent=2) + "\n")
 
 
-def read_keys(path: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """A keys file's content, checked for shape only ({family name: [JSON objects]}); InputError naming the
-    file and what is wrong otherwise."""
+def read_keys(path: str | Path, argument: str = "keys_file") -> dict[str, list[dict[str, Any]]]:
+    """A keys file's content, checked for shape only ({family name: [JSON objects]}); InputError naming
+    `argument`, the file and what is wrong otherwise."""
     path = Path(path)
     where = f"keys file {path}"
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise InputError("keys", where, f"a readable JSON file ({exc})") from None
+        raise InputError(argument, where, f"a readable JSON file ({exc})") from None
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError("keys", f"{where}: not valid JSON ({exc})",
+        raise InputError(argument, f"{where}: not valid JSON ({exc})",
                          "a JSON object {family name: [key objects]} as vidrial.tuning.record writes") from None
     if not isinstance(data, dict):
-        raise InputError("keys", f"{where}: a JSON {type(data).__name__}", "a JSON object {family name: [key objects]}")
+        raise InputError(argument, f"{where}: a JSON {type(data).__name__}", "a JSON object {family name: [key objects]}")
     for name, keys in data.items():
         if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
-            raise InputError("keys", f"{where}: family {name!r} maps to {json.dumps(keys)[:80]}",
+            raise InputError(argument, f"{where}: family {name!r} maps to {json.dumps(keys)[:80]}",
                              "a list of key objects")
     return data
 
@@ -137,13 +137,14 @@ def load_keys(path: str | Path, families: dict[str, KernelFamily]) -> dict[str, 
     """A keys file validated against `families` (name -> family; the tuner passes the registered ones):
     {family name: [Key models]} (file order, no repeats). An unknown family or a key that does not validate
     is an InputError naming the file, the family, the key's position and why."""
+    argument = "keys_file"
     from pydantic import ValidationError
 
     out: dict[str, list[ProblemKey]] = {}
     for name, keys in read_keys(path).items():
         family = families.get(name)
         if family is None:
-            raise InputError("keys", f"keys file {path}: family {name!r}",
+            raise InputError(argument, f"keys file {path}: family {name!r}",
                              f"one of {', '.join(sorted(families)) or '(none registered)'}")
         models: list[ProblemKey] = []
         for i, raw in enumerate(keys):
@@ -156,7 +157,7 @@ def load_keys(path: str | Path, families: dict[str, KernelFamily]) -> dict[str, 
                     why = f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))
                 else:
                     why = str(exc)
-                raise InputError("keys", f"keys file {path}: {name} key #{i} {json.dumps(raw)}",
+                raise InputError(argument, f"keys file {path}: {name} key #{i} {json.dumps(raw)}",
                                  f"a valid {family.Key.__name__} ({why})") from None
             if key not in models:
                 models.append(key)
