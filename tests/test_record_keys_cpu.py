@@ -89,11 +89,11 @@ def test_recording_merges_deduplicates_and_skips_explicit_configs(tmp_path):
     # an explicit config is not dispatched, so not recorded
     from vidrial.kernels.power_retention.discumsum import FAMILY as DISC
 
-    S = torch.empty(1, 4, 2, 640, 32, device="meta")
+    x = dict(S=torch.empty(1, 4, 2, 640, 32, device="meta"), s=torch.empty(1, 4, 2, 640, device="meta"))
     with record(None) as rec:
-        DISC.plan(DISC.default_config(DISC.problem_key(DISC.prepare(dict(S=S)))), S=S)
+        DISC.plan(DISC.default_config(DISC.problem_key(DISC.prepare(dict(x)))), **x)
         assert rec.as_json() == {}
-        DISC.plan(S=S)
+        DISC.plan(**x)
     assert list(rec.as_json()) == ["discumsum"]
 
 
