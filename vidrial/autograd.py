@@ -40,6 +40,10 @@ def power_retention_fwd(Q: Tensor, K: Tensor, V: Tensor, log_G: Optional[Tensor]
 def _fwd_fake(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, chunk_size, d_tile, want_final):
     from vidrial.kernels.power_retention.sympow import feature_dim
 
+    if _recording_on_meta(Q):  # the real composition, planned only: each kernel call records its key
+        return _forward_pipeline.pieces(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, chunk_size, d_tile,
+                                        want_final)
+
     b, t, hq, d = Q.shape
     h = K.shape[2]
     f32 = dict(device=Q.device, dtype=torch.float32)
@@ -74,6 +78,9 @@ def power_retention_bwd(dY: Tensor, dS_final: Optional[Tensor], ds_final: Option
 @power_retention_bwd.register_fake
 def _bwd_fake(dY, dS_final, ds_final, Q, K, V, log_G, Y, O, l, m, Sbar16, sbar, deg, scale, chunk_size, d_tile,
               has_state):
+    if _recording_on_meta(Q):
+        return _backward_pipeline.power_retention_backward(dY, dS_final, ds_final, Q, K, V, log_G, Y, O, l, m, Sbar16,
+                                                           sbar, deg, scale, chunk_size, d_tile, has_state)
     dQ, dK, dV = Q.new_empty(Q.shape), K.new_empty(K.shape), V.new_empty(V.shape)
     dlog_G = log_G.new_empty(log_G.shape) if log_G is not None else Q.new_empty(_EMPTY, dtype=torch.float32)
     if has_state and chunk_size != 0:
@@ -83,6 +90,15 @@ def _bwd_fake(dY, dS_final, ds_final, Q, K, V, log_G, Y, O, l, m, Sbar16, sbar, 
             Q.new_empty((b, h, D), dtype=torch.float32)
     e = Q.new_empty(_EMPTY, dtype=torch.float32)
     return dQ, dK, dV, dlog_G, e, e.clone()
+
+
+def _recording_on_meta(Q: Tensor) -> bool:
+    """Eager meta tensors inside vidrial.tuning.record: run the pipeline (its kernel calls are planned, not
+    launched) so the keys it dispatches are recorded. Fake tensors while torch.compile traces carry the real
+    device, so tracing keeps the plain fake."""
+    from vidrial.dispatch.record import recording
+
+    return Q.device.type == "meta" and recording() and not torch.compiler.is_compiling()
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:

@@ -87,7 +87,7 @@ def _entry_rows(index: Any) -> list[dict[str, Any]]:
 def report(requested_gpu: str | None = None) -> dict[str, Any]:
     """The data `vidrial show` prints, as a JSON-able dict."""
     from vidrial.core.paths import user_tuned_dir
-    from vidrial.dispatch import build_index, resolve
+    from vidrial.dispatch import borrowed_index, build_index, resolve
     from vidrial.kernels import families
     from vidrial.dispatch import store
 
@@ -107,12 +107,18 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
     except Exception as exc:  # a broken family module must not hide the rest
         fams = {}
         out["errors"].append(f"loading kernel families: {exc}")
+    present = _present_gpu() if present_arch is not None or requested_gpu else None
     for slug in slugs:
         gpu_out: dict[str, Any] = {"gpu": slug, "families": [], "unknown_files": []}
         for name in sorted(fams):
             family = fams[name]
             index = build_index(family, slug, warn=False)
             arch = present_arch or index.arch
+            # the present GPU without a file of this family dispatches a same-arch GPU's entries: show those
+            borrowed = borrowed_index(family, present) if present is not None and present.slug == slug else None
+            used = borrowed if borrowed is not None else index
+            if borrowed is not None:
+                arch = present.arch
             try:
                 standard = list(family.standard_keys())
                 shapes = set(family.shape_keys())
@@ -124,14 +130,15 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
             shape_counts = {"exact": 0, "nearest": 0, "default": 0}
             for key in standard:
                 try:
-                    d = resolve(family, index, key, arch, warn=False)  # d.note says what check rejected
+                    d = resolve(family, used, key, arch, warn=False)  # d.note says what check rejected
                 except Exception as exc:
                     out["errors"].append(f"{name}: resolving {key.key_string()}: {exc}")
                     continue
                 counts[d.source] += 1
                 if key in shapes:
                     shape_counts[d.source] += 1
-                keys.append({"key": key.key_string(), "source": d.source, "standard_shape": key in shapes,
+                label = d.source if borrowed is None or d.source == "default" else f"{d.source} ({borrowed.gpu}, same arch)"
+                keys.append({"key": key.key_string(), "source": d.source, "label": label, "standard_shape": key in shapes,
                              "tuned_key": None if d.tuned_key is None else d.tuned_key.key_string(),
                              "config": d.config.model_dump(mode="json"), "note": d.note})
             gpu_out["families"].append({
@@ -140,6 +147,8 @@ def report(requested_gpu: str | None = None) -> dict[str, Any]:
                 "files": [{"path": str(f.path), "origin": f.origin, "status": f.status, "entries": f.entries,
                            "used": f.used, "problems": f.problems} for f in index.files],
                 "entries": _entry_rows(index),
+                # None, or the same-arch GPU whose entries dispatch uses here (this GPU has no file of the family)
+                "borrowed_from": None if borrowed is None else borrowed.gpu,
                 "coverage": {"standard": len(standard), **counts, "keys": keys,
                              "shapes": {"keys": len(shapes), **shape_counts}},
                 "stale": [{"path": str(s.path), "origin": s.origin, "key": s.key, "reason": s.reason}
@@ -186,6 +195,9 @@ def _print_text(data: dict[str, Any], file=None) -> None:
             p(f"\n  {f['family']} (template {f['template_hash']}): {len(f['entries'])} tuned entries; "
               f"standard keys {cov['standard']}: {cov['exact']} exact, {cov['nearest']} nearest, "
               f"{cov['default']} default")
+            if f.get("borrowed_from"):
+                p(f"    no tuned file for this GPU: dispatch uses the entries of {f['borrowed_from']} (same arch); "
+                  "the counts above and below are over them")
             sc = cov["shapes"]
             p(f"    standard shapes {sc['keys']}: {sc['exact']} exact, {sc['nearest']} nearest, {sc['default']} default")
             for fr in f["files"]:
@@ -202,7 +214,7 @@ def _print_text(data: dict[str, Any], file=None) -> None:
                 for k in missing:
                     via = f" (from {k['tuned_key']})" if k["tuned_key"] else ""
                     mark = "  [standard shape]" if k["standard_shape"] else ""
-                    p(f"      {k['key']}: {k['source']}{via}{mark}")
+                    p(f"      {k['key']}: {k.get('label', k['source'])}{via}{mark}")
             for k in cov["keys"]:
                 if k["note"]:
                     p(f"    passed over: {k['note']}")
@@ -216,6 +228,9 @@ def _print_text(data: dict[str, Any], file=None) -> None:
         if gaps:
             p(f"\n  {gaps} standard-shape keys have no exact entry; on this GPU model, fill them with\n"
               f"    vidrial tune --kernel all --preset shapes --skip-tuned --resume")
+        if any(f.get("borrowed_from") for f in g["families"]):
+            p("\n  families marked 'same arch' use another GPU's entries; tune this GPU's own with\n"
+              "    vidrial tune --kernel all --preset shapes   (or your model's keys: vidrial tune --keys keys.json)")
     if "last" in data:
         _print_last(data["last"], file)
 
@@ -229,7 +244,8 @@ def _print_last(last: dict[str, Any] | None, file=None) -> None:
     cfg = " ".join(f"{k}={v}" for k, v in last["config"].items())
     key = ",".join(f"{k}={v}" for k, v in last["key"].items())
     print(f"\nlast dispatch ({last['from']}): {last['family']} on {last['gpu']}\n  key {key}\n  config {cfg}\n"
-          f"  source {last['source']}" + (f" ({last['path']})" if last.get("path") else ""), file=file)
+          f"  source {last.get('label') or last['source']}" + (f" ({last['path']})" if last.get("path") else ""),
+          file=file)
 
 
 def run(args: argparse.Namespace) -> int:

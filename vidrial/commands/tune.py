@@ -3,6 +3,7 @@
     vidrial tune --kernel update_state --preset quick --trials 30
     vidrial tune --kernel all --preset standard --timeout 600 --gpus 0,1 --resume
     vidrial tune --kernel update_state --key '{"head_dim": 64}' --sampler grid --compare 10,20,40
+    vidrial tune --keys keys.json --trials 20     # what `with vidrial.tuning.record("keys.json"):` recorded
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "'quick' = the first key only (default: standard)")
     p.add_argument("--key", action="append", default=None, metavar="JSON",
                    help="explicit problem key as a JSON object (repeatable; overrides --preset)")
+    p.add_argument("--keys", dest="keys_file", metavar="FILE", default=None,
+                   help="tune exactly the problem keys in FILE ({family: [keys]}, as vidrial.tuning.record "
+                        "writes it; overrides --preset; with --kernel: only those families)")
     p.add_argument("--trials", type=int, default=40, help="trial budget per study (default: 40)")
     p.add_argument("--timeout", type=float, default=None, help="time budget per study in seconds")
     p.add_argument("--sampler", choices=("tpe", "gp", "grid", "random"), default="tpe",
@@ -86,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
             except json.JSONDecodeError as exc:
                 print(f"vidrial tune: --key {text!r} is not a JSON object ({exc})", file=sys.stderr)
                 return 2
+    if keys is not None and args.keys_file:
+        print("vidrial tune: --key and --keys both give problem keys; use one", file=sys.stderr)
+        return 2
     if args.compare and args.sampler != "grid":
         print("vidrial tune: --compare needs --sampler grid (the exhaustive results are the yardstick)",
               file=sys.stderr)
@@ -96,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
                        gpus=args.gpus, compare=args.compare, seed=args.seed, job_timeout_s=args.job_timeout,
                        leaders=args.leaders, tuned_dir=args.tuned_dir, record=not args.no_record,
                        progress=args.progress, space_path=args.space_path, skip_tuned=args.skip_tuned,
+                       keys_file=args.keys_file,
                        **({"backend": args.backend} if args.backend else {}),
                        **({"compiler": args.compiler} if args.compiler else {}), on_result=_print_result)
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.launch import LaunchableKernel, arch_of, current_stream_handle, host_launcher
 from vidrial.core.render import RenderedKernel, render, template_hash
+from vidrial.dispatch import record as _record
 
 K = TypeVar("K", bound=ProblemKey)
 C = TypeVar("C", bound=KernelConfig)
@@ -226,6 +227,8 @@ class KernelFamily(ABC, Generic[K, C]):
         device = _device_of(inputs)
         config = self.config_for(key, device, config)
         outputs = self.outputs(key, config, inputs)
+        if device.type == "meta":  # a recording's dry run: shapes only, nothing to launch
+            return Plan(key, config, device, inputs, outputs, [])
         return Plan(key, config, device, inputs, outputs, list(self.launches(key, config, inputs, outputs)))
 
     def __call__(self, config: C | None = None, **inputs: Any) -> dict[str, Any]:
@@ -243,12 +246,15 @@ class KernelFamily(ABC, Generic[K, C]):
 
     def config_for(self, key: K, device: Any, config: C | None = None) -> C:
         """`config` when given (type-checked), else the dispatcher's pick for `key` on the device's GPU
-        (the default config for host-emulated CPU tensors, which have no GPU to be tuned for)."""
+        (the default config for host-emulated CPU tensors and a recording's meta tensors, which have no
+        GPU to be tuned for). Keys dispatched here (config None) are what `vidrial.tuning.record` records."""
         if config is not None:
             if not isinstance(config, self.Config):
                 raise InputError("config", type(config).__name__, f"None or a {self.Config.__name__}")
             return config
-        if device.type == "cpu":
+        # the one dispatch point: what vidrial.tuning.record(...) sees (a contextvar read when not recording)
+        _record.note(self, key)
+        if device.type in ("cpu", "meta"):  # no GPU to be tuned for (meta: a recording's dry run)
             return self.default_config(key)
         from vidrial.dispatch import current_gpu, select_config
 
@@ -281,10 +287,14 @@ class KernelFamily(ABC, Generic[K, C]):
 
 def _device_of(inputs: dict[str, Any]) -> Any:
     """The device of a call: that of its tensor inputs, which must all be on one device kernels run on
-    (CUDA; the CPU only where a host launcher is installed, see core.launch)."""
+    (CUDA; the CPU only where a host launcher is installed, see core.launch; meta only inside
+    vidrial.tuning.record, where calls are planned to record their keys and launch nothing)."""
     import torch
 
     from vidrial.core.launch import runs_on
+
+    def usable(dev: Any) -> bool:
+        return runs_on(dev) or (dev.type == "meta" and _record.recording())
 
     device = None
     for name, value in inputs.items():
@@ -292,10 +302,10 @@ def _device_of(inputs: dict[str, Any]) -> Any:
             continue
         if device is None:  # the first tensor's device must run kernels; the others must match it
             device = value.device
-            if not runs_on(device):
+            if not usable(device):
                 raise InputError(name, f"device {device}", "a CUDA tensor")
         elif value.device != device:
-            if not runs_on(value.device):
+            if not usable(value.device):
                 raise InputError(name, f"device {value.device}", "a CUDA tensor")
             raise InputError(name, f"device {value.device}", f"the device of the other inputs ({device})")
     if device is None:

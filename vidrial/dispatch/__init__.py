@@ -4,7 +4,7 @@ and the dispatcher (`vidrial.dispatch.select`: exact -> nearest -> default). Ker
 kernel call never loads Optuna."""
 from __future__ import annotations
 
-from vidrial.dispatch import store
+from vidrial.dispatch import record, store
 from vidrial.dispatch.select import (
     Candidate,
     Dispatch,
@@ -13,12 +13,15 @@ from vidrial.dispatch.select import (
     Origin,
     Source,
     StaleEntry,
+    UntunedGpuWarning,
+    borrowed_index,
     build_index,
     current_gpu,
     distance,
     get_index,
     last_dispatch,
     last_dispatch_file,
+    nearest_same_arch,
     reload,
     resolve,
     select_config,
@@ -28,4 +31,4 @@ from vidrial.dispatch.store import SCHEMA_VERSION, GpuIdentity, TunedConfigWarni
 
 __all__ = ["select_config", "current_gpu", "reload", "last_dispatch", "last_dispatch_file", "build_index", "get_index",
            "resolve", "tuned_entry", "distance", "Dispatch", "Candidate", "Index", "FileReport", "StaleEntry", "Source",
-           "Origin", "store", "SCHEMA_VERSION", "GpuIdentity", "TunedConfigWarning", "TunedEntry"]
+           "Origin", "store", "UntunedGpuWarning", "borrowed_index", "nearest_same_arch", "record", "SCHEMA_VERSION", "GpuIdentity", "TunedConfigWarning", "TunedEntry"]

@@ -9,6 +9,13 @@ For a family, a problem key and a GPU, `select_config` returns, in this order:
    differing non-numeric field; ties go to the smaller `key_string()`;
 3. default: `family.default_config(key)`.
 
+A GPU model with no tuned file of the family at all (shipped or user folder) borrows the entries of the
+nearest tuned GPU of the same arch (nearest SM count; an H100 uses the H200's, both sm_90; never another
+arch's) and goes through the same three steps over them; the result says so (`Dispatch.borrowed_from`,
+`Dispatch.label`: "exact (nvidia-h200, same arch)"). The first such dispatch warns once per GPU model and
+process (`UntunedGpuWarning`), naming the commands that tune it. The decision is per family: a family
+tuned on this GPU (e.g. from `vidrial tune --keys`) uses its own file, the others keep borrowing.
+
 A tuned config is used only if `family.check(key, config, gpu.arch)` accepts it for the
 key at hand (else the next candidate, finally the default). For the exact key the user's
 entry is tried first and, when check rejects it, the shipped entry for the same key, then
@@ -64,6 +71,13 @@ class Dispatch:
     gpu: str | None  # GPU slug
     tuned_key: ProblemKey | None = None  # the key the config was tuned for (nearest: a neighbour)
     note: str | None = None  # why tuned entries for this very key were passed over (family.check)
+    # the slug of the GPU whose entries were used when this GPU has none for the family (same arch only)
+    borrowed_from: str | None = None
+
+    @property
+    def label(self) -> str:
+        """`source`, and whose entries it came from when borrowed: "exact (nvidia-h200, same arch)"."""
+        return self.source if self.borrowed_from is None else f"{self.source} ({self.borrowed_from}, same arch)"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +89,8 @@ class Dispatch:
             "gpu": self.gpu,
             "tuned_key": None if self.tuned_key is None else self.tuned_key.model_dump(mode="json"),
             "note": self.note,
+            "borrowed_from": self.borrowed_from,
+            "label": self.label,
         }
 
 
@@ -318,6 +334,55 @@ def resolve(family: KernelFamily, index: Index, key: ProblemKey, arch: str | Non
     return dataclasses.replace(found, note=note)
 
 
+# ---- a GPU without tuned entries: the nearest tuned GPU of the same arch ----------------------------
+
+class UntunedGpuWarning(UserWarning):
+    """This GPU model has no tuned configs; entries of a same-arch GPU, or defaults, are used."""
+
+
+def tuned_gpus(family: KernelFamily) -> list[tuple[str, Index]]:
+    """Every other GPU model with a usable entry of `family` (shipped or user folder), as (slug, index);
+    the index's `arch` says which arch it was tuned on. Not memoised; never warns."""
+    slugs: set[str] = set()
+    for root in (store.shipped_tuned_dir(), user_tuned_dir()):
+        for path in _quiet_tuned_files(root):
+            if path.stem == family.name:
+                slugs.add(path.parent.name)
+    out = []
+    for slug in sorted(slugs):
+        index = build_index(family, slug, warn=False)
+        if index.exact:
+            out.append((slug, index))
+    return out
+
+
+def _quiet_tuned_files(root: Path | None) -> list[Path]:
+    with warnings.catch_warnings():  # an unreadable folder is reported by `vidrial show`, not on every call
+        warnings.simplefilter("ignore")
+        return store.tuned_files(root)
+
+
+def nearest_same_arch(family: KernelFamily, gpu: GpuIdentity) -> str | None:
+    """The slug of the tuned GPU whose `family` entries stand in for `gpu`'s when `gpu` has no tuned file
+    for the family: same arch only (another arch's tile choices may not even fit), nearest SM count first
+    (|log2| of the ratio), then by slug. None when no GPU of that arch is tuned."""
+    ranked = []
+    for slug, index in tuned_gpus(family):
+        if slug == gpu.slug or index.arch != gpu.arch:
+            continue
+        sm = next(iter(index.exact.values())).entry.gpu.sm_count
+        ranked.append((abs(_log2(sm) - _log2(gpu.sm_count)), slug))
+    return min(ranked)[1] if ranked else None
+
+
+def untuned_message(gpu: GpuIdentity, borrowed: str | None) -> str:
+    using = (f"kernel families without entries for it use those tuned on {borrowed} (same arch {gpu.arch}), "
+             "else defaults" if borrowed else f"no GPU of arch {gpu.arch} is tuned either: default configs")
+    return (f"vidrial: no tuned configs for {gpu.name} ({gpu.slug}, {gpu.arch}); {using} (`vidrial show` marks "
+            f"them). Tune this GPU: `vidrial tune --kernel all --preset shapes`, or only your model's keys: "
+            f"`with vidrial.tuning.record('keys.json'): ...` then `vidrial tune --keys keys.json`")
+
+
 # ---- per-process state and the hot path ------------------------------------------------------
 
 _LOCK = threading.Lock()
@@ -325,6 +390,8 @@ _INDEXES: dict[tuple[str, str], Index] = {}
 _MEMO: dict[tuple[str, GpuIdentity], dict[ProblemKey, Dispatch]] = {}
 _GPUS: dict[int, GpuIdentity] = {}
 _LAST: Dispatch | None = None
+_BORROWED: dict[tuple[str, GpuIdentity], Index | None] = {}  # (family, GPU) without own file -> stand-in
+_WARNED_UNTUNED: set[str] = set()  # GPU slugs warned about: once per GPU model per process
 _DEBUG = bool(os.environ.get("VIDRIAL_DEBUG_DISPATCH"))
 _torch = None
 
@@ -384,10 +451,44 @@ def _resolve_new(family: KernelFamily, key: ProblemKey, gpu: GpuIdentity) -> Dis
         from vidrial.core.errors import InputError
 
         raise InputError("key", f"{type(key).__name__}", f"a {family.Key.__name__} for family {family.name!r}")
-    found = resolve(family, get_index(family, gpu.slug), key, gpu.arch)
+    index = get_index(family, gpu.slug)
+    borrowed = None
+    if not index.files:  # nothing tuned for this GPU model: a same-arch GPU's entries beat defaults
+        borrowed = _borrowed_index(family, gpu)
+    if borrowed is not None:
+        found = resolve(family, borrowed, key, gpu.arch)
+        if found.source != "default":
+            found = dataclasses.replace(found, borrowed_from=borrowed.gpu)
+        found = dataclasses.replace(found, gpu=gpu.slug)
+    else:
+        found = resolve(family, index, key, gpu.arch)
     with _LOCK:
         _MEMO.setdefault((family.name, gpu), {})[key] = found
     return found
+
+
+def borrowed_index(family: KernelFamily, gpu: GpuIdentity) -> Index | None:
+    """The index standing in for `gpu`'s when `gpu` has no tuned file of `family` (see `nearest_same_arch`);
+    None when it has one or no GPU of its arch is tuned. Not memoised, never warns (`vidrial show`)."""
+    if build_index(family, gpu.slug, warn=False).files:
+        return None
+    slug = nearest_same_arch(family, gpu)
+    return None if slug is None else build_index(family, slug, warn=False)
+
+
+def _borrowed_index(family: KernelFamily, gpu: GpuIdentity) -> Index | None:
+    """Memoised per (family, GPU); the first call for a GPU model warns once (UntunedGpuWarning)."""
+    memo_key = (family.name, gpu)
+    if memo_key not in _BORROWED:
+        slug = nearest_same_arch(family, gpu)
+        index = None if slug is None else get_index(family, slug)
+        with _LOCK:
+            _BORROWED[memo_key] = index
+            warn = gpu.slug not in _WARNED_UNTUNED
+            _WARNED_UNTUNED.add(gpu.slug)
+        if warn:
+            warnings.warn(untuned_message(gpu, slug), UntunedGpuWarning, stacklevel=5)
+    return _BORROWED[memo_key]
 
 
 def last_dispatch() -> Dispatch | None:
@@ -402,6 +503,8 @@ def reload() -> None:
     with _LOCK:
         _INDEXES.clear()
         _MEMO.clear()
+        _BORROWED.clear()
+        _WARNED_UNTUNED.clear()
         _LAST = _WRITTEN = None
         _DEBUG = bool(os.environ.get("VIDRIAL_DEBUG_DISPATCH"))
 

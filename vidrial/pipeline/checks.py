@@ -45,6 +45,14 @@ def check_log_G_values(log_G: Optional[torch.Tensor]) -> None:
 
 
 # ---- pieces shared by both ops -------------------------------------------------------------------
+def _recording_on_meta(Q: torch.Tensor) -> bool:
+    """Meta tensors are accepted inside vidrial.tuning.record only: the kernels are planned (their keys
+    recorded), never launched."""
+    from vidrial.dispatch.record import recording
+
+    return Q.device.type == "meta" and recording()
+
+
 def _check_deg(deg: Any) -> None:
     if not _is_int(deg) or deg not in (2, 4):
         raise InputError("deg", deg, _DEG_RULE)
@@ -115,7 +123,7 @@ def check_inputs(Q: Any, K: Any, V: Any, log_G: Any, deg: Any, d_tile: Any, chun
     _check_scale(scale)
     if log_G is not None:
         _check_log_G(log_G, (b, t, h), "batch, time, kv_heads")
-    if Q.device.type != "cuda":
+    if Q.device.type != "cuda" and not _recording_on_meta(Q):
         raise InputError("Q", f"device {Q.device}", "a CUDA tensor")
     if K.device != Q.device or V.device != Q.device:
         raise InputError("K/V", f"devices {K.device}/{V.device}", f"the device of Q ({Q.device})")
@@ -247,7 +255,7 @@ def check_inference(Q: Any, K: Any, V: Any, log_G: Any, initial_state: Any, sum_
                 raise InputError(name, f"strides {tuple(x.stride())}",
                                  "a contiguous last dim and batch/time/head strides that are multiples of 8 "
                                  "elements (16-byte loads); call .contiguous()")
-    if Q.device.type != "cuda":
+    if Q.device.type != "cuda" and not _recording_on_meta(Q):
         raise InputError("Q", f"device {Q.device}", "a CUDA tensor")
     for name, x in (("K", K), ("V", V), ("log_G", log_G), ("initial_state", initial_state),
                     ("sum_of_keys", sum_of_keys)):

@@ -260,6 +260,29 @@ def _missing_protocol(family: Any) -> list[str]:
             if getattr(type(family), m, None) is getattr(KernelFamily, m)]
 
 
+def _from_keys_file(kernel: Any, path: str | Path) -> list[tuple[Any, list[Any]]]:
+    """(family, keys) per family of a keys file (vidrial.tuning.record's output), in file order. Names resolve
+    among the registered families and those `kernel` names ('module:attr' too); with an explicit `kernel`
+    only its families are taken, and each must be in the file."""
+    from vidrial.dispatch.record import load_keys
+    from vidrial.kernels import families as registered
+
+    explicit = kernel not in (None, "all")
+    named = {f.name: f for f in _families(kernel)} if explicit else {}
+    plan = load_keys(path, {**registered(), **named})
+    if explicit:
+        missing = sorted(set(named) - set(plan))
+        if missing:
+            raise InputError("kernel", ", ".join(missing), f"families with keys in keys file {path} "
+                             f"(it has {', '.join(plan) or 'none'}); leave --kernel out to tune all of them")
+        plan = {name: keys for name, keys in plan.items() if name in named}
+    if not plan:
+        raise InputError("keys_file", f"keys file {path} with no keys", "at least one recorded key "
+                         "(record them with vidrial.tuning.record(path))")
+    fams = {**registered(), **named}
+    return [(fams[name], keys) for name, keys in plan.items()]
+
+
 def _keys(family: Any, keys: Any, preset: str | None) -> list[Any]:
     if keys:
         out = []
@@ -294,6 +317,7 @@ def tune(
     measurer: Any = None,
     compiler: Any = None,
     on_result: Callable[[StudyResult], None] | None = None,
+    keys_file: str | Path | None = None,
     **options: Any,
 ) -> list[StudyResult]:
     """Tunes kernel families and records the winners in the tuned-config store.
@@ -308,7 +332,9 @@ def tune(
     continue existing studies (else they start over). gpus: device indices; one process
     per GPU works each study. compare: with sampler="grid", budgets N at which to compare
     TPE/GP/random replayed on the exhaustive results. on_result: called with each study's result as it
-    ends. Other options: fields of TuneSettings
+    ends. keys_file: a JSON file {family: [keys]} (what vidrial.tuning.record writes): exactly its keys
+    are tuned, for its families (with `kernel` other than "all": those families only); not with `keys`.
+    Other options: fields of TuneSettings
     (arch, seed, job_timeout_s, leaders, record, tuned_dir, progress, ...)."""
     if sampler not in SAMPLERS:
         raise InputError("sampler", repr(sampler), f"one of {', '.join(SAMPLERS)}")
@@ -325,13 +351,20 @@ def tune(
     if settings.tuned_dir is not None:
         settings.tuned_dir = Path(settings.tuned_dir)
     check_settings(settings)
+    if keys_file is not None and keys:
+        raise InputError("keys", f"both keys and keys_file {keys_file}", "one source of problem keys")
+    if keys_file is not None:
+        work = _from_keys_file(kernel, keys_file)
+    else:
+        work = [(family, None) for family in _families(kernel)]
+    explicit = kernel not in (None, "all") or keys_file is not None  # named families: problems are errors
     results = []
     measured_on: tuple[GpuIdentity, str] | None = None  # (GPU, arch) of the first study: all run there
-    for family in _families(kernel):
+    for family, file_keys in work:
         try:
             space = load_search_space(family, settings.space_path)
         except SearchSpaceError as exc:
-            if kernel not in (None, "all"):
+            if explicit:
                 raise
             print(f"vidrial tune: skipping {family.name}: {exc}", file=sys.stderr)
             continue
@@ -339,12 +372,12 @@ def tune(
         if missing:
             why = (f"{family.name} does not implement {', '.join(missing)} (the tuner protocol: "
                    "docs/HELPERS.md, 'Tuner protocol')")
-            if kernel not in (None, "all"):
+            if explicit:
                 raise InputError("kernel", family.name, "a family that implements make_inputs, run and reference; "
                                  + why)
             print(f"vidrial tune: skipping {why}", file=sys.stderr)
             continue
-        for key in _keys(family, keys, preset):
+        for key in (file_keys if file_keys is not None else _keys(family, keys, preset)):
             result = None
             if settings.skip_tuned and measured_on is not None:  # known GPU: skip without starting a worker
                 gpu, arch = measured_on
