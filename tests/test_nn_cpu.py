@@ -5,6 +5,7 @@ of the layer with its own weights (vidrial.reference.power_retention_reference);
 the full forward; torch.compile(fullgraph=True) of the layer; the lazy `vidrial.nn`."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -237,3 +238,21 @@ def test_torch_compile_fullgraph(host_kernels):
     assert torch.equal(yc, y)
     for n, p in layer.named_parameters():
         assert torch.allclose(p.grad.float(), grads[n].float(), rtol=1e-2, atol=1e-3), n
+
+
+@needs_gxx
+def test_tiny_lm_example_runs_two_steps_and_generates(host_kernels):
+    """examples/tiny_lm.py at tiny sizes: 2 training steps (forward + backward kernels) and generation
+    through the caches (prefill, decode steps, a compression), all on the host."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "tiny_lm.py"
+    spec = importlib.util.spec_from_file_location("tiny_lm", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--steps", "2", "--device", "cpu", "--batch", "1", "--seq", "48", "--period", "8",
+                    "--vocab", "16", "--d-model", "64", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+                    "--head-dim", "32", "--chunk-size", "32", "--switch-over", "20", "--generate", "6", "--quiet"])
+    assert len(out["losses"]) == 2 and all(math.isfinite(v) for v in out["losses"])
+    assert 0.0 <= out["accuracy"] <= 1.0
