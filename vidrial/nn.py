@@ -8,7 +8,7 @@
 
 The layer: one fused projection x -> [q | k | v] (num_heads query heads, num_kv_heads key/value heads,
 GQA as in vidrial.power_retention: query head i reads KV head i // (num_heads / num_kv_heads)), a gate
-projection x -> one log gate per KV head and step, log_G = logsigmoid(x W_g + b_g) (<= 0, docs/MATH.md
+projection x -> one log gate per KV head and step, log_G = logsigmoid(x W_g + b_g) (<= 0, docs/MATH.md section
 1.2: G_i - G_j decays old tokens), the op, and an output projection [b, t, num_heads * head_dim] -> d_model.
 Parameters are bf16 or fp16 (the kernels' dtypes); the gate is computed in float32 (the op's log_G dtype).
 
