@@ -77,6 +77,14 @@ inline float __shfl_down_sync(unsigned, float v, int o) {
   warp_sync();
   return r;
 }
+inline float __shfl_up_sync(unsigned, float v, int o) {  // lanes below o keep their own value
+  const int lane = threadIdx.x & 31;
+  warp_slot(lane)[0] = __float_as_uint(v);
+  warp_sync();
+  const float r = __uint_as_float(warp_slot(lane >= o ? lane - o : lane)[0]);
+  warp_sync();
+  return r;
+}
 inline bool __any_sync(unsigned, bool p) {
   const int lane = threadIdx.x & 31;
   warp_slot(lane)[0] = p;

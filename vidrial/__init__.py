@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from vidrial.inference import power_retention_inference
 
         return power_retention_inference
+    if name == "nn":  # vidrial.nn.PowerRetention (the layer); `import vidrial.nn` works as well
+        import importlib
+
+        return importlib.import_module("vidrial.nn")
     raise AttributeError(f"module 'vidrial' has no attribute {name!r}")

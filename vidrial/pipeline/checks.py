@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from vidrial.core.errors import InputError
+from vidrial.core.launch import runs_on
 from vidrial.core.tensors import HEAD_DIMS
 from vidrial.kernels.power_retention.sympow import default_d_tile, feature_dim
 from vidrial.pipeline.layout import layout_rule
@@ -123,7 +124,8 @@ def check_inputs(Q: Any, K: Any, V: Any, log_G: Any, deg: Any, d_tile: Any, chun
     _check_scale(scale)
     if log_G is not None:
         _check_log_G(log_G, (b, t, h), "batch, time, kv_heads")
-    if Q.device.type != "cuda" and not _recording_on_meta(Q):
+    # CUDA; the CPU under a host launcher (the CPU tests); meta while recording keys
+    if not runs_on(Q.device) and not _recording_on_meta(Q):
         raise InputError("Q", f"device {Q.device}", "a CUDA tensor")
     if K.device != Q.device or V.device != Q.device:
         raise InputError("K/V", f"devices {K.device}/{V.device}", f"the device of Q ({Q.device})")
@@ -255,7 +257,8 @@ def check_inference(Q: Any, K: Any, V: Any, log_G: Any, initial_state: Any, sum_
                 raise InputError(name, f"strides {tuple(x.stride())}",
                                  "a contiguous last dim and batch/time/head strides that are multiples of 8 "
                                  "elements (16-byte loads); call .contiguous()")
-    if Q.device.type != "cuda" and not _recording_on_meta(Q):
+    # CUDA; the CPU under a host launcher (the CPU tests); meta while recording keys
+    if not runs_on(Q.device) and not _recording_on_meta(Q):
         raise InputError("Q", f"device {Q.device}", "a CUDA tensor")
     for name, x in (("K", K), ("V", V), ("log_G", log_G), ("initial_state", initial_state),
                     ("sum_of_keys", sum_of_keys)):
