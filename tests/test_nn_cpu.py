@@ -191,20 +191,23 @@ def test_forward_and_gradients_match_float64(host_kernels, heads, kv_heads, gati
 
 
 @needs_gxx
-@pytest.mark.parametrize("prompt,switch,gating", [(40, 32, True), (10, 64, True), (20, None, False)])
-def test_prefill_then_steps_equal_the_full_forward(host_kernels, prompt, switch, gating):
+# sizes keep the host-emulated decode steps few (each is a CPU run of the decode kernel, ~1 s): a prompt
+# longer than the switch-over (compressed in the prefill), a short switch-over reached by single steps (the
+# cache compressed mid-decode), no switch-over at all
+@pytest.mark.parametrize("prompt,switch,gating,t", [(40, 32, True, 44), (10, 16, True, 30), (20, None, False, 28)])
+def test_prefill_then_steps_equal_the_full_forward(host_kernels, prompt, switch, gating, t):
     """A prompt, then one token at a time (the cache grows to switch_over_seq_len, is compressed into the
     state, starts again, ...): every output equals the full forward over the concatenated sequence."""
-    t = 90
     layer = _layer(switch_over_seq_len=switch, gating=gating)
     x = torch.randn(2, t, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
     with torch.no_grad():
         y_full = layer(x)
         cache = layer.new_cache(2)
         ys = []
+        had = cache.state
         y, cache = layer.step(x[:, :prompt], cache)
         ys.append(y)
-        compressions = 0
+        compressions = int(cache.state is not had)  # a prompt longer than the switch-over is compressed at once
         for i in range(prompt, t):
             had = cache.state
             y, cache = layer(x[:, i:i + 1], cache=cache)
