@@ -100,16 +100,21 @@ def test_block_table_matches_sympow_order():
 
 
 def _compile_jobs(keys, with_corners: bool):
+    """Each key's default on sm_80 (mma_sync) and sm_90 (wgmma for head_dim 64/128, built for sm_90a),
+    plus the corners: mma_sync ones on both archs, wgmma ones (sm_90a) for the shape keys only (CI time)."""
     jobs, labels = [], []
+    shape_keys = set(family.shape_keys())
     for key in keys:
-        configs = [(family.default_config(key), True)]
-        if with_corners:
-            configs += [(c, False) for c in family.corner_configs(key)]
-        for cfg, is_default in configs:
-            for arch in ("sm_80", "sm_90"):
+        for arch in ("sm_80", "sm_90"):
+            configs = [(family.default_config_for(key, arch), True)]
+            if with_corners:
+                configs += [(c, False) for c in family.corner_configs(key)
+                            if c.impl == "mma_sync" or (arch == "sm_90" and key in shape_keys)]
+            for cfg, is_default in configs:
                 family.check(key, cfg, arch)
-                jobs.append((family.render(key, cfg), arch, (), f"{key.label()} | {cfg.label()}"))
-                labels.append((key, cfg, arch, is_default))
+                target = family.target_arch(cfg, arch)
+                jobs.append((family.render(key, cfg), target, (), f"{key.label()} | {cfg.label()}"))
+                labels.append((key, cfg, target, is_default))
     return jobs, labels
 
 
@@ -134,10 +139,73 @@ def test_standard_keys_compile_sm80_sm90():
 def test_corner_configs_are_extreme_and_valid():
     for key in family.standard_keys():
         corners = family.corner_configs(key)
-        assert corners[0].tile_m == 16 and corners[0].warps == 1
-        assert len(corners) == 2 and corners[1].tile_m >= family.default_config(key).tile_m
-        for cfg in corners:
+        mma = [c for c in corners if c.impl == "mma_sync"]
+        wgmma = [c for c in corners if c.impl == "wgmma"]
+        assert mma[0].tile_m == 16 and mma[0].warps == 1
+        assert len(mma) == 2 and mma[1].tile_m >= family.default_config(key).tile_m
+        for cfg in mma:
             family.check(key, cfg, "sm_80")
+        if key.head_dim in (64, 128):
+            assert len(wgmma) == 2 and wgmma[0].tile_m == 64 and wgmma[1].tile_m >= 128, key.label()
+        else:
+            assert not wgmma
+        for cfg in wgmma:
+            family.check(key, cfg, "sm_90a")
+
+
+# ---- the Hopper implementation: chosen per arch, built for sm_90a, wgmma in its PTX ---------------
+def test_default_implementation_per_arch():
+    for d in (64, 128):
+        key = KEY.model_copy(update={"head_dim": d})
+        assert family.default_config_for(key, "sm_90").impl == "wgmma"
+        assert family.default_config_for(key, "sm_90a").impl == "wgmma"
+        assert family.default_config_for(key, "sm_80").impl == "mma_sync"
+        assert family.default_config_for(key, None) == family.default_config(key)
+        assert family.default_config(key).impl == "mma_sync"  # host emulation and unknown GPUs
+    assert family.default_config_for(KEY.model_copy(update={"head_dim": 32}), "sm_90").impl == "mma_sync"
+    wg = family.default_config_for(KEY, "sm_90")
+    assert family.target_arch(wg, "sm_90") == "sm_90a" and family.target_arch(family.default_config(KEY), "sm_90") == "sm_90"
+
+
+def test_wgmma_rules_name_the_field():
+    wg = UpdateStateConfig(impl="wgmma", tile_m=128, warps=4)
+    with pytest.raises(ConfigError, match=r"impl='wgmma': needs a Hopper GPU.*impl='mma_sync' on sm_80"):
+        family.check(KEY, wg, "sm_80")
+    with pytest.raises(ConfigError, match=r"impl='wgmma': takes head_dim in \(64, 128\), not head_dim=32"):
+        family.check(KEY.model_copy(update={"head_dim": 32, "d_tile": 4}), wg, "sm_90")
+    with pytest.raises((ConfigError, ValidationError), match=r"warps=2.*multiple of 4.*wgmma"):
+        UpdateStateConfig(impl="wgmma", tile_m=128, warps=2)
+    with pytest.raises(ValidationError, match="impl"):
+        UpdateStateConfig(impl="hgmma")
+
+
+@pytest.mark.parametrize("d,d_tile,dtype,gating", [(64, 8, "bfloat16", True), (128, 8, "float16", False),
+                                                   (64, 1, "bfloat16", True)])
+def test_wgmma_ptx_issues_wgmma_not_mma_sync(d, d_tile, dtype, gating):
+    """No silent fallback to HMMA: the sm_90a PTX carries wgmma.mma_async (S and the s column per step)
+    and no mma.sync; the mma_sync implementation's PTX the reverse."""
+    from vidrial.core.compile import ptx_of
+
+    key = UpdateStateKey(head_dim=d, d_tile=d_tile, dtype=dtype, chunk_size=1024, gating=gating)
+    cfg = family.default_config_for(key, "sm_90")
+    ptx = ptx_of(family.render(key, cfg), "sm_90a")
+    per_panel = 2 * (cfg.tile_m // (cfg.warps // 4) // 64) * (2 if cfg.tile_k >= 32 else 1)
+    assert ptx.count("wgmma.mma_async") == per_panel * (cfg.tile_k // (32 if cfg.tile_k >= 32 else 16))
+    assert f"m64n{d}k16" in ptx and "m64n8k16" in ptx and "mma.sync" not in ptx
+    assert "fence.proxy.async" in ptx and "wgmma.wait_group" in ptx
+    ptx80 = ptx_of(family.render(key, family.default_config(key)), "sm_80")
+    assert "mma.sync" in ptx80 and "wgmma" not in ptx80
+
+
+def test_tuned_entries_keep_their_implementations_hash():
+    """A tuned mma_sync entry is stale only when update_state.cu.j2 changes, a wgmma one only when
+    update_state_wgmma.cu.j2 does; the studies' name covers both."""
+    from vidrial.core.render import template_hash
+
+    mma, wg = family.default_config(KEY), family.default_config_for(KEY, "sm_90")
+    assert family.template_hash_for(mma) == template_hash("update_state.cu.j2")
+    assert family.template_hash_for(wg) == template_hash("update_state_wgmma.cu.j2")
+    assert family.template_hash not in (family.template_hash_for(mma), family.template_hash_for(wg))
 
 
 # ---- input checks (CPU tensors: checks run before the device check and the launch) -------------

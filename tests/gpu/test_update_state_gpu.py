@@ -156,3 +156,77 @@ def test_side_stream_and_cuda_graph():
     torch.cuda.synchronize()
     S_ref2, s_ref2 = reference(K, V, G, 2, 8, 128)
     assert _rel(Sg, S_ref2) < 1e-2 and _rel(sg, s_ref2) < 1e-2
+
+
+# ---- the Hopper implementation (impl="wgmma", sm_90a) ----------------------------------------------
+def _hopper() -> bool:
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+WGMMA_CASES = [c for c in CASES if c[0] in (64, 128)]
+
+
+@pytest.mark.parametrize("d,deg,d_tile,dtype,chunk,gating", WGMMA_CASES,
+                         ids=[f"d{c[0]}-p{c[1]}-T{c[2]}-{str(c[3])[6:]}-c{c[4]}-g{int(c[5])}" for c in WGMMA_CASES])
+def test_wgmma_matches_reference(d, deg, d_tile, dtype, chunk, gating):
+    """The default wgmma config of each key (what an untuned Hopper GPU runs) against float64."""
+    if not _hopper():
+        pytest.skip("the wgmma kernel needs a Hopper GPU (sm_90)")
+    from vidrial.kernels.power_retention.update_state import UpdateStateKey
+
+    key = UpdateStateKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=str(dtype)[6:], chunk_size=chunk, gating=gating)
+    config = family.default_config_for(key, "sm_90")
+    assert config.impl == "wgmma"
+    K, V, G = _inputs(2, 3 * chunk, 3, d, dtype, gating, seed=d * 37 + deg * 5 + d_tile + chunk)
+    _run_and_check(K, V, G, deg, d_tile, chunk, config=config)
+
+
+WGMMA_TILES = [
+    dict(tile_m=64, tile_k=16, warps=4, stages=2),
+    dict(tile_m=64, tile_k=32, warps=4, stages=3),
+    dict(tile_m=128, tile_k=64, warps=4, stages=3),
+    dict(tile_m=128, tile_k=64, warps=8, stages=4),
+    dict(tile_m=256, tile_k=64, warps=8, stages=3),
+    dict(tile_m=256, tile_k=128, warps=8, stages=2, min_ctas=1),
+    dict(tile_m=128, tile_k=128, warps=4, stages=2, min_ctas=2),
+]
+
+
+@pytest.mark.parametrize("cfg", WGMMA_TILES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("d,d_tile,dtype", [(64, 8, torch.bfloat16), (64, 1, torch.bfloat16), (64, 16, torch.float16),
+                                            (128, 8, torch.bfloat16)])
+def test_wgmma_tile_configs(cfg, d, d_tile, dtype):
+    if not _hopper():
+        pytest.skip("the wgmma kernel needs a Hopper GPU (sm_90)")
+    from vidrial.core.errors import ConfigError
+    from vidrial.kernels.power_retention.update_state import UpdateStateKey
+
+    config = UpdateStateConfig(impl="wgmma", **cfg)
+    key = UpdateStateKey(head_dim=d, d_tile=d_tile, dtype=str(dtype)[6:], chunk_size=256)
+    try:
+        family.check(key, config, "sm_90")
+    except ConfigError as exc:
+        pytest.skip(f"invalid for this key: {exc}")
+    K, V, G = _inputs(2, 512, 3, d, dtype, True, seed=11)
+    _run_and_check(K, V, G, 2, d_tile, 256, config=config)
+
+
+def test_wgmma_strided_inputs_and_graph():
+    """Views into a packed [b, t, h, 2d] tensor, and a CUDA-graph replay on new data."""
+    if not _hopper():
+        pytest.skip("the wgmma kernel needs a Hopper GPU (sm_90)")
+    config = UpdateStateConfig(impl="wgmma", tile_m=128, tile_k=64, warps=4, stages=3)
+    b, t, h, d = 2, 256, 4, 64
+    kv = torch.randn(b, t, h, 2 * d, device="cuda").to(torch.bfloat16)
+    K, V = kv[..., :d], kv[..., d:]
+    G = torch.nn.functional.logsigmoid(torch.randn(b, t, 2 * h, device="cuda") + 3)[..., ::2]
+    _run_and_check(K, V, G, 2, 8, 128, config=config)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        Sg, sg = update_state(K, V, G, chunk_size=128, config=config)
+    Sg.fill_(float("nan"))
+    kv.copy_(torch.randn_like(kv.float()).to(kv.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    S_ref, s_ref = reference(K, V, G, 2, 8, 128)
+    assert _rel(Sg, S_ref) < 1e-2 and _rel(sg, s_ref) < 1e-2

@@ -35,9 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _configs(family, key, space: str) -> list[tuple[object, bool]]:
-    """(config, is_default) pairs for one key; duplicates removed, order kept."""
-    default = family.default_config(key)
+def _configs(family, key, space: str, arch: str) -> list[tuple[object, bool]]:
+    """(config, is_default) pairs for one key on `arch` (whose default may be another implementation,
+    e.g. the wgmma kernel on sm_90); duplicates removed, order kept."""
+    default = family.default_config_for(key, arch)
     out = [(default, True)]
     if space in ("corners", "all"):
         out += [(c, False) for c in family.corner_configs(key)]
@@ -77,16 +78,17 @@ def run(args: argparse.Namespace) -> int:
     for fam in fams:
         keys = fam.standard_keys()[: args.limit_keys] if args.limit_keys else fam.standard_keys()
         for key in keys:
-            for config, is_default in _configs(fam, key, args.space):
-                for arch in archs:
+            for arch in archs:
+                for config, is_default in _configs(fam, key, args.space, arch):
                     try:
                         fam.check(key, config, arch)
                     except ConfigError as exc:
                         rows.append((fam.name, arch, key.label(), config.label(), None, f"invalid: {exc}", is_default))
                         failures += is_default
                         continue
-                    jobs.append((fam.render(key, config), arch, (), f"{fam.name}: {key.label()} | {config.label()}"))
-                    rows.append((fam.name, arch, key.label(), config.label(), len(jobs) - 1,
+                    jobs.append((fam.render(key, config), fam.target_arch(config, arch), (),
+                                 f"{fam.name}: {key.label()} | {config.label()}"))
+                    rows.append((fam.name, fam.target_arch(config, arch), key.label(), config.label(), len(jobs) - 1,
                                  fam.dynamic_smem_bytes(key, config), is_default))
     started = time.perf_counter()
     results = _compile_with_progress(jobs, args.workers, _show_progress(args.progress))

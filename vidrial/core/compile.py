@@ -268,6 +268,27 @@ def compile_source(
     return CompiledKernel(kernel.entry, arch, cubin, facts, key, seconds, False)
 
 
+def ptx_of(kernel: RenderedKernel, arch: str) -> str:
+    """The PTX NVRTC generates for `kernel` on `arch` (virtual target compute_XX[a]; no ptxas, no cache):
+    what the CPU tests read to check which instructions a template issues (e.g. wgmma.mma_async on
+    sm_90a, never a silent fallback to mma.sync)."""
+    arch = normalize_arch(arch)
+    nvrtc = nvrtc_module()
+    prog = nvrtc.createProgram(kernel.source, f"{kernel.entry}.cu", [], [])
+    try:
+        options = [o for o in BASE_OPTIONS if not o.startswith("--ptxas-options")]
+        try:
+            nvrtc.compileProgram(prog, [*options, f"--gpu-architecture={arch.replace('sm_', 'compute_')}",
+                                        f"-I{cuda_include_dir()}"])
+        except Exception as exc:
+            raise CompileError(f"NVRTC failed to compile {kernel.entry} ({kernel.template}) to PTX for {arch}\n"
+                               f"{exc}\n{nvrtc.getProgramLog(prog)}") from None
+        ptx = nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    return ptx.decode() if isinstance(ptx, bytes) else ptx
+
+
 def _nvrtc_compile(kernel: RenderedKernel, arch: str, options: Sequence[str], label: str) -> tuple[bytes, str]:
     """(cubin, NVRTC log) of one compile; CompileError with the numbered source on failure."""
     nvrtc = nvrtc_module()
@@ -359,6 +380,7 @@ __all__ = [
     "compile_source",
     "compile_many",
     "parse_ptxas_log",
+    "ptx_of",
     "cache_key",
     "cache_stats",
     "cache_limit_bytes",

@@ -94,6 +94,21 @@ class KernelFamily(ABC, Generic[K, C]):
                               f"needs {smem} bytes of shared memory; {limits.arch} allows "
                               f"{limits.max_dynamic_smem_per_block} per block")
 
+    # ---- implementations: a family may have more than one template (e.g. mma.sync for sm_80 and a
+    # Hopper wgmma kernel); the config says which one (its `impl` field), these hooks follow it.
+    def template_for(self, config: C) -> str:
+        """The template `config` renders (the family's only one unless it has implementations)."""
+        return self.template
+
+    def target_arch(self, config: C, arch: str) -> str:
+        """The compile target of `config` for a GPU of `arch` (e.g. sm_90a for a wgmma kernel on sm_90)."""
+        return arch
+
+    def default_config_for(self, key: K, arch: str | None) -> C:
+        """The default config on `arch` (None: not known, e.g. host emulation or `vidrial show` for an
+        absent GPU): default_config(key) unless the family picks an implementation per arch."""
+        return self.default_config(key)
+
     def shape_keys(self) -> list[K]:
         """The keys the standard problems dispatch (power_retention/standard_shapes.py): what shipped
         configs must cover, tuned by `--preset shapes`. A prefix of standard_keys()."""
@@ -111,7 +126,22 @@ class KernelFamily(ABC, Generic[K, C]):
     # ---- shared machinery ------------------------------------------------------------
     @cached_property
     def template_hash(self) -> str:
-        return template_hash(self.template)
+        """The hash of every template the family renders (with their includes): names its tuning
+        studies, so a study restarts when any implementation changes. Tuned entries store the hash of
+        their own implementation's template (template_hash_for)."""
+        names = self.implementation_templates()
+        if len(names) == 1:
+            return template_hash(names[0])
+        return hashlib.sha256("|".join(template_hash(n) for n in names).encode()).hexdigest()[:16]
+
+    def implementation_templates(self) -> tuple[str, ...]:
+        """Every template template_for() may return."""
+        return (self.template,)
+
+    def template_hash_for(self, config: C) -> str:
+        """The hash stored with a tuned `config`: that of the template it renders, so an entry goes stale
+        only when its own implementation's source changes."""
+        return template_hash(self.template_for(config))
 
     def entry_name(self, key: K, config: C) -> str:
         """Only the compile-time part of the key names the kernel: a new runtime bucket (batch,
@@ -120,12 +150,12 @@ class KernelFamily(ABC, Generic[K, C]):
         return f"{self.name}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
     def render(self, key: K, config: C) -> RenderedKernel:
-        return render(self.template, self.entry_name(key, config), self.render_context(key, config))
+        return render(self.template_for(config), self.entry_name(key, config), self.render_context(key, config))
 
     def compile(self, key: K, config: C, arch: str, use_cache: bool = True) -> CompiledKernel:
         self.check(key, config, arch)
-        return compile_source(self.render(key, config), arch, label=f"{self.name}: {key.label()} | {config.label()}",
-                              use_cache=use_cache)
+        return compile_source(self.render(key, config), self.target_arch(config, normalize_arch(arch)),
+                              label=f"{self.name}: {key.label()} | {config.label()}", use_cache=use_cache)
 
     def infeasible_reason(self, key: K, config: C, compiled: CompiledKernel) -> str | None:
         """Why compiled facts rule the config out before timing (None when fine)."""

@@ -7,7 +7,7 @@ For a family, a problem key and a GPU, `select_config` returns, in this order:
    constants (`key.compile_part()`), at the smallest distance over the runtime fields
    (`key.runtime_part()`): the sum of |log2(a / b)| over numeric fields plus 1 per
    differing non-numeric field; ties go to the smaller `key_string()`;
-3. default: `family.default_config(key)`.
+3. default: `family.default_config_for(key, arch)` (the family's default implementation on that arch).
 
 A GPU model with no tuned file of the family at all (shipped or user folder) borrows the entries of the
 nearest tuned GPU of the same arch (nearest SM count; an H100 uses the H200's, both sm_90; never another
@@ -216,11 +216,6 @@ def _read_into(index: Index, family: KernelFamily, found: store.ReadResult, orig
         index.stale.append(StaleEntry(path, origin, key_string, f"does not match the schema: {why}"))
     stale_hash = invalid = 0
     for key_string, entry in tuned.entries.items():
-        if entry.template_hash != family.template_hash:
-            stale_hash += 1
-            index.stale.append(StaleEntry(path, origin, key_string,
-                                          f"template hash {entry.template_hash} != {family.template_hash}"))
-            continue
         try:
             key = family.Key.model_validate(entry.key)
             config = family.Config.model_validate(entry.config)
@@ -228,6 +223,12 @@ def _read_into(index: Index, family: KernelFamily, found: store.ReadResult, orig
             invalid += 1
             index.stale.append(StaleEntry(path, origin, key_string,
                                           f"does not validate: {exc.errors()[0].get('msg')}"))
+            continue
+        expected_hash = family.template_hash_for(config)  # that of the implementation the entry runs
+        if entry.template_hash != expected_hash:
+            stale_hash += 1
+            index.stale.append(StaleEntry(path, origin, key_string,
+                                          f"template hash {entry.template_hash} != {expected_hash}"))
             continue
         cand = Candidate(key, config, entry, path, origin, key.key_string(), _coords(key))
         overridden = index.exact.get(key)
@@ -241,7 +242,7 @@ def _read_into(index: Index, family: KernelFamily, found: store.ReadResult, orig
             first = next(iter(found.invalid))
             parts.append(f"{len(found.invalid)} do not match the schema (first, {first}: {found.invalid[first]})")
         if stale_hash:
-            parts.append(f"{stale_hash} tuned with another template (hash != {family.template_hash})")
+            parts.append(f"{stale_hash} tuned with another version of the template")
         if invalid:
             parts.append(f"{invalid} do not validate against {family.name}'s Key/Config")
         report.status = "stale"
@@ -319,7 +320,7 @@ def resolve(family: KernelFamily, index: Index, key: ProblemKey, arch: str | Non
                 found = Dispatch(family.name, key, c.config, "nearest", c.path, index.gpu, c.key)
                 break
     if found is None:
-        found = Dispatch(family.name, key, family.default_config(key), "default", None, index.gpu, None)
+        found = Dispatch(family.name, key, family.default_config_for(key, arch), "default", None, index.gpu, None)
     if not rejected:
         return found
     if found.source == "exact":
@@ -427,7 +428,7 @@ def get_index(family: KernelFamily, gpu_slug: str) -> Index:
 
 def select_config(family: KernelFamily, key: ProblemKey, gpu: GpuIdentity | None = None) -> KernelConfig:
     """The config to run `key` with on `gpu` (the current device when None): exact tuned
-    key, else the nearest compatible tuned key, else `family.default_config(key)`."""
+    key, else the nearest compatible tuned key, else `family.default_config_for(key, arch)`."""
     global _LAST
     if gpu is None:
         gpu = current_gpu()

@@ -370,7 +370,7 @@ def record(
     entry = TunedEntry(
         key=key.model_dump(mode="json"),
         config=config.model_dump(mode="json"),
-        template_hash=family.template_hash,
+        template_hash=family.template_hash_for(config),
         gpu=gpu,
         toolchain=toolchain if toolchain is not None else Toolchain.current(),
         time_ms=time_ms,

@@ -190,7 +190,7 @@ def tune_key(family: Any, key: Any, settings: TuneSettings, *, measurer: Any = N
         if ATTR not in study.user_attrs:
             study.set_user_attr(ATTR, {"family": family.name, "key": key.model_dump(mode="json"),
                                        "gpu": gpu.model_dump(), "arch": arch})
-        default = family.default_config(key)
+        default = family.default_config_for(key, arch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # measured first: the default config (the speedup's baseline), then the previous winners

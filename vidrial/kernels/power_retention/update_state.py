@@ -4,8 +4,12 @@
     k~ = k * exp((g[nu, c-1] - g[nu, tau]) / p),  g = cumsum of log_G inside the chunk.
 
 One kernel per (head_dim, deg, d_tile, dtype, chunk_size, gating) and tile config; batch, heads and
-the number of chunks are runtime arguments. phi(k~) is formed in registers and fed to mma.sync
-(templates/update_state.cu.j2); it never reaches global memory.
+the number of chunks are runtime arguments. phi(k~) is formed in registers and fed to the tensor
+cores; it never reaches global memory. Two implementations, the config's `impl`:
+- "mma_sync" (templates/update_state.cu.j2): warp-level mma.sync, sm_80 and newer;
+- "wgmma" (templates/update_state_wgmma.cu.j2): Hopper warpgroup MMA with phi as the register A
+  operand and V read by the tensor cores from swizzled shared memory; compiled for sm_90a, runs on
+  sm_90 GPUs only (head_dim 64 or 128). The default on Hopper.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import model_validator
 
-from vidrial.core.arch import arch_limits
+from vidrial.core.arch import arch_limits, normalize_arch
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily, Launch
@@ -26,6 +30,9 @@ from vidrial.kernels import register
 from vidrial.kernels.power_retention.sympow import SUPPORTED_DEGREES, block_table, default_d_tile, layout
 
 TILE_KS = (16, 32, 64, 128)
+IMPLS = ("mma_sync", "wgmma")
+WGMMA_HEAD_DIMS = (64, 128)  # 128-byte swizzled V rows (one or two 64-column groups)
+_TEMPLATES = {"mma_sync": "update_state.cu.j2", "wgmma": "update_state_wgmma.cu.j2"}
 WARP_CHOICES = (1, 2, 4, 8)
 # Registers per thread we allow for accumulators + A fragments + feature offsets (the rest of the
 # 255 goes to B fragments, addresses and temporaries); above it ptxas spills.
@@ -35,9 +42,11 @@ REGISTER_BUDGET = 200
 class UpdateStateConfig(KernelConfig):
     """Tiles of the fused update_state kernel.
 
-    tile_m: features per CTA (multiple of 16 * warps); tile_k: time steps per pipeline stage;
-    warps: warps per CTA (they split tile_m); stages: cp.async pipeline depth (K and V tiles);
-    min_ctas: __launch_bounds__ minimum CTAs per SM (steers ptxas' register allocation)."""
+    impl: the implementation, "mma_sync" (any sm_80+ GPU) or "wgmma" (Hopper, sm_90a); tile_m: features
+    per CTA (multiple of 16 * warps: whole 16-row MMA tiles per warp; for wgmma whole 64-row tiles per
+    warpgroup of 4 warps); tile_k: time steps per pipeline stage; warps: warps per CTA (they split
+    tile_m); stages: cp.async pipeline depth (K and V tiles); min_ctas: __launch_bounds__ minimum
+    CTAs per SM (steers ptxas' register allocation)."""
 
     RULES: ClassVar[dict[str, Rule]] = {
         "tile_m": MultipleOf(16, 16, 1024, why="MMA rows are 16"),
@@ -45,6 +54,7 @@ class UpdateStateConfig(KernelConfig):
         "stages": Between(2, 6, "cp.async pipeline depth"), "min_ctas": Between(1, 4),
     }
 
+    impl: Literal["mma_sync", "wgmma"] = "mma_sync"
     tile_m: int = 128
     tile_k: int = 64
     warps: int = 4
@@ -53,6 +63,8 @@ class UpdateStateConfig(KernelConfig):
 
     @model_validator(mode="after")
     def _split(self) -> "UpdateStateConfig":
+        if self.impl == "wgmma" and self.warps % 4:
+            raise ConfigError("warps", self.warps, "a multiple of 4 with impl='wgmma' (whole warpgroups)")
         if self.tile_m % (16 * self.warps):
             raise ConfigError("tile_m", self.tile_m,
                               f"a multiple of 16 * warps = {16 * self.warps} (each warp owns whole 16-row MMA tiles)")
@@ -94,11 +106,17 @@ class UpdateStateKey(ProblemKey):
 
 
 def _register_estimate(key: UpdateStateKey, config: UpdateStateConfig) -> int:
-    mt = config.warp_m // 16
+    mt = config.warp_m // 16  # 16-row tiles per warp (for wgmma: the warp's slices of its m64 tiles)
     accumulators = mt * (key.head_dim // 8 + 1) * 4
     a_fragments = mt * 8 if config.tile_k >= 32 else mt * 4
+    if config.impl == "wgmma":
+        a_fragments *= 2  # a panel's fragments are formed while the previous panel's wgmmas read theirs
     offsets = mt * 2 * key.deg
     return accumulators + a_fragments + offsets
+
+
+def _is_hopper(arch: str) -> bool:
+    return arch_limits(arch).capability == 90
 
 
 class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
@@ -140,8 +158,40 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
             cfg = cfg.model_copy(update={"stages": 2})
         return cfg
 
+    def default_config_for(self, key: UpdateStateKey, arch: str | None) -> UpdateStateConfig:
+        """On Hopper the wgmma kernel (head_dim 64 / 128), elsewhere default_config(key)."""
+        if arch is None or not _is_hopper(arch) or key.head_dim not in WGMMA_HEAD_DIMS:
+            return self.default_config(key)
+        tile_m, warps = (128, 4) if key.head_dim == 64 else (128, 8)
+        cfg = UpdateStateConfig(impl="wgmma", tile_m=tile_m, tile_k=self._largest_tile_k(key.chunk_size),
+                                warps=warps, stages=3)
+        if self.dynamic_smem_bytes(key, cfg) > arch_limits(arch).max_dynamic_smem_per_block:
+            cfg = cfg.model_copy(update={"stages": 2})
+        return cfg
+
     def corner_configs(self, key: UpdateStateKey) -> list[UpdateStateConfig]:
-        """Smallest tiles, and the largest tiles that pass check() on sm_80 (the tighter arch)."""
+        """Smallest tiles, the largest tiles that pass check() on sm_80 (the tighter arch), and for
+        head dims the wgmma kernel takes, its smallest and largest tiles (checked on sm_90a)."""
+        return self._mma_sync_corners(key) + self._wgmma_corners(key)
+
+    def _wgmma_corners(self, key: UpdateStateKey) -> list[UpdateStateConfig]:
+        if key.head_dim not in WGMMA_HEAD_DIMS:
+            return []
+        small = UpdateStateConfig(impl="wgmma", tile_m=64, tile_k=16, warps=4, stages=2)
+        out = [small]
+        for tile_m, warps, tile_k, stages in ((256, 8, 128, 3), (256, 8, 64, 3), (256, 4, 64, 3), (128, 8, 64, 2)):
+            if key.chunk_size % tile_k:
+                continue
+            cfg = UpdateStateConfig(impl="wgmma", tile_m=tile_m, tile_k=tile_k, warps=warps, stages=stages)
+            try:
+                self.check(key, cfg, "sm_90a")
+            except ConfigError:
+                continue
+            out.append(cfg)
+            break
+        return out
+
+    def _mma_sync_corners(self, key: UpdateStateKey) -> list[UpdateStateConfig]:
         small = UpdateStateConfig(tile_m=16, tile_k=16, warps=1, stages=2)
         large = None
         for warps in (8, 4):
@@ -166,6 +216,13 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
         return [small] + ([large] if large is not None else [])
 
     def check(self, key: UpdateStateKey, config: UpdateStateConfig, arch: str) -> None:
+        if config.impl == "wgmma":
+            if not _is_hopper(arch):
+                raise ConfigError("impl", config.impl, f"needs a Hopper GPU (sm_90 / sm_90a); use impl='mma_sync' "
+                                                       f"on {normalize_arch(arch)}")
+            if key.head_dim not in WGMMA_HEAD_DIMS:
+                raise ConfigError("impl", config.impl, f"takes head_dim in {WGMMA_HEAD_DIMS}, not "
+                                                       f"head_dim={key.head_dim}; use impl='mma_sync'")
         if key.chunk_size % config.tile_k:
             raise ConfigError("tile_k", config.tile_k, f"must divide chunk_size={key.chunk_size}")
         regs = _register_estimate(key, config)
@@ -177,6 +234,15 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
         super().check(key, config, arch)
 
     # ---- rendering and launch shape --------------------------------------------------------
+    def template_for(self, config: UpdateStateConfig) -> str:
+        return _TEMPLATES[config.impl]
+
+    def implementation_templates(self) -> tuple[str, ...]:
+        return tuple(_TEMPLATES.values())
+
+    def target_arch(self, config: UpdateStateConfig, arch: str) -> str:
+        return "sm_90a" if config.impl == "wgmma" else arch
+
     def threads_per_block(self, config: UpdateStateConfig) -> int:
         return config.warps * 32
 
@@ -186,6 +252,8 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
         size = config.stages * 2 * mat + kt_buffers * mat
         if key.gating:
             size += key.chunk_size * 4 + 32 * 4
+        if config.impl == "wgmma":
+            size += 256 + 1024  # the ones block of the s column; slack to align swizzled tiles to 1024 bytes
         return size
 
     def render_context(self, key: UpdateStateKey, config: UpdateStateConfig) -> dict[str, Any]:
@@ -194,6 +262,7 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
             chunk_size=key.chunk_size, gating=key.gating, dtype=_TEMPLATE_DTYPE[key.dtype],
             tile_m=config.tile_m, tile_k=config.tile_k, warps=config.warps, stages=config.stages,
             min_ctas=config.min_ctas, smem_bytes=self.dynamic_smem_bytes(key, config),
+            wgmma_ns=(key.head_dim, 8),  # the wgmma N sizes the kernel issues: S's columns, the s column
         )
 
     def shape_keys(self) -> list[UpdateStateKey]:

@@ -1,0 +1,121 @@
+"""Benchmark: a family's implementations side by side (mma.sync vs the Hopper wgmma kernels).
+
+For each shape (docs/BENCHMARKS.md: A = b1 t65536, B = b8 t8192; h=8, d=64, p=2, chunk 1024, bf16,
+gated) and each config: a float64 check on the first head and two chunks (a config that fails it is
+reported and not timed), then the median of CUDA-event timings with L2 flushed before every rep
+(vidrial.tuning.measure). The dispatched config (what the op runs: tuned entry or default) is the
+first row; TFLOP/s count exact-D FLOPs (D = 2080 for d=64, p=2) and are given as a fraction of a
+bf16 8192^3 matmul timed in the same run.
+
+    python benchmarks/bench_impls.py --family update_state [--shapes A,B] [--reps 30] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vidrial.kernels.power_retention.sympow import feature_dim  # noqa: E402
+from vidrial.tuning.measure import time_cuda  # noqa: E402
+
+SHAPES = {"A": (1, 65536), "B": (8, 8192)}
+H, D_HEAD, DEG, CHUNK, D_TILE = 8, 64, 2, 1024, 8
+
+UPDATE_STATE_CONFIGS = [  # (impl, tile_m, tile_k, warps, stages, min_ctas)
+    ("wgmma", 128, 64, 4, 3, 1), ("wgmma", 128, 64, 4, 4, 1), ("wgmma", 128, 128, 4, 2, 1),
+    ("wgmma", 128, 64, 8, 3, 1), ("wgmma", 256, 64, 8, 3, 1), ("wgmma", 256, 128, 8, 2, 1),
+    ("wgmma", 128, 32, 4, 4, 1), ("wgmma", 64, 64, 4, 4, 2), ("wgmma", 128, 64, 4, 3, 2),
+    ("wgmma", 256, 64, 8, 4, 1),
+]
+
+
+def _inputs(b: int, t: int, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    K = (torch.randn(b, t, H, D_HEAD, device="cuda", generator=gen) / D_HEAD**0.25).to(torch.bfloat16)
+    V = torch.randn(b, t, H, D_HEAD, device="cuda", generator=gen).to(torch.bfloat16)
+    G = torch.nn.functional.logsigmoid(torch.randn(b, t, H, device="cuda", generator=gen) + 3.0)
+    return K, V, G
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def update_state_rows(shape: str, reps: int) -> list[dict]:
+    from vidrial.kernels.power_retention.update_state import UpdateStateConfig, family, update_state
+    from vidrial.reference.forward import update_state_reference
+
+    b, t = SHAPES[shape]
+    K, V, G = _inputs(b, t)
+    S_ref, s_ref = update_state_reference(K[:1, :2 * CHUNK, :1], V[:1, :2 * CHUNK, :1], G[:1, :2 * CHUNK, :1],
+                                          DEG, D_TILE, CHUNK)
+    flops = 2.0 * CHUNK * feature_dim(D_HEAD, DEG, 1) * D_HEAD * (t // CHUNK) * H * b
+    key = family.problem_key(family.prepare(dict(K=K, V=V, log_G=G, deg=DEG, d_tile=D_TILE, chunk_size=CHUNK)))
+    dispatched = family.config_for(key, K.device)
+    configs = [("dispatched", dispatched)] + [
+        ("sweep", UpdateStateConfig(impl=i, tile_m=m, tile_k=k, warps=w, stages=s, min_ctas=c))
+        for i, m, k, w, s, c in UPDATE_STATE_CONFIGS]
+    rows = []
+    for origin, cfg in configs:
+        row = {"shape": shape, "origin": origin, "config": cfg.label()}
+        try:
+            family.check(key, cfg, "sm_90")
+            S, s = update_state(K, V, G, deg=DEG, d_tile=D_TILE, chunk_size=CHUNK, config=cfg)
+            torch.cuda.synchronize()
+            err = max(_rel(S[:1, :2, :1], S_ref), _rel(s[:1, :2, :1], s_ref))
+            row["rel_err"] = err
+            if not err < 1e-2:
+                row["error"] = f"relative error {err:.2e}"
+                rows.append(row)
+                continue
+            ms = time_cuda(lambda: update_state(K, V, G, deg=DEG, d_tile=D_TILE, chunk_size=CHUNK, config=cfg),
+                           warmup=3, repeats=reps).median_ms
+            row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+        except Exception as exc:  # report and go on: one bad config must not hide the others
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        rows.append(row)
+    return rows
+
+
+FAMILIES = {"update_state": update_state_rows}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", default="update_state", choices=sorted(FAMILIES))
+    ap.add_argument("--shapes", default="A,B")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    bm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = time_cuda(lambda: torch.matmul(a, bm), warmup=3, repeats=args.reps).median_ms
+    ceiling = 2 * 8192**3 / (mm * 1e-3) / 1e12
+    del a, bm
+    print(f"{torch.cuda.get_device_name()}: bf16 8192^3 matmul {mm:.3f} ms = {ceiling:.0f} TFLOP/s")
+    rows = []
+    for shape in args.shapes.split(","):
+        rows += FAMILIES[args.family](shape, args.reps)
+    base = {r["shape"]: r.get("ms") for r in rows if r["origin"] == "dispatched"}
+    print(f"{'shape':<5} {'origin':<10} {'ms':>8} {'TFLOP/s':>8} {'ceil%':>6} {'vs disp':>7}  config")
+    for r in rows:
+        if "ms" not in r:
+            print(f"{r['shape']:<5} {r['origin']:<10} {'-':>8} {'-':>8} {'-':>6} {'-':>7}  {r['config']}  [{r['error']}]")
+            continue
+        ratio = base[r["shape"]] / r["ms"] if base.get(r["shape"]) else float("nan")
+        print(f"{r['shape']:<5} {r['origin']:<10} {r['ms']:>8.3f} {r['tflops']:>8.0f} {100 * r['tflops'] / ceiling:>5.0f}% "
+              f"{ratio:>6.2f}x  {r['config']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "matmul_tflops": ceiling,
+                                              "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
