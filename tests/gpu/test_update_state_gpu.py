@@ -182,13 +182,13 @@ def test_wgmma_matches_reference(d, deg, d_tile, dtype, chunk, gating):
 
 
 WGMMA_TILES = [
-    dict(tile_m=64, tile_k=16, warps=4, stages=2),
-    dict(tile_m=64, tile_k=32, warps=4, stages=3),
-    dict(tile_m=128, tile_k=64, warps=4, stages=3),
-    dict(tile_m=128, tile_k=64, warps=8, stages=4),
-    dict(tile_m=256, tile_k=64, warps=8, stages=3),
-    dict(tile_m=256, tile_k=128, warps=8, stages=2, min_ctas=1),
-    dict(tile_m=128, tile_k=128, warps=4, stages=2, min_ctas=2),
+    dict(tile_m=64, tile_k=16, warps=4, stages=4),
+    dict(tile_m=64, tile_k=32, warps=4, stages=5),
+    dict(tile_m=128, tile_k=64, warps=4, stages=4),
+    dict(tile_m=128, tile_k=64, warps=8, stages=6),
+    dict(tile_m=256, tile_k=64, warps=8, stages=5),
+    dict(tile_m=256, tile_k=128, warps=8, stages=4, min_ctas=1),
+    dict(tile_m=128, tile_k=32, warps=4, stages=6, min_ctas=2),
 ]
 
 
@@ -215,7 +215,7 @@ def test_wgmma_strided_inputs_and_graph():
     """Views into a packed [b, t, h, 2d] tensor, and a CUDA-graph replay on new data."""
     if not _hopper():
         pytest.skip("the wgmma kernel needs a Hopper GPU (sm_90)")
-    config = UpdateStateConfig(impl="wgmma", tile_m=128, tile_k=64, warps=4, stages=3)
+    config = UpdateStateConfig(impl="wgmma", tile_m=128, tile_k=64, warps=4, stages=4)
     b, t, h, d = 2, 256, 4, 64
     kv = torch.randn(b, t, h, 2 * d, device="cuda").to(torch.bfloat16)
     K, V = kv[..., :d], kv[..., d:]

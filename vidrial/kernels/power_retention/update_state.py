@@ -164,9 +164,9 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
             return self.default_config(key)
         tile_m, warps = (128, 4) if key.head_dim == 64 else (128, 8)
         cfg = UpdateStateConfig(impl="wgmma", tile_m=tile_m, tile_k=self._largest_tile_k(key.chunk_size),
-                                warps=warps, stages=3)
+                                warps=warps, stages=5)
         if self.dynamic_smem_bytes(key, cfg) > arch_limits(arch).max_dynamic_smem_per_block:
-            cfg = cfg.model_copy(update={"stages": 2})
+            cfg = cfg.model_copy(update={"stages": 4})
         return cfg
 
     def corner_configs(self, key: UpdateStateKey) -> list[UpdateStateConfig]:
@@ -177,9 +177,9 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
     def _wgmma_corners(self, key: UpdateStateKey) -> list[UpdateStateConfig]:
         if key.head_dim not in WGMMA_HEAD_DIMS:
             return []
-        small = UpdateStateConfig(impl="wgmma", tile_m=64, tile_k=16, warps=4, stages=2)
+        small = UpdateStateConfig(impl="wgmma", tile_m=64, tile_k=16, warps=4, stages=4)
         out = [small]
-        for tile_m, warps, tile_k, stages in ((256, 8, 128, 3), (256, 8, 64, 3), (256, 4, 64, 3), (128, 8, 64, 2)):
+        for tile_m, warps, tile_k, stages in ((256, 8, 128, 4), (256, 8, 64, 6), (256, 4, 64, 5), (128, 8, 64, 4)):
             if key.chunk_size % tile_k:
                 continue
             cfg = UpdateStateConfig(impl="wgmma", tile_m=tile_m, tile_k=tile_k, warps=warps, stages=stages)
@@ -223,6 +223,9 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
             if key.head_dim not in WGMMA_HEAD_DIMS:
                 raise ConfigError("impl", config.impl, f"takes head_dim in {WGMMA_HEAD_DIMS}, not "
                                                        f"head_dim={key.head_dim}; use impl='mma_sync'")
+            if config.stages < 4:
+                raise ConfigError("stages", config.stages, "at least 4 with impl='wgmma' (the tensor cores read two "
+                                                           "stages while two more load)")
         if key.chunk_size % config.tile_k:
             raise ConfigError("tile_k", config.tile_k, f"must divide chunk_size={key.chunk_size}")
         regs = _register_estimate(key, config)
@@ -253,7 +256,9 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
         if key.gating:
             size += key.chunk_size * 4 + 32 * 4
         if config.impl == "wgmma":
-            size += 256 + 1024  # the ones block of the s column; slack to align swizzled tiles to 1024 bytes
+            # the ones block of the s column (d = 64: a 9th swizzled column group of TILE_K rows) and
+            # slack to align the swizzled tiles to 1024 bytes
+            size += (config.tile_k * 128 if key.head_dim == 64 else 256) + 1024
         return size
 
     def render_context(self, key: UpdateStateKey, config: UpdateStateConfig) -> dict[str, Any]:
@@ -262,7 +267,8 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
             chunk_size=key.chunk_size, gating=key.gating, dtype=_TEMPLATE_DTYPE[key.dtype],
             tile_m=config.tile_m, tile_k=config.tile_k, warps=config.warps, stages=config.stages,
             min_ctas=config.min_ctas, smem_bytes=self.dynamic_smem_bytes(key, config),
-            wgmma_ns=(key.head_dim, 8),  # the wgmma N sizes the kernel issues: S's columns, the s column
+            # the wgmma N sizes: S's columns (+ the s column at d = 64), the m64n8 s column (d = 128)
+            wgmma_ns=(72 if key.head_dim == 64 else key.head_dim, 8),
         )
 
     def shape_keys(self) -> list[UpdateStateKey]:
