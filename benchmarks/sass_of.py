@@ -35,8 +35,18 @@ def main() -> int:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.cubin)
         f.flush()
-        sass = subprocess.run(["cuobjdump", "--dump-sass", f.name], capture_output=True, text=True, check=True).stdout
+        sass = ""
+        for cmd in (["cuobjdump", "--dump-sass", f.name], ["nvdisasm", "-c", f.name]):
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode == 0 and res.stdout.strip():
+                sass = res.stdout
+                break
+            print(f"{cmd[0]}: exit {res.returncode}: {res.stderr.strip()[:300]}")
+        if not sass:
+            return 1
     ops = Counter(m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
+    if not ops:  # nvdisasm's listing has no /*addr*/ prefixes
+        ops = Counter(m.group(1).split(".")[0] for m in re.finditer(r"^\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M))
     print(f"{fam.name} {key.label()} | {cfg.label()} -> {compiled.arch}: {compiled.facts.registers} regs, "
           f"spills {compiled.facts.spill_store_bytes}/{compiled.facts.spill_load_bytes} B")
     print("  " + "  ".join(f"{op}={ops.get(op, 0)}" for op in WATCH))
