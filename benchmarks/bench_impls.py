@@ -32,6 +32,7 @@ UPDATE_STATE_CONFIGS = [  # (impl, tile_m, tile_k, warps, stages, min_ctas)
     ("wgmma", 128, 32, 4, 6, 1), ("wgmma", 128, 128, 4, 4, 1), ("wgmma", 256, 64, 8, 4, 1),
     ("wgmma", 256, 64, 8, 5, 1), ("wgmma", 256, 128, 8, 4, 1), ("wgmma", 128, 64, 8, 5, 1),
     ("wgmma", 64, 64, 4, 5, 2), ("wgmma", 128, 64, 4, 5, 2), ("wgmma", 256, 32, 8, 6, 1),
+    ("wgmma", 192, 64, 4, 4, 1), ("wgmma", 192, 128, 4, 4, 1), ("wgmma", 256, 128, 8, 5, 1),
 ]
 
 
