@@ -84,12 +84,66 @@ def update_state_rows(shape: str, reps: int) -> list[dict]:
     return rows
 
 
-FAMILIES = {"update_state": update_state_rows}
+QUERY_STATE_CONFIGS = [  # (impl, tile_m, warps, stages, min_ctas); tile_k = 64
+    ("wgmma", 128, 4, 4, 1), ("wgmma", 128, 4, 3, 1), ("wgmma", 128, 4, 5, 1), ("wgmma", 128, 4, 4, 2),
+    ("wgmma", 256, 8, 4, 1), ("wgmma", 256, 8, 3, 1), ("wgmma", 128, 8, 4, 1), ("wgmma", 64, 4, 4, 2),
+    ("wgmma", 128, 4, 6, 1),
+]
+
+
+def query_state_rows(shape: str, reps: int) -> list[dict]:
+    """query_state in merge mode, as the forward calls it: bf16 state copy, fp32 O, gated, chunk 0 skipped."""
+    from vidrial.kernels.power_retention.query_state import FAMILY, QueryStateConfig, QueryStateKey, \
+        make_test_inputs, query_state
+    from vidrial.reference.forward import query_state_reference
+
+    b, t = SHAPES[shape]
+    key = QueryStateKey(head_dim=D_HEAD, deg=DEG, d_tile=D_TILE)
+    x = make_test_inputs(key, b=b, t=t, hq=H, h=H, chunk_size=CHUNK, gating=True, device="cuda", seed=0)
+    x["Sbar"] = x["Sbar"].to(torch.bfloat16)
+    x["Sbar"][:, 0] = 0
+    x["sbar"][:, 0] = 0
+    m2 = 2 * CHUNK
+    E = query_state_reference(x["Q"][:1, :m2, :1], x["Sbar"][:1, :2, :1], x["sbar"][:1, :2, :1], x["O"][:1, :m2, :1],
+                              x["l"][:1, :m2, :1], x["m"][:1, :m2, :1], x["log_G"][:1, :m2, :1], deg=DEG,
+                              d_tile=D_TILE, scale=x["scale"], chunk_size=CHUNK)
+    flops = 2.0 * feature_dim(D_HEAD, DEG, 1) * D_HEAD * t * H * b
+
+    def call(cfg):
+        return query_state(x["Q"], x["Sbar"], x["sbar"], x["O"], x["l"], x["m"], x["log_G"], deg=DEG, d_tile=D_TILE,
+                           scale=x["scale"], chunk_size=CHUNK, config=cfg, zero_first_state=True)
+
+    plan_key = FAMILY.problem_key(FAMILY.prepare(dict(x, deg=DEG, d_tile=D_TILE)))
+    configs = [("dispatched", FAMILY.config_for(plan_key, x["Q"].device))] + [
+        ("sweep", QueryStateConfig(impl=i, tile_m=m, tile_k=64, warps=w, stages=st, min_ctas=mc))
+        for i, m, w, st, mc in QUERY_STATE_CONFIGS]
+    rows = []
+    for origin, cfg in configs:
+        row = {"shape": shape, "origin": origin, "config": cfg.label()}
+        try:
+            FAMILY.check(plan_key, cfg, "sm_90")
+            Y = call(cfg)
+            torch.cuda.synchronize()
+            err = _rel(Y[:1, :m2, :1], E)
+            row["rel_err"] = err
+            if not err < 1e-2:
+                row["error"] = f"relative error {err:.2e}"
+                rows.append(row)
+                continue
+            ms = time_cuda(lambda: call(cfg), warmup=3, repeats=reps).median_ms
+            row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        rows.append(row)
+    return rows
+
+
+FAMILIES = {"update_state": update_state_rows, "query_state": query_state_rows}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--family", default="update_state", choices=sorted(FAMILIES))
+    ap.add_argument("--family", default="update_state", help=f"comma-separated, of {sorted(FAMILIES)}")
     ap.add_argument("--shapes", default="A,B")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default=None)
@@ -101,16 +155,17 @@ def main() -> int:
     del a, bm
     print(f"{torch.cuda.get_device_name()}: bf16 8192^3 matmul {mm:.3f} ms = {ceiling:.0f} TFLOP/s")
     rows = []
-    for shape in args.shapes.split(","):
-        rows += FAMILIES[args.family](shape, args.reps)
+    for fam in args.family.split(","):
+        for shape in args.shapes.split(","):
+            rows += [dict(r, shape=f"{fam[:6]}.{r['shape']}") for r in FAMILIES[fam](shape, args.reps)]
     base = {r["shape"]: r.get("ms") for r in rows if r["origin"] == "dispatched"}
-    print(f"{'shape':<5} {'origin':<10} {'ms':>8} {'TFLOP/s':>8} {'ceil%':>6} {'vs disp':>7}  config")
+    print(f"{'shape':<8} {'origin':<10} {'ms':>8} {'TFLOP/s':>8} {'ceil%':>6} {'vs disp':>7}  config")
     for r in rows:
         if "ms" not in r:
-            print(f"{r['shape']:<5} {r['origin']:<10} {'-':>8} {'-':>8} {'-':>6} {'-':>7}  {r['config']}  [{r['error']}]")
+            print(f"{r['shape']:<8} {r['origin']:<10} {'-':>8} {'-':>8} {'-':>6} {'-':>7}  {r['config']}  [{r['error']}]")
             continue
         ratio = base[r["shape"]] / r["ms"] if base.get(r["shape"]) else float("nan")
-        print(f"{r['shape']:<5} {r['origin']:<10} {r['ms']:>8.3f} {r['tflops']:>8.0f} {100 * r['tflops'] / ceiling:>5.0f}% "
+        print(f"{r['shape']:<8} {r['origin']:<10} {r['ms']:>8.3f} {r['tflops']:>8.0f} {100 * r['tflops'] / ceiling:>5.0f}% "
               f"{ratio:>6.2f}x  {r['config']}")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "matmul_tflops": ceiling,

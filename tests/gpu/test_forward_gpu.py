@@ -116,6 +116,51 @@ def test_query_state_matches_reference(case, feature_path):
     assert rel_err(Y, E) < 1e-2
 
 
+QS_WGMMA_CASES = [
+    # d, dtype, o_dtype, b, t, hq, h, chunk, gating, merge, skip_first, config (tile_m, warps, stages)
+    (64, torch.bfloat16, "float32", 2, 256, 2, 1, 64, True, True, False, (128, 4, 4)),
+    (64, torch.bfloat16, "float32", 1, 300, 4, 1, 128, True, True, False, (128, 4, 3)),  # partial chunk, GQA 4
+    (64, torch.float16, "float32", 1, 256, 2, 2, 128, False, True, False, (256, 8, 4)),
+    (64, torch.bfloat16, "bfloat16", 1, 1100, 2, 1, 1024, True, True, True, (128, 4, 5)),  # chunk 0 skipped
+    (64, torch.bfloat16, "float32", 2, 192, 2, 2, 64, True, False, False, (64, 4, 4)),   # state only
+    (128, torch.bfloat16, "float32", 1, 256, 2, 1, 256, True, True, False, (64, 4, 4)),
+    (128, torch.float16, "float16", 1, 520, 4, 2, 256, False, True, False, (128, 8, 3)),
+]
+
+
+@pytest.mark.parametrize("case", QS_WGMMA_CASES, ids=[f"qsw{i}" for i in range(len(QS_WGMMA_CASES))])
+def test_query_state_wgmma_matches_reference(case):
+    """The Hopper implementation (impl='wgmma') against float64: layouts it takes (p=2, d_tile=8),
+    GQA, partial chunks, merge / state only, a skipped first chunk, bf16/fp16, O in each dtype."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel needs a Hopper GPU (sm_90)")
+    from vidrial.kernels.power_retention.query_state import QueryStateConfig, QueryStateKey, make_test_inputs, query_state
+    from vidrial.reference.forward import query_state_reference
+
+    d, dtype, o_dtype, b, t, hq, h, c, gating, merge, skip_first, (tile_m, warps, stages) = case
+    key = QueryStateKey(head_dim=d, deg=2, d_tile=8, dtype=str(dtype).split(".")[1], o_dtype=o_dtype)
+    inp = make_test_inputs(key, b=b, t=t, hq=hq, h=h, chunk_size=c, gating=gating, device=DEV, seed=3,
+                           state_scale=50.0)
+    if not merge:
+        inp.update(O=None, l=None, m=None)
+    n = -(-t // c)
+    Kf = torch.randn(b, n, 16, h, d, device=DEV, dtype=torch.float64)
+    pk = ref.phi(Kf, 2, 8)
+    inp["Sbar"] = torch.einsum("bnchD,bnche->bnhDe", pk, torch.randn_like(Kf)).float()
+    inp["sbar"] = pk.sum(2).float()
+    if skip_first:
+        inp["Sbar"][:, 0] = 0
+        inp["sbar"][:, 0] = 0
+    poison()
+    cfg = QueryStateConfig(impl="wgmma", tile_m=tile_m, tile_k=64, warps=warps, stages=stages)
+    Y = query_state(inp["Q"], inp["Sbar"], inp["sbar"], inp["O"], inp["l"], inp["m"], inp["log_G"], deg=2,
+                    d_tile=8, scale=inp["scale"], chunk_size=c, config=cfg, zero_first_state=skip_first)
+    E = query_state_reference(inp["Q"], inp["Sbar"], inp["sbar"], inp["O"], inp["l"], inp["m"], inp["log_G"],
+                              deg=2, d_tile=8, scale=inp["scale"], chunk_size=c)
+    assert Y.dtype == dtype and torch.isfinite(Y).all()
+    assert rel_err(Y, E) < 1e-2, rel_err(Y, E)
+
+
 # ---- the full op ------------------------------------------------------------------------------
 def make_qkv(b, t, hq, h, d, dtype, gating, seed, gate_bias=4.0):
     g = gen(seed)

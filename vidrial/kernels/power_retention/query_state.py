@@ -7,6 +7,13 @@ Per (batch, chunk nu, query head) and a tile of `tile_m` queries:
     zq = phi(q~)^T sbar_nu  [tile_m]          fp32 (CUDA cores, from the same phi values)
     Y  = (O e^m + Yq) / (l e^m + zq)          shared shift sh = max(m, log zq) per row
 
+Two implementations (the config's `impl`):
+- "mma_sync" (templates/query_state.cu.j2, sm_80+, any layout), described below;
+- "wgmma" (templates/query_state_wgmma.cu.j2, Hopper, sm_90a; p = 2, d_tile = 8, d in 64/128):
+  phi(q~) as the register A operand of wgmma (two shared reads per row and block), the bf16 state
+  read by the tensor cores from swizzled shared memory, zq as 8 more columns of the same wgmma
+  (from a bf16 copy of sbar the launch makes).
+
 GEMM view: M = queries, N = d, K = D features. phi(q~) is formed in registers from an fp32 q~
 tile in shared memory (features along the reduction dimension, order of sympow.py via the block
 table of common/sympow.cuh); the state tile comes in bf16 through a cp.async pipeline of
@@ -37,7 +44,13 @@ __all__ = ["QueryStateConfig", "QueryStateKey", "QueryStateFamily", "FAMILY", "q
 ODType = Literal["bfloat16", "float16", "float32"]
 
 
+WGMMA_HEAD_DIMS = (64, 128)
+_TEMPLATES = {"mma_sync": "query_state.cu.j2", "wgmma": "query_state_wgmma.cu.j2"}
+
+
 class QueryStateConfig(KernelConfig):
+    impl: Literal["mma_sync", "wgmma"] = Field(
+        "mma_sync", description="mma_sync: warp MMAs, any GPU (sm_80+); wgmma: Hopper warpgroup MMAs (sm_90a)")
     tile_m: int = Field(64, description="queries per CTA (M)")
     tile_k: int = Field(32, description="features per pipeline step (K), multiple of 16")
     warps: int = Field(4, description="warps per CTA; they split tile_m (each owns tile_m / warps rows)")
@@ -61,6 +74,13 @@ class QueryStateConfig(KernelConfig):
             raise ConfigError("min_ctas", self.min_ctas, "between 1 and 4")
         if self.tile_m % (16 * self.warps):
             raise ConfigError("tile_m", self.tile_m, f"a multiple of 16 * warps = {16 * self.warps}")
+        if self.impl == "wgmma":
+            if self.warps % 4:
+                raise ConfigError("warps", self.warps, "a multiple of 4 with impl='wgmma' (whole warpgroups)")
+            if self.tile_k != 64:
+                raise ConfigError("tile_k", self.tile_k, "64 with impl='wgmma' (one sympow block per stage)")
+            if self.stages < 3:
+                raise ConfigError("stages", self.stages, "at least 3 with impl='wgmma'")
         return self
 
 
@@ -95,6 +115,8 @@ class QueryStateKey(ProblemKey):
 
 
 def _smem_bytes(d: int, cfg: QueryStateConfig) -> int:
+    if cfg.impl == "wgmma":  # stages of (d/64 state groups + the zq group) x 64 swizzled rows, bf16 q~ tile
+        return cfg.stages * (d // 64 + 1) * 64 * 128 + cfg.tile_m * (d + 8) * 2 + cfg.tile_m * 4 + cfg.warps * 4 + 1024
     q = cfg.tile_m * (d + 8) * 4
     b = cfg.stages * cfg.tile_k * (d + 8) * 2
     z = cfg.stages * cfg.tile_k * 4
@@ -127,7 +149,8 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
         return dict(d=key.head_dim, D=lay.feature_dim, d_tile=key.d_tile, deg=key.deg, block_size=lay.block_size,
                     in_type=C_TYPES[key.dtype], o_type=C_TYPES[key.o_dtype], tile_m=config.tile_m,
                     tile_k=config.tile_k, warps=config.warps, stages=config.stages, fast=config.feature_path == "auto",
-                    min_ctas=config.min_ctas,
+                    min_ctas=config.min_ctas, smem_bytes=self.dynamic_smem_bytes(key, config),
+                    wgmma_ns=(key.head_dim + 8,),
                     key_label=key.label(),
                     config_label=config.label())
 
@@ -137,7 +160,30 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
     def dynamic_smem_bytes(self, key: QueryStateKey, config: QueryStateConfig) -> int:
         return _smem_bytes(key.head_dim, config)
 
+    def template_for(self, config: QueryStateConfig) -> str:
+        return _TEMPLATES[config.impl]
+
+    def implementation_templates(self) -> tuple[str, ...]:
+        return tuple(_TEMPLATES.values())
+
+    def target_arch(self, config: QueryStateConfig, arch: str) -> str:
+        return "sm_90a" if config.impl == "wgmma" else arch
+
     def check(self, key: QueryStateKey, config: QueryStateConfig, arch: str) -> None:
+        if config.impl == "wgmma":
+            from vidrial.core.arch import arch_limits, normalize_arch
+
+            if arch_limits(arch).capability != 90:
+                raise ConfigError("impl", config.impl, f"needs a Hopper GPU (sm_90 / sm_90a); use impl='mma_sync' "
+                                                       f"on {normalize_arch(arch)}")
+            if key.deg != 2 or key.d_tile != 8 or key.head_dim not in WGMMA_HEAD_DIMS:
+                raise ConfigError("impl", config.impl, f"takes deg=2, d_tile=8, head_dim in {WGMMA_HEAD_DIMS}, not "
+                                                       f"deg={key.deg}, d_tile={key.d_tile}, head_dim={key.head_dim}; "
+                                                       "use impl='mma_sync'")
+            mt = config.tile_m // (16 * config.warps)
+            if mt * (key.head_dim + 8) // 2 > 108:
+                raise ConfigError("tile_m", config.tile_m, f"{mt * (key.head_dim + 8) // 2} fp32 accumulators per "
+                                                           "thread exceed 108 (ptxas spills); use more warps or a smaller tile_m")
         super().check(key, config, arch)
         mt = config.tile_m // (16 * config.warps)
         acc = mt * key.head_dim // 8 * 4
@@ -242,10 +288,16 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
         if Q.numel() == 0:
             return
         table = block_table(d, key.deg, key.d_tile, Q.device)
+        keep = ()
+        if config.impl == "wgmma":  # the kernel reads zq's operand as bf16 pairs (one 4-byte copy per row)
+            import torch
+
+            sbar = sbar.to(torch.bfloat16)
+            keep = (sbar,)
         yield Launch((-(-c // config.tile_m) * hq * b * n, 1, 1),
                      (Q.data_ptr(), ptr(x["log_G"]), Sbar.data_ptr(), sbar.data_ptr(), ptr(x["O"]), ptr(x["l"]),
                       ptr(x["m"]), out["Y"].data_ptr(), t, n, c, hq, hq // h, Sbar.shape[1], sbar.shape[1],
-                      int(x["zero_first_state"]), x["scale"], table.data_ptr()))
+                      int(x["zero_first_state"]), x["scale"], table.data_ptr()), keep)
 
     # ---- tuner protocol ------------------------------------------------------------------
     def make_inputs(self, key: QueryStateKey, device: Any, seed: int) -> dict[str, Any]:
