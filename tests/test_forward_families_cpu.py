@@ -81,12 +81,14 @@ def _jobs():
     jobs, labels = [], []
     for fam in (DFAM, QFAM):
         for key in fam.standard_keys():
-            configs = list(dict.fromkeys(fam.corner_configs(key)))
-            for cfg in configs:
-                for arch in ("sm_80", "sm_90"):
+            for arch in ("sm_80", "sm_90"):
+                # the corners, and the arch's default (on sm_90 query_state's wgmma kernel, built for sm_90a)
+                configs = list(dict.fromkeys([*fam.corner_configs(key), fam.default_config_for(key, arch)]))
+                for cfg in configs:
                     fam.check(key, cfg, arch)
-                    jobs.append((fam.render(key, cfg), arch, (), f"{fam.name} {key.label()} | {cfg.label()}"))
-                    labels.append((fam, key, cfg, arch))
+                    target = fam.target_arch(cfg, arch)
+                    jobs.append((fam.render(key, cfg), target, (), f"{fam.name} {key.label()} | {cfg.label()}"))
+                    labels.append((fam, key, cfg, target))
     return jobs, labels
 
 

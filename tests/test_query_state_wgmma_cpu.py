@@ -62,3 +62,15 @@ def test_compiles_for_sm90a_without_spills():
     for res in compile_many(jobs):
         assert isinstance(res, CompiledKernel), str(res)[:2000]
         assert not res.facts.spills and res.arch == "sm_90a", res.facts
+
+
+def test_default_on_hopper_is_wgmma_where_it_applies():
+    assert FAMILY.default_config_for(KEY, "sm_90").impl == "wgmma"
+    assert FAMILY.default_config_for(KEY.model_copy(update={"head_dim": 128}), "sm_90a").warps == 8
+    for arch in ("sm_80", None):
+        assert FAMILY.default_config_for(KEY, arch) == FAMILY.default_config(KEY)
+    for other in (dict(d_tile=16), dict(head_dim=32), dict(deg=4, head_dim=32, d_tile=4)):
+        key = KEY.model_copy(update=other)
+        assert FAMILY.default_config_for(key, "sm_90") == FAMILY.default_config(key)
+    for key in FAMILY.standard_keys():
+        FAMILY.check(key, FAMILY.default_config_for(key, "sm_90"), "sm_90")

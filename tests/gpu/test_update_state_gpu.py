@@ -169,14 +169,13 @@ WGMMA_CASES = [c for c in CASES if c[0] in (64, 128)]
 @pytest.mark.parametrize("d,deg,d_tile,dtype,chunk,gating", WGMMA_CASES,
                          ids=[f"d{c[0]}-p{c[1]}-T{c[2]}-{str(c[3])[6:]}-c{c[4]}-g{int(c[5])}" for c in WGMMA_CASES])
 def test_wgmma_matches_reference(d, deg, d_tile, dtype, chunk, gating):
-    """The default wgmma config of each key (what an untuned Hopper GPU runs) against float64."""
+    """The wgmma kernel's best measured tiles for each key against float64."""
     if not _hopper():
         pytest.skip("the wgmma kernel needs a Hopper GPU (sm_90)")
     from vidrial.kernels.power_retention.update_state import UpdateStateKey
 
     key = UpdateStateKey(head_dim=d, deg=deg, d_tile=d_tile, dtype=str(dtype)[6:], chunk_size=chunk, gating=gating)
-    config = family.default_config_for(key, "sm_90")
-    assert config.impl == "wgmma"
+    config = family.wgmma_config(key)
     K, V, G = _inputs(2, 3 * chunk, 3, d, dtype, gating, seed=d * 37 + deg * 5 + d_tile + chunk)
     _run_and_check(K, V, G, deg, d_tile, chunk, config=config)
 

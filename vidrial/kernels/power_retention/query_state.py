@@ -142,6 +142,17 @@ class QueryStateFamily(KernelFamily[QueryStateKey, QueryStateConfig]):
             return QueryStateConfig(tile_m=tile_m, tile_k=32, warps=4, stages=3)
         return QueryStateConfig(tile_m=64, tile_k=32, warps=4, stages=3)
 
+    def default_config_for(self, key: QueryStateKey, arch: str | None) -> QueryStateConfig:
+        """On Hopper, for the layouts it takes, the wgmma kernel: H200 2026-12-02 (benchmarks/bench_impls.py,
+        d=64, T=8, merge mode) shape A 0.862 -> 0.509 ms, shape B 0.794 -> 0.472 ms against the tuned
+        mma_sync config (tile_m=128, warps=4, stages=3: three CTAs per SM; 4-6 stages were slower)."""
+        from vidrial.core.arch import arch_limits
+
+        if (arch is None or arch_limits(arch).capability != 90 or key.deg != 2 or key.d_tile != 8
+                or key.head_dim not in WGMMA_HEAD_DIMS):
+            return self.default_config(key)
+        return QueryStateConfig(impl="wgmma", tile_m=128, tile_k=64, warps=4 if key.head_dim == 64 else 8, stages=3)
+
     def render_context(self, key: QueryStateKey, config: QueryStateConfig) -> dict[str, Any]:
         from vidrial.kernels.power_retention.sympow import layout
 
