@@ -382,7 +382,7 @@ def record(
 
     def keep_better(entries: dict[str, TunedEntry]) -> None:
         old = entries.get(key_string)
-        if old is None or _replaces(entry, old):
+        if old is None or _replaces(entry, old, family):
             entries[key_string] = entry
 
     _update_file(path, family.name, gpu.slug, keep_better, unreadable="move aside")
@@ -478,8 +478,15 @@ def _update_file(path: Path, family_name: str, gpu_slug: str, update: Callable[[
         write_atomic(path, tuned.model_dump_json(indent=2) + "\n")
 
 
-def _replaces(new: TunedEntry, old: TunedEntry) -> bool:
-    return old.template_hash != new.template_hash or old.gpu != new.gpu or new.time_ms < old.time_ms
+def _replaces(new: TunedEntry, old: TunedEntry, family: KernelFamily) -> bool:
+    """The new entry wins when it is faster, when the old one is stale (its own implementation's template
+    changed since, or its config no longer validates) or was measured on another GPU. An entry of another
+    implementation (another template) is not stale: the faster one stays."""
+    try:
+        stale = old.template_hash != family.template_hash_for(family.Config.model_validate(old.config))
+    except (ValidationError, ValueError):
+        stale = True
+    return stale or old.gpu != new.gpu or new.time_ms < old.time_ms
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
