@@ -269,3 +269,29 @@ def test_select_config_goes_through_the_dispatcher(monkeypatch):
     monkeypatch.setattr(dispatch, "select_config", fake_select)
     assert family.config_for(KEY, torch.device("cuda", 3)) == UpdateStateConfig(tile_m=64)
     assert seen == dict(fam=family, key=KEY, gpu="gpu3")
+
+
+def test_record_keeps_the_faster_implementation(tmp_path):
+    """Entries of the two implementations carry different template hashes; neither is stale because of
+    the other: record keeps the faster, and an entry whose own template changed is replaced."""
+    from vidrial.dispatch.store import GpuIdentity, load_file, record
+
+    gpu = GpuIdentity(name="NVIDIA H200", arch="sm_90", sm_count=132)
+    wg, mma = family.wgmma_config(KEY), family.default_config(KEY)
+
+    def winner():
+        (entry,) = load_file(tmp_path / gpu.slug / "update_state.json").entries.values()
+        return UpdateStateConfig.model_validate(entry.config), entry
+
+    record(family, KEY, wg, gpu=gpu, time_ms=0.50, default_time_ms=None, trials=3, directory=tmp_path)
+    record(family, KEY, mma, gpu=gpu, time_ms=0.60, default_time_ms=None, trials=3, directory=tmp_path)
+    config, entry = winner()
+    assert config == wg and entry.template_hash == family.template_hash_for(wg)
+    record(family, KEY, mma, gpu=gpu, time_ms=0.40, default_time_ms=None, trials=3, directory=tmp_path)
+    config, entry = winner()
+    assert config == mma and entry.template_hash == family.template_hash_for(mma)
+    # an entry whose own template changed since is stale: a slower fresh one replaces it
+    path = tmp_path / gpu.slug / "update_state.json"
+    path.write_text(path.read_text().replace(entry.template_hash, "0" * 16))
+    record(family, KEY, wg, gpu=gpu, time_ms=0.90, default_time_ms=None, trials=3, directory=tmp_path)
+    assert winner()[0] == wg
