@@ -167,9 +167,14 @@ class UpdateStateFamily(KernelFamily[UpdateStateKey, UpdateStateConfig]):
 
     def wgmma_config(self, key: UpdateStateKey) -> UpdateStateConfig:
         """The best measured wgmma tiles that fit `key` (largest tile_k dividing the chunk)."""
-        tile_k = self._largest_tile_k(key.chunk_size, 128)
         tile_m, warps = (256, 8) if key.head_dim == 64 else (128, 8)
-        return UpdateStateConfig(impl="wgmma", tile_m=tile_m, tile_k=tile_k, warps=warps, stages=4)
+        limit = arch_limits("sm_90").max_dynamic_smem_per_block
+        for cap in (128, 64, 32, 16):  # 4 stages of K and V: d = 128 fits tile_k <= 64
+            cfg = UpdateStateConfig(impl="wgmma", tile_m=tile_m, tile_k=self._largest_tile_k(key.chunk_size, cap),
+                                    warps=warps, stages=4)
+            if self.dynamic_smem_bytes(key, cfg) <= limit:
+                return cfg
+        return cfg
 
     def corner_configs(self, key: UpdateStateKey) -> list[UpdateStateConfig]:
         """Smallest tiles, the largest tiles that pass check() on sm_80 (the tighter arch), and for
