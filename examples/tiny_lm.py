@@ -2,11 +2,13 @@
 
     python examples/tiny_lm.py --steps 300 --device cuda
 
-The model: token embedding, `--layers` blocks of (RMSNorm -> PowerRetention -> residual, RMSNorm -> MLP ->
+The model: token embedding plus an embedding of the previous token (a token shift: power retention has no
+positions, so this is what lets a layer match "the token before position j" with the current one), `--layers`
+blocks of (RMSNorm -> PowerRetention -> residual, RMSNorm -> MLP ->
 residual), a final RMSNorm and an LM head. The task ("repeat"): every sequence is a random pattern of
 `--period` tokens repeated to the sequence length; after the first period every token is predictable from
 the one `period` steps back (an induction / copy task), so the loss falls well below log(vocab) once the
-layer learns to look back. After training the model is prompted with two periods of a fresh pattern and
+layer learns to look back. After training the model is prompted with four periods of a fresh pattern and
 generates with the layers' decode caches (prefill, then one token at a time: KV cache until
 switch_over_seq_len, then the state); the printout shows how many generated tokens continue the pattern.
 
@@ -61,24 +63,28 @@ class TinyLM(nn.Module):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.embed = nn.Embedding(vocab, d_model, **kw)
+        self.prev_embed = nn.Embedding(vocab + 1, d_model, **kw)  # the previous token; index vocab: none
+        self.vocab = vocab
         self.blocks = nn.ModuleList(Block(d_model, heads, kv_heads, head_dim, chunk_size, switch_over, **kw)
                                     for _ in range(layers))
         self.norm = RMSNorm(d_model, **kw)
         self.head = nn.Linear(d_model, vocab, bias=False, **kw)
 
     def forward(self, tokens, caches=None):
-        """tokens [b, t] -> logits [b, t, vocab] (float32); with caches (one per block): a decoding step,
-        returns (logits, caches)."""
-        x = self.embed(tokens)
+        """tokens [b, t] -> logits [b, t, vocab] (float32); with caches (new_caches(): one per block and the
+        last token seen): a prefill or decoding step, returns (logits, caches)."""
+        before = torch.full_like(tokens[:, :1], self.vocab) if caches is None or caches["last"] is None \
+            else caches["last"]
+        x = self.embed(tokens) + self.prev_embed(torch.cat([before, tokens[:, :-1]], 1))
         new = []
         for i, blk in enumerate(self.blocks):
-            x, c = blk(x, None if caches is None else caches[i])
+            x, c = blk(x, None if caches is None else caches["blocks"][i])
             new.append(c)
         logits = self.head(self.norm(x)).float()
-        return logits if caches is None else (logits, new)
+        return logits if caches is None else (logits, {"blocks": new, "last": tokens[:, -1:]})
 
     def new_caches(self, batch: int):
-        return [blk.attn.new_cache(batch) for blk in self.blocks]
+        return {"blocks": [blk.attn.new_cache(batch) for blk in self.blocks], "last": None}
 
     @torch.no_grad()
     def generate(self, prompt, n: int):
@@ -148,13 +154,14 @@ def main(argv=None) -> dict:
             log(f"step {step:4d}  loss {losses[-1]:.4f}  ({time.time() - t0:.1f} s)")
     result = {"losses": losses, "accuracy": None}
     if args.generate:
-        prompt = repeat_batch(4, 2 * args.period, args.period, args.vocab, gen, dev)
-        out = model.generate(prompt, args.generate)
-        P, n = args.period, args.generate
-        want = prompt[:, :P].repeat(1, -(-(2 * P + n) // P))[:, 2 * P:2 * P + n]  # the pattern, continued
+        # a prompt of 4 periods (training sees up to seq / period of them; 2 leave the model unsure)
+        P, n, k = args.period, args.generate, 4
+        prompt = repeat_batch(4, k * P, P, args.vocab, gen, dev)
+        out = model.generate(prompt, n)
+        want = prompt[:, :P].repeat(1, -(-(k * P + n) // P))[:, k * P:k * P + n]  # the pattern, continued
         acc = (out == want).float().mean().item()
         result["accuracy"] = acc
-        log(f"generated {args.generate} tokens after a 2-period prompt: {acc:.1%} continue the pattern")
+        log(f"generated {n} tokens after a {k}-period prompt: {acc:.1%} continue the pattern")
         log("prompt   :", prompt[0].tolist())
         log("generated:", out[0].tolist())
     return result
