@@ -31,6 +31,11 @@ more launches, still no sync). More rows run as several launches (vidrial.pipeli
 groups of new tokens, each against the cache prefix that ends with its last token, and for a GQA group
 wider than 16, groups of query heads; prefill (tq == L > 16 rows) runs vidrial.power_retention's forward
 (its final state is the compressed state).
+
+torch.compile: under tracing the step is one custom op, ``vidrial::power_retention_decode`` (below), whose
+fake kernel runs the argument checks on the fake tensors (an InputError's text reaches the user inside
+Dynamo's error) and gives the output shapes; fullgraph=True and dynamic=True trace without graph breaks
+(head_dim is specialised: the kernels are compiled for it). Eager calls skip the op (no dispatcher cost).
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from typing import Optional
 
 import torch
 
+from vidrial.core.errors import InputError
 from vidrial.pipeline import checks, decoding
 from vidrial.pipeline.layout import StateLayout
 
@@ -59,6 +65,14 @@ def power_retention_inference(Q, K, V, log_G=None, initial_state=None, sum_of_ke
     (float32 default). Returns (Y [b, tq, hq, d] in Q's dtype, state, sum_of_keys): the compressed
     state when L >= switch_over_seq_len (drop the cache), else the given state (or None, None).
     """
+    if torch.compiler.is_compiling():
+        return _traced_step(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_seq_len, d_tile,
+                            state_dtype)
+    return _eager_step(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_seq_len, d_tile,
+                       state_dtype)
+
+
+def _eager_step(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_seq_len, d_tile, state_dtype):
     from vidrial.kernels.power_retention.decode import MAX_ROWS, decode_step
 
     b, tq, hq, h, d, L, d_tile, D = checks.checked_inference(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale,
@@ -101,3 +115,56 @@ def _prefill(Q: Tensor, K: Tensor, V: Tensor, log_G: Optional[Tensor], initial_s
         Y, S_f, s_f = out
         return Y, (S_f, s_f)
     return out, None
+
+
+# ---- torch.compile: the step as one custom op --------------------------------------------------------
+_NO_STATE = (0,)  # the op's state outputs when the step does not compress (it may not return its inputs)
+
+
+def _compresses(K: Optional[Tensor], switch_over_seq_len: Optional[int]) -> bool:
+    return switch_over_seq_len is not None and K is not None and K.shape[1] >= switch_over_seq_len
+
+
+@torch.library.custom_op("vidrial::power_retention_decode", mutates_args=())
+def power_retention_decode(Q: Tensor, K: Optional[Tensor], V: Optional[Tensor], log_G: Optional[Tensor],
+                           initial_state: Optional[Tensor], sum_of_keys: Optional[Tensor], deg: int, scale: float,
+                           switch_over_seq_len: int, d_tile: int, state_dtype: Optional[torch.dtype]
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    """(Y, state, sum_of_keys) of one step; the state outputs are empty when it does not compress.
+    scale 0: 1/sqrt(d); switch_over_seq_len -1: never compress; d_tile 0: the default layout."""
+    switch = None if switch_over_seq_len < 0 else switch_over_seq_len
+    Y, S, z = _eager_step(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale or None, switch, d_tile or None,
+                          state_dtype)
+    if not _compresses(K, switch):
+        return Y, Q.new_empty(_NO_STATE, dtype=torch.float32), Q.new_empty(_NO_STATE, dtype=torch.float32)
+    return Y, S, z
+
+
+@power_retention_decode.register_fake
+def _decode_fake(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_seq_len, d_tile, state_dtype):
+    switch = None if switch_over_seq_len < 0 else switch_over_seq_len
+    b, tq, hq, h, d, L, d_tile, D = checks.check_inference(Q, K, V, log_G, initial_state, sum_of_keys, deg,
+                                                           scale or None, switch, d_tile or None, state_dtype,
+                                                           traced=True)
+    Y = Q.new_empty(Q.shape)
+    if not _compresses(K, switch):
+        return Y, Q.new_empty(_NO_STATE, dtype=torch.float32), Q.new_empty(_NO_STATE, dtype=torch.float32)
+    new_dtype = initial_state.dtype if initial_state is not None else (state_dtype or torch.float32)
+    return Y, Q.new_empty((b, h, D, d), dtype=new_dtype), Q.new_empty((b, h, D), dtype=torch.float32)
+
+
+def _traced_step(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_seq_len, d_tile, state_dtype):
+    """power_retention_inference under torch.compile: the custom op, and the given state back when the step
+    does not compress (as the eager step returns it)."""
+    for name, value, kind in (("deg", deg, int), ("switch_over_seq_len", switch_over_seq_len, (int, type(None))),
+                              ("d_tile", d_tile, (int, type(None)))):
+        if not isinstance(value, kind) or isinstance(value, bool):  # the op's schema needs these types
+            checks.check_inference(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_seq_len,
+                                   d_tile, state_dtype, traced=True)  # names the argument
+            raise InputError(name, value, "an integer" + (" or None" if name != "deg" else ""))
+    Y, S, z = torch.ops.vidrial.power_retention_decode(
+        Q, K, V, log_G, initial_state, sum_of_keys, deg, float(scale or 0.0),
+        -1 if switch_over_seq_len is None else switch_over_seq_len, d_tile or 0, state_dtype)
+    if _compresses(K, switch_over_seq_len):
+        return Y, S, z
+    return Y, initial_state, sum_of_keys

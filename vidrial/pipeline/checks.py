@@ -124,6 +124,8 @@ def check_inputs(Q: Any, K: Any, V: Any, log_G: Any, deg: Any, d_tile: Any, chun
     _check_scale(scale)
     if log_G is not None:
         _check_log_G(log_G, (b, t, h), "batch, time, kv_heads")
+    if traced:
+        return b, tq, hq, h, d, L, d_tile, D
     # CUDA; the CPU under a host launcher (the CPU tests); meta while recording keys
     if not runs_on(Q.device) and not _recording_on_meta(Q):
         raise InputError("Q", f"device {Q.device}", "a CUDA tensor")
@@ -206,8 +208,10 @@ def _check_inference_state(initial_state: torch.Tensor, sum_of_keys: torch.Tenso
 
 
 def check_inference(Q: Any, K: Any, V: Any, log_G: Any, initial_state: Any, sum_of_keys: Any, deg: Any, scale: Any,
-                    switch_over_seq_len: Any, d_tile: Any, state_dtype: Any) -> InferenceShape:
-    """power_retention_inference's arguments; returns (b, tq, hq, h, d, L, d_tile, D)."""
+                    switch_over_seq_len: Any, d_tile: Any, state_dtype: Any, *, traced: bool = False) -> InferenceShape:
+    """power_retention_inference's arguments; returns (b, tq, hq, h, d, L, d_tile, D). traced=True: fake
+    tensors of a torch.compile trace (the decode op's fake kernel): what only real tensors have (the device
+    a kernel runs on, the 16-byte alignment of the data) is checked when the op runs."""
     if not isinstance(Q, torch.Tensor):
         raise InputError("Q", type(Q).__name__, "a torch.Tensor [batch, time, q_heads, head_dim]")
     if Q.dim() != 4:
@@ -215,6 +219,7 @@ def check_inference(Q: Any, K: Any, V: Any, log_G: Any, initial_state: Any, sum_
     if Q.dtype not in (torch.bfloat16, torch.float16):
         raise InputError("Q", f"dtype {Q.dtype}", "torch.bfloat16 or torch.float16")
     b, tq, hq, d = Q.shape
+    d = int(d)  # a compile-time constant of the kernels (torch.compile(dynamic=True) specialises it here)
     _check_head_dim(d)
     if tq < 1 or b < 1:
         raise InputError("Q", f"shape {tuple(Q.shape)}", "at least one batch entry and one query")
@@ -257,6 +262,8 @@ def check_inference(Q: Any, K: Any, V: Any, log_G: Any, initial_state: Any, sum_
                 raise InputError(name, f"strides {tuple(x.stride())}",
                                  "a contiguous last dim and batch/time/head strides that are multiples of 8 "
                                  "elements (16-byte loads); call .contiguous()")
+    if traced:
+        return b, tq, hq, h, d, L, d_tile, D
     # CUDA; the CPU under a host launcher (the CPU tests); meta while recording keys
     if not runs_on(Q.device) and not _recording_on_meta(Q):
         raise InputError("Q", f"device {Q.device}", "a CUDA tensor")
