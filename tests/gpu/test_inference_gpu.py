@@ -357,3 +357,31 @@ def test_wide_gqa_group_runs_on_the_kernels(r, tq, L, with_state, monkeypatch):
     assert Y.shape == Q.shape and Y.dtype == Q.dtype
     assert _rel(Y, Yr) < TOL
     assert S2 is S and z2 is z
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_step_equals_eager(dynamic):
+    """torch.compile(fullgraph=True) of decode steps (the vidrial::power_retention_decode op), with and
+    without compression, equals the eager step; dynamic=True over several cache lengths."""
+    from vidrial import power_retention_inference
+
+    b, h, r, d, deg, switch = 2, 2, 2, 64, 2, 24
+    Q, K, V, G = _seq(b, 32, h, r, d, True, seed=5)
+    S, z = _history_state(b, h, d, deg, default_d_tile(d, deg))
+
+    def step(q, k, v, g, s, zz):
+        return power_retention_inference(q, k, v, g, s, zz, deg=deg, switch_over_seq_len=switch)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
+    for L in (8, 13, 24):  # 24: the step that compresses
+        args = (Q[:, L - 1:L], K[:, :L], V[:, :L], G[:, :L], S, z)
+        want = step(*args)
+        _poison()
+        got = compiled(*args)
+        torch.cuda.synchronize()
+        assert _rel(got[0], want[0]) < 1e-3
+        if L >= switch:
+            assert got[1] is not S and _rel(got[1], want[1]) < 1e-4 and _rel(got[2], want[2]) < 1e-4
+        else:
+            assert _rel(got[1], S) == 0 and _rel(got[2], z) == 0
