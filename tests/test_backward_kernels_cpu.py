@@ -104,8 +104,9 @@ def _close(got, want, tol=2e-4):
 
 
 @needs_gxx
+@pytest.mark.parametrize("impl", ["scan", "pipelined"])
 @pytest.mark.parametrize("gating,final,init", [(True, True, True), (False, False, False), (True, False, False)])
-def test_discumsum_bwd_kernel_on_cpu(gating, final, init):
+def test_discumsum_bwd_kernel_on_cpu(gating, final, init, impl):
     b, n, h, D, d = 2, 4, 2, 40, 8
     gen = torch.Generator().manual_seed(3)
     dSbar = torch.randn(b, n, h, D, d, generator=gen)
@@ -116,17 +117,18 @@ def test_discumsum_bwd_kernel_on_cpu(gating, final, init):
     dSf = torch.randn(b, h, D, d, generator=gen) if final else None
     dsf = torch.randn(b, h, D, generator=gen) if final else None
     key = DiscumsumBwdKey(head_dim=d, feature_dim=D)
-    cfg = DiscumsumBwdConfig(threads=64, per_thread=2)
+    cfg = DiscumsumBwdConfig(impl=impl, threads=64, per_thread=2 if impl == "scan" else 4)
     tile = cfg.threads * cfg.per_thread
     bS, bs = -(-(D * d) // tile), -(-D // tile)
-    parts = bS + bs
-    dLpart = torch.zeros(b * h, n, parts)
+    blocks = bS + bs
+    # NaN-poisoned when gated: every per-CTA / per-warp partial must be written
+    dLpart = torch.full((b * h, n, blocks * cfg.dl_parts_per_cta), float("nan") if gating else 0.0)
     dS0, ds0 = (torch.zeros(b, h, D, d), torch.zeros(b, h, D)) if init else (None, None)
     want = em.discumsum_bwd(dSbar.double(), dsbar.double(), Sb.double(), sb[:, :n].double(),
                             None if L is None else L.double(), None if dSf is None else dSf.double(),
                             None if dsf is None else dsf.double())
     X, x = dSbar.clone(), dsbar.clone()
-    _run(DB, key, cfg, (parts, b * h), (X, x, Sb, sb, L, dSf, dsf, dS0, ds0, dLpart, n, h, n + 1, bS))
+    _run(DB, key, cfg, (blocks, b * h), (X, x, Sb, sb, L, dSf, dsf, dS0, ds0, dLpart, n, h, n + 1, bS))
     _close(X, want[0], 1e-5)
     _close(x, want[1], 1e-5)
     if gating:
