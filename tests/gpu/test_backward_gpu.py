@@ -53,9 +53,12 @@ def varying_gates(b, t, h, g, lo=0.5, hi=5.0):
 
 
 # ---- kernels vs their emulation --------------------------------------------------------------------
+@pytest.mark.parametrize("config", [None, dict(impl="pipelined", threads=256, per_thread=8),
+                                    dict(impl="pipelined", threads=512, per_thread=16)],
+                         ids=["dispatched", "pipelined-256x8", "pipelined-512x16"])
 @pytest.mark.parametrize("gating,final,init", [(True, True, True), (True, False, False), (False, True, False)])
-def test_discumsum_bwd_kernel(gating, final, init):
-    from vidrial.kernels.power_retention.discumsum_bwd import discumsum_bwd
+def test_discumsum_bwd_kernel(gating, final, init, config):
+    from vidrial.kernels.power_retention.discumsum_bwd import DiscumsumBwdConfig, discumsum_bwd
 
     b, n, h, D, d = 2, 6, 3, 2304, 64
     g = gen(0)
@@ -70,7 +73,9 @@ def test_discumsum_bwd_kernel(gating, final, init):
                             None if L is None else L.double(), None if dSf is None else dSf.double(),
                             None if dsf is None else dsf.double())
     poison()
-    dS, ds, dL, dS0, ds0 = discumsum_bwd(dSbar.clone(), dsbar.clone(), Sb16, sb, L, dSf, dsf, want_initial=init)
+    cfg = DiscumsumBwdConfig(**config) if config else None
+    dS, ds, dL, dS0, ds0 = discumsum_bwd(dSbar.clone(), dsbar.clone(), Sb16, sb, L, dSf, dsf, want_initial=init,
+                                         config=cfg)
     assert rel_err(dS, want[0]) < 1e-5 and rel_err(ds, want[1]) < 1e-5
     if gating:
         assert rel_err(dL, want[2]) < 1e-4
