@@ -138,7 +138,58 @@ def query_state_rows(shape: str, reps: int) -> list[dict]:
     return rows
 
 
-FAMILIES = {"update_state": update_state_rows, "query_state": query_state_rows}
+DISCUMSUM_BWD_CONFIGS = [  # (impl, threads, per_thread)
+    ("scan", 512, 16), ("pipelined", 128, 8), ("pipelined", 256, 8), ("pipelined", 256, 16), ("pipelined", 512, 8),
+    ("pipelined", 512, 16), ("pipelined", 1024, 8), ("pipelined", 128, 4),
+]
+
+
+def discumsum_bwd_rows(shape: str, reps: int) -> list[dict]:
+    """The backward's reverse scan at the shape's state size (gated, with a final-state gradient); bytes
+    moved: dSbar read + dS written (fp32), Sbar16 read (bf16), per chunk and head."""
+    from vidrial.kernels.power_retention.discumsum_bwd import FAMILY, DiscumsumBwdConfig, discumsum_bwd
+    from vidrial.reference import backward as em
+
+    b, t = SHAPES[shape]
+    n, D = t // CHUNK, feature_dim(D_HEAD, DEG, D_TILE)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dSbar = torch.randn(b, n, H, D, D_HEAD, device="cuda", generator=g)
+    dsbar = torch.randn(b, n, H, D, device="cuda", generator=g)
+    Sb16 = torch.randn(b, n, H, D, D_HEAD, device="cuda", generator=g).bfloat16()
+    sb = torch.randn(b, n + 1, H, D, device="cuda", generator=g)
+    L = -torch.rand(b, n, H, device="cuda", generator=g) * 0.1
+    dSf = torch.randn(b, H, D, D_HEAD, device="cuda", generator=g)
+    dsf = torch.randn(b, H, D, device="cuda", generator=g)
+    want = em.discumsum_bwd(dSbar[:1, :, :1].double(), dsbar[:1, :, :1].double(), Sb16[:1, :, :1].double(),
+                            sb[:1, :n, :1].double(), L[:1, :, :1].double(), dSf[:1, :1].double(), dsf[:1, :1].double())
+    bytes_moved = b * n * H * D * (D_HEAD * 10 + 12)
+    key = FAMILY.problem_key(FAMILY.prepare(dict(dSbar=dSbar, dsbar=dsbar, Sbar16=Sb16, sbar=sb, chunk_gates=L)))
+    configs = [("dispatched", FAMILY.config_for(key, dSbar.device))] + [
+        ("sweep", DiscumsumBwdConfig(impl=i, threads=th, per_thread=pt)) for i, th, pt in DISCUMSUM_BWD_CONFIGS]
+    rows = []
+    for origin, cfg in configs:
+        row = {"shape": shape, "origin": origin, "config": cfg.label()}
+        try:
+            FAMILY.check(key, cfg, "sm_90")
+            X, x = dSbar.clone(), dsbar.clone()
+            dS, ds, dL, _, _ = discumsum_bwd(X, x, Sb16, sb, L, dSf, dsf, config=cfg)
+            torch.cuda.synchronize()
+            err = max(_rel(dS[:1, :, :1], want[0]), _rel(ds[:1, :, :1], want[1]), _rel(dL[:1, :, :1], want[2]))
+            row["rel_err"] = err
+            if not err < 1e-4:
+                row["error"] = f"relative error {err:.2e}"
+                rows.append(row)
+                continue
+            ms = time_cuda(lambda: discumsum_bwd(X, x, Sb16, sb, L, dSf, dsf, config=cfg), warmup=3,
+                           repeats=reps).median_ms
+            row.update(ms=ms, tflops=bytes_moved / (ms * 1e-3) / 1e12)  # "TFLOP/s" column: TB/s here
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        rows.append(row)
+    return rows
+
+
+FAMILIES = {"update_state": update_state_rows, "query_state": query_state_rows, "discumsum_bwd": discumsum_bwd_rows}
 
 
 def main() -> int:
