@@ -124,8 +124,6 @@ def check_inputs(Q: Any, K: Any, V: Any, log_G: Any, deg: Any, d_tile: Any, chun
     _check_scale(scale)
     if log_G is not None:
         _check_log_G(log_G, (b, t, h), "batch, time, kv_heads")
-    if traced:
-        return b, tq, hq, h, d, L, d_tile, D
     # CUDA; the CPU under a host launcher (the CPU tests); meta while recording keys
     if not runs_on(Q.device) and not _recording_on_meta(Q):
         raise InputError("Q", f"device {Q.device}", "a CUDA tensor")
