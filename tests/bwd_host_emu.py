@@ -1,7 +1,7 @@
 """Runs CUDA templates on the CPU: the rendered source is compiled as C++ (g++ -std=c++20) against a
-small shim (threads of a CTA = std::threads with a std::barrier for __syncthreads, shared memory = one
-buffer per CTA poisoned with NaN bytes, bf16/fp16 = storage types converted through float). CTAs run one
-after the other. Slow, but it executes exactly the kernel's index math, so the CPU tests can compare
+small shim (threads of a CTA = fibers on one OS thread, tests/host_fibers.py, with a barrier for
+__syncthreads, shared memory = one buffer per CTA poisoned with NaN bytes, bf16/fp16 = storage types
+converted through float). CTAs run one after the other. Slow, but it executes exactly the kernel's index math, so the CPU tests can compare
 the kernels themselves with float64 references before any GPU run.
 
 Warp-collective operations (shuffles, mma.sync, ldmatrix) exchange values through a per-warp buffer
@@ -32,19 +32,18 @@ import tempfile
 
 import torch
 
+from host_fibers import FIBERS, GXX_FLAGS, precompile, write_atomic
+
 SHIM = r"""
 #include <cmath>
 #include <cstring>
 #include <algorithm>
-#include <barrier>
-#include <thread>
 #include <vector>
-#include <functional>
 using std::min; using std::max;
 struct U3 { unsigned x = 0, y = 0, z = 0; };
-thread_local U3 threadIdx, blockIdx;
+U3 threadIdx, blockIdx;  // threadIdx: set by the fiber scheduler before each thread (re)starts
 U3 blockDim, gridDim;
-thread_local std::barrier<>* g_bar = nullptr;
+emu_fib::Barrier* g_bar = nullptr;
 static float* g_dyn_smem = nullptr;
 static long long g_smem_bytes = 0;
 void __syncthreads() { g_bar->arrive_and_wait(); }
@@ -56,7 +55,7 @@ inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); retu
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 // warp collectives: each lane posts up to 8 words, the warp meets at a barrier, reads, meets again
 constexpr int WARP_WORDS = 8;
-static std::vector<std::barrier<>*>* g_warp_bars = nullptr;
+static std::vector<emu_fib::Barrier*>* g_warp_bars = nullptr;
 static unsigned* g_warp_buf = nullptr;  // [warps][32][WARP_WORDS]
 inline void warp_sync() { (*g_warp_bars)[threadIdx.x >> 5]->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { warp_sync(); }  // orders shared memory between a warp's lanes
@@ -258,8 +257,11 @@ inline void ldmatrix_x4_trans(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
 }
 // cp.async: queued per thread, performed by the wait_group that covers the copy's commit group
 struct EmuCopy { u32 dst; const void* src; int src_bytes; int size; };
-thread_local std::vector<EmuCopy> emu_open_group;
-thread_local std::deque<std::vector<EmuCopy>> emu_groups;
+#define VBWD_PTX_EMU 1
+static std::vector<std::vector<EmuCopy>> emu_open_group_of;              // [threadIdx.x], reset per CTA
+static std::vector<std::deque<std::vector<EmuCopy>>> emu_groups_of;      // [threadIdx.x], reset per CTA
+#define emu_open_group (emu_open_group_of[threadIdx.x])
+#define emu_groups (emu_groups_of[threadIdx.x])
 inline void emu_cp_async(u32 dst, const void* src, int src_bytes, int size) {
   std::memset(emu_smem_ptr(dst, size, size), 0xff, size);  // in flight: NaN until the wait (catches early reuse)
   if (src_bytes && (reinterpret_cast<std::uintptr_t>(src) & (size - 1))) {
@@ -320,20 +322,21 @@ extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_
   const int warps = (threads + 31) / 32;
   std::vector<unsigned> warp_buf(warps * 32 * WARP_WORDS);
   g_dyn_smem = smem_buf; g_smem_bytes = smem_bytes; g_warp_buf = warp_buf.data();
+  const emu_fib::Stacks stacks(threads);
   for (int by = 0; by < gy; ++by)
     for (int bx = 0; bx < gx; ++bx) {
-      std::barrier<> bar(threads);
-      std::vector<std::barrier<>*> warp_bars;
-      for (int w = 0; w < warps; ++w) warp_bars.push_back(new std::barrier<>(std::min(32, threads - 32 * w)));
+      emu_fib::Barrier bar(threads);
+      std::vector<emu_fib::Barrier*> warp_bars;
+      for (int w = 0; w < warps; ++w) warp_bars.push_back(new emu_fib::Barrier(std::min(32, threads - 32 * w)));
       g_warp_bars = &warp_bars;
+      g_bar = &bar; blockIdx.x = bx; blockIdx.y = by;
+#ifdef VBWD_PTX_EMU
+      vd::emu_open_group_of.assign(threads, {});  // each thread's cp.async queues start empty, as a new thread's
+      vd::emu_groups_of.assign(threads, {});
+#endif
       std::memset(smem_buf, 0xff, smem_floats * 4);  // NaN garbage: catches reads before writes
-      std::vector<std::thread> ts;
-      for (int t = 0; t < threads; ++t)
-        ts.emplace_back([&, t] {
-          threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; g_bar = &bar;
-          {{CALL}};
-        });
-      for (auto& th : ts) th.join();
+      auto body = [&](int) { {{CALL}}; };
+      emu_fib::run_block(stacks, threads, body, [](int t) { threadIdx.x = t; });
       for (auto* b : warp_bars) delete b;
     }
   std::free(smem_buf);
@@ -341,7 +344,9 @@ extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_
 """
 
 
-def _host_source(cuda_source: str, entry: str, nargs: int) -> str:
+def _host_source(cuda_source: str, entry: str, nargs: int) -> tuple[str, str]:
+    """(prelude, body): the shim (and the PTX emulation when the kernel uses common/ptx.cuh) and the kernel
+    with its runner; the prelude is the same for every kernel, so it is compiled once (host_fibers.precompile)."""
     src = cuda_source
     src = re.sub(r"#include <cuda_(bf16|fp16)\.h>", "", src)
     src, n_ptx = _PTX_HEADERS.subn("", src)
@@ -351,7 +356,7 @@ def _host_source(cuda_source: str, entry: str, nargs: int) -> str:
     src = re.sub(r"__shared__ float (\w+)\[([^\]]+)\];", r"static float \1[\2];", src)
     src = src.replace('extern "C" __global__', "")
     call = f"{entry}(" + ", ".join(f"a[{i}]" for i in range(nargs)) + ")"
-    return SHIM + (PTX_EMU if n_ptx else "") + src + RUNNER.replace("{{CALL}}", call)
+    return FIBERS + SHIM + (PTX_EMU if n_ptx else ""), src + RUNNER.replace("{{CALL}}", call)
 
 
 class _ArgC(ctypes.Structure):
@@ -364,7 +369,10 @@ _LIBS: dict[str, ctypes.CDLL] = {}
 def host_kernel(rendered, signature):
     """A callable launch(grid, threads, smem_bytes, args) running `rendered` on the CPU."""
     nargs = len(signature)
-    src = _host_source(rendered.source, rendered.entry, nargs)
+    prelude, body = _host_source(rendered.source, rendered.entry, nargs)
+    # the prelude's name is its content's hash, so the kernel's digest covers the prelude too
+    pre_name = f"emu_pre_{hashlib.sha256(prelude.encode()).hexdigest()[:16]}.h"
+    src = f'#include "{pre_name}"\n' + body
     digest = hashlib.sha256(src.encode()).hexdigest()[:16]
     lib = _LIBS.get(digest)
     if lib is None:
@@ -372,12 +380,14 @@ def host_kernel(rendered, signature):
         os.makedirs(d, exist_ok=True)
         so = os.path.join(d, f"{digest}.so")
         if not os.path.exists(so):
+            pre = os.path.join(d, pre_name)
+            if not os.path.exists(pre):
+                write_atomic(pre, "#pragma once\n" + prelude)
+            precompile(pre)
             cpp = os.path.join(d, f"{digest}.cpp")
-            with open(cpp, "w") as f:
-                f.write(src)
+            write_atomic(cpp, src)
             tmp = so + f".{os.getpid()}"
-            res = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", cpp, "-o", tmp],
-                                 capture_output=True, text=True)
+            res = subprocess.run(["g++", *GXX_FLAGS, "-shared", cpp, "-o", tmp], capture_output=True, text=True)
             if res.returncode:
                 raise RuntimeError(f"g++ failed on {cpp}:\n{res.stderr[-4000:]}")
             os.replace(tmp, so)

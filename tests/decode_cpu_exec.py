@@ -1,9 +1,10 @@
 """Runs the rendered CUDA source of a kernel on the CPU (test helper, no GPU needed).
 
-The source is compiled by g++ as C++20 with a small shim: every CUDA thread is a std::thread,
-__syncthreads is a block-wide std::barrier, warp shuffles go through a per-warp buffer and
-barrier, blocks run one after another (so the last-CTA counter logic, the workspace layout and
-the launch arguments are exercised exactly as on the GPU, only without concurrency between CTAs).
+The source is compiled by g++ as C++20 with a small shim: every CUDA thread is a fiber on the
+launching OS thread (tests/host_fibers.py), __syncthreads is a block-wide barrier, warp shuffles go
+through a per-warp buffer and barrier, blocks run one after another (so the last-CTA counter logic,
+the workspace layout and the launch arguments are exercised exactly as on the GPU, only without
+concurrency between CTAs).
 Shared memory is poisoned (0xFF bytes: NaN floats) before every block. Inline PTX in
 templates/common/decode.cuh is replaced by plain loads under VIDRIAL_CPU_EMU.
 
@@ -21,16 +22,17 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from host_fibers import FIBERS, GXX_FLAGS, precompile, write_atomic
+
 _SHIM = r"""
 #pragma once
+""" + FIBERS + r"""
 #include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 #define __device__
 #define __global__
@@ -47,14 +49,14 @@ inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return
 inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
 inline float2 make_float2(float a, float b) { return {a, b}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
-thread_local dim3u threadIdx, blockIdx;
+dim3u threadIdx, blockIdx;  // threadIdx: set by the fiber scheduler before each thread (re)starts
 dim3u gridDim, blockDim;
 struct EmuBlock {
-  std::barrier<>* block;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  emu_fib::Barrier* block;
+  std::vector<std::unique_ptr<emu_fib::Barrier>> warps;
   std::vector<std::vector<double>> shfl;
 };
-thread_local EmuBlock* emu_blk;
+EmuBlock* emu_blk;
 alignas(16) static unsigned char emu_smem[1 << 18];
 inline void __syncthreads() { emu_blk->block->arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
@@ -130,13 +132,21 @@ def available() -> bool:
         return res.returncode == 0
 
 
+_SHIM_FILES = (("emu.h", _SHIM), ("cuda_bf16.h", _BF16), ("cuda_fp16.h", _FP16))
+# the headers' folder is named by their content: processes of another version of this file (a checkout
+# running its tests at the same time) never include these headers, and a changed shim is never served
+# by a library built against the old one
+_SHIM_HASH = hashlib.sha256("\0".join(text for _, text in _SHIM_FILES).encode()).hexdigest()[:16]
+
+
 def _cache_dir() -> Path:
     d = Path(os.environ.get("VIDRIAL_CPU_EXEC_DIR", Path(tempfile.gettempdir()) / "vidrial-cpu-exec"))
-    (d / "shim").mkdir(parents=True, exist_ok=True)
-    for name, text in (("emu.h", _SHIM), ("cuda_bf16.h", _BF16), ("cuda_fp16.h", _FP16)):
-        p = d / "shim" / name
+    (d / f"shim-{_SHIM_HASH}").mkdir(parents=True, exist_ok=True)
+    for name, text in _SHIM_FILES:
+        p = d / f"shim-{_SHIM_HASH}" / name
         if not p.exists() or p.read_text() != text:
-            p.write_text(text)
+            write_atomic(str(p), text)
+    precompile(str(d / f"shim-{_SHIM_HASH}" / "emu.h"))
     return d
 
 
@@ -152,25 +162,21 @@ def _to_cpu_source(source: str, entry: str) -> str:
 extern "C" void emu_run(int gx, int gy, int nthreads, {', '.join(params)}) {{
   blockDim = dim3u{{(unsigned)nthreads, 1u, 1u}};
   gridDim = dim3u{{(unsigned)gx, (unsigned)gy, 1u}};
+  const emu_fib::Stacks stacks(nthreads);
   for (int by = 0; by < gy; ++by)
     for (int bx = 0; bx < gx; ++bx) {{
       std::memset(emu_smem, 0xff, sizeof(emu_smem));
-      std::barrier<> bar(nthreads);
+      emu_fib::Barrier bar(nthreads);
       EmuBlock blk;
       blk.block = &bar;
       for (int w = 0; w < (nthreads + 31) / 32; ++w) {{
-        blk.warps.emplace_back(new std::barrier<>(32));
+        blk.warps.emplace_back(new emu_fib::Barrier(32));
         blk.shfl.emplace_back(32, 0.0);
       }}
-      std::vector<std::thread> ts;
-      for (int t = 0; t < nthreads; ++t)
-        ts.emplace_back([&, t] {{
-          threadIdx = dim3u{{(unsigned)t, 0u, 0u}};
-          blockIdx = dim3u{{(unsigned)bx, (unsigned)by, 0u}};
-          emu_blk = &blk;
-          {entry}({', '.join(names)});
-        }});
-      for (auto& th : ts) th.join();
+      blockIdx = dim3u{{(unsigned)bx, (unsigned)by, 0u}};
+      emu_blk = &blk;
+      auto body = [&](int) {{ {entry}({', '.join(names)}); }};
+      emu_fib::run_block(stacks, nthreads, body, [](int t) {{ threadIdx = dim3u{{(unsigned)t, 0u, 0u}}; }});
     }}
 }}
 """
@@ -183,14 +189,14 @@ class CpuKernel:
     def __init__(self, rendered, signature) -> None:
         d = _cache_dir()
         src = _to_cpu_source(rendered.source, rendered.entry)
-        digest = hashlib.sha256(src.encode()).hexdigest()[:16]
+        digest = hashlib.sha256((_SHIM_HASH + src).encode()).hexdigest()[:16]
         so = d / f"{rendered.entry}_{digest}.so"
         if not so.exists():
             cpp = d / f"{rendered.entry}_{digest}.cpp"
-            cpp.write_text(src)
+            write_atomic(str(cpp), src)
             tmp = so.with_suffix(f".{os.getpid()}.tmp")
-            res = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w",
-                                  "-I", str(d / "shim"), str(cpp), "-o", str(tmp)], capture_output=True, text=True)
+            res = subprocess.run(["g++", *GXX_FLAGS, "-shared", "-I", str(d / f"shim-{_SHIM_HASH}"), str(cpp),
+                                  "-o", str(tmp)], capture_output=True, text=True)
             if res.returncode:
                 raise RuntimeError(f"g++ failed on {cpp}:\n{res.stderr[-4000:]}")
             os.replace(tmp, so)

@@ -78,6 +78,7 @@ def _jobs():
     return jobs, labels
 
 
+@pytest.mark.slow
 def test_compile_standard_keys_default_and_corner_configs():
     jobs, labels = _jobs()
     results = compile_many(jobs, workers=2)

@@ -91,6 +91,7 @@ _COMPILE_KEYS = [
 ]
 
 
+@pytest.mark.slow
 def test_nvrtc_compiles_default_and_corner_configs():
     jobs, labels = [], []
     for key in _COMPILE_KEYS:

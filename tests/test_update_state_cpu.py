@@ -118,6 +118,7 @@ def _compile_jobs(keys, with_corners: bool):
     return jobs, labels
 
 
+@pytest.mark.slow
 def test_standard_keys_compile_sm80_sm90():
     keys = family.standard_keys()
     assert 10 <= len(keys) <= 40
