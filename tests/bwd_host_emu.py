@@ -1,8 +1,8 @@
 """Runs CUDA templates on the CPU: the rendered source is compiled as C++ (g++ -std=c++20) against a
 small shim (threads of a CTA = fibers on one OS thread, tests/host_fibers.py, with a barrier for
 __syncthreads, shared memory = one buffer per CTA poisoned with NaN bytes, bf16/fp16 = storage types
-converted through float). CTAs run one after the other. Slow, but it executes exactly the kernel's index math, so the CPU tests can compare
-the kernels themselves with float64 references before any GPU run.
+converted through float). CTAs run one after the other. Slow, but it executes exactly the kernel's index
+math, so the CPU tests can compare the kernels themselves with float64 references before any GPU run.
 
 Warp-collective operations (shuffles, mma.sync, ldmatrix) exchange values through a per-warp buffer
 between two per-warp barriers, so warps may diverge (skip work) as on the GPU; __syncwarp is that barrier. The inline PTX of

@@ -4,6 +4,7 @@ segments of unequal length that are not multiples of the chunk size; and clear e
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,16 @@ B, HQ, H, D_HEAD, DEG, CHUNK, T = 1, 2, 1, 16, 2, 8, 45
 ALIGNED = {1: [0, T], 2: [0, 24, T], 3: [0, 8, 32, T], 4: [0, 8, 16, 40, T]}
 ANYWHERE = {2: [0, 19, T], 3: [0, 7, 20, T], 4: [0, 7, 20, 33, T]}
 D = feature_dim(D_HEAD, DEG, default_d_tile(D_HEAD, DEG))  # 192: two tiles of 8
+# name -> (world, gating, state, bounds, tol)
+SCENARIOS = {
+    "aligned-1": (1, True, True, ALIGNED[1], 1e-9),
+    "aligned-2": (2, True, False, ALIGNED[2], 1e-9),
+    "aligned-3": (3, False, True, ALIGNED[3], 1e-9),
+    "aligned-4": (4, True, True, ALIGNED[4], 1e-9),
+    "anywhere-3": (3, True, True, ANYWHERE[3], 2e-5),
+}
+# one pytest-xdist worker runs the module (README: --dist loadgroup), so the ranks are spawned once
+pytestmark = pytest.mark.xdist_group("context_parallel")
 
 
 def _full_inputs(gating: bool, state: bool):
@@ -63,6 +74,26 @@ def _worker(rank: int, world: int, store: str, out_dir: str, gating: bool, state
         dist.destroy_process_group()
 
 
+def _every_scenario(rank: int, out_dir: str) -> None:
+    """Rank `rank` of every scenario whose world has it, in order: one default process group at a time, each
+    scenario's own (its own file store, world size and output folder)."""
+    for name, (world, gating, state, bounds, _) in SCENARIOS.items():
+        if rank < world:
+            folder = os.path.join(out_dir, name)
+            _worker(rank, world, os.path.join(folder, "store"), folder, gating, state, bounds)
+
+
+@pytest.fixture(scope="module")
+def ranks_ran(tmp_path_factory) -> Path:
+    """Every scenario's ranks, run by one spawn of max(world) processes (a spawned rank imports torch:
+    seconds each, 13 of them when each scenario spawned its own)."""
+    out = tmp_path_factory.mktemp("context-parallel")
+    for name in SCENARIOS:
+        (out / name).mkdir()
+    mp.spawn(_every_scenario, args=(str(out),), nprocs=max(w for w, *_ in SCENARIOS.values()), join=True)
+    return out
+
+
 def _single_device(gating: bool, state: bool):
     Q, K, V, G, S0, s0, W, WS = _full_inputs(gating, state)
     q, k, v, gg, S0l, s0l = _leaves(Q, K, V, G, S0, s0)
@@ -73,10 +104,8 @@ def _single_device(gating: bool, state: bool):
     return Y.detach(), S_f.detach(), s_f.detach(), grads
 
 
-def _check(tmp_path, world, gating, state, bounds, tol):
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path), gating, state, bounds), nprocs=world,
-             join=True)
-    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+def _check(folder: Path, world, gating, state, bounds, tol):
+    parts = [torch.load(folder / f"rank{r}.pt") for r in range(world)]
     Y, S_f, s_f, grads = _single_device(gating, state)
     close = dict(rtol=tol, atol=tol)
     torch.testing.assert_close(torch.cat([p["Y"] for p in parts], 1), Y, **close)
@@ -92,13 +121,17 @@ def _check(tmp_path, world, gating, state, bounds, tol):
 
 @pytest.mark.parametrize("world,gating,state", [(1, True, True), (2, True, False), (3, False, True),
                                                 (4, True, True)])
-def test_split_on_chunk_boundaries_equals_single_device(tmp_path, world, gating, state):
-    _check(tmp_path, world, gating, state, ALIGNED[world], 1e-9)
+def test_split_on_chunk_boundaries_equals_single_device(ranks_ran, world, gating, state):
+    name = f"aligned-{world}"
+    assert SCENARIOS[name][:4] == (world, gating, state, ALIGNED[world])
+    _check(ranks_ran / name, *SCENARIOS[name])
 
 
 @pytest.mark.parametrize("world", [3])
-def test_split_anywhere_equals_single_device(tmp_path, world):
-    _check(tmp_path, world, True, True, ANYWHERE[world], 2e-5)
+def test_split_anywhere_equals_single_device(ranks_ran, world):
+    name = f"anywhere-{world}"
+    assert SCENARIOS[name][:4] == (world, True, True, ANYWHERE[world])
+    _check(ranks_ran / name, *SCENARIOS[name])
 
 
 def test_errors_name_the_argument():
