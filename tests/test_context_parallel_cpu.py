@@ -31,8 +31,6 @@ SCENARIOS = {
     "aligned-4": (4, True, True, ALIGNED[4], 1e-9),
     "anywhere-3": (3, True, True, ANYWHERE[3], 2e-5),
 }
-# one pytest-xdist worker runs the module (README: --dist loadgroup), so the ranks are spawned once
-pytestmark = pytest.mark.xdist_group("context_parallel")
 
 
 def _full_inputs(gating: bool, state: bool):
@@ -83,15 +81,19 @@ def _every_scenario(rank: int, out_dir: str) -> None:
             _worker(rank, world, os.path.join(folder, "store"), folder, gating, state, bounds)
 
 
-@pytest.fixture(scope="module")
-def ranks_ran(tmp_path_factory) -> Path:
-    """Every scenario's ranks, run by one spawn of max(world) processes (a spawned rank imports torch:
-    seconds each, 13 of them when each scenario spawned its own)."""
-    out = tmp_path_factory.mktemp("context-parallel")
+def _run_every_scenario(out: Path) -> None:
     for name in SCENARIOS:
         (out / name).mkdir()
     mp.spawn(_every_scenario, args=(str(out),), nprocs=max(w for w, *_ in SCENARIOS.values()), join=True)
-    return out
+
+
+@pytest.fixture(scope="module")
+def ranks_ran(tmp_path_factory) -> Path:
+    """Every scenario's ranks, run by one spawn of max(world) processes (a spawned rank imports torch:
+    seconds each, 13 of them when each scenario spawned its own), once per run (tests/run_once.py)."""
+    from run_once import once
+
+    return once(tmp_path_factory, "context-parallel", _run_every_scenario)
 
 
 def _single_device(gating: bool, state: bool):

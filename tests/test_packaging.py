@@ -9,14 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# one pytest-xdist worker runs this module (README: --dist loadgroup), so the wheel is built once
-pytestmark = pytest.mark.xdist_group("packaging")
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    build_dir = tmp_path_factory.mktemp("src")
+def _build_wheel(folder: Path) -> None:
+    out, build_dir = folder / "out", folder / "src"
     # build from a copy so the test never leaves build/ or *.egg-info in the checkout
     files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"], check=True,
                            capture_output=True, text=True).stdout.split()
@@ -28,7 +24,13 @@ def wheel(tmp_path_factory) -> Path:
             dst.write_bytes(src.read_bytes())
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(out), str(build_dir)], check=True)
-    (whl,) = out.glob("vidrial-*.whl")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    from run_once import once  # tests/ is on sys.path (tests/conftest.py's folder)
+
+    (whl,) = (once(tmp_path_factory, "wheel", _build_wheel) / "out").glob("vidrial-*.whl")
     return whl
 
 
