@@ -47,6 +47,33 @@ def test_fullgraph_step_that_compresses_returns_a_new_state(state, state_dtype):
     assert S2.dtype == (state_dtype or torch.float32) and z2.dtype == torch.float32
 
 
+def test_dynamic_with_closure_ints():
+    """dynamic=True makes ints captured from an enclosing function symbolic (deg, switch_over_seq_len): the
+    step specialises them (they choose the kernels) instead of handing SymInts to the op's checks."""
+    deg, switch = 2, 16
+
+    def step(Q, K, V, lg, S, z):
+        return vidrial.power_retention_inference(Q, K, V, lg, S, z, deg=deg, switch_over_seq_len=switch)
+
+    torch._dynamo.reset()
+    fn = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for L, compresses in ((8, False), (13, False), (16, True)):
+        Q, K, V, lg, S, z = _step_inputs(L=L)
+        Y, S2, z2 = fn(Q, K, V, lg, S, z)
+        assert Y.shape == Q.shape and S2.shape == S.shape and (S2 is not S) == compresses
+
+
+def test_fake_kernel_reads_no_values():
+    """The fake kernel runs on fake tensors that claim a real device (cuda under a GPU trace; cpu here): the
+    log_G value check (a device->host read) must not run there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        Q, K, V, lg, S, z = (x.to("cpu") for x in _step_inputs(L=16))
+        Y, S2, z2 = torch.ops.vidrial.power_retention_decode(Q, K, V, lg, S, z, 2, 0.0, 16, 0, None)
+    assert Y.shape == Q.shape and S2.shape == S.shape and z2.shape == z.shape
+
+
 def test_dynamic_sizes_trace_once_per_layout():
     """dynamic=True: batch, new tokens and cache length are symbolic (head_dim is specialised)."""
     fn = _compiled(dynamic=True, switch=None)

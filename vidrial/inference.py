@@ -142,6 +142,9 @@ def power_retention_decode(Q: Tensor, K: Optional[Tensor], V: Optional[Tensor], 
 
 @power_retention_decode.register_fake
 def _decode_fake(Q, K, V, log_G, initial_state, sum_of_keys, deg, scale, switch_over_seq_len, d_tile, state_dtype):
+    # dynamic=True hands ints captured from closures in as SymInts; they choose the kernels and the state layout,
+    # so they are specialised here (int() of a SymInt guards on its value)
+    deg, switch_over_seq_len, d_tile = int(deg), int(switch_over_seq_len), int(d_tile)
     switch = None if switch_over_seq_len < 0 else switch_over_seq_len
     b, tq, hq, h, d, L, d_tile, D = checks.check_inference(Q, K, V, log_G, initial_state, sum_of_keys, deg,
                                                            scale or None, switch, d_tile or None, state_dtype,

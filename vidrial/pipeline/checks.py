@@ -11,6 +11,7 @@ import math
 from typing import Any, Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from vidrial.core.errors import InputError
 from vidrial.core.launch import runs_on
@@ -36,7 +37,8 @@ def check_log_G_values(log_G: Optional[torch.Tensor]) -> None:
     queued on the stream (a few us on an idle GPU; it also stops the host from running ahead of the GPU).
     CUDA-graph capture forbids the sync and a torch.compile graph would break on it, so both skip the
     check (their eager calls, e.g. the warm-up before capture, do it); meta/fake tensors have no values."""
-    if log_G is None or log_G.numel() == 0 or log_G.device.type == "meta" or torch.compiler.is_compiling():
+    if (log_G is None or log_G.numel() == 0 or log_G.device.type == "meta" or torch.compiler.is_compiling()
+            or is_fake(log_G)):  # a fake kernel runs outside is_compiling() and its tensors claim a real device
         return
     if log_G.is_cuda and torch.cuda.is_current_stream_capturing():
         return
@@ -76,15 +78,16 @@ def _check_head_dim(d: int) -> None:
         raise InputError("Q", f"head_dim {d}", f"one of {HEAD_DIMS}")
 
 
-def _check_log_G(log_G: Any, shape: tuple[int, ...], dims: str) -> None:
-    """Type, dtype, shape [dims] and values of a given log_G."""
+def _check_log_G(log_G: Any, shape: tuple[int, ...], dims: str, values: bool = True) -> None:
+    """Type, dtype, shape [dims] and (values=True) values of a given log_G."""
     if not isinstance(log_G, torch.Tensor):
         raise InputError("log_G", type(log_G).__name__, f"None or a float32 torch.Tensor [{dims}]")
     if log_G.dtype != torch.float32:
         raise InputError("log_G", f"dtype {log_G.dtype}", "torch.float32")
     if tuple(log_G.shape) != shape:
         raise InputError("log_G", f"shape {tuple(log_G.shape)}", f"shape {shape} = [{dims}]")
-    check_log_G_values(log_G)
+    if values:
+        check_log_G_values(log_G)
 
 
 def _check_state_pair(initial_state: Any, sum_of_keys: Any) -> None:
@@ -248,7 +251,7 @@ def check_inference(Q: Any, K: Any, V: Any, log_G: Any, initial_state: Any, sum_
     if log_G is not None:
         if L == 0:
             raise InputError("log_G", f"shape {tuple(log_G.shape)}", "None when there is no KV cache")
-        _check_log_G(log_G, (b, L, h), "batch, cache_len, kv_heads")
+        _check_log_G(log_G, (b, L, h), "batch, cache_len, kv_heads", values=not traced)  # fake: no values
     if d_tile is None:
         d_tile = default_d_tile(d, deg)
     D = feature_dim(d, deg, d_tile)
