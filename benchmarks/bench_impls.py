@@ -138,9 +138,8 @@ def query_state_rows(shape: str, reps: int) -> list[dict]:
     return rows
 
 
-DISCUMSUM_BWD_CONFIGS = [  # (impl, threads, per_thread)
-    ("scan", 512, 16), ("pipelined", 128, 8), ("pipelined", 256, 8), ("pipelined", 256, 16), ("pipelined", 512, 8),
-    ("pipelined", 512, 16), ("pipelined", 1024, 8), ("pipelined", 128, 4),
+DISCUMSUM_BWD_CONFIGS = [  # (threads, per_thread)
+    (64, 4), (128, 4), (128, 8), (256, 4), (256, 8), (256, 16), (512, 8), (512, 16), (1024, 4),
 ]
 
 
@@ -165,7 +164,7 @@ def discumsum_bwd_rows(shape: str, reps: int) -> list[dict]:
     bytes_moved = b * n * H * D * (D_HEAD * 10 + 12)
     key = FAMILY.problem_key(FAMILY.prepare(dict(dSbar=dSbar, dsbar=dsbar, Sbar16=Sb16, sbar=sb, chunk_gates=L)))
     configs = [("dispatched", FAMILY.config_for(key, dSbar.device))] + [
-        ("sweep", DiscumsumBwdConfig(impl=i, threads=th, per_thread=pt)) for i, th, pt in DISCUMSUM_BWD_CONFIGS]
+        ("sweep", DiscumsumBwdConfig(threads=th, per_thread=pt)) for th, pt in DISCUMSUM_BWD_CONFIGS]
     rows = []
     for origin, cfg in configs:
         row = {"shape": shape, "origin": origin, "config": cfg.label()}

@@ -105,9 +105,9 @@ def _close(got, want, tol=2e-4):
 
 
 @needs_gxx
-@pytest.mark.parametrize("impl", ["scan", "pipelined"])
+@pytest.mark.parametrize("per_thread", [4, 8])
 @pytest.mark.parametrize("gating,final,init", [(True, True, True), (False, False, False), (True, False, False)])
-def test_discumsum_bwd_kernel_on_cpu(gating, final, init, impl):
+def test_discumsum_bwd_kernel_on_cpu(gating, final, init, per_thread):
     b, n, h, D, d = 2, 4, 2, 40, 8
     gen = torch.Generator().manual_seed(3)
     dSbar = torch.randn(b, n, h, D, d, generator=gen)
@@ -118,11 +118,11 @@ def test_discumsum_bwd_kernel_on_cpu(gating, final, init, impl):
     dSf = torch.randn(b, h, D, d, generator=gen) if final else None
     dsf = torch.randn(b, h, D, generator=gen) if final else None
     key = DiscumsumBwdKey(head_dim=d, feature_dim=D)
-    cfg = DiscumsumBwdConfig(impl=impl, threads=64, per_thread=2 if impl == "scan" else 4)
+    cfg = DiscumsumBwdConfig(threads=64, per_thread=per_thread)
     tile = cfg.threads * cfg.per_thread
     bS, bs = -(-(D * d) // tile), -(-D // tile)
     blocks = bS + bs
-    # NaN-poisoned when gated: every per-CTA / per-warp partial must be written
+    # NaN-poisoned when gated: every per-warp partial must be written
     dLpart = torch.full((b * h, n, blocks * cfg.dl_parts_per_cta), float("nan") if gating else 0.0)
     dS0, ds0 = (torch.zeros(b, h, D, d), torch.zeros(b, h, D)) if init else (None, None)
     want = em.discumsum_bwd(dSbar.double(), dsbar.double(), Sb.double(), sb[:, :n].double(),

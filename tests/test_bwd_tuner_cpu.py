@@ -39,7 +39,7 @@ SMALL = [
     ("update_state_bwd", dict(head_dim=32, deg=2, d_tile=8, tokens=256)),
     ("update_state_bwd", dict(head_dim=32, deg=4, d_tile=4, dtype="float16", tokens=128)),
     ("query_state_bwd", dict(head_dim=32, deg=2, d_tile=8, tokens=256)),
-    ("discumsum_bwd", dict(head_dim=8, feature_dim=40, batch_heads=2, chunks=4)),
+    ("discumsum_bwd", dict(head_dim=8, feature_dim=80, batch_heads=2, chunks=4)),
     ("intra_chunk_attention_bwd", dict(head_dim=32, deg=2, stage="dkv", chunk_size=32, tokens=256)),
     ("intra_chunk_attention_bwd", dict(head_dim=32, deg=2, dtype="float16", stage="dq", chunk_size=32, tokens=256)),
     ("intra_chunk_attention_bwd", dict(head_dim=16, deg=4, stage="dkv", chunk_size=16, tokens=128)),

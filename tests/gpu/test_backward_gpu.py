@@ -53,9 +53,8 @@ def varying_gates(b, t, h, g, lo=0.5, hi=5.0):
 
 
 # ---- kernels vs their emulation --------------------------------------------------------------------
-@pytest.mark.parametrize("config", [None, dict(impl="pipelined", threads=256, per_thread=8),
-                                    dict(impl="pipelined", threads=512, per_thread=16)],
-                         ids=["dispatched", "pipelined-256x8", "pipelined-512x16"])
+@pytest.mark.parametrize("config", [None, dict(threads=256, per_thread=8), dict(threads=512, per_thread=16)],
+                         ids=["dispatched", "256x8", "512x16"])
 @pytest.mark.parametrize("gating,final,init", [(True, True, True), (True, False, False), (False, True, False)])
 def test_discumsum_bwd_kernel(gating, final, init, config):
     from vidrial.kernels.power_retention.discumsum_bwd import DiscumsumBwdConfig, discumsum_bwd

@@ -6,16 +6,15 @@
     d initial_state = acc
 
 The kernel overwrites its input dSbar/dsbar with dS/ds (in place, no second state-sized buffer);
-dL comes as per-CTA (or per-warp) partial sums (no atomics) reduced here. Sbar_nu is read from the
-forward's bf16 copy (the only state copy the forward keeps). Two implementations (`impl`):
-- "scan" (templates/discumsum_bwd.cu.j2): one chunk's loads at a time, a barrier per chunk for dL;
-- "pipelined" (templates/discumsum_bwd_pipelined.cu.j2): the next chunk's loads in flight while one is
-  processed, 16-byte state vectors, per-warp dL partials (no barrier). Written 2026-12-02 without a GPU
-  run: in the search space, not the default, until measured (docs/PERF_NOTES.md).
+dL comes as per-warp partial sums (no atomics, no barrier) reduced here. Sbar_nu is read from the
+forward's bf16 copy (the only state copy the forward keeps). templates/discumsum_bwd.cu.j2 keeps the next
+chunk's loads in flight while one is processed, with 16-byte state vectors; it replaced a plain scan (one
+chunk of loads at a time, a barrier per chunk) that was 3.5-4.3x slower at shapes A and B on an H200
+(docs/PERF_NOTES.md, 2026-12-02).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
@@ -29,29 +28,23 @@ from vidrial.kernels.power_retention.bwd_tuning import SliceCheck
 __all__ = ["DiscumsumBwdConfig", "DiscumsumBwdKey", "FAMILY", "discumsum_bwd"]
 
 
-_TEMPLATES = {"scan": "discumsum_bwd.cu.j2", "pipelined": "discumsum_bwd_pipelined.cu.j2"}
-
-
 class DiscumsumBwdConfig(KernelConfig):
-    impl: Literal["scan", "pipelined"] = Field("scan", description="scan: one chunk of loads at a time; pipelined: "
-                                                                   "two in flight, no barriers")
-    threads: int = Field(256, description="threads per CTA")
-    per_thread: int = Field(8, description="state elements per thread (strided by threads: coalesced)")
+    threads: int = Field(128, description="threads per CTA")
+    per_thread: int = Field(4, description="state elements per thread (16-byte vectors strided by threads: "
+                                           "coalesced)")
 
     @model_validator(mode="after")
     def _valid(self):
         if self.threads not in (64, 128, 256, 512, 1024):
             raise ConfigError("threads", self.threads, "one of 64, 128, 256, 512, 1024")
-        if not 1 <= self.per_thread <= 32:
-            raise ConfigError("per_thread", self.per_thread, "between 1 and 32")
-        if self.impl == "pipelined" and self.per_thread % 4:
-            raise ConfigError("per_thread", self.per_thread, "a multiple of 4 with impl='pipelined' (16-byte vectors)")
+        if not 4 <= self.per_thread <= 32 or self.per_thread % 4:
+            raise ConfigError("per_thread", self.per_thread, "a multiple of 4 between 4 and 32 (16-byte vectors)")
         return self
 
     @property
     def dl_parts_per_cta(self) -> int:
-        """dL partial sums per CTA: one (scan) or one per warp (pipelined)."""
-        return self.threads // 32 if self.impl == "pipelined" else 1
+        """dL partial sums per CTA: one per warp."""
+        return self.threads // 32
 
 
 class DiscumsumBwdKey(ProblemKey):
@@ -76,13 +69,7 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
     signature = ("ptr",) * 10 + ("i32",) * 4
 
     def default_config(self, key: DiscumsumBwdKey) -> DiscumsumBwdConfig:
-        return DiscumsumBwdConfig(threads=256, per_thread=8)
-
-    def template_for(self, config: DiscumsumBwdConfig) -> str:
-        return _TEMPLATES[config.impl]
-
-    def implementation_templates(self) -> tuple[str, ...]:
-        return tuple(_TEMPLATES.values())
+        return DiscumsumBwdConfig(threads=128, per_thread=4)  # best at shape A, within 4% of the best at B
 
     def render_context(self, key: DiscumsumBwdKey, config: DiscumsumBwdConfig) -> dict[str, Any]:
         return dict(threads=config.threads, per_thread=config.per_thread, D=key.feature_dim, d=key.head_dim,
@@ -97,11 +84,11 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
     def check(self, key: DiscumsumBwdKey, config: DiscumsumBwdConfig, arch: str) -> None:
         super().check(key, config, arch)
         cap = min(255, 65536 // config.threads)
-        need = (5 if config.impl == "pipelined" else 3) * config.per_thread + 32  # pipelined: two chunks of loads
+        need = 5 * config.per_thread + 32  # two chunks of loads in flight
         if need > cap:
             raise ConfigError("per_thread", config.per_thread,
                               f"{config.threads} threads allow {cap} registers per thread; per_thread="
-                              f"{config.per_thread} needs ~{need} with impl={config.impl!r}")
+                              f"{config.per_thread} needs ~{need}")
 
     def shape_keys(self) -> list[DiscumsumBwdKey]:
         from vidrial.kernels.power_retention.standard_shapes import meta, training_problems, unique
@@ -110,10 +97,9 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
                       for p in training_problems())
 
     def corner_configs(self, key: DiscumsumBwdKey) -> list[DiscumsumBwdConfig]:
-        return [self.default_config(key), DiscumsumBwdConfig(threads=64, per_thread=1),
-                DiscumsumBwdConfig(threads=1024, per_thread=4),
-                DiscumsumBwdConfig(impl="pipelined", threads=64, per_thread=4),
-                DiscumsumBwdConfig(impl="pipelined", threads=256, per_thread=8)]
+        return [self.default_config(key), DiscumsumBwdConfig(threads=64, per_thread=4),
+                DiscumsumBwdConfig(threads=1024, per_thread=4), DiscumsumBwdConfig(threads=256, per_thread=8),
+                DiscumsumBwdConfig(threads=512, per_thread=16)]
 
     # ---- launch path -------------------------------------------------------------------------
     def prepare(self, x: dict[str, Any]) -> dict[str, Any]:
