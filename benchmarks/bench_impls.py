@@ -188,7 +188,55 @@ def discumsum_bwd_rows(shape: str, reps: int) -> list[dict]:
     return rows
 
 
-FAMILIES = {"update_state": update_state_rows, "query_state": query_state_rows, "discumsum_bwd": discumsum_bwd_rows}
+UPDATE_STATE_BWD_CONFIGS = [  # (impl, warps, tile_f, stages)
+    ("mma_sync", 4, 64, 2), ("mma_sync", 4, 64, 3), ("mma_sync", 8, 64, 2), ("wgmma", 8, 64, 3), ("wgmma", 8, 64, 4),
+    ("wgmma", 8, 64, 6), ("wgmma", 4, 64, 3), ("wgmma", 4, 64, 4), ("wgmma", 4, 64, 6),
+]
+
+
+def update_state_bwd_rows(shape: str, reps: int) -> list[dict]:
+    """dK, dV, E from the chunk-state gradients (gated); FLOPs: both GEMMs with exact D."""
+    from vidrial.kernels.power_retention.update_state_bwd import FAMILY, UpdateStateBwdConfig, update_state_bwd
+    from vidrial.reference import backward as em
+
+    b, t = SHAPES[shape]
+    n, D = t // CHUNK, feature_dim(D_HEAD, DEG, D_TILE)
+    K, V, G = _inputs(b, t)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    dS = torch.randn(b, n, H, D, D_HEAD, device="cuda", generator=g) * 0.1
+    ds = torch.randn(b, n, H, D, device="cuda", generator=g) * 0.1
+    gc = G.view(b, n, CHUNK, H).cumsum(2).view(b, t, H)
+    want = em.update_state_bwd(K[:1, :CHUNK, :1].double(), V[:1, :CHUNK, :1].double(), gc[:1, :CHUNK, :1].double(),
+                               dS[:1, :1, :1].double(), ds[:1, :1, :1].double(), DEG, D_TILE, CHUNK)
+    flops = 2 * 2.0 * t * b * H * feature_dim(D_HEAD, DEG, 1) * D_HEAD
+    run = lambda cfg: update_state_bwd(K, V, gc, dS, ds, deg=DEG, d_tile=D_TILE, chunk_size=CHUNK,  # noqa: E731
+                                       config=cfg)
+    key = FAMILY.problem_key(FAMILY.prepare(dict(K=K, V=V, G=gc, dS=dS, ds=ds, deg=DEG, d_tile=D_TILE,
+                                                 chunk_size=CHUNK)))
+    configs = [("dispatched", FAMILY.config_for(key, K.device))] + [
+        ("sweep", UpdateStateBwdConfig(impl=i, warps=w, tile_f=f, stages=st)) for i, w, f, st in UPDATE_STATE_BWD_CONFIGS]
+    rows = []
+    for origin, cfg in configs:
+        row = {"shape": shape, "origin": origin, "config": cfg.label()}
+        try:
+            FAMILY.check(key, cfg, "sm_90")
+            dK, dV, E = run(cfg)
+            torch.cuda.synchronize()
+            err = max(_rel(x[:1, :CHUNK, :1], w) for x, w in zip((dK, dV, E), want))
+            row["rel_err"] = err
+            if not err < 1e-2:
+                row["error"] = f"relative error {err:.2e}"
+                rows.append(row)
+                continue
+            ms = time_cuda(lambda: run(cfg), warmup=3, repeats=reps).median_ms
+            row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        rows.append(row)
+    return rows
+
+
+FAMILIES = {"update_state": update_state_rows, "update_state_bwd": update_state_bwd_rows, "query_state": query_state_rows, "discumsum_bwd": discumsum_bwd_rows}
 
 
 def main() -> int:

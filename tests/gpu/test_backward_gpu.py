@@ -118,6 +118,31 @@ def test_update_state_bwd_mma16_kernel(d, p, gating):
             assert rel_err(got, want) < 1e-2
 
 
+
+@pytest.mark.parametrize("warps,stages", [(8, 4), (4, 3), (8, 6)])
+@pytest.mark.parametrize("gating,dtype", [(True, torch.bfloat16), (False, torch.bfloat16), (True, torch.float16)])
+def test_update_state_bwd_wgmma_kernel(warps, stages, gating, dtype):
+    """The Hopper kernel (impl='wgmma', sm_90a) against the float64 emulation: c = 96 and 1000 leave
+    partial CTAs (64 or 128 rows), b = 2 and h = 3 check the grid; fp16 V is rounded to bf16 as in the
+    mma_sync kernel."""
+    from vidrial.kernels.power_retention.update_state_bwd import UpdateStateBwdConfig, update_state_bwd
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma kernel needs a Hopper GPU (sm_90)")
+    b, h, d, p, dt = 2, 3, 64, 2, 8
+    cfg = UpdateStateBwdConfig(impl="wgmma", warps=warps, stages=stages)
+    for c, n in ((128, 3), (96, 2), (1000, 2)):
+        K, V, dS, ds, gc = _us_bwd_inputs(b, h, c, n, d, p, dt, gating, seed=5)
+        K, V = K.to(dtype), V.to(dtype)
+        poison()
+        dK, dV, E = update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=cfg)
+        wK, wV, wE = em.update_state_bwd(K.double(), V.bfloat16().double(), None if gc is None else gc.double(),
+                                         dS.double(), ds.double(), p, dt, c)
+        assert (E is None) == (not gating)
+        for name, got, want in (("dK", dK, wK), ("dV", dV, wV), ("E", E, wE)):
+            if got is not None:
+                assert rel_err(got, want) < 1e-2, (name, c, rel_err(got, want))
+
 def _forward_pieces(b, t, hq, h, d, p, c, gating, seed):
     """Real forward kernels' outputs (as the autograd op keeps them) plus float64 copies."""
     from vidrial.autograd import power_retention_fwd

@@ -55,6 +55,11 @@ def arch_limits(arch: str) -> ArchLimits:
     return ArchLimits(arch=arch, **_LIMITS[cc])
 
 
+def is_hopper(arch: str | None) -> bool:
+    """sm_90 / sm_90a: where the wgmma (sm_90a) implementations run."""
+    return arch is not None and arch_limits(arch).capability == 90
+
+
 def device_arch(device_index: int | None = None) -> str:
     """The arch of a present CUDA device (through torch); raises if there is none."""
     import torch
