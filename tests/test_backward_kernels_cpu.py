@@ -58,9 +58,10 @@ def test_check_rules_and_keys():
 
 
 def _jobs():
-    """Every standard key with its default config on sm_80 and sm_90; the corner configs (extreme
-    tiles) of the bf16 keys on both archs as well (fp16 differs only in the input conversion, except in
-    the intra backward: S = Q K^T on fp16 tensor cores, so its fp16 default too)."""
+    """Every standard key with its default config on sm_80 and sm_90 (the arch's default: wgmma ones built
+    for sm_90a); the corner configs (extreme tiles) of the bf16 keys on both archs as well (fp16 differs
+    only in the input conversion, except in the intra backward: S = Q K^T on fp16 tensor cores, so its fp16
+    default too), the Hopper-only ones on sm_90 alone."""
     from vidrial.kernels.power_retention.intra_chunk_attention_bwd import FLASH_HEAD_DIMS, flash_default
 
     jobs, labels = [], []
@@ -70,11 +71,15 @@ def _jobs():
             cfgs = list(dict.fromkeys(fam.corner_configs(key))) if corners else [fam.default_config(key)]
             if fam is IB and not corners and key.head_dim in FLASH_HEAD_DIMS:
                 cfgs = list(dict.fromkeys(cfgs + [flash_default(key)]))
+            cfgs = list(dict.fromkeys(cfgs + [fam.default_config_for(key, "sm_90")]))
             for cfg in cfgs:
                 for arch in ("sm_80", "sm_90"):
+                    if getattr(cfg, "impl", None) == "wgmma" and arch != "sm_90":
+                        continue
                     fam.check(key, cfg, arch)
-                    jobs.append((fam.render(key, cfg), arch, (), f"{fam.name} {key.label()} | {cfg.label()}"))
-                    labels.append((fam, key, cfg, arch))
+                    target = fam.target_arch(cfg, arch)
+                    jobs.append((fam.render(key, cfg), target, (), f"{fam.name} {key.label()} | {cfg.label()}"))
+                    labels.append((fam, key, cfg, target))
     return jobs, labels
 
 
@@ -105,9 +110,11 @@ def _close(got, want, tol=2e-4):
 
 
 @needs_gxx
-@pytest.mark.parametrize("per_thread", [4, 8])
+@pytest.mark.parametrize("per_thread,bf16_out", [(4, False), (8, False), (4, True)])
 @pytest.mark.parametrize("gating,final,init", [(True, True, True), (False, False, False), (True, False, False)])
-def test_discumsum_bwd_kernel_on_cpu(gating, final, init, per_thread):
+def test_discumsum_bwd_kernel_on_cpu(gating, final, init, per_thread, bf16_out):
+    """bf16_out: dS written as bf16 into its own tensor (what the backward hands update_state_bwd), dSbar
+    left as it was."""
     b, n, h, D, d = 2, 4, 2, 40, 8
     gen = torch.Generator().manual_seed(3)
     dSbar = torch.randn(b, n, h, D, d, generator=gen)
@@ -129,8 +136,13 @@ def test_discumsum_bwd_kernel_on_cpu(gating, final, init, per_thread):
                             None if L is None else L.double(), None if dSf is None else dSf.double(),
                             None if dsf is None else dsf.double())
     X, x = dSbar.clone(), dsbar.clone()
-    _run(DB, key, cfg, (blocks, b * h), (X, x, Sb, sb, L, dSf, dsf, dS0, ds0, dLpart, n, h, n + 1, bS))
-    _close(X, want[0], 1e-5)
+    X16 = torch.full_like(dSbar, float("nan"), dtype=torch.bfloat16) if bf16_out else None
+    _run(DB, key, cfg, (blocks, b * h), (X, x, Sb, sb, L, dSf, dsf, dS0, ds0, dLpart, X16, n, h, n + 1, bS))
+    if bf16_out:
+        _close(X16, want[0], 4e-3)  # bf16 rounding
+        assert torch.equal(X, dSbar)
+    else:
+        _close(X, want[0], 1e-5)
     _close(x, want[1], 1e-5)
     if gating:
         _close(dLpart.sum(-1).view(b, h, n).transpose(1, 2), want[2], 1e-5)

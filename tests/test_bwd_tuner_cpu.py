@@ -84,7 +84,7 @@ def test_whole_space_compiles_without_spills_for_sm90(fam, key, half):
     """The d=64 keys (shape A's head dim). Every standard key: `vidrial compile --arch sm_90 --space all --kernel
     NAME` (spill column)."""
     configs = load_search_space(fam).valid_configs(key, "sm_90")[half::2]
-    jobs = [(fam.render(key, c), "sm_90", (), f"{fam.name} {c.label()}") for c in configs]
+    jobs = [(fam.render(key, c), fam.target_arch(c, "sm_90"), (), f"{fam.name} {c.label()}") for c in configs]
     results = compile_many(jobs, workers=2)
     bad = [f"{c.label()}: {r if not isinstance(r, CompiledKernel) else fam.infeasible_reason(key, c, r)}"
            for c, r in zip(configs, results)

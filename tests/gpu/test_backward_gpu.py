@@ -76,6 +76,9 @@ def test_discumsum_bwd_kernel(gating, final, init, config):
     dS, ds, dL, dS0, ds0 = discumsum_bwd(dSbar.clone(), dsbar.clone(), Sb16, sb, L, dSf, dsf, want_initial=init,
                                          config=cfg)
     assert rel_err(dS, want[0]) < 1e-5 and rel_err(ds, want[1]) < 1e-5
+    dS16, ds, _, _, _ = discumsum_bwd(dSbar.clone(), dsbar.clone(), Sb16, sb, L, dSf, dsf, dS_dtype=torch.bfloat16,
+                                      config=cfg)  # what the backward hands update_state_bwd
+    assert dS16.dtype == torch.bfloat16 and rel_err(dS16, want[0]) < 4e-3 and rel_err(ds, want[1]) < 1e-5
     if gating:
         assert rel_err(dL, want[2]) < 1e-4
     if init:

@@ -94,7 +94,8 @@ def power_retention_backward(dY: Tensor, dS_final: Optional[Tensor], ds_final: O
     qs = query_state_bwd(Q, g, Sbar16, sbar, O, l, m, Y, dY, deg=deg, d_tile=d_tile, scale=scale, chunk_size=c)
     dS, ds, dL, dS0, ds0 = discumsum_bwd(qs["dSbar"], qs["dsbar"], Sbar16, sbar, L,
                                          dS_final.float() if dS_final is not None else None,
-                                         ds_final.float() if ds_final is not None else None, want_initial=has_state)
+                                         ds_final.float() if ds_final is not None else None, want_initial=has_state,
+                                         dS_dtype=torch.bfloat16)  # what update_state_bwd reads
     dK_u, dV_u, E = update_state_bwd(K, V, g, dS, ds, deg=deg, d_tile=d_tile, chunk_size=c)
     dQ_i, dK_i, dV_i, dgcol, dgrow = intra_chunk_attention_bwd(Q, K, V, g, m, qs["dO"], qs["dl"], deg=deg,
                                                                scale=scale, chunk_size=c, want_dgrow=True, dY=dY)

@@ -66,7 +66,7 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
     template = "discumsum_bwd.cu.j2"
     Config = DiscumsumBwdConfig
     Key = DiscumsumBwdKey
-    signature = ("ptr",) * 10 + ("i32",) * 4
+    signature = ("ptr",) * 11 + ("i32",) * 4
 
     def default_config(self, key: DiscumsumBwdKey) -> DiscumsumBwdConfig:
         return DiscumsumBwdConfig(threads=128, per_thread=4)  # best at shape A, within 4% of the best at B
@@ -104,7 +104,8 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
     # ---- launch path -------------------------------------------------------------------------
     def prepare(self, x: dict[str, Any]) -> dict[str, Any]:
         """dSbar [b,n,h,D,d] / dsbar [b,n,h,D] fp32 contiguous (updated in place), Sbar16 [b,n,h,D,d] bf16,
-        sbar [b,>=n,h,D] fp32, chunk_gates [b,n,h] or None, dS_final / ds_final or None, want_initial."""
+        sbar [b,>=n,h,D] fp32, chunk_gates [b,n,h] or None, dS_final / ds_final or None, want_initial,
+        dS_dtype (float32: dS in place of dSbar; bfloat16: dS into a new bf16 tensor, dSbar only read)."""
         import torch
 
         dSbar, dsbar, Sbar16, sbar = x["dSbar"], x["dsbar"], x["Sbar16"], x["sbar"]
@@ -121,9 +122,13 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
         if b * h > 65535:
             raise InputError("dSbar", f"batch*heads={b * h}", "batch * heads <= 65535")
         contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        dS_dtype = x.get("dS_dtype", torch.float32)
+        if dS_dtype not in (torch.float32, torch.bfloat16):
+            raise InputError("dS_dtype", dS_dtype, "torch.float32 (in place) or torch.bfloat16")
         return dict(dSbar=dSbar, dsbar=dsbar, Sbar16=Sbar16.contiguous(), sbar=sbar.contiguous(),
                     chunk_gates=contiguous(x.get("chunk_gates")), dS_final=contiguous(x.get("dS_final")),
-                    ds_final=contiguous(x.get("ds_final")), want_initial=bool(x.get("want_initial", False)))
+                    ds_final=contiguous(x.get("ds_final")), want_initial=bool(x.get("want_initial", False)),
+                    dS_dtype=dS_dtype)
 
     def problem_key(self, x: dict[str, Any]) -> DiscumsumBwdKey:
         """b*h and n bucketed to powers of two."""
@@ -131,7 +136,7 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
         return DiscumsumBwdKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
 
     def outputs(self, key: DiscumsumBwdKey, config: DiscumsumBwdConfig, x: dict[str, Any]) -> dict[str, Any]:
-        """dS, ds (the inputs dSbar, dsbar, overwritten), dL_parts [b*h, n, CTAs] (gated), d_initial
+        """dS (dSbar overwritten, or a new bf16 tensor), ds (dsbar, overwritten), dL_parts [b*h, n, CTAs] (gated), d_initial
         [b,h,D,d] and d_sum_of_keys [b,h,D] (want_initial)."""
         import torch
 
@@ -139,7 +144,8 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
         tile = config.threads * config.per_thread
         parts = (-(-(D * d) // tile) + -(-D // tile)) * config.dl_parts_per_cta
         new = lambda *shape: torch.empty(shape, device=x["dSbar"].device, dtype=torch.float32)  # noqa: E731
-        return dict(dS=x["dSbar"], ds=x["dsbar"],
+        bf16 = x["dS_dtype"] == torch.bfloat16
+        return dict(dS=torch.empty_like(x["dSbar"], dtype=torch.bfloat16) if bf16 else x["dSbar"], ds=x["dsbar"],
                     dL_parts=new(b * h, n, parts) if x["chunk_gates"] is not None else None,
                     d_initial=new(b, h, D, d) if x["want_initial"] else None,
                     d_sum_of_keys=new(b, h, D) if x["want_initial"] else None)
@@ -153,7 +159,8 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
         yield Launch((blocks_S + blocks_s, b * h, 1),
                      (x["dSbar"].data_ptr(), x["dsbar"].data_ptr(), x["Sbar16"].data_ptr(), x["sbar"].data_ptr(),
                       ptr(x["chunk_gates"]), ptr(x["dS_final"]), ptr(x["ds_final"]), ptr(out["d_initial"]),
-                      ptr(out["d_sum_of_keys"]), ptr(out["dL_parts"]), n, h, x["sbar"].shape[1], blocks_S))
+                      ptr(out["d_sum_of_keys"]), ptr(out["dL_parts"]),
+                      out["dS"].data_ptr() if out["dS"] is not x["dSbar"] else 0, n, h, x["sbar"].shape[1], blocks_S))
 
     # ---- tuner protocol (shared pieces: bwd_tuning.py) -------------------------------------------
     def make_inputs(self, key: DiscumsumBwdKey, device: Any, seed: int) -> dict[str, Any]:
@@ -172,14 +179,16 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
                     sbar=bt.randn((b, n + 1, h, D), gen, device), L=L)
 
     def run(self, key: DiscumsumBwdKey, config: DiscumsumBwdConfig, inputs: dict[str, Any]) -> Any:
-        """(dS, ds, dL). Restores head 0 of the in-place buffers first, so every config's checked run
+        """(dS, ds, dL), dS in bf16 as the backward runs it. Restores head 0 of the in-place buffers first, so every config's checked run
         sees the original gradients there (a copy of 1/batch_heads of the gradients in each timed run,
         the same for every config); the other heads are rescanned each run (values do not change the
         time, and the strictly triangular reverse scan never overflows: it reaches 0 after n runs)."""
         inputs["dSbar"][:, :, :1].copy_(inputs["dSbar0"])
         inputs["dsbar"][:, :, :1].copy_(inputs["dsbar0"])
+        import torch
+
         dS, ds, dL, _, _ = discumsum_bwd(inputs["dSbar"], inputs["dsbar"], inputs["Sbar16"], inputs["sbar"],
-                                         inputs["L"], config=config)
+                                         inputs["L"], dS_dtype=torch.bfloat16, config=config)
         return dS, ds, dL
 
     def reference(self, key: DiscumsumBwdKey, inputs: dict[str, Any]) -> Any:
@@ -193,23 +202,26 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
         return dS, ds, dL
 
     def tolerance(self, key: DiscumsumBwdKey) -> float:
-        return 1e-4  # fp32 sums of exactly representable inputs: ~1e-6 (GPU test: 1e-5)
+        return 4e-3  # dS rounded to bf16 (relative 2^-9 per element); ds, dL: fp32 sums (~1e-6)
 
 
 FAMILY = register(DiscumsumBwdFamily())
 
 
 def discumsum_bwd(dSbar, dsbar, Sbar16, sbar, chunk_gates=None, dS_final=None, ds_final=None, *,
-                  want_initial: bool = False, config=None):
+                  want_initial: bool = False, dS_dtype=None, config=None):
     """In place: dSbar [b,n,h,D,d] / dsbar [b,n,h,D] fp32 (gradients w.r.t. the states at the start of each
-    chunk) become dS / ds (gradients w.r.t. the chunk states). Sbar16 [b,n',h,D,d] bf16 (n' >= n),
+    chunk) become dS / ds (gradients w.r.t. the chunk states); with dS_dtype=torch.bfloat16, dS is written
+    as a new bf16 tensor instead (what update_state_bwd reads: 2 bytes written per element instead of 4,
+    and no conversion pass) and dSbar is left as it was. Sbar16 [b,n',h,D,d] bf16 (n' >= n),
     sbar [b,n'',h,D] fp32 (n'' >= n), chunk_gates [b,n,h] fp32 or None, dS_final [b,h,D,d] / ds_final
     [b,h,D] fp32 or None. Returns (dS, ds, dL [b,n,h] or None, d_initial [b,h,D,d] or None,
     d_sum_of_keys [b,h,D] or None). Current stream, no host sync."""
     import torch
 
     out = FAMILY(config, dSbar=dSbar, dsbar=dsbar, Sbar16=Sbar16, sbar=sbar, chunk_gates=chunk_gates,
-                 dS_final=dS_final, ds_final=ds_final, want_initial=want_initial)
+                 dS_final=dS_final, ds_final=ds_final, want_initial=want_initial,
+                 dS_dtype=dS_dtype if dS_dtype is not None else torch.float32)
     b, n, h = dSbar.shape[:3]
     dS0, ds0 = out["d_initial"], out["d_sum_of_keys"]
     if want_initial and (b * h == 0 or n == 0):  # no scan: the initial state's gradient is the final one's

@@ -204,10 +204,11 @@ class UpdateStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[UpdateStat
         if t % c:
             raise InputError("K", tuple(K.shape), f"a time length that is a multiple of chunk_size={c}")
         D = feature_dim(d, x["deg"], x["d_tile"])
-        if tuple(dS.shape) != (b, t // c, h, D, d) or dS.dtype != torch.float32:
-            raise InputError("dS", (tuple(dS.shape), str(dS.dtype)), f"float32 {(b, t // c, h, D, d)}")
+        if tuple(dS.shape) != (b, t // c, h, D, d) or dS.dtype not in (torch.float32, torch.bfloat16):
+            raise InputError("dS", (tuple(dS.shape), str(dS.dtype)), f"float32 or bfloat16 {(b, t // c, h, D, d)}")
         G = x.get("G")
-        # the kernel reads dS as bf16 (update_state_bwd says why that is accurate enough)
+        # the kernel reads dS as bf16 (update_state_bwd says why that is accurate enough; the backward
+        # has discumsum_bwd write it so)
         return dict(K=K.contiguous(), V=x["V"].contiguous(), G=G.contiguous() if G is not None else None,
                     dS=dS.to(torch.bfloat16).contiguous(), ds=x["ds"].contiguous(), deg=x["deg"], d_tile=x["d_tile"],
                     chunk_size=c)
@@ -278,9 +279,9 @@ def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int,
     """dK, dV [b,t,h,d] fp32 and E [b,t,h] fp32 (phi(k~).dphi, None without gating).
 
     K, V [b,t,h,d] bf16/fp16 with t a multiple of chunk_size; G [b,t,h] fp32 chunk-local cumulative
-    log gates or None; dS [b,n,h,D,d], ds [b,n,h,D] fp32. Current stream, no host sync.
+    log gates or None; dS [b,n,h,D,d] fp32 or bf16, ds [b,n,h,D] fp32. Current stream, no host sync.
 
-    The kernel reads dS as bf16 (one conversion here; ds stays fp32): 8 significant bits per entry,
+    The kernel reads dS as bf16 (one conversion here unless it is given in bf16; ds stays fp32): 8 significant bits per entry,
     relative rounding <= 2^-9, and both GEMMs sum D >= hundreds of products in fp32 with independent
     rounding errors, so dK, dV and E stay within ~1e-3 of float64 (tests/test_us_bwd_mma16_cpu.py
     measures it) -- well inside the project's bf16 tolerance of ~1e-2. Rounding phi(k) to bf16 for the
