@@ -43,7 +43,20 @@ def _update_state_bwd(cfg: dict, b: int, t: int):
     return lambda: update_state_bwd(K, V, G.view(b, t, H), dS, ds, deg=2, d_tile=8, chunk_size=CHUNK, config=config)
 
 
-RUNNERS = {"update_state": _update_state, "update_state_bwd": _update_state_bwd}
+def _query_state_bwd(cfg: dict, b: int, t: int):
+    from vidrial.kernels.power_retention.query_state_bwd import QueryStateBwdConfig, query_state_bwd_rows
+
+    n, D = t // CHUNK, feature_dim(D_HEAD, 2, 8)
+    Q, Y, dY = (torch.randn(b, t, H, D_HEAD, device="cuda").to(torch.bfloat16) for _ in range(3))
+    G = torch.nn.functional.logsigmoid(torch.randn(b, t, H, device="cuda") + 3.0).view(b, n, CHUNK, H).cumsum(2)
+    Sb16, sb = torch.randn(b, n, H, D, D_HEAD, device="cuda").bfloat16(), torch.rand(b, n, H, D, device="cuda")
+    O, l, m = torch.randn(b, t, H, D_HEAD, device="cuda"), torch.rand(b, t, H, device="cuda") + 1, torch.randn(b, t, H, device="cuda")
+    config = QueryStateBwdConfig(**cfg)
+    return lambda: query_state_bwd_rows(Q, G.view(b, t, H), Sb16, sb, O, l, m, Y, dY, deg=2, d_tile=8,
+                                        scale=D_HEAD ** -0.5, chunk_size=CHUNK, config=config)
+
+
+RUNNERS = {"update_state": _update_state, "update_state_bwd": _update_state_bwd, "query_state_bwd": _query_state_bwd}
 
 
 def main() -> int:

@@ -165,7 +165,25 @@ def _forward_pieces(b, t, hq, h, d, p, c, gating, seed):
                                             (32, 4, 1, True, 64), (128, 2, 2, True, 128), (64, 2, 1, True, 1024)])
 def test_query_state_bwd_mma16_rows(d, p, r, gating, c):
     """The tensor-core rows pass against the float64 rows pass (partial row tiles: c=96 with 128-row CTAs; GQA; p=4; d=128 with 64-row CTAs; the training chunk)."""
-    from vidrial.kernels.power_retention.query_state_bwd import QueryStateBwdKey, mma16_config, query_state_bwd
+    from vidrial.kernels.power_retention.query_state_bwd import mma16_config
+
+    _check_qs_rows(d, p, r, gating, c, lambda key: mma16_config(key))
+
+
+@pytest.mark.parametrize("warps,stages", [(4, 4), (8, 3), (4, 6)])
+@pytest.mark.parametrize("r,gating,c", [(1, True, 128), (2, True, 96), (1, False, 1000), (4, True, 1024)])
+def test_query_state_bwd_wgmma_rows(warps, stages, r, gating, c):
+    """The Hopper rows pass (impl='wgmma', sm_90a) against the float64 rows pass: partial CTAs (c = 96,
+    1000), GQA, ungated, the training chunk."""
+    from vidrial.kernels.power_retention.query_state_bwd import QueryStateBwdConfig
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma kernel needs a Hopper GPU (sm_90)")
+    _check_qs_rows(64, 2, r, gating, c, lambda key: QueryStateBwdConfig(impl="wgmma", warps=warps, stages=stages))
+
+
+def _check_qs_rows(d, p, r, gating, c, config_of):
+    from vidrial.kernels.power_retention.query_state_bwd import QueryStateBwdKey, query_state_bwd
 
     b, h, n = 1, 2, 3
     t, hq = n * c, h * r
@@ -176,7 +194,7 @@ def test_query_state_bwd_mma16_rows(d, p, r, gating, c):
     args = (Q, gc, Sb16, sb, O, l, m, Y, dY)
     kw = dict(deg=p, d_tile=dt, scale=scale, chunk_size=c)
     poison()
-    out = query_state_bwd(*args, config=mma16_config(key), **kw)
+    out = query_state_bwd(*args, config=config_of(key), **kw)
     gz = gc.double() if gating else torch.zeros(b, t, h, device=DEV, dtype=F64)
     w = em.qs_bwd_rows(Q.double(), gz, Sb16[:, :n].double(), sb[:, :n].double(), O.double(), l.double(), m.double(),
                        Y.double(), dY.double(), p, dt, scale, c)

@@ -11,7 +11,10 @@ B = s^p phi(q~).sbar_nu, the stabiliser M = max(m, log B), Den = l e^(m-M) + B e
 as one loop over the features (reference.backward.qs_bwd_rows_mma16): dphi' = Sbar dY - (dY.Y) sbar on
 bf16 tensor cores (mma.sync m16n8k16, dY's fragments in registers, Sbar tiles by cp.async) and the
 sympow chain rule on the CUDA cores, one row per thread (templates/query_state_bwd.cu.j2 on
-templates/common/feature_bwd.cuh).
+templates/common/feature_bwd.cuh). impl="wgmma" (templates/query_state_bwd_wgmma.cu.j2, Hopper, sm_90a,
+p = 2, d_tile = 8, head_dim = 64): the same loop with the GEMM on warpgroup MMA (dY the register A
+operand, one 64-feature Sbar block per stage through a 128-byte-swizzled descriptor) and the chain on
+its accumulators in registers (common/wgmma_chain.cuh) while the next block's GEMM runs.
 
 State pass (per batch, KV head, chunk; sums the r query heads):
     dSbar_nu = s^p sum_rows phi(qh) dAh^T,  dsbar_nu = s^p sum_rows phi(qh) dBh,
@@ -37,6 +40,7 @@ from vidrial.kernels.power_retention._feature_bwd import (
     padded_row,
     scratch_floats,
     state_tile_floats,
+    wgmma_smem_bytes,
 )
 from vidrial.kernels.power_retention.sympow import block_table, feature_dim
 
@@ -87,6 +91,7 @@ ROW_OUTPUTS = ("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg")
 class QueryStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
     name = "query_state_bwd"
     template = "query_state_bwd.cu.j2"
+    templates = {"mma_sync": "query_state_bwd.cu.j2", "wgmma": "query_state_bwd_wgmma.cu.j2"}
     Config = QueryStateBwdConfig
     Key = QueryStateBwdKey
     signature = ("ptr",) * 17 + ("i32",) * 8 + ("f32",)
@@ -97,14 +102,17 @@ class QueryStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[QueryStateB
     signature_input = "Q"  # the tensor problem_key reads the sizes off
 
     def smem_bytes(self, head_dim: int, config: FeatureBwdConfig) -> int:
+        if config.impl == "wgmma":
+            return wgmma_smem_bytes(head_dim, config, row_scalars=6)  # dY.Y, dY.O, Bq, fq, inv, e^(m-M)
         return mma16_smem_bytes(head_dim, config)
 
     def corner_configs(self, key: QueryStateBwdKey) -> list[QueryStateBwdConfig]:
         out = [self.default_config(key)]
-        for cfg in (QueryStateBwdConfig(warps=2, tile_f=128, stages=4),
-                    QueryStateBwdConfig(warps=8, tile_f=64, stages=2)):
+        for cfg, arch in [(QueryStateBwdConfig(warps=2, tile_f=128, stages=4), "sm_80"),
+                          (QueryStateBwdConfig(warps=8, tile_f=64, stages=2), "sm_80")] + [
+                (c, "sm_90a") for c in self.wgmma_corners(key)]:
             try:
-                self.check(key, cfg, "sm_80")
+                self.check(key, cfg, arch)
                 out.append(cfg)
             except ConfigError:
                 pass

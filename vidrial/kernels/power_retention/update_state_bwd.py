@@ -22,11 +22,11 @@ rows per warpgroup.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from vidrial.core.arch import is_hopper, normalize_arch
+from vidrial.core.arch import is_hopper
 from vidrial.core.config import ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily, Launch
@@ -41,47 +41,15 @@ from vidrial.kernels.power_retention._feature_bwd import (
     padded_row,
     scratch_floats,
     state_tile_floats,
+    wgmma_applies,
+    wgmma_smem_bytes,
 )
 from vidrial.kernels.power_retention.sympow import block_table, feature_dim
 
 __all__ = ["UpdateStateBwdConfig", "UpdateStateBwdKey", "FAMILY", "update_state_bwd", "mma16_config"]
 
-_TEMPLATES = {"mma_sync": "update_state_bwd.cu.j2", "wgmma": "update_state_bwd_wgmma.cu.j2"}
-WGMMA_STAGES = (3, 4, 5, 6)
-
-
 class UpdateStateBwdConfig(FeatureBwdConfig):
-    """impl "mma_sync": feature_bwd.cuh's tiles (32 rows per warp). impl "wgmma": 64 rows per warpgroup
-    (warps 4 or 8), one 64-feature block per stage (tile_f = 64), stages 3..6."""
-
-    impl: Literal["mma_sync", "wgmma"] = Field("mma_sync", description="mma_sync (sm_80+) or wgmma (Hopper, sm_90a)")
-
-    @property
-    def rows(self) -> int:
-        return 16 * self.warps if self.impl == "wgmma" else super().rows
-
-    def check_fields(self) -> None:
-        if self.impl != "wgmma":
-            return super().check_fields()
-        if self.warps not in (4, 8):
-            raise ConfigError("warps", self.warps, "4 or 8 with impl='wgmma' (whole warpgroups, 64 rows each)")
-        if self.tile_f != 64:
-            raise ConfigError("tile_f", self.tile_f, "64 with impl='wgmma' (one sympow block per stage)")
-        if self.stages not in WGMMA_STAGES:
-            raise ConfigError("stages", self.stages, f"one of {WGMMA_STAGES} with impl='wgmma' (two stages are read "
-                                                     "while the next loads)")
-
-
-def wgmma_smem_bytes(head_dim: int, config: UpdateStateBwdConfig) -> int:
-    """templates/update_state_bwd_wgmma.cu.j2 (its static_assert checks it): dS tiles (bf16, 128-byte rows)
-    and ds per stage | k rows (16-bit, stride d+8) | u rows (fp32, stride d+8) | row scales | alignment."""
-    rows = config.rows
-    return config.stages * 64 * (2 * head_dim + 4) + rows * (head_dim + 8) * 2 + rows * (head_dim + 8) * 4 + rows * 4 \
-        + 1024
-
-
-def wgmma_applies(key: "UpdateStateBwdKey") -> bool:
-    return key.deg == 2 and key.d_tile == 8 and key.head_dim == 64
+    pass
 
 
 def mma16_config(key: "UpdateStateBwdKey") -> UpdateStateBwdConfig:
@@ -132,6 +100,7 @@ class UpdateStateBwdKey(ProblemKey):
 class UpdateStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[UpdateStateBwdKey, UpdateStateBwdConfig]):
     name = "update_state_bwd"
     template = "update_state_bwd.cu.j2"
+    templates = {"mma_sync": "update_state_bwd.cu.j2", "wgmma": "update_state_bwd_wgmma.cu.j2"}
     Config = UpdateStateBwdConfig
     Key = UpdateStateBwdKey
     signature = ("ptr",) * 9 + ("i32",) * 5
@@ -142,21 +111,12 @@ class UpdateStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[UpdateStat
     signature_input = "K"  # the tensor problem_key reads the sizes off
 
     def smem_bytes(self, head_dim: int, config: UpdateStateBwdConfig) -> int:
-        return wgmma_smem_bytes(head_dim, config) if config.impl == "wgmma" else mma16_smem_bytes(head_dim, config)
+        if config.impl == "wgmma":
+            return wgmma_smem_bytes(head_dim, config, row_scalars=1)  # the row scale
+        return mma16_smem_bytes(head_dim, config)
 
     def check_key(self, key: UpdateStateBwdKey) -> None:
         check_mma16_layout(key)
-
-    def check(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig, arch: str) -> None:
-        if config.impl == "wgmma":
-            if not is_hopper(arch):
-                raise ConfigError("impl", config.impl, f"needs a Hopper GPU (sm_90 / sm_90a); use impl='mma_sync' "
-                                                       f"on {normalize_arch(arch)}")
-            if not wgmma_applies(key):
-                raise ConfigError("impl", config.impl, f"takes deg=2, d_tile=8, head_dim=64, not deg={key.deg}, "
-                                                       f"d_tile={key.d_tile}, head_dim={key.head_dim}; use "
-                                                       "impl='mma_sync'")
-        super().check(key, config, arch)
 
     def default_config_for(self, key: UpdateStateBwdKey, arch: str | None) -> UpdateStateBwdConfig:
         """wgmma on Hopper where it applies: 1.23x the mma_sync kernel at shapes A and B on an H200
@@ -165,27 +125,10 @@ class UpdateStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[UpdateStat
             return self.wgmma_config(key)
         return self.default_config(key)
 
-    def wgmma_config(self, key: UpdateStateBwdKey) -> UpdateStateBwdConfig:
-        """One warpgroup (64 rows, three CTAs per SM), four stages: the best of 6 measured tiles."""
-        return UpdateStateBwdConfig(impl="wgmma", warps=4, tile_f=64, stages=4)
-
-    def template_for(self, config: UpdateStateBwdConfig) -> str:
-        return _TEMPLATES[config.impl]
-
-    def implementation_templates(self) -> tuple[str, ...]:
-        return tuple(_TEMPLATES.values())
-
-    def target_arch(self, config: UpdateStateBwdConfig, arch: str) -> str:
-        return "sm_90a" if config.impl == "wgmma" else arch
-
-    def render_context(self, key: UpdateStateBwdKey, config: UpdateStateBwdConfig) -> dict[str, Any]:
-        return dict(super().render_context(key, config), wgmma_ns=(64,))
-
     def corner_configs(self, key: UpdateStateBwdKey) -> list[UpdateStateBwdConfig]:
         out = [self.default_config(key)]
-        for cfg, arch in ((UpdateStateBwdConfig(warps=2, tile_f=64, stages=3), "sm_80"),
-                          (UpdateStateBwdConfig(impl="wgmma", warps=4, stages=3), "sm_90a"),
-                          (UpdateStateBwdConfig(impl="wgmma", warps=8, stages=6), "sm_90a")):
+        for cfg, arch in [(UpdateStateBwdConfig(warps=2, tile_f=64, stages=3), "sm_80")] + [
+                (c, "sm_90a") for c in self.wgmma_corners(key)]:
             try:
                 self.check(key, cfg, arch)
                 out.append(cfg)
