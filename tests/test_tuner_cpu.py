@@ -209,6 +209,13 @@ def test_tpe_finds_the_known_optimum_and_records_it(tmp_path):
     md = (report / "leaderboard.md").read_text()
     assert "tile_m=128 tile_k=64 warps=4 stages=3" in md
     assert ("history.png" in md) == (report / "history.png").exists()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:  # Optuna's own plots (optuna.visualization.matplotlib): the history and the parameter importances
+        assert (report / "history.png").stat().st_size > 1000 and (report / "importance.png").stat().st_size > 1000
+        assert "![parameter importance](importance.png)" in md
     assert (tmp_path / "out" / "report.md").is_file()
 
 

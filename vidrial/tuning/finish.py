@@ -137,7 +137,7 @@ def finish(family: Any, key: Any, space: SearchSpace, study: Any, settings: Tune
         except Exception:
             pass
     if settings.report:
-        result.report_dir = str(write_report(result, rows, space, Path(settings.out_dir)))
+        result.report_dir = str(write_report(result, rows, space, Path(settings.out_dir), study=study))
     return result
 
 

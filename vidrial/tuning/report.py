@@ -20,8 +20,11 @@ from vidrial.tuning.study import make_sampler, slug
 from vidrial.tuning.worker import InProcessMeasurer
 
 
-def write_report(result: StudyResult, rows: list[TrialRow], space: SearchSpace, out_dir: Path) -> Path:
-    """<out>/<family>/<gpu>/<key>/: leaderboard.md, leaderboard.csv, history.csv, history.png."""
+def write_report(result: StudyResult, rows: list[TrialRow], space: SearchSpace, out_dir: Path,
+                 study: Any = None) -> Path:
+    """<out>/<family>/<gpu>/<key>/: leaderboard.md, leaderboard.csv, history.csv, and with the Optuna study
+    (and matplotlib) Optuna's own plots: history.png (optimization history) and importance.png (parameter
+    importances, fANOVA) when the study has enough finished trials."""
     from vidrial.dispatch.store import slugify
 
     d = Path(out_dir) / result.family / slugify(result.gpu["name"]) / slug(",".join(
@@ -54,7 +57,7 @@ def write_report(result: StudyResult, rows: list[TrialRow], space: SearchSpace, 
         w.writerow(["trial", "status", "time_ms", "best_so_far_ms"])
         for t, s, tm, b in history:
             w.writerow([t, s, _fmt(tm), _fmt(b)])
-    plot_note = _plot_history(history, d / "history.png", f"{result.family} {result.key}")
+    plot_note = _optuna_plots(study, d, f"{result.family} {result.key}")
     # leaderboard.md
     lines = [f"# Tuning report: {result.family}", "",
              f"- key: `{json.dumps(result.key)}`",
@@ -94,33 +97,42 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _plot_history(history: list[tuple], path: Path, title: str) -> str:
+def _optuna_plots(study: Any, d: Path, title: str) -> str:
+    """optuna.visualization.matplotlib's optimization history and parameter importances of the study (the
+    importances need two completed trials with different times and a parameter that varied)."""
+    if study is None:
+        return "(no plots: the study was not given; the data is in history.csv)"
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as ovm
     except ImportError:
-        return ("(history plot skipped: matplotlib is not installed; `pip install vidrial[plot]`. "
+        return ("(plots skipped: matplotlib is not installed; `pip install vidrial[plot]`. "
                 "The data is in history.csv.)")
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ok = [(t, tm) for t, s, tm, _ in history if s == "ok" and tm is not None]
-    bad = [t for t, s, tm, _ in history if s != "ok"]
-    if ok:
-        ax.scatter([t for t, _ in ok], [tm for _, tm in ok], s=12, label="measured")
-        best = [(t, b) for t, _, _, b in history if b is not None]
-        ax.step([t for t, _ in best], [b for _, b in best], where="post", color="C3", label="best so far")
-        top = max(tm for _, tm in ok)
-        if bad:
-            ax.scatter(bad, [top * 1.05] * len(bad), marker="x", color="0.5", s=12, label="rejected / failed")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("time (ms)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"![search history]({path.name})"
+    import optuna
+
+    notes = []
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    plots = [("history.png", "search history", ovm.plot_optimization_history)]
+    varied = {n for t in complete for n in t.params if len({str(u.params.get(n)) for u in complete}) > 1}
+    if len({t.value for t in complete}) > 1 and varied:
+        plots.append(("importance.png", "parameter importance", ovm.plot_param_importances))
+    for name, what, plot in plots:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning on its matplotlib plots
+                ax = plot(study)
+            ax.set_title(f"{what}: {title}", fontsize=9)
+            ax.figure.set_size_inches(8, 4.5)
+            ax.figure.tight_layout()
+            ax.figure.savefig(d / name, dpi=110)
+            plt.close(ax.figure)
+            notes.append(f"![{what}]({name})")
+        except Exception as exc:  # a plot must never fail a study
+            notes.append(f"({what} plot skipped: {type(exc).__name__}: {exc})")
+    return "\n\n".join(notes)
 
 
 def write_summary(results: list[StudyResult], out_dir: Path) -> Path:
