@@ -244,45 +244,32 @@ QUERY_STATE_BWD_CONFIGS = [  # (impl, warps, tile_f, stages)
 
 
 def query_state_bwd_rows(shape: str, reps: int) -> list[dict]:
-    """The rows pass (dQ and the row factors) on Gaussian inputs of the forward's shapes (l > 0, gated);
-    FLOPs: its GEMM with exact D."""
-    from vidrial.kernels.power_retention.query_state_bwd import FAMILY, QueryStateBwdConfig, query_state_bwd_rows
-    from vidrial.reference import backward as em
+    """The rows pass (dQ and the row factors) on the tuner's problem for the shape's tokens (the family's
+    make_inputs: states, (O, l, m) and Y as the forward leaves them; b = 1, 8 heads, chunk 1024), checked
+    against its float64 reference as the tuner checks it; FLOPs: its GEMM with exact D."""
+    from vidrial.kernels.power_retention.query_state_bwd import FAMILY, QueryStateBwdConfig
 
     b, t = SHAPES[shape]
-    n, D = t // CHUNK, feature_dim(D_HEAD, DEG, D_TILE)
-    g = torch.Generator(device="cuda").manual_seed(2)
-    rnd = lambda *s, dt=torch.float32: torch.randn(*s, device="cuda", generator=g).to(dt)  # noqa: E731
-    Q, Y, dY = (rnd(b, t, H, D_HEAD, dt=torch.bfloat16) for _ in range(3))
-    _, _, G = _inputs(b, t)
-    gc = G.view(b, n, CHUNK, H).cumsum(2).view(b, t, H)
-    Sb16, sb = rnd(b, n, H, D, D_HEAD, dt=torch.bfloat16), rnd(b, n, H, D).abs()
-    O, l, m = rnd(b, t, H, D_HEAD), rnd(b, t, H).abs() + 1.0, rnd(b, t, H)
-    scale = D_HEAD ** -0.5
-    kw = dict(deg=DEG, d_tile=D_TILE, scale=scale, chunk_size=CHUNK)
-    names = ("dQ", "dO", "dl", "dAh", "dBh", "qscale")
-    f64 = lambda x: x[:1, :CHUNK, :1].double()  # noqa: E731
-    want = em.qs_bwd_rows(f64(Q), f64(gc), Sb16[:1, :1, :1].double(), sb[:1, :1, :1].double(), f64(O), f64(l),
-                          f64(m), f64(Y), f64(dY), DEG, D_TILE, scale, CHUNK)
+    key = FAMILY.Key(head_dim=D_HEAD, deg=DEG, d_tile=D_TILE, dtype="bfloat16", tokens=b * t * H)
+    inputs = FAMILY.make_inputs(key, torch.device("cuda"), seed=0)
+    expected = FAMILY.reference(key, inputs)
     flops = 2.0 * t * b * H * feature_dim(D_HEAD, DEG, 1) * D_HEAD
-    run = lambda cfg: query_state_bwd_rows(Q, gc, Sb16, sb, O, l, m, Y, dY, config=cfg, **kw)  # noqa: E731
-    key = FAMILY.problem_key(dict(Q=Q, deg=DEG, d_tile=D_TILE))
-    configs = [("dispatched", FAMILY.config_for(key, Q.device))] + [
+    configs = [("dispatched", FAMILY.config_for(key, torch.device("cuda")))] + [
         ("sweep", QueryStateBwdConfig(impl=i, warps=w, tile_f=f, stages=st)) for i, w, f, st in QUERY_STATE_BWD_CONFIGS]
     rows = []
     for origin, cfg in configs:
         row = {"shape": shape, "origin": origin, "config": cfg.label()}
         try:
             FAMILY.check(key, cfg, "sm_90")
-            out = run(cfg)
+            out = FAMILY.run(key, cfg, inputs)
             torch.cuda.synchronize()
-            err = max(_rel(out[k][:1, :CHUNK, :1], w) for k, w in zip(names, want))
+            err = FAMILY.check_outputs(key, inputs, out, expected)
             row["rel_err"] = err
-            if not err < 1e-2:
+            if not err < FAMILY.tolerance(key):
                 row["error"] = f"relative error {err:.2e}"
                 rows.append(row)
                 continue
-            ms = time_cuda(lambda: run(cfg), warmup=3, repeats=reps).median_ms
+            ms = time_cuda(lambda: FAMILY.run(key, cfg, inputs), warmup=3, repeats=reps).median_ms
             row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"

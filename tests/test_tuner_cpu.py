@@ -451,6 +451,24 @@ def test_pool_compiler_compiles_ahead_with_nvrtc(tmp_path, monkeypatch):
         assert fam.infeasible_reason(key, T.ProbeConfig(), c) is None
 
 
+def test_pool_compiler_builds_each_implementation_for_its_target(tmp_path, monkeypatch):
+    """A study on an sm_90 GPU compiles its wgmma configs for sm_90a (family.target_arch), its mma_sync ones
+    for sm_90: the tuner measures both implementations (not only the default that the launch path builds)."""
+    monkeypatch.setenv("VIDRIAL_CACHE_DIR", str(tmp_path / "cache"))
+    from vidrial.kernels.power_retention.query_state_bwd import FAMILY, QueryStateBwdConfig, QueryStateBwdKey
+    from vidrial.tuning.compile_pool import PoolCompiler
+
+    key = QueryStateBwdKey(head_dim=64, deg=2, d_tile=8)
+    pool = PoolCompiler(workers=1)
+    try:
+        wg = pool.submit(FAMILY, key, QueryStateBwdConfig(impl="wgmma", warps=4, stages=3), "sm_90").result()
+        mma = pool.submit(FAMILY, key, QueryStateBwdConfig(), "sm_90").result()
+    finally:
+        pool.close()
+    assert not isinstance(wg, BaseException), str(wg)[:2000]
+    assert (wg.arch, mma.arch) == ("sm_90a", "sm_90")
+
+
 def test_settings_and_cli_arguments():
     from vidrial.cli import build_parser, main
 

@@ -22,10 +22,12 @@ class PoolCompiler:
         self._pool: Any = None
 
     def submit(self, family: Any, key: Any, config: Any, arch: str) -> Future:
+        """arch: the GPU's; the config's implementation picks the compile target (wgmma kernels: sm_90a)."""
         from vidrial.core.compile import _compile_job
 
         try:
-            job = (family.render(key, config), arch, (), f"{family.name}: {key.label()} | {config.label()}")
+            job = (family.render(key, config), family.target_arch(config, arch), (),
+                   f"{family.name}: {key.label()} | {config.label()}")
         except Exception as exc:  # rendering errors are this config's failure
             f: Future = Future()
             f.set_result(exc)
