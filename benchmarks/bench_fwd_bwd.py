@@ -239,13 +239,14 @@ def run_shape(name, shp, reps, retention_configs, split=True, variants=True):
     ucfg_mma16 = usb_mod.mma16_config(UpdateStateBwdKey(head_dim=d, deg=p, d_tile=dt))
     ikey = IntraBwdKey(head_dim=d, deg=p)
     icfg_flash = (icb.flash_default(ikey), icb.flash_default(ikey.model_copy(update={"stage": "dq"})))
-    intra_args = (Q, K, V, gc, m, qs["dO"], qs["dl"])
+    intra_args = (Q, K, V, gc, m, None, qs["dl"])  # dO = alpha dY: the backward's operands
     qcfg_mma16 = mma16_config(QueryStateBwdKey(head_dim=d, deg=p, d_tile=dt))
     qs_rows = lambda cfg: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale,  # noqa: E731
                                           chunk_size=c, config=cfg, state=False)
     us_call = lambda cfg: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c, config=cfg)  # noqa: E731
     intra_call = lambda cfg, qcfg: intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale,  # noqa: E731
-                                                             chunk_size=c, config=cfg, dq_config=qcfg)
+                                                             chunk_size=c, config=cfg, dq_config=qcfg,
+                                                             want_dgrow=True, dY=dY, alpha=qs["alpha"])
     ksplit = {
         "query_state_bwd (rows+state)": bench(
             lambda: query_state_bwd(Q, gc, Sb16, sb, O, l, m, Y, dY, deg=p, d_tile=dt, scale=scale, chunk_size=c),

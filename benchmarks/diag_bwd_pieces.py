@@ -141,7 +141,7 @@ def pieces(Q, K, V, lg, dY, deg, chunk):
     us = got["update_state_bwd"]
     ia = got["intra_chunk_attention_bwd"]
     rows = {
-        "qs.dQ (inter dq)": rel(qs["dQ"], dq_s), "qs.dO": rel(qs["dO"], dO), "qs.dl": rel(qs["dl"], dl),
+        "qs.dQ (inter dq)": rel(qs["dQ"], dq_s), "qs.dO": rel(qs["alpha"].unsqueeze(-1) * dYp, dO), "qs.dl": rel(qs["dl"], dl),
         "qs.dSbar": rel(qs["dSbar"], dSbar), "qs.dsbar": rel(qs["dsbar"], dsbar),
         "discumsum.dS": rel(dsum[0], dS), "discumsum.ds": rel(dsum[1], ds),
         "us.dK (inter dk)": rel(us[0], dK_u), "us.dV": rel(us[1], dV_u),

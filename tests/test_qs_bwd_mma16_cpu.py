@@ -19,15 +19,17 @@ from vidrial.kernels.power_retention.sympow import block_table
 from vidrial.kernels.power_retention.query_state_bwd import (
     FAMILY as QB,
     QueryStateBwdConfig,
+    ROW_OUTPUTS,
     QueryStateBwdKey,
     mma16_config,
+    rows_reference_outputs,
 )
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bwd_host_emu  # noqa: E402
 
 F64 = torch.float64
-OUTS = ("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg")
+OUTS = ROW_OUTPUTS  # dQ, alpha, dl, dAh, dBh, qscale, dg, dgs
 # bf16 inputs are exact in the bf16 mma (products exact, fp32 sums): the kernel is fp32-accurate (~2e-7)
 TOL = 2e-5
 
@@ -67,7 +69,7 @@ needs_emu = pytest.mark.skipif(not bwd_host_emu.available(), reason="g++ not fou
 def _run(key, cfg, args):
     rt = args[-2]
     b, t, hq = args[0].shape[:3]
-    n = args[18]
+    n = args[19]  # after the 10 inputs, the 8 outputs and t
     launch = bwd_host_emu.host_kernel(QB.render(key, cfg), QB.signature)
     launch(b * hq * n * rt, QB.threads_per_block(cfg), QB.dynamic_smem_bytes(key, cfg), args)
 
@@ -92,13 +94,13 @@ def _kernel_outputs(key, cfg, p):
     """Runs the rows pass with outputs filled with NaN first (unwritten values show up)."""
     Q = p["Q"]
     b, t, hq, d = Q.shape
-    outs = {k: torch.full((b, t, hq, d), math.nan) for k in ("dQ", "dO", "dAh")}
-    outs.update({k: torch.full((b, t, hq), math.nan) for k in ("dl", "dBh", "qscale", "dg")})
+    outs = {k: torch.full((b, t, hq, d), math.nan) for k in ("dQ", "dAh")}
+    outs.update({k: torch.full((b, t, hq), math.nan) for k in ("alpha", "dl", "dBh", "qscale", "dg", "dgs")})
     g = p["g"].float() if p["g"] is not None else None
     rt = -(-p["c"] // cfg.rows)
     _run(key, cfg, (Q, g, p["Sb16"], p["sb"], p["O"], p["l"], p["m"], p["Y"], p["dY"],
-                    block_table(d, key.deg, key.d_tile, "cpu"), outs["dQ"], outs["dO"], outs["dl"], outs["dAh"],
-                    outs["dBh"], outs["qscale"], outs["dg"], t, p["n"], p["c"], hq, p["gqa"], p["n"],
+                    block_table(d, key.deg, key.d_tile, "cpu"), outs["dQ"], outs["alpha"], outs["dl"], outs["dAh"],
+                    outs["dBh"], outs["qscale"], outs["dg"], outs["dgs"], t, p["n"], p["c"], hq, p["gqa"], p["n"],
                     p["sb"].shape[1], rt, p["scale"] ** key.deg))
     return outs
 
@@ -126,9 +128,10 @@ def test_mma16_rows_pass_on_cpu(d, deg, d_tile, c, n, gqa, gating, cfg):
     got = _kernel_outputs(key, cfg, p)
     # float64 row pass on the kernel's own inputs (bf16 Q, Y, dY, Sbar; fp32 sbar, O, l, m, g)
     gz = p["g"].float().double() if gating else torch.zeros(p["Q"].shape[0], p["Q"].shape[1], 1, dtype=F64)
-    want = em.qs_bwd_rows(p["Q"].double(), gz, p["Sb16"].double(), p["sb"][:, :p["n"]].double(), p["O"].double(),
-                          p["l"].double(), p["m"].double(), p["Y"].double(), p["dY"].double(), deg, d_tile,
-                          p["scale"], c)
+    want = rows_reference_outputs(em.qs_bwd_rows(p["Q"].double(), gz, p["Sb16"].double(),
+                                                 p["sb"][:, :p["n"]].double(), p["O"].double(), p["l"].double(),
+                                                 p["m"].double(), p["Y"].double(), p["dY"].double(), deg, d_tile,
+                                                 p["scale"], c), p["dY"].double(), p["O"].double(), p["l"].double())
     terms = (want[2].abs() * p["l"].double()).max().item()
     for name, w in zip(OUTS, want):
         _close(name, got[name], w, terms, TOL)
@@ -158,9 +161,10 @@ def test_launcher_on_cpu():
         undo()
     assert "dSbar" not in rows and all(torch.equal(rows[k], got[k]) for k in OUTS)  # state=False: rows pass only
     assert torch.equal(got["dSbar"], dS) and torch.equal(got["dsbar"], ds)
-    want = em.qs_bwd_rows(p["Q"].double(), p["g"].float().double(), p["Sb16"].double(), p["sb"][:, :p["n"]].double(),
-                          p["O"].double(), p["l"].double(), p["m"].double(), p["Y"].double(), p["dY"].double(), deg,
-                          d_tile, p["scale"], c)
+    want = rows_reference_outputs(em.qs_bwd_rows(p["Q"].double(), p["g"].float().double(), p["Sb16"].double(),
+                                                 p["sb"][:, :p["n"]].double(), p["O"].double(), p["l"].double(),
+                                                 p["m"].double(), p["Y"].double(), p["dY"].double(), deg, d_tile,
+                                                 p["scale"], c), p["dY"].double(), p["O"].double(), p["l"].double())
     terms = (want[2].abs() * p["l"].double()).max().item()
     for name, w in zip(OUTS, want):
         _close(name, got[name], w, terms, TOL)

@@ -196,10 +196,13 @@ def _check_qs_rows(d, p, r, gating, c, config_of):
     poison()
     out = query_state_bwd(*args, config=config_of(key), **kw)
     gz = gc.double() if gating else torch.zeros(b, t, h, device=DEV, dtype=F64)
-    w = em.qs_bwd_rows(Q.double(), gz, Sb16[:, :n].double(), sb[:, :n].double(), O.double(), l.double(), m.double(),
-                       Y.double(), dY.double(), p, dt, scale, c)
+    from vidrial.kernels.power_retention.query_state_bwd import ROW_OUTPUTS, rows_reference_outputs
+
+    w = rows_reference_outputs(em.qs_bwd_rows(Q.double(), gz, Sb16[:, :n].double(), sb[:, :n].double(), O.double(),
+                                              l.double(), m.double(), Y.double(), dY.double(), p, dt, scale, c),
+                               dY.double(), O.double(), l.double())
     terms = (out["dl"].abs() * l).norm().item()
-    for name, want in zip(("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg"), w):
+    for name, want in zip(ROW_OUTPUTS, w):
         got = out[name]
         if name == "dg":  # phi.dphi + dO.O + dl l: cancelling terms; error relative to their size
             assert torch.isfinite(got).all() and (got.double() - want).norm().item() < 1e-4 * terms, name

@@ -7,7 +7,7 @@ Every launch goes on the current stream with outputs from torch's allocator and 
 
 Inputs are the forward's saved tensors (forward.pieces): Q, K, V, log_G, Y, O (fp32 [b,t,hq,d]), l, m
 (fp32 [b,t,hq]), Sbar16 (bf16 [b,n,h,D,d]) and sbar (fp32 [b,n+1,h,D]). Temporaries: dSbar (fp32
-[b,n,h,D,d], turned into dS in place by discumsum_bwd) and O(b t hq d) fp32 row buffers.
+[b,n,h,D,d]), dS (bf16, written by discumsum_bwd for update_state_bwd) and O(b t hq d) fp32 row buffers.
 """
 from __future__ import annotations
 
@@ -97,17 +97,19 @@ def power_retention_backward(dY: Tensor, dS_final: Optional[Tensor], ds_final: O
                                          ds_final.float() if ds_final is not None else None, want_initial=has_state,
                                          dS_dtype=torch.bfloat16)  # what update_state_bwd reads
     dK_u, dV_u, E = update_state_bwd(K, V, g, dS, ds, deg=deg, d_tile=d_tile, chunk_size=c)
-    dQ_i, dK_i, dV_i, dgcol, dgrow = intra_chunk_attention_bwd(Q, K, V, g, m, qs["dO"], qs["dl"], deg=deg,
-                                                               scale=scale, chunk_size=c, want_dgrow=True, dY=dY)
+    # dO = alpha dY row by row: the intra backward takes dY and the rows pass's alpha (no dO tensor, no norms)
+    dQ_i, dK_i, dV_i, dgcol, dgrow = intra_chunk_attention_bwd(Q, K, V, g, m, None, qs["dl"], deg=deg, scale=scale,
+                                                               chunk_size=c, want_dgrow=True, dY=dY,
+                                                               alpha=qs["alpha"])
     # fp32 sums written straight in the input dtype: one pass instead of an fp32 sum and a cast
     dQ = torch.add(qs["dQ"], dQ_i, out=torch.empty_like(Q))
     dK = torch.add(dK_u, dK_i, out=torch.empty_like(K))
     dV = torch.add(dV_u, dV_i, out=torch.empty_like(V))
     dlog_G = _empty(dev)
     if log_G is not None:
-        dgq = qs["dg"]  # includes the intra row part dO.O + dl (l - 1e-6) in fp32
-        if dgrow is not None:  # impl="flash": swap it for the kernel's, consistent with its dgcol (as above)
-            dgq = dgq - intra_row_term(qs["dO"], O, qs["dl"], l) + dgrow
+        # the rows pass's dg without its fp32 intra row part dO.O + dl (l - 1e-6), plus the intra kernel's row
+        # part, consistent with its dgcol (as in _quadratic_backward)
+        dgq = qs["dgs"] + dgrow if dgrow is not None else qs["dg"]
         dg = dgq.view(b, t, h, hq // h).sum(3) + dgcol - E  # gradient w.r.t. the chunk-local cumsum g
         dLt = dL + E.view(b, n, c, h).sum(2)                 # gradient w.r.t. the chunk gates L
         rev = scan_time(dg.view(b, n, c, h), reverse=True)

@@ -152,11 +152,11 @@ class IntraBwdFamily(SliceCheck, KernelFamily[IntraBwdKey, IntraBwdConfig]):
         h, hq = K.shape[2], Q.shape[2]
         if h < 1 or hq % h:
             raise InputError("Q", tuple(Q.shape), f"query heads a multiple of the KV heads {h}")
-        y = {k: x[k].contiguous() for k in ("Q", "K", "V", "m", "dO", "dl")}
+        y = {k: x[k].contiguous() for k in ("Q", "K", "V", "m", "dl")}
         G = x.get("G")
         operands = x.get("flash_operands")
         if Q.numel() and operands is None:
-            operands = flash_dO_operands(y["dO"], x.get("dY"), Q.dtype)
+            operands = flash_dO_operands(x["dO"], x.get("dY"), Q.dtype)
         if operands is not None:  # cp.async needs 16-byte aligned rows
             operands = (operands[0] if operands[0].data_ptr() % 16 == 0 else operands[0].clone(), operands[1])
             for k in ("Q", "K", "V"):
@@ -296,7 +296,8 @@ def intra_chunk_attention_bwd_pass(stage: str, Q, K, V, G, m, dO, dl, *, deg: in
 
 
 def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, chunk_size: int | None,
-                              want_dg: bool = True, config=None, dq_config=None, want_dgrow: bool = False, dY=None):
+                              want_dg: bool = True, config=None, dq_config=None, want_dgrow: bool = False, dY=None,
+                              alpha=None):
     """Q [b,t,hq,d], K, V [b,t,h,d] bf16/fp16; G [b,t,h] fp32 cumulative log gates (chunk-local; global for
     chunk_size None) or None; m, dl [b,t,hq], dO [b,t,hq,d] fp32. t need not be a multiple of the chunk.
     Returns dQ [b,t,hq,d], dK, dV [b,t,h,d], dgcol [b,t,h] (or None) fp32. Current stream, no host sync.
@@ -304,14 +305,20 @@ def intra_chunk_attention_bwd(Q, K, V, G, m, dO, dl, *, deg: int, scale: float, 
     want_dgrow: also return dgrow [b,t,hq] fp32 = sum_j P dP (5th value), the row part of the gate gradient
     consistent with dgcol (None without gates).
     dY [b,t,hq,d] (input type): the gradient that dO is a row-scaled copy of (dO_i = alpha_i dY_i), when the
-    caller has it; the kernels then take it exactly (flash_dO_operands)."""
-    Q, K, V, m, dO, dl = (x.contiguous() for x in (Q, K, V, m, dO, dl))  # once for both passes
+    caller has it; the kernels then take it exactly (flash_dO_operands).
+    alpha [b,t,hq] fp32 with dY: the row factors (dO_i = alpha_i dY_i) when the caller knows them (the
+    backward: query_state_bwd's rows pass writes them); dO is then not read and may be None."""
+    Q, K, V, m, dl = (x.contiguous() for x in (Q, K, V, m, dl))  # once for both passes
     G = G.contiguous() if G is not None else None
     kw = dict(deg=deg, scale=scale, chunk_size=chunk_size, dY=dY)
     config = pass_config("dkv", Q, K, deg=deg, chunk_size=chunk_size, config=config)
     dq_config = pass_config("dq", Q, K, deg=deg, chunk_size=chunk_size, config=dq_config)
-    if Q.numel():  # the operands once for both passes
-        kw["flash_operands"] = flash_dO_operands(dO, dY, Q.dtype)
+    if alpha is not None:
+        if dY is None:
+            raise InputError("alpha", "given without dY", "alpha together with dY (dO = alpha dY row by row)")
+        kw["flash_operands"] = ((dY if dY.dtype == Q.dtype else dY.to(Q.dtype)).contiguous(), alpha.contiguous())
+    elif Q.numel():  # the operands once for both passes
+        kw["flash_operands"] = flash_dO_operands(dO.contiguous(), dY, Q.dtype)
     dK, dV, dg = intra_chunk_attention_bwd_pass("dkv", Q, K, V, G, m, dO, dl, want_dg=want_dg, config=config, **kw)
     dq_out = intra_chunk_attention_bwd_pass("dq", Q, K, V, G, m, dO, dl, config=dq_config, want_dgrow=want_dgrow,
                                             **kw)

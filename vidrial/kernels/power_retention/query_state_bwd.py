@@ -4,7 +4,7 @@ the forward update_state kernel (qs_bwd_state_update.py).
 Rows pass (CTA = 32 * warps query rows of one batch, query head, chunk): with q~ = q exp(g/p),
 B = s^p phi(q~).sbar_nu, the stabiliser M = max(m, log B), Den = l e^(m-M) + B e^-M:
 
-    dAh = dY/Den, dBh = -(dY.Y)/Den, dO = dAh e^(m-M), dl = dBh e^(m-M), qh = q exp((g-M)/p)
+    dAh = dY/Den, dBh = -(dY.Y)/Den, dO = dAh e^(m-M) = alpha dY, dl = dBh e^(m-M), qh = q exp((g-M)/p)
     dphi = s^p (Sbar_nu dAh + sbar_nu dBh),  dq = chain(qh, dphi) exp((g-M)/p)
     dg_row = phi(qh).dphi + dO.O + dl (l - 1e-6)
 
@@ -59,10 +59,10 @@ def mma16_config(key: "QueryStateBwdKey") -> QueryStateBwdConfig:
 
 def mma16_smem_bytes(head_dim: int, config: QueryStateBwdConfig) -> int:
     """Dynamic shared memory of templates/query_state_bwd.cu.j2 (its static_assert checks it):
-    state tiles | q rows (16-bit) | u rows (fp32, stride d+4) | per-warp scratch | 5 row scalars."""
+    state tiles | q rows (16-bit) | u rows (fp32, stride d+4) | per-warp scratch | 4 row scalars."""
     rows = 32 * config.warps
     floats = (state_tile_floats(head_dim, config.tile_f, config.stages) + rows * padded_row(head_dim) // 2
-              + rows * (head_dim + 4) + config.warps * scratch_floats(head_dim) + 5 * rows)
+              + rows * (head_dim + 4) + config.warps * scratch_floats(head_dim) + 4 * rows)
     return 4 * floats
 
 
@@ -84,8 +84,9 @@ class QueryStateBwdKey(ProblemKey):
         return self
 
 
-# the rows pass's outputs in the order of reference.backward.qs_bwd_rows (what run() returns)
-ROW_OUTPUTS = ("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg")
+# the rows pass's outputs (what run() returns); reference() gives the same from reference.backward.qs_bwd_rows
+# (alpha = |dO_i| / |dY_i|, dgs = dg - dO.O - dl (l - 1e-6))
+ROW_OUTPUTS = ("dQ", "alpha", "dl", "dAh", "dBh", "qscale", "dg", "dgs")
 
 
 class QueryStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[QueryStateBwdKey, QueryStateBwdConfig]):
@@ -94,7 +95,7 @@ class QueryStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[QueryStateB
     templates = {"mma_sync": "query_state_bwd.cu.j2", "wgmma": "query_state_bwd_wgmma.cu.j2"}
     Config = QueryStateBwdConfig
     Key = QueryStateBwdKey
-    signature = ("ptr",) * 17 + ("i32",) * 8 + ("f32",)
+    signature = ("ptr",) * 18 + ("i32",) * 8 + ("f32",)
 
     def default_config(self, key: QueryStateBwdKey) -> QueryStateBwdConfig:
         return mma16_config(key)
@@ -103,7 +104,7 @@ class QueryStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[QueryStateB
 
     def smem_bytes(self, head_dim: int, config: FeatureBwdConfig) -> int:
         if config.impl == "wgmma":
-            return wgmma_smem_bytes(head_dim, config, row_scalars=6)  # dY.Y, dY.O, Bq, fq, inv, e^(m-M)
+            return wgmma_smem_bytes(head_dim, config, row_scalars=5)  # dY.Y, dY.O, Bq, fq, inv
         return mma16_smem_bytes(head_dim, config)
 
     def corner_configs(self, key: QueryStateBwdKey) -> list[QueryStateBwdConfig]:
@@ -145,13 +146,13 @@ class QueryStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[QueryStateB
                                 tokens=pow2_bucket(b * t * hq))
 
     def outputs(self, key: QueryStateBwdKey, config: QueryStateBwdConfig, x: dict[str, Any]) -> dict[str, Any]:
-        """dQ, dO, dAh [b,t,hq,d], dl, dBh, qscale, dg [b,t,hq], fp32."""
+        """dQ, dAh [b,t,hq,d], alpha, dl, dBh, qscale, dg, dgs [b,t,hq], fp32."""
         import torch
 
         b, t, hq, d = x["Q"].shape
         new = lambda *shape: torch.empty(shape, device=x["Q"].device, dtype=torch.float32)  # noqa: E731
-        return dict(dQ=new(b, t, hq, d), dO=new(b, t, hq, d), dAh=new(b, t, hq, d), dl=new(b, t, hq),
-                    dBh=new(b, t, hq), qscale=new(b, t, hq), dg=new(b, t, hq))
+        return dict(dQ=new(b, t, hq, d), alpha=new(b, t, hq), dAh=new(b, t, hq, d), dl=new(b, t, hq),
+                    dBh=new(b, t, hq), qscale=new(b, t, hq), dg=new(b, t, hq), dgs=new(b, t, hq))
 
     def launches(self, key: QueryStateBwdKey, config: QueryStateBwdConfig, x: dict[str, Any], out: dict[str, Any]):
         Q, Sbar16, c = x["Q"], x["Sbar16"], x["chunk_size"]
@@ -163,7 +164,7 @@ class QueryStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[QueryStateB
         yield Launch((b * hq * n * rt, 1, 1),
                      (Q.data_ptr(), ptr(x["G"]), Sbar16.data_ptr(), x["sbar"].data_ptr(), x["O"].data_ptr(),
                       x["l"].data_ptr(), x["m"].data_ptr(), x["Y"].data_ptr(), x["dY"].data_ptr(), table.data_ptr(),
-                      *(out[k].data_ptr() for k in ("dQ", "dO", "dl", "dAh", "dBh", "qscale", "dg")), t, n, c, hq,
+                      *(out[k].data_ptr() for k in ("dQ", "alpha", "dl", "dAh", "dBh", "qscale", "dg", "dgs")), t, n, c, hq,
                       hq // h, Sbar16.shape[1], x["sbar"].shape[1], rt, x["scale"] ** key.deg))
 
     # ---- tuner protocol (shared pieces and the checked slice: bwd_tuning.py) ----------------------
@@ -195,9 +196,10 @@ class QueryStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[QueryStateB
         nm = bt.check_slice(t // c)
         rows = slice(0, nm * c)
         q = {k: x[k][:1, rows, :r].double() for k in ("Q", "O", "l", "m", "Y", "dY")}
-        return em.qs_bwd_rows(q["Q"], x["G"][:1, rows, :1].double(), x["Sbar16"][:1, :nm, :1].double(),
-                              x["sbar"][:1, :nm, :1].double(), q["O"], q["l"], q["m"], q["Y"], q["dY"], key.deg,
-                              key.d_tile, x["scale"], c)
+        return rows_reference_outputs(em.qs_bwd_rows(q["Q"], x["G"][:1, rows, :1].double(),
+                                                     x["Sbar16"][:1, :nm, :1].double(), x["sbar"][:1, :nm, :1].double(),
+                                                     q["O"], q["l"], q["m"], q["Y"], q["dY"], key.deg, key.d_tile,
+                                                     x["scale"], c), q["dY"], q["O"], q["l"])
 
     def check_outputs(self, key: QueryStateBwdKey, inputs: dict[str, Any], outputs: Any, expected: Any) -> float:
         """As SliceCheck; the row gate gradient dg = phi.dphi + dO.O + dl (l - 1e-6) is a sum of
@@ -216,10 +218,23 @@ class QueryStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[QueryStateB
 FAMILY = register(QueryStateBwdFamily())
 
 
+def rows_reference_outputs(ref, dY, O, l):
+    """ROW_OUTPUTS from reference.backward.qs_bwd_rows's (dq, dO, dl, dAh, dBh, qscale, dg): alpha = |dO_i| /
+    |dY_i| (dO is alpha dY row by row), dgs = dg - dO.O - dl (l - 1e-6) (dg without the intra row term)."""
+    import torch
+
+    dq, dO, dl, dAh, dBh, qscale, dg = ref
+    nrm = dY.norm(dim=-1)
+    alpha = torch.where(nrm > 0, dO.norm(dim=-1) / nrm, torch.zeros_like(nrm))
+    dgs = dg - (dO * O).sum(-1) - dl * (l - 1e-6)
+    return dq, alpha, dl, dAh, dBh, qscale, dg, dgs
+
+
 def query_state_bwd_rows(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int, scale: float,
                          chunk_size: int, config=None):
-    """The row pass alone (inputs as query_state_bwd). Returns dict dQ, dO, dAh [b,t,hq,d], dl, dBh,
-    qscale, dg [b,t,hq] (fp32). Current stream, no host sync."""
+    """The row pass alone (inputs as query_state_bwd). Returns dict dQ, dAh [b,t,hq,d], alpha, dl, dBh,
+    qscale, dg, dgs [b,t,hq] (fp32; dO = alpha dY, dgs = dg without the intra row term dO.O + dl (l - 1e-6)).
+    Current stream, no host sync."""
     return FAMILY(config, Q=Q, G=G, Sbar16=Sbar16, sbar=sbar, O=O, l=l, m=m, Y=Y, dY=dY, deg=deg, d_tile=d_tile,
                   scale=scale, chunk_size=chunk_size)
 
@@ -229,7 +244,7 @@ def query_state_bwd(Q, G, Sbar16, sbar, O, l, m, Y, dY, *, deg: int, d_tile: int
     """Both passes. Q, Y, dY [b,t,hq,d] bf16/fp16 (t a multiple of chunk_size), G [b,t,h] fp32 chunk-local
     cumulative log gates or None, Sbar16 [b,n',h,D,d] bf16 (n' >= n: states at the start of each chunk),
     sbar [b,n'',h,D] fp32, O [b,t,hq,d], l, m [b,t,hq] fp32 (intra-chunk attention, merge mode).
-    Returns dict dQ, dO, dAh [b,t,hq,d], dl, dBh, qscale, dg [b,t,hq], dSbar [b,n,h,D,d], dsbar [b,n,h,D]
+    Returns dict dQ, dAh [b,t,hq,d], alpha, dl, dBh, qscale, dg, dgs [b,t,hq], dSbar [b,n,h,D,d], dsbar [b,n,h,D]
     (all fp32; state=False: the rows pass's outputs only). config: the rows pass's; state_config: the
     state pass's (an UpdateStateConfig; None: update_state's dispatcher). Current stream, no host sync."""
     from vidrial.kernels.power_retention.qs_bwd_state_update import check_supported, state_pass_update_state
