@@ -259,7 +259,8 @@ def run_shape(name, shp, reps, retention_configs, split=True, variants=True):
         "update_state_bwd": bench(lambda: update_state_bwd(K, V, gc, dS, ds, deg=p, d_tile=dt, chunk_size=c), reps),
         "  update_state_bwd (mma16)": bench(lambda: us_call(ucfg_mma16), reps),
         "intra_chunk_attention_bwd (dkv+dq)": bench(
-            lambda: intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale, chunk_size=c), reps),
+            lambda: intra_chunk_attention_bwd(*intra_args, deg=p, scale=scale, chunk_size=c, want_dgrow=True, dY=dY,
+                                              alpha=qs["alpha"]), reps),
         "  intra_chunk_attention_bwd (flash)": bench(lambda: intra_call(*icfg_flash), reps),
         "forward op (all 4 fwd kernels)": bench(
             lambda: power_retention_fwd(Q, K, V, log_G, None, None, p, scale, c, dt, False), reps),
