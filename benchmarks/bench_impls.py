@@ -49,6 +49,32 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
+def _sweep(shape: str, configs, check, runner, error_of, work: float, reps: int, tol: float = 1e-2) -> list[dict]:
+    """One row per (origin, config): check(cfg) (the family's rules), runner(cfg) -> a zero-argument call of the
+    config, its first result checked by error_of(out) < tol (a config that fails is reported, not timed), then
+    the median time; `work` FLOPs (or bytes) per call for the throughput column. A config that raises is
+    reported and the sweep goes on (one bad config must not hide the others)."""
+    rows = []
+    for origin, cfg in configs:
+        row = {"shape": shape, "origin": origin, "config": cfg.label()}
+        try:
+            check(cfg)
+            fn = runner(cfg)
+            out = fn()
+            torch.cuda.synchronize()
+            err = error_of(out)
+            row["rel_err"] = err
+            if not err < tol:
+                row["error"] = f"relative error {err:.2e}"
+            else:
+                ms = time_cuda(fn, warmup=3, repeats=reps).median_ms
+                row.update(ms=ms, tflops=work / (ms * 1e-3) / 1e12)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        rows.append(row)
+    return rows
+
+
 def update_state_rows(shape: str, reps: int) -> list[dict]:
     from vidrial.kernels.power_retention.update_state import UpdateStateConfig, family, update_state
     from vidrial.reference.forward import update_state_reference
@@ -63,26 +89,9 @@ def update_state_rows(shape: str, reps: int) -> list[dict]:
     configs = [("dispatched", dispatched)] + [
         ("sweep", UpdateStateConfig(impl=i, tile_m=m, tile_k=k, warps=w, stages=s, min_ctas=c))
         for i, m, k, w, s, c in UPDATE_STATE_CONFIGS]
-    rows = []
-    for origin, cfg in configs:
-        row = {"shape": shape, "origin": origin, "config": cfg.label()}
-        try:
-            family.check(key, cfg, "sm_90")
-            S, s = update_state(K, V, G, deg=DEG, d_tile=D_TILE, chunk_size=CHUNK, config=cfg)
-            torch.cuda.synchronize()
-            err = max(_rel(S[:1, :2, :1], S_ref), _rel(s[:1, :2, :1], s_ref))
-            row["rel_err"] = err
-            if not err < 1e-2:
-                row["error"] = f"relative error {err:.2e}"
-                rows.append(row)
-                continue
-            ms = time_cuda(lambda: update_state(K, V, G, deg=DEG, d_tile=D_TILE, chunk_size=CHUNK, config=cfg),
-                           warmup=3, repeats=reps).median_ms
-            row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
-        except Exception as exc:  # report and go on: one bad config must not hide the others
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        rows.append(row)
-    return rows
+    return _sweep(shape, configs, lambda cfg: family.check(key, cfg, "sm_90"),
+                  lambda cfg: lambda: update_state(K, V, G, deg=DEG, d_tile=D_TILE, chunk_size=CHUNK, config=cfg),
+                  lambda out: max(_rel(out[0][:1, :2, :1], S_ref), _rel(out[1][:1, :2, :1], s_ref)), flops, reps)
 
 
 QUERY_STATE_CONFIGS = [  # (impl, tile_m, warps, stages, min_ctas); tile_k = 64
@@ -118,25 +127,8 @@ def query_state_rows(shape: str, reps: int) -> list[dict]:
     configs = [("dispatched", FAMILY.config_for(plan_key, x["Q"].device))] + [
         ("sweep", QueryStateConfig(impl=i, tile_m=m, tile_k=64, warps=w, stages=st, min_ctas=mc))
         for i, m, w, st, mc in QUERY_STATE_CONFIGS]
-    rows = []
-    for origin, cfg in configs:
-        row = {"shape": shape, "origin": origin, "config": cfg.label()}
-        try:
-            FAMILY.check(plan_key, cfg, "sm_90")
-            Y = call(cfg)
-            torch.cuda.synchronize()
-            err = _rel(Y[:1, :m2, :1], E)
-            row["rel_err"] = err
-            if not err < 1e-2:
-                row["error"] = f"relative error {err:.2e}"
-                rows.append(row)
-                continue
-            ms = time_cuda(lambda: call(cfg), warmup=3, repeats=reps).median_ms
-            row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        rows.append(row)
-    return rows
+    return _sweep(shape, configs, lambda cfg: FAMILY.check(plan_key, cfg, "sm_90"), lambda cfg: lambda: call(cfg),
+                  lambda Y: _rel(Y[:1, :m2, :1], E), flops, reps)
 
 
 DISCUMSUM_BWD_CONFIGS = [  # (threads, per_thread)
@@ -166,27 +158,15 @@ def discumsum_bwd_rows(shape: str, reps: int) -> list[dict]:
     key = FAMILY.problem_key(FAMILY.prepare(dict(dSbar=dSbar, dsbar=dsbar, Sbar16=Sb16, sbar=sb, chunk_gates=L)))
     configs = [("dispatched", FAMILY.config_for(key, dSbar.device))] + [
         ("sweep", DiscumsumBwdConfig(threads=th, per_thread=pt)) for th, pt in DISCUMSUM_BWD_CONFIGS]
-    rows = []
-    for origin, cfg in configs:
-        row = {"shape": shape, "origin": origin, "config": cfg.label()}
-        try:
-            FAMILY.check(key, cfg, "sm_90")
-            X, x = dSbar.clone(), dsbar.clone()
-            dS, ds, dL, _, _ = discumsum_bwd(X, x, Sb16, sb, L, dSf, dsf, config=cfg)
-            torch.cuda.synchronize()
-            err = max(_rel(dS[:1, :, :1], want[0]), _rel(ds[:1, :, :1], want[1]), _rel(dL[:1, :, :1], want[2]))
-            row["rel_err"] = err
-            if not err < 1e-4:
-                row["error"] = f"relative error {err:.2e}"
-                rows.append(row)
-                continue
-            ms = time_cuda(lambda: discumsum_bwd(X, x, Sb16, sb, L, dSf, dsf, config=cfg), warmup=3,
-                           repeats=reps).median_ms
-            row.update(ms=ms, tflops=bytes_moved / (ms * 1e-3) / 1e12)  # "TFLOP/s" column: TB/s here
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        rows.append(row)
-    return rows
+
+    def runner(cfg):  # in place: each config on its own copies (values do not change the time)
+        X, x = dSbar.clone(), dsbar.clone()
+        return lambda: discumsum_bwd(X, x, Sb16, sb, L, dSf, dsf, config=cfg)
+
+    return _sweep(shape, configs, lambda cfg: FAMILY.check(key, cfg, "sm_90"), runner,
+                  lambda out: max(_rel(out[0][:1, :, :1], want[0]), _rel(out[1][:1, :, :1], want[1]),
+                                  _rel(out[2][:1, :, :1], want[2])),
+                  bytes_moved, reps, tol=1e-4)  # the "TFLOP/s" column is TB/s here
 
 
 UPDATE_STATE_BWD_CONFIGS = [  # (impl, warps, tile_f, stages)
@@ -216,25 +196,8 @@ def update_state_bwd_rows(shape: str, reps: int) -> list[dict]:
                                                  chunk_size=CHUNK)))
     configs = [("dispatched", FAMILY.config_for(key, K.device))] + [
         ("sweep", UpdateStateBwdConfig(impl=i, warps=w, tile_f=f, stages=st)) for i, w, f, st in UPDATE_STATE_BWD_CONFIGS]
-    rows = []
-    for origin, cfg in configs:
-        row = {"shape": shape, "origin": origin, "config": cfg.label()}
-        try:
-            FAMILY.check(key, cfg, "sm_90")
-            dK, dV, E = run(cfg)
-            torch.cuda.synchronize()
-            err = max(_rel(x[:1, :CHUNK, :1], w) for x, w in zip((dK, dV, E), want))
-            row["rel_err"] = err
-            if not err < 1e-2:
-                row["error"] = f"relative error {err:.2e}"
-                rows.append(row)
-                continue
-            ms = time_cuda(lambda: run(cfg), warmup=3, repeats=reps).median_ms
-            row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        rows.append(row)
-    return rows
+    return _sweep(shape, configs, lambda cfg: FAMILY.check(key, cfg, "sm_90"), lambda cfg: lambda: run(cfg),
+                  lambda out: max(_rel(x[:1, :CHUNK, :1], w) for x, w in zip(out, want)), flops, reps)
 
 
 QUERY_STATE_BWD_CONFIGS = [  # (impl, warps, tile_f, stages)
@@ -256,25 +219,9 @@ def query_state_bwd_rows(shape: str, reps: int) -> list[dict]:
     flops = 2.0 * t * b * H * feature_dim(D_HEAD, DEG, 1) * D_HEAD
     configs = [("dispatched", FAMILY.config_for(key, torch.device("cuda")))] + [
         ("sweep", QueryStateBwdConfig(impl=i, warps=w, tile_f=f, stages=st)) for i, w, f, st in QUERY_STATE_BWD_CONFIGS]
-    rows = []
-    for origin, cfg in configs:
-        row = {"shape": shape, "origin": origin, "config": cfg.label()}
-        try:
-            FAMILY.check(key, cfg, "sm_90")
-            out = FAMILY.run(key, cfg, inputs)
-            torch.cuda.synchronize()
-            err = FAMILY.check_outputs(key, inputs, out, expected)
-            row["rel_err"] = err
-            if not err < FAMILY.tolerance(key):
-                row["error"] = f"relative error {err:.2e}"
-                rows.append(row)
-                continue
-            ms = time_cuda(lambda: FAMILY.run(key, cfg, inputs), warmup=3, repeats=reps).median_ms
-            row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        rows.append(row)
-    return rows
+    return _sweep(shape, configs, lambda cfg: FAMILY.check(key, cfg, "sm_90"),
+                  lambda cfg: lambda: FAMILY.run(key, cfg, inputs),
+                  lambda out: FAMILY.check_outputs(key, inputs, out, expected), flops, reps, tol=FAMILY.tolerance(key))
 
 
 FAMILIES = {"update_state": update_state_rows, "update_state_bwd": update_state_bwd_rows,
