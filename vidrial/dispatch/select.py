@@ -49,7 +49,7 @@ from pydantic import ValidationError
 
 from vidrial.core.config import KernelConfig, ProblemKey
 from vidrial.core.paths import user_cache_dir, user_tuned_dir
-from vidrial.dispatch import store
+import vidrial.dispatch.store as store  # the module (tests patch it), not the package: no import cycle
 from vidrial.dispatch.store import SCHEMA_VERSION, GpuIdentity, TunedConfigWarning, TunedEntry
 
 if TYPE_CHECKING:
