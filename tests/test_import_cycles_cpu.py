@@ -1,7 +1,8 @@
 """No import cycles among vidrial's modules (issue 14): the module-level imports of every module under
-vidrial/ form a DAG (imports inside functions, the lazy ones, are not edges). A `from vidrial.x import y`
-is an edge to vidrial.x.y when that is a module, else to vidrial.x (importing a submodule runs its
-package's __init__ first, so a package and its submodules count as one edge target each)."""
+vidrial/ form a DAG (imports inside functions, the lazy ones, are not edges). An import is an edge to the
+deepest module it names: `from vidrial.x import y` to vidrial.x.y when that is a module, else to vidrial.x.
+The implicit import of a parent package is not an edge: a package's __init__ importing its own submodules
+(to re-export them) is the normal layout, and only module-to-module loops are cycles here."""
 from __future__ import annotations
 
 import ast
