@@ -77,8 +77,9 @@ def test_compiles_for_sm90a_without_spills():
         assert not res.facts.spills and res.arch == "sm_90a", (label, res.facts)
 
 
-def test_update_state_bwd_default_on_hopper_is_wgmma_where_it_applies():
-    fam, key, _ = FAMILIES["update_state_bwd"]
+@pytest.mark.parametrize("name", NAMES)
+def test_default_on_hopper_is_wgmma_where_it_applies(name):
+    fam, key, _ = FAMILIES[name]
     assert fam.default_config_for(key, "sm_90") == fam.wgmma_config(key)
     for arch in ("sm_80", None):
         assert fam.default_config_for(key, arch) == fam.default_config(key)

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from vidrial.core.arch import is_hopper
 from vidrial.core.config import ProblemKey
 from vidrial.core.errors import ConfigError, InputError
 from vidrial.core.family import KernelFamily, Launch
@@ -40,6 +41,7 @@ from vidrial.kernels.power_retention._feature_bwd import (
     padded_row,
     scratch_floats,
     state_tile_floats,
+    wgmma_applies,
     wgmma_smem_bytes,
 )
 from vidrial.kernels.power_retention.sympow import block_table, feature_dim
@@ -106,6 +108,13 @@ class QueryStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[QueryStateB
         if config.impl == "wgmma":
             return wgmma_smem_bytes(head_dim, config, row_scalars=5)  # dY.Y, dY.O, Bq, fq, inv
         return mma16_smem_bytes(head_dim, config)
+
+    def default_config_for(self, key: QueryStateBwdKey, arch: str | None) -> QueryStateBwdConfig:
+        """wgmma on Hopper where it applies: 1.03x the mma_sync rows pass at shape A on an H200 (2026-12-02,
+        benchmarks/bench_impls.py --family query_state_bwd: 1.229 vs 1.268 ms; the tuner's winner too)."""
+        if is_hopper(arch) and wgmma_applies(key):
+            return self.wgmma_config(key)
+        return self.default_config(key)
 
     def corner_configs(self, key: QueryStateBwdKey) -> list[QueryStateBwdConfig]:
         out = [self.default_config(key)]
