@@ -183,17 +183,20 @@ class PowerRetention(nn.Module):
         return q.unflatten(-1, (hq, d)), k.unflatten(-1, (h, d)), v.unflatten(-1, (h, d)), log_G
 
     # ---- training / prefill ---------------------------------------------------------------------------
-    def forward(self, x: Tensor, cache: Optional[PowerRetentionCache] = None):
+    def forward(self, x: Tensor, cache: Optional[PowerRetentionCache] = None, cu_seqlens: Optional[Tensor] = None):
         """x [b, t, d_model] -> y [b, t, d_model] (vidrial.power_retention over the whole sequence). With a
-        cache: the decoding step (see step), returns (y, cache)."""
+        cache: the decoding step (see step), returns (y, cache). cu_seqlens: sequences packed along t of a
+        batch of one (see vidrial.power_retention)."""
         if cache is not None:
+            if cu_seqlens is not None:
+                raise InputError("cu_seqlens", "given with a cache", "None when decoding (one cache per sequence)")
             return self.step(x, cache)
         from vidrial import ops
 
         b, t = self._check_x(x)
         Q, K, V, log_G = self.project(x)
         Y = ops.power_retention(Q, K, V, log_G, deg=self.deg, scale=self.scale, chunk_size=self.chunk_size,
-                                d_tile=self.d_tile)
+                                d_tile=self.d_tile, cu_seqlens=cu_seqlens)
         return self.out(Y.reshape(b, t, self.num_heads * self.head_dim))
 
     # ---- decoding -------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def _use_autograd(*tensors: Any) -> bool:
 
 
 def power_retention(Q, K, V, log_G=None, initial_state=None, sum_of_keys=None, return_final_state=False, deg=2,
-                    scale=None, chunk_size=None, switch_over_seq_len=None, d_tile=None):
+                    scale=None, chunk_size=None, switch_over_seq_len=None, d_tile=None, cu_seqlens=None):
     """Symmetric power retention (docs/MATH.md), forward, on the GPU with vidrial's kernels.
 
     Q [b,t,hq,d], K, V [b,t,h,d] (bf16 or fp16, same dtype, CUDA; d in 32/64/128; hq a multiple
@@ -34,8 +34,20 @@ def power_retention(Q, K, V, log_G=None, initial_state=None, sum_of_keys=None, r
     sympow.default_d_tile) or a divisor of d. Returns Y [b,t,hq,d] in Q's dtype, or with
     return_final_state=True (Y, S_final, s_final) (see vidrial.pipeline.forward for when these are None).
     Gradients flow to Q, K, V, log_G, initial_state and sum_of_keys (vidrial.autograd).
+
+    cu_seqlens: packed variable-length sequences (flash-attn's convention): b = 1 and an int32/int64 tensor
+    [0, t_1, t_1 + t_2, ..., t] of offsets along t; each sequence is computed as if alone (no attention
+    across a boundary, a state that starts empty), forward and backward, in one launch per kernel
+    (vidrial.pipeline.varlen: the gate at each boundary). Not with initial_state or return_final_state.
+    Checking the offsets reads them on the host (one sync for a CUDA tensor; skipped under torch.compile
+    and CUDA-graph capture).
     """
     from vidrial.pipeline.forward import power_retention_forward
+
+    if cu_seqlens is not None:
+        from vidrial.pipeline.varlen import packed_log_gates
+
+        log_G = packed_log_gates(Q, K, log_G, cu_seqlens, initial_state, return_final_state)
 
     if _use_autograd(Q, K, V, log_G, initial_state, sum_of_keys):
         from vidrial import autograd

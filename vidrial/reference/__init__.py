@@ -14,8 +14,10 @@ from vidrial.reference.forward import (
     phi,
     power_retention_inference_reference,
     power_retention_reference,
+    power_retention_varlen_reference,
     update_state_reference,
 )
 
 __all__ = ["LOG_EPS", "DENOM_EPS", "phi", "update_state_reference", "discumsum_reference", "attention_reference",
-           "intra_chunk_attention_reference", "power_retention_reference", "power_retention_inference_reference"]
+           "intra_chunk_attention_reference", "power_retention_reference", "power_retention_inference_reference",
+           "power_retention_varlen_reference"]

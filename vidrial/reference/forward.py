@@ -63,6 +63,7 @@ __all__ = [
     "attention_reference",
     "intra_chunk_attention_reference",
     "power_retention_reference",
+    "power_retention_varlen_reference",
     "power_retention_inference_reference",
     "query_state_reference",
 ]
@@ -541,3 +542,13 @@ def query_state_reference(Q, Sbar, sbar, O, l, m, log_G=None, *, deg, d_tile, sc
     M = torch.maximum(m, torch.log(B.clamp_min(1e-300)))
     em, eM = torch.exp(m - M), torch.exp(-M)
     return (O * em.unsqueeze(-1) + A * eM.unsqueeze(-1)) / (l * em + B * eM).unsqueeze(-1)
+
+
+def power_retention_varlen_reference(Q, K, V, log_G, cu_seqlens, **kwargs):
+    """Packed variable-length sequences by definition: Q [1,t,hq,d], K, V [1,t,h,d], log_G [1,t,h] or None and
+    offsets cu_seqlens [0, ..., t] (any integer sequence or 1-D tensor); each sequence run alone through
+    power_retention_reference(**kwargs) (no initial state, Y only), the outputs concatenated along t."""
+    offsets = [int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)]
+    parts = [power_retention_reference(Q[:, a:e], K[:, a:e], V[:, a:e], None if log_G is None else log_G[:, a:e],
+                                       **kwargs) for a, e in zip(offsets[:-1], offsets[1:])]
+    return torch.cat(parts, dim=1)
