@@ -21,7 +21,7 @@ run_tests() {
     "tests/gpu/test_update_state_gpu.py tests/gpu/test_dispatch_gpu.py tests/gpu/test_standard_shapes_gpu.py"
     "tests/gpu/test_tuner_gpu.py tests/gpu/test_bench_gpu.py"
     "tests/gpu/test_backward_sweep_gpu.py tests/gpu/test_tuner_fidelity_gpu.py"
-    "tests/gpu/test_nn_gpu.py tests/gpu/test_context_parallel_gpu.py"})
+    "tests/gpu/test_nn_gpu.py tests/gpu/test_context_parallel_gpu.py tests/gpu/test_varlen_gpu.py"})
   local i=0
   for g in "${groups[@]}"; do
     timeout "$TEST_BUDGET" python3 -m pytest -m gpu -v -rfEs -p no:cacheprovider $g > "$OUT/tests-$i.txt" 2>&1 &
