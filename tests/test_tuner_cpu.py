@@ -654,3 +654,69 @@ def test_warm_start_measures_the_stale_previous_winner_right_after_the_default(t
     configs = {r["trial"]: r["config"] for r in _journal_rows(result, tmp_path)}
     assert configs[0] == T.SynthConfig().model_dump(mode="json")
     assert configs[1] == previous.model_dump(mode="json")
+
+
+# ---- trustworthy winners: re-timing until the winner's 95% interval is narrow, ties reported -----------------
+class NoisyMeasurer:
+    """Times drawn around a true time per config (synthetic objective): a relative noise, seeded."""
+
+    def __init__(self, true_ms: dict[int, float], noise: float, seed: int = 0):
+        import random
+
+        self.true_ms, self.noise, self.rng, self.calls = true_ms, noise, random.Random(seed), 0
+
+    def measure(self, job):
+        self.calls += 1
+        t = self.true_ms[job["config"]["tile_m"]]
+        return {"status": "ok", "time_ms": t * (1.0 + self.noise * self.rng.gauss(0.0, 1.0))}
+
+
+def _retime(measurer, configs, **settings):
+    from vidrial.tuning.finish import retime
+
+    key = T.SynthKey(**KEY128)
+    return retime(T.synthetic, key, load_search_space(T.synthetic), measurer, "sm_90", TuneSettings(**settings),
+                  configs, set())
+
+
+def test_interval95_is_students_t():
+    from vidrial.tuning.finish import interval95
+
+    assert interval95([1.0]) is None
+    lo, hi = interval95([1.0, 2.0, 3.0])  # mean 2, s = 1, t_{0.975, 2} = 4.303
+    assert (lo, hi) == pytest.approx((2.0 - 4.303 / 3**0.5, 2.0 + 4.303 / 3**0.5))
+
+
+def test_retiming_goes_on_until_the_winners_interval_is_narrow():
+    configs = [T.SynthConfig(tile_m=128), T.SynthConfig(tile_m=64)]
+    quiet = NoisyMeasurer({128: 1.0, 64: 1.5}, noise=0.001)
+    out = _retime(quiet, configs, retime_rounds=3, retime_max_rounds=12, interval_rel=0.01)
+    assert quiet.calls == 2 * 3  # narrow after the minimum rounds: no more
+    noisy = NoisyMeasurer({128: 1.0, 64: 1.5}, noise=0.05)
+    out = _retime(noisy, configs, retime_rounds=3, retime_max_rounds=12, interval_rel=0.01)
+    assert noisy.calls == 2 * 12  # 5% noise: 12 rounds give a ~3% interval, still wider than 1%: the cap
+    win = out[next(k for k in out if '"tile_m":128' in k.replace(" ", ""))]
+    assert len(win.rounds) == 12 and win.interval_ms[0] < win.time_ms < win.interval_ms[1]
+    medium = NoisyMeasurer({128: 1.0, 64: 1.5}, noise=0.012)
+    _retime(medium, configs, retime_rounds=3, retime_max_rounds=40, interval_rel=0.01)
+    assert 2 * 3 < medium.calls < 2 * 40  # stops once the interval is narrow enough
+
+
+def test_a_tie_is_reported_with_the_interval_in_the_result_and_the_store(tmp_path):
+    """Leaders with the same true time cannot be told apart: the result (and the stored entry) carry the
+    winner's 95% interval and the tie (the report names the tied configs)."""
+    import json
+
+    (result,) = tune(T.synthetic, [KEY128], trials=30, out=tmp_path / "out", isolate=False,
+                     backend="tuning_doubles:TieBackend", compiler=T.fake_compiler(), tuned_dir=tmp_path / "tuned",
+                     progress=False, retime_rounds=3)
+    assert result.retime_rounds >= 3 and result.interval_ms is not None
+    lo, hi = result.interval_ms
+    assert lo <= result.time_ms <= hi
+    entry = next(iter(json.loads(Path(result.store_path).read_text())["entries"].values()))
+    assert entry["time_interval_ms"] == pytest.approx([lo, hi]) and entry["tied_with"] == len(result.tied_with)
+    md = (Path(result.report_dir) / "leaderboard.md").read_text()
+    assert "winner's 95% interval" in md
+    # the leaders are the tile_m=128, tile_k=64 region (1.0 ms against >= 1.2 for the rest): a tie
+    assert result.tied_with and all((c["tile_m"], c["tile_k"]) == (128, 64) for c in result.tied_with)
+    assert "a tie with" in md

@@ -189,6 +189,26 @@ class FakeBackend:
 
 
 
+class TieBackend(FakeBackend):
+    """Every config with tile_m=128, tile_k=64 takes 1.0 ms (the synthetic optimum's region: a tie), the others
+    their synthetic time; 0.5% Gaussian noise per measurement (seeded), so re-timing has intervals to build."""
+
+    def __init__(self, device_index: int = 0):
+        import random
+
+        super().__init__(device_index)
+        self.rng = random.Random(7)
+
+    def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        out = super().run(job)
+        c = job["config"]
+        if out.get("status") == "ok":
+            t = 1.0 if (c.get("tile_m"), c.get("tile_k")) == (128, 64) else out["time_ms"]
+            out["time_ms"] = t * (1.0 + 0.005 * self.rng.gauss(0.0, 1.0))
+            out["timing"] = {"median_ms": out["time_ms"]}
+        return out
+
+
 class NoDeviceBackend(FakeBackend):
     """A backend on a machine without a GPU: fails at start, as the real one does there."""
 

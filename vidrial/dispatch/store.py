@@ -162,6 +162,10 @@ class TunedEntry(BaseModel):
     default_time_ms: FiniteFloat | None
     trials: int
     tuned_at: str  # ISO-8601 UTC, e.g. "2026-11-28T11:30:00Z"
+    # the winner's 95% interval from the tuner's interleaved re-timing rounds, and how many leaders it could
+    # not be told from (their intervals overlap: a tie, broken by search-space order); absent in older entries
+    time_interval_ms: tuple[FiniteFloat, FiniteFloat] | None = None
+    tied_with: int = 0
 
     @property
     def speedup(self) -> float | None:
@@ -346,6 +350,8 @@ def record(
     trials: int,
     directory: Path | None = None,
     toolchain: Toolchain | None = None,
+    interval_ms: tuple[float, float] | None = None,
+    tied_with: int = 0,
 ) -> Path:
     """Stores a tuned winner in `<directory or user_tuned_dir()>/<gpu.slug>/<family.name>.json`
     and returns the file's path.
@@ -358,7 +364,7 @@ def record(
     schema version, is moved aside to `<name>.json.bad-<unix time>-<pid>-<n>` and a new
     file is started; a file with some invalid entries is copied there and rewritten with
     its valid ones. `time_ms` and `default_time_ms` must be finite and >= 0 (InputError
-    otherwise). `toolchain` defaults to this process's `Toolchain.current()` (a tuner whose
+    otherwise). `interval_ms`: the winner's 95% interval; `tied_with`: leaders it ties with. `toolchain` defaults to this process's `Toolchain.current()` (a tuner whose
     timing ran in a worker process may pass the worker's)."""
     time_ms = _time_ms("time_ms", time_ms)
     default_time_ms = None if default_time_ms is None else _time_ms("default_time_ms", default_time_ms, optional=True)
@@ -377,6 +383,8 @@ def record(
         default_time_ms=default_time_ms,
         trials=int(trials),
         tuned_at=now_utc(),
+        time_interval_ms=None if interval_ms is None else (float(interval_ms[0]), float(interval_ms[1])),
+        tied_with=int(tied_with),
     )
     key_string = key.key_string()
 

@@ -16,16 +16,44 @@ from vidrial.tuning.study import canonical, trial_rows
 from vidrial.tuning.worker import family_ref
 
 
+# Student t quantiles t_{0.975, df} for df = 1..30 (above: the normal 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def interval95(rounds: list[float]) -> tuple[float, float] | None:
+    """The 95% interval of the mean of the round times (Student t; the rounds are interleaved, so drift of
+    the GPU spreads over all candidates instead of biasing one); None with fewer than two rounds."""
+    n = len(rounds)
+    if n < 2:
+        return None
+    mean = statistics.fmean(rounds)
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * statistics.stdev(rounds) / n**0.5
+    return (mean - half, mean + half)
+
+
+def _narrow(out: dict[str, Retimed], rel: float) -> bool:
+    """The current winner's (lowest median) interval is within `rel` of its time."""
+    timed = [v for v in out.values() if v.status is None and v.rounds]
+    if not timed:
+        return True
+    best = min(timed, key=lambda v: statistics.median(v.rounds))
+    iv = interval95(best.rounds)
+    return iv is not None and (iv[1] - iv[0]) / 2 <= rel * statistics.median(best.rounds)
+
+
 def retime(family: Any, key: Any, space: SearchSpace, measurer: Any, arch: str, settings: TuneSettings,
            candidates: list[Any], first_use: set[str]) -> dict[str, Retimed]:
-    """Re-times `candidates` in `settings.retime_rounds` interleaved rounds (order rotated
-    each round, so drift spreads over all of them); returns ck -> Retimed (the median of the
-    round medians, or the status of the round that failed)."""
+    """Re-times `candidates` in interleaved rounds (order rotated each round, so drift spreads over all of
+    them): `settings.retime_rounds` at least, then more up to `settings.retime_max_rounds` until the
+    current winner's 95% interval is within `settings.interval_rel` of its time. Returns ck -> Retimed (the
+    median of the round medians and the interval, or the status of the round that failed)."""
     fam_ref = family_ref(family)
     out = {canonical(c): Retimed() for c in candidates}
-    for r in range(max(1, settings.retime_rounds)):
+    least = max(1, settings.retime_rounds)
+    for r in range(max(least, settings.retime_max_rounds)):
         alive = [c for c in candidates if out[canonical(c)].status is None]
-        if not alive:
+        if not alive or (r >= least and _narrow(out, settings.interval_rel)):
             break
         shift = r % len(alive)
         for config in alive[shift:] + alive[:shift]:
@@ -40,6 +68,7 @@ def retime(family: Any, key: Any, space: SearchSpace, measurer: Any, arch: str, 
     for v in out.values():
         if v.rounds:
             v.time_ms = float(statistics.median(v.rounds))
+            v.interval_ms = interval95(v.rounds)
     return out
 
 
@@ -114,6 +143,15 @@ def finish(family: Any, key: Any, space: SearchSpace, study: Any, settings: Tune
             winner = default
             timed.append((default, default_time))
     win_time = dict((canonical(c), t) for c, t in timed).get(canonical(winner)) if winner is not None else None
+    win_rt = retimed.get(canonical(winner)) if winner is not None else None
+    interval = win_rt.interval_ms if win_rt is not None else None
+    tied_with = []  # leaders the re-timing cannot tell from the winner: their 95% intervals overlap
+    if interval is not None:
+        for c in candidates:
+            rt = retimed.get(canonical(c))
+            if canonical(c) != canonical(winner) and rt is not None and rt.interval_ms is not None \
+                    and rt.interval_ms[0] <= interval[1] and interval[0] <= rt.interval_ms[1]:
+                tied_with.append(c.model_dump(mode="json"))
     leaderboard = []
     for r in ranked:
         rt = retimed.get(r.ck, Retimed())
@@ -123,12 +161,13 @@ def finish(family: Any, key: Any, space: SearchSpace, study: Any, settings: Tune
         winner=winner.model_dump(mode="json") if winner is not None else None, time_ms=win_time,
         default_config=default.model_dump(mode="json") if default is not None else None,
         default_time_ms=default_time, trials=counted, status_counts=dict(counts), leaderboard=leaderboard,
-        stopped_because=stopped)
+        stopped_because=stopped, interval_ms=interval,
+        retime_rounds=max((len(v.rounds) for v in retimed.values()), default=0), tied_with=tied_with)
     if winner is not None and settings.record:
         from vidrial.dispatch.store import record
 
         path = record(family, key, winner, gpu=gpu, time_ms=win_time, default_time_ms=default_time, trials=counted,
-                      directory=settings.tuned_dir)
+                      directory=settings.tuned_dir, interval_ms=interval, tied_with=len(tied_with))
         result.store_path = str(path)
         try:  # this process's dispatcher sees the new winner
             from vidrial import dispatch

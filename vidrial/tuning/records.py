@@ -119,12 +119,13 @@ class TrialRow:
 
 @dataclass
 class Retimed:
-    """A leader's re-timing: the median of its round medians, or why it failed."""
+    """A leader's re-timing: the median of its round medians and the 95% interval of its time, or why it failed."""
 
     rounds: list[float] = field(default_factory=list)
     time_ms: float | None = None
     status: str | None = None  # set when a round failed (then no time)
     reason: str = ""
+    interval_ms: tuple[float, float] | None = None  # 95% interval of the mean of the rounds (>= 2 rounds)
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,9 @@ class StudyResult:
     store_path: str | None = None
     report_dir: str | None = None
     stopped_because: str = ""
+    interval_ms: tuple[float, float] | None = None  # the winner's 95% interval from its re-timing rounds
+    retime_rounds: int = 0  # rounds the leaders were re-timed in
+    tied_with: list[dict[str, Any]] = field(default_factory=list)  # leaders whose interval overlaps the winner's
 
     @property
     def speedup(self) -> float | None:

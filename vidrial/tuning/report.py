@@ -68,6 +68,11 @@ def write_report(result: StudyResult, rows: list[TrialRow], space: SearchSpace, 
              f"- winner: `{_label(result.winner)}` at {_fmt(result.time_ms)} ms"
              + (f" (default `{_label(result.default_config)}` {_fmt(result.default_time_ms)} ms, "
                 f"speedup {result.speedup:.3f}x)" if result.speedup else ""),
+             f"- re-timing: {result.retime_rounds} interleaved rounds; winner's 95% interval "
+             + (f"{_fmt(result.interval_ms[0])} .. {_fmt(result.interval_ms[1])} ms" if result.interval_ms
+                else "n/a (fewer than two rounds)")
+             + (f"; a tie with {len(result.tied_with)} leader(s) (overlapping intervals, broken by search-space "
+                f"order): " + ", ".join(f"`{_label(c)}`" for c in result.tied_with) if result.tied_with else ""),
              f"- stored: {result.store_path or 'not recorded'}", ""]
     lines += ["## Leaderboard", "", "| rank | trial | " + " | ".join(fields) + " | time ms | re-timed ms |",
               "|" + "---|" * (len(fields) + 4)]

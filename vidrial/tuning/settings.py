@@ -33,7 +33,9 @@ class TuneSettings:
     compile_ahead: int | None = None
     compile_workers: int | None = None
     leaders: int = 3
-    retime_rounds: int = 3
+    retime_rounds: int = 3  # at least this many interleaved rounds of the leaders and the default
+    retime_max_rounds: int = 12  # ... and more, up to this many, until the winner's 95% interval is narrow
+    interval_rel: float = 0.01  # the winner's 95% interval half-width, relative to its time, to stop at
     tie_rel: float = 0.005
     check: bool = True
     input_seed: int = 0
