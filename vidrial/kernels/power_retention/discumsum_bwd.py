@@ -136,8 +136,8 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
         return DiscumsumBwdKey(head_dim=d, feature_dim=D, batch_heads=pow2_bucket(b * h), chunks=pow2_bucket(n))
 
     def outputs(self, key: DiscumsumBwdKey, config: DiscumsumBwdConfig, x: dict[str, Any]) -> dict[str, Any]:
-        """dS (dSbar overwritten, or a new bf16 tensor), ds (dsbar, overwritten), dL_parts [b*h, n, CTAs] (gated), d_initial
-        [b,h,D,d] and d_sum_of_keys [b,h,D] (want_initial)."""
+        """dS (dSbar overwritten, or a new bf16 tensor), ds (dsbar, overwritten), dL_parts [b*h, n, CTAs]
+        (gated), d_initial [b,h,D,d] and d_sum_of_keys [b,h,D] (want_initial)."""
         import torch
 
         b, n, h, D, d = x["dSbar"].shape
@@ -179,14 +179,14 @@ class DiscumsumBwdFamily(SliceCheck, KernelFamily[DiscumsumBwdKey, DiscumsumBwdC
                     sbar=bt.randn((b, n + 1, h, D), gen, device), L=L)
 
     def run(self, key: DiscumsumBwdKey, config: DiscumsumBwdConfig, inputs: dict[str, Any]) -> Any:
-        """(dS, ds, dL), dS in bf16 as the backward runs it. Restores head 0 of the in-place buffers first, so every config's checked run
-        sees the original gradients there (a copy of 1/batch_heads of the gradients in each timed run,
-        the same for every config); the other heads are rescanned each run (values do not change the
-        time, and the strictly triangular reverse scan never overflows: it reaches 0 after n runs)."""
-        inputs["dSbar"][:, :, :1].copy_(inputs["dSbar0"])
-        inputs["dsbar"][:, :, :1].copy_(inputs["dsbar0"])
+        """(dS, ds, dL), dS in bf16 as the backward runs it (into a new tensor: dSbar is only read). ds
+        overwrites dsbar in place, so head 0 of it (the checked slice) is restored first: every config's
+        checked run sees the original gradients there (a copy of 1/batch_heads of dsbar per timed run, the
+        same for every config); the other heads are rescanned each run (values do not change the time, and
+        the strictly triangular reverse scan never overflows: it reaches 0 after n runs)."""
         import torch
 
+        inputs["dsbar"][:, :, :1].copy_(inputs["dsbar0"])
         dS, ds, dL, _, _ = discumsum_bwd(inputs["dSbar"], inputs["dsbar"], inputs["Sbar16"], inputs["sbar"],
                                          inputs["L"], dS_dtype=torch.bfloat16, config=config)
         return dS, ds, dL

@@ -173,7 +173,8 @@ class QueryStateBwdFamily(SliceCheck, FeatureBwdFamily, KernelFamily[QueryStateB
         yield Launch((b * hq * n * rt, 1, 1),
                      (Q.data_ptr(), ptr(x["G"]), Sbar16.data_ptr(), x["sbar"].data_ptr(), x["O"].data_ptr(),
                       x["l"].data_ptr(), x["m"].data_ptr(), x["Y"].data_ptr(), x["dY"].data_ptr(), table.data_ptr(),
-                      *(out[k].data_ptr() for k in ("dQ", "alpha", "dl", "dAh", "dBh", "qscale", "dg", "dgs")), t, n, c, hq,
+                      *(out[k].data_ptr() for k in ("dQ", "alpha", "dl", "dAh", "dBh", "qscale", "dg", "dgs")),
+                      t, n, c, hq,
                       hq // h, Sbar16.shape[1], x["sbar"].shape[1], rt, x["scale"] ** key.deg))
 
     # ---- tuner protocol (shared pieces and the checked slice: bwd_tuning.py) ----------------------

@@ -224,10 +224,10 @@ def update_state_bwd(K, V, G, dS, ds, *, deg: int, d_tile: int, chunk_size: int,
     K, V [b,t,h,d] bf16/fp16 with t a multiple of chunk_size; G [b,t,h] fp32 chunk-local cumulative
     log gates or None; dS [b,n,h,D,d] fp32 or bf16, ds [b,n,h,D] fp32. Current stream, no host sync.
 
-    The kernel reads dS as bf16 (one conversion here unless it is given in bf16; ds stays fp32): 8 significant bits per entry,
-    relative rounding <= 2^-9, and both GEMMs sum D >= hundreds of products in fp32 with independent
-    rounding errors, so dK, dV and E stay within ~1e-3 of float64 (tests/test_us_bwd_mma16_cpu.py
-    measures it) -- well inside the project's bf16 tolerance of ~1e-2. Rounding phi(k) to bf16 for the
+    The kernel reads dS as bf16 (one conversion here unless it is given in bf16; ds stays fp32): 8
+    significant bits per entry, relative rounding <= 2^-9, and both GEMMs sum D >= hundreds of products
+    in fp32 with independent rounding errors, so dK, dV and E stay within ~1e-3 of float64
+    (tests/test_us_bwd_mma16_cpu.py measures it) -- well inside the project's bf16 tolerance of ~1e-2. Rounding phi(k) to bf16 for the
     dV GEMM is the same size; V is exact (bf16 input), fp16 V is rounded to bf16."""
     out = FAMILY(config, K=K, V=V, G=G, dS=dS, ds=ds, deg=deg, d_tile=d_tile, chunk_size=chunk_size)
     return out["dK"], out["dV"], out["E"]
