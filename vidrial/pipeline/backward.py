@@ -91,12 +91,18 @@ def power_retention_backward(dY: Tensor, dS_final: Optional[Tensor], ds_final: O
     n = t // c
     g = chunk_cumsum(log_G, c) if log_G is not None else None
     L = log_G.float().view(b, n, c, h).sum(2) if log_G is not None else None
+    # each temporary is dropped as soon as its consumer has run (the peak of the step is its live set)
     qs = query_state_bwd(Q, g, Sbar16, sbar, O, l, m, Y, dY, deg=deg, d_tile=d_tile, scale=scale, chunk_size=c)
-    dS, ds, dL, dS0, ds0 = discumsum_bwd(qs["dSbar"], qs["dsbar"], Sbar16, sbar, L,
+    dSbar, dsbar = qs.pop("dSbar"), qs.pop("dsbar")
+    for used in ("dAh", "dBh", "qscale"):  # the state pass's inputs: consumed inside query_state_bwd
+        del qs[used]
+    dS, ds, dL, dS0, ds0 = discumsum_bwd(dSbar, dsbar, Sbar16, sbar, L,
                                          dS_final.float() if dS_final is not None else None,
                                          ds_final.float() if ds_final is not None else None, want_initial=has_state,
                                          dS_dtype=torch.bfloat16)  # what update_state_bwd reads
+    del dSbar, dsbar  # dS is its own bf16 tensor, ds is dsbar
     dK_u, dV_u, E = update_state_bwd(K, V, g, dS, ds, deg=deg, d_tile=d_tile, chunk_size=c)
+    del dS, ds
     # dO = alpha dY row by row: the intra backward takes dY and the rows pass's alpha (no dO tensor, no norms)
     dQ_i, dK_i, dV_i, dgcol, dgrow = intra_chunk_attention_bwd(Q, K, V, g, m, None, qs["dl"], deg=deg, scale=scale,
                                                                chunk_size=c, want_dgrow=True, dY=dY,
