@@ -2,7 +2,7 @@
 # One batched call on the H200 test machine (no network there: the wheel travels with the call):
 #   GPU test suite (files in parallel groups: compile-bound, correctness only),
 #   then tuning of the shape-A/B keys (alone on the GPU), then `vidrial bench`.
-# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|compare|tune|tune_all|ship|fwdbwd|bench|profile|kernels|flash ...]
+# Usage (device tool, carry .whl):  bash benchmarks/h200_session.sh [tests|compare|tune|tune_all|ship|fwdbwd|bench|profile|kernels|flash|layer ...]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VIDRIAL_CACHE_DIR=/tmp/vidrial-cache
@@ -117,6 +117,11 @@ run_flash() {
     -k "${FLASH_K:-flash or mma16 or update_state}" > "$OUT/tests-flash.txt" 2>&1
   echo "== flash tests: $(tail -1 "$OUT/tests-flash.txt")"; grep -E "^(FAILED|ERROR)" "$OUT/tests-flash.txt" | head -20
   timeout 400 python3 benchmarks/bench_fwd_bwd.py --shapes A --reps 10 2>&1 | tee "$OUT/bench-flash.txt" | tail -40
+}
+
+run_layer() {
+  # issue 20's targets: the layer's step vs the bare op + projections at shape B, packed (cu_seqlens) vs equal
+  timeout 200 python3 benchmarks/bench_layer.py --reps 10 --out "$OUT/layer.json" 2>&1 | tee "$OUT/layer.txt" | tail -12
 }
 
 pack_out() {
