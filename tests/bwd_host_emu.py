@@ -19,6 +19,37 @@ the PTX ISA's documented semantics:
     queued per thread and performed at the cp.async.wait_group that covers its commit group (a missing
     wait, or a refill of a buffer still being read, shows up as NaN);
   * cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32 (round to nearest even), ex2.approx.ftz (denormals -> 0).
+The few inline-PTX statements outside those headers (common/wgmma_chain.cuh, kernel bodies: ld.shared.u32,
+ld/st.shared.v2.f32, prmt.b32) are rewritten to host calls (_KERNEL_ASM); __shfl_sync is in the shim.
+
+common/wgmma.cuh is replaced by WGMMA_EMU (Hopper warpgroup MMA, wgmma.mma_async m64nNk16 f32.{bf16,f16},
+A from registers; one emu_fib::Barrier(128) per warpgroup, made per CTA like the warp barriers):
+  * issue (wgmma_rs_{bf16,f16}<TRANS_B>, N deduced; only N the device header generated compile): the
+    warpgroup meets at its barrier (all four warps must issue), each thread posts a[4] (mma.sync's A
+    fragment, warp w = rows 16w..16w+15), desc, scale_d, N; all must agree on desc/scale_d/N/type/TRANS_B,
+    and the descriptor's layout must be emulated (else abort with a message). The thread queues an op in
+    its open group: a copy of the A rows its D elements use (g, g+8 of its warp: the registers are read at
+    the issue, so an A register reused before the wait is not caught), the descriptor, scale_d, a pointer
+    to its d array. d is then NaN (undefined until the wait);
+  * chains: ops run in issue order; an op's C (scale_d = 1) is d's value at the issue when no earlier
+    pending op of the thread writes the same d, else that op's result, handed over when it is performed
+    (d stays NaN until the last pending op on it is done). Rounding: exact products summed in double with
+    C, one fp32 rounding per instruction;
+  * wgmma_commit closes the open group (possibly empty); wgmma_wait<N> performs, in order, the committed
+    groups older than the N newest: B is read from shared memory at that moment and the thread writes its
+    own D elements d[4nb + 2r + e] = (row 16w + g + 8r, col 8nb + 2t + e). So accumulators read before
+    their wait are NaN, and a B tile overwritten (or cp.async-poisoned) before the wait that covers its
+    reader gives wrong results, as it may on the GPU;
+  * B element (k, n) through the descriptor (start, LBO, SBO = bits 0-13, 16-29, 32-45, each << 4;
+    swizzle = bits 62-63; 2-byte elements): 128B swizzle K-major (TRANS_B = 0): start + (n/8) SBO +
+    (n%8) 128 + 2k (LBO unused); 128B swizzle MN-major (TRANS_B = 1): start + (n/64) LBO + 2 (n%64) +
+    (k/8) SBO + (k%8) 128; both swizzled on the address, bits 4-6 ^= bits 7-9 (1024-byte atoms, base
+    offset 0: the start must lie in an atom's row 0); no swizzle K-major (core matrices of 8 rows x 16
+    bytes): start + (n/8) SBO + (n%8) 16 + (k/8) LBO + 2 (k%8). Other modes (64B, 32B, MN-major without
+    swizzle), a nonzero base offset or reserved bits abort;
+  * wgmma_fence, fence_proxy_async, fence_operands: no-ops (each thread reads its copies at the wait, and
+    shared memory has one proxy here); smem_desc packs as on the device. Shared addresses are offsets
+    from 0, so the kernels' (smem_u32(smem_raw) + 1023) & ~1023 base is 0.
 """
 from __future__ import annotations
 
@@ -81,6 +112,14 @@ inline float __shfl_up_sync(unsigned, float v, int o) {  // lanes below o keep t
   warp_slot(lane)[0] = __float_as_uint(v);
   warp_sync();
   const float r = __uint_as_float(warp_slot(lane >= o ? lane - o : lane)[0]);
+  warp_sync();
+  return r;
+}
+inline float __shfl_sync(unsigned, float v, int src) {  // lane src (mod 32)'s value
+  const int lane = threadIdx.x & 31;
+  warp_slot(lane)[0] = __float_as_uint(v);
+  warp_sync();
+  const float r = __uint_as_float(warp_slot(src & 31)[0]);
   warp_sync();
   return r;
 }
@@ -307,12 +346,280 @@ inline float ex2_approx(float x) {  // ex2.approx.ftz: denormal results flush to
   const float y = std::exp2(x);
   return y < FLT_MIN ? 0.f : y;
 }
+// the inline PTX of kernel bodies and of the other headers (_KERNEL_ASM rewrites each statement to one of these)
+inline u32 emu_ld_shared_u32(u32 addr) { u32 v; std::memcpy(&v, emu_smem_ptr(addr, 4, 4), 4); return v; }
+inline void emu_ld_shared_v2f32(float& x, float& y, u32 addr) {
+  float v[2]; std::memcpy(v, emu_smem_ptr(addr, 8, 8), 8); x = v[0]; y = v[1];
+}
+inline void emu_st_shared_v2f32(u32 addr, float x, float y) {
+  const float v[2] = {x, y}; std::memcpy(emu_smem_ptr(addr, 8, 8), v, 8);
+}
+inline u32 emu_prmt(u32 a, u32 b, u32 sel) {  // prmt.b32 (default mode): byte i of d = byte sel[4i+2:4i] of {b, a}
+  const unsigned long long x = ((unsigned long long)b << 32) | a;
+  u32 d = 0;
+  for (int i = 0; i < 4; ++i) {
+    const u32 s = (sel >> (4 * i)) & 0xfu;
+    u32 byte = (u32)(x >> (8 * (s & 7))) & 0xffu;
+    if (s & 8) byte = (byte & 0x80u) ? 0xffu : 0u;  // msb of the selector: replicate the byte's sign
+    d |= byte << (8 * i);
+  }
+  return d;
+}
 }  // namespace vd
 // ---- end of the host versions ----
 """
 
 # The header whose inline PTX PTX_EMU replaces (from the header's banner to its include guard's #endif).
 _PTX_HEADERS = re.compile(r"// ---- common/ptx\.cuh:.*?#endif  // VIDRIAL_COMMON_PTX_CUH", re.S)
+
+WGMMA_EMU = r"""
+// ---- host versions of common/wgmma.cuh (PTX ISA semantics; needs the host common/ptx.cuh above) ----
+#define VBWD_WGMMA_EMU 1
+namespace vd {
+enum : u32 { SWIZZLE_NONE = 0, SWIZZLE_128B = 1, SWIZZLE_64B = 2, SWIZZLE_32B = 3 };
+inline u64 smem_desc(u32 addr, u32 leading_bytes, u32 stride_bytes, u32 swizzle) {  // the device's bit packing
+  return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)(leading_bytes >> 4) << 16) | ((u64)(stride_bytes >> 4) << 32) |
+         ((u64)swizzle << 62);
+}
+// register / proxy ordering only: nothing to do where every thread reads its own copies at the wait
+inline void wgmma_fence() {}
+inline void fence_proxy_async() {}
+template <int N> inline void fence_operands(float (&)[N]) {}
+// Specialised by the kernel's source for each N of its wgmma_ns (where the device header was): a wgmma
+// of an N the device source would not have generated does not compile here either.
+template <int N> struct EmuWgmmaRenderedN;
+
+struct EmuWgOp {
+  float a[2][16];          // A rows g and g+8 of the thread's warp (the only rows its D elements use)
+  u64 desc;
+  int scale_d, nh, trans;
+  bool bf16;
+  float* d;                // the thread's accumulator array (nh floats)
+  bool has_next = false;   // a later pending op of this thread writes the same d: the result is its C
+  std::vector<float> c;    // C (scale_d = 1): d at the issue, or the previous pending op's result
+};
+struct EmuWgState { std::deque<EmuWgOp> ops; std::deque<int> groups; int open = 0; };  // ops in issue order
+static std::vector<EmuWgState> emu_wg_of;                      // [threadIdx.x], reset per CTA
+static std::vector<emu_fib::Barrier*>* emu_wg_bars = nullptr;  // one per warpgroup, made per CTA
+static std::vector<u32> emu_wg_buf;                            // [threadIdx.x][8]: what a thread posts at an issue
+
+[[noreturn]] inline void emu_wg_fail(const char* what, u64 desc = 0) {
+  std::fprintf(stderr, "host wgmma emulation (thread %u of CTA %u): %s (descriptor 0x%016llx)\n", threadIdx.x,
+               blockIdx.x, what, desc);
+  std::abort();
+}
+inline void emu_wg_sync() { (*emu_wg_bars)[threadIdx.x >> 7]->arrive_and_wait(); }
+
+// Element (k, n) of B through the descriptor (canonical layouts, element size 2 bytes):
+//   128B swizzle, K-major (TRANS_B = 0): start + (n/8) SBO + (n%8) 128 + 2k                 (LBO unused)
+//   128B swizzle, MN-major (TRANS_B = 1): start + (n/64) LBO + 2 (n%64) + (k/8) SBO + (k%8) 128
+//     both then swizzled on the address: bits 4-6 ^= bits 7-9 (Swizzle<3,4,3>, 1024-byte atoms, base offset 0)
+//   no swizzle, K-major: core matrices of 8 rows x 16 bytes: start + (n/8) SBO + (n%8) 16 + (k/8) LBO + 2 (k%8)
+inline u32 emu_wg_b_addr(u64 desc, int trans, int k, int n) {
+  const u32 start = (u32)(desc & 0x3FFFu) << 4, lbo = (u32)((desc >> 16) & 0x3FFFu) << 4,
+            sbo = (u32)((desc >> 32) & 0x3FFFu) << 4;
+  const u32 sw = (u32)(desc >> 62);
+  if (sw == SWIZZLE_128B) {
+    u32 a = trans ? start + (n >> 6) * lbo + (n & 63) * 2 + (k >> 3) * sbo + (k & 7) * 128
+                  : start + (n >> 3) * sbo + (n & 7) * 128 + k * 2;
+    return a ^ (((a >> 7) & 7u) << 4);
+  }
+  return start + (n >> 3) * sbo + (n & 7) * 16 + (k >> 3) * lbo + (k & 7) * 2;  // SWIZZLE_NONE, K-major
+}
+inline void emu_wg_check_desc(u64 desc, int trans) {
+  const u32 sw = (u32)(desc >> 62), start = (u32)(desc & 0x3FFFu) << 4;
+  if (sw != SWIZZLE_128B && !(sw == SWIZZLE_NONE && !trans))
+    emu_wg_fail(trans ? "B layout not emulated: MN-major (TRANS_B = 1) is emulated with SWIZZLE_128B only"
+                      : "B layout not emulated: K-major (TRANS_B = 0) is emulated with SWIZZLE_128B or SWIZZLE_NONE",
+                desc);
+  if ((desc >> 49) & 7u) emu_wg_fail("descriptor base offset (bits 49-51) not 0: not emulated", desc);
+  if (desc & 0x3FF1C000C000C000ull) emu_wg_fail("reserved descriptor bits set (a field overflowed?)", desc);
+  if (sw == SWIZZLE_128B && ((start >> 7) & 7u))
+    emu_wg_fail("128B-swizzled B must start in row 0 of a 1024-byte swizzle atom (base offset 0)", desc);
+}
+
+inline void emu_wg_perform(EmuWgState& st) {
+  EmuWgOp op = std::move(st.ops.front());
+  st.ops.pop_front();
+  const int t = threadIdx.x & 3;
+  float r[128];
+  for (int nb = 0; nb < op.nh / 4; ++nb)
+    for (int e = 0; e < 2; ++e) {
+      const int col = 8 * nb + 2 * t + e;
+      double b[16];
+      for (int k = 0; k < 16; ++k) {
+        unsigned short h;
+        std::memcpy(&h, emu_smem_ptr(emu_wg_b_addr(op.desc, op.trans, k, col), 2, 2), 2);
+        b[k] = op.bf16 ? emu_bf16(h) : emu_f16(h);
+      }
+      for (int hr = 0; hr < 2; ++hr) {
+        const int i = 4 * nb + 2 * hr + e;
+        double acc = op.scale_d ? (double)op.c[i] : 0.0;
+        for (int k = 0; k < 16; ++k) acc += (double)op.a[hr][k] * b[k];  // exact products, one fp32 rounding
+        r[i] = (float)acc;
+      }
+    }
+  if (op.has_next) {  // d stays poisoned: the next op on it takes the result as its C
+    for (EmuWgOp& nx : st.ops)
+      if (nx.d == op.d) {
+        if (nx.scale_d) nx.c.assign(r, r + op.nh);
+        break;
+      }
+  } else {
+    std::copy(r, r + op.nh, op.d);
+  }
+}
+
+template <bool BF16, int TRANS_B, int NH>
+inline void emu_wgmma_issue(float (&d)[NH], const u32 (&a)[4], u64 desc, int scale_d) {
+  static_assert(EmuWgmmaRenderedN<2 * NH>::ok, "wgmma N not in the kernel's wgmma_ns");
+  const int tid = threadIdx.x;
+  if (emu_wg_bars == nullptr || (*emu_wg_bars)[tid >> 7]->expected != 128)
+    emu_wg_fail("wgmma needs whole warpgroups (the CTA's thread count a multiple of 128)", desc);
+  u32* mine = &emu_wg_buf[tid * 8];
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = (u32)desc; mine[5] = (u32)(desc >> 32); mine[6] = scale_d != 0;
+  mine[7] = (u32)NH | ((u32)TRANS_B << 16) | ((u32)BF16 << 17);
+  emu_wg_sync();  // the warpgroup issues together (.sync.aligned): a warp that skips it deadlocks (abort)
+  const u32* lead = &emu_wg_buf[(tid & ~127) * 8];
+  for (int i = 4; i < 8; ++i)
+    if (lead[i] != mine[i])
+      emu_wg_fail("the warpgroup's threads issue different wgmmas (descriptor, scale_d, N, type or TRANS_B)", desc);
+  emu_wg_check_desc(desc, TRANS_B);
+  EmuWgOp op;
+  for (int tq = 0; tq < 4; ++tq) {  // lanes 4g .. 4g+3 hold rows g, g+8: a[hr] cols 2tq, +1; a[2+hr] cols 2tq+8, +9
+    const u32* w = &emu_wg_buf[((tid & ~3) + tq) * 8];
+    for (int hr = 0; hr < 2; ++hr) {
+      const u32 lo = w[hr], hi = w[2 + hr];
+      op.a[hr][2 * tq] = BF16 ? emu_bf16(lo & 0xffffu) : emu_f16(lo & 0xffffu);
+      op.a[hr][2 * tq + 1] = BF16 ? emu_bf16(lo >> 16) : emu_f16(lo >> 16);
+      op.a[hr][2 * tq + 8] = BF16 ? emu_bf16(hi & 0xffffu) : emu_f16(hi & 0xffffu);
+      op.a[hr][2 * tq + 9] = BF16 ? emu_bf16(hi >> 16) : emu_f16(hi >> 16);
+    }
+  }
+  emu_wg_sync();  // every thread has read the posted fragments
+  op.desc = desc; op.scale_d = scale_d != 0; op.nh = NH; op.trans = TRANS_B; op.bf16 = BF16; op.d = d;
+  EmuWgState& st = emu_wg_of[tid];
+  EmuWgOp* prev = nullptr;  // the newest pending op on the same accumulators
+  for (EmuWgOp& o : st.ops) {
+    if (o.d == d && o.nh == NH) prev = &o;
+    else if (o.d < d + NH && d < o.d + o.nh)
+      emu_wg_fail("pending wgmmas on overlapping, different accumulator arrays", desc);
+  }
+  if (prev != nullptr) prev->has_next = true;
+  else if (op.scale_d) op.c.assign(d, d + NH);
+  for (int i = 0; i < NH; ++i) d[i] = __uint_as_float(0xffffffffu);  // undefined until the wait
+  st.ops.push_back(std::move(op));
+  ++st.open;
+}
+template <int TRANS_B, int NH>
+inline void wgmma_rs_bf16(float (&d)[NH], const u32 (&a)[4], u64 desc, int scale_d) {
+  emu_wgmma_issue<true, TRANS_B>(d, a, desc, scale_d);
+}
+template <int TRANS_B, int NH>
+inline void wgmma_rs_f16(float (&d)[NH], const u32 (&a)[4], u64 desc, int scale_d) {
+  emu_wgmma_issue<false, TRANS_B>(d, a, desc, scale_d);
+}
+inline void wgmma_commit() {
+  EmuWgState& st = emu_wg_of[threadIdx.x];
+  st.groups.push_back(st.open);
+  st.open = 0;
+}
+// Performs, in issue order, this thread's committed groups older than the N newest.
+template <int N>
+inline void wgmma_wait() {
+  EmuWgState& st = emu_wg_of[threadIdx.x];
+  while ((int)st.groups.size() > N) {
+    for (int i = st.groups.front(); i > 0; --i) emu_wg_perform(st);
+    st.groups.pop_front();
+  }
+}
+}  // namespace vd
+// ---- end of the host wgmma ----
+"""
+
+# common/wgmma.cuh as rendered (banner to include guard), replaced by WGMMA_EMU plus the N it generated.
+_WGMMA_HEADER = re.compile(r"// ---- common/wgmma\.cuh:.*?#endif  // VIDRIAL_COMMON_WGMMA_CUH", re.S)
+
+# Inline PTX outside common/ptx.cuh and common/wgmma.cuh (common/wgmma_chain.cuh, kernel bodies): each
+# template string -> host code ({i} = operand i's expression); statements of other templates stay as they are.
+_KERNEL_ASM = {
+    "ld.shared.u32 %0, [%1];": "{0} = vd::emu_ld_shared_u32({1});",
+    "ld.shared.v2.f32 { %0, %1 }, [%2];": "vd::emu_ld_shared_v2f32({0}, {1}, {2});",
+    "st.shared.v2.f32 [%0], { %1, %2 };": "vd::emu_st_shared_v2f32({0}, {1}, {2});",
+    "prmt.b32 %0, %1, %1, 0x1010;": "{0} = vd::emu_prmt({1}, {1}, 0x1010u);",
+    "prmt.b32 %0, %1, %1, 0x3232;": "{0} = vd::emu_prmt({1}, {1}, 0x3232u);",
+}
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """text split at `sep` outside parentheses, brackets and string literals."""
+    parts, depth, cur, i, quote = [], 0, [], 0, False
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            cur.append(ch)
+            if ch == "\\":
+                cur.append(text[i + 1])
+                i += 1
+            elif ch == '"':
+                quote = False
+        elif ch == '"':
+            quote = True
+            cur.append(ch)
+        elif ch in "([":
+            depth += 1
+            cur.append(ch)
+        elif ch in ")]":
+            depth -= 1
+            cur.append(ch)
+        elif ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def _rewrite_kernel_asm(src: str) -> str:
+    """The inline-PTX statements of _KERNEL_ASM as host calls (operands kept in order, outputs first)."""
+    out, pos = [], 0
+    for m in re.finditer(r"\basm(\s+volatile)?\s*\(", src):
+        if m.start() < pos:
+            continue
+        depth, i, quote = 1, m.end(), False
+        while depth and i < len(src):  # the statement's closing parenthesis
+            ch = src[i]
+            if quote:
+                if ch == "\\":
+                    i += 1
+                elif ch == '"':
+                    quote = False
+            elif ch == '"':
+                quote = True
+            elif ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+            i += 1
+        if depth:
+            break
+        sections = _split_top(src[m.end():i - 1], ":")
+        template = sections[0].strip()
+        if not (template.startswith('"') and template.endswith('"')) or template[1:-1] not in _KERNEL_ASM:
+            continue
+        operands = []
+        for sec in sections[1:3]:
+            for op in _split_top(sec, ","):
+                if op.strip():
+                    operands.append(re.fullmatch(r'\s*"[^"]*"\s*\((.*)\)\s*', op, re.S).group(1).strip())
+        out.append(src[pos:m.start()])
+        out.append(_KERNEL_ASM[template[1:-1]].format(*operands).rstrip(";"))
+        pos = i
+    out.append(src[pos:])
+    return "".join(out)
 
 RUNNER = r"""
 extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_bytes, const Arg* a) {
@@ -334,10 +641,22 @@ extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_
       vd::emu_open_group_of.assign(threads, {});  // each thread's cp.async queues start empty, as a new thread's
       vd::emu_groups_of.assign(threads, {});
 #endif
+#ifdef VBWD_WGMMA_EMU
+      std::vector<emu_fib::Barrier*> wg_bars;  // one per warpgroup (128 threads; a partial one: wgmma aborts)
+      for (int w = 0; w < (threads + 127) / 128; ++w)
+        wg_bars.push_back(new emu_fib::Barrier(std::min(128, threads - 128 * w)));
+      vd::emu_wg_bars = &wg_bars;
+      vd::emu_wg_buf.assign(threads * 8, 0u);
+      vd::emu_wg_of.assign(threads, {});  // no wgmma pending, as for a new thread
+#endif
       std::memset(smem_buf, 0xff, smem_floats * 4);  // NaN garbage: catches reads before writes
       auto body = [&](int) { {{CALL}}; };
       emu_fib::run_block(stacks, threads, body, [](int t) { threadIdx.x = t; });
       for (auto* b : warp_bars) delete b;
+#ifdef VBWD_WGMMA_EMU
+      for (auto* b : wg_bars) delete b;
+      vd::emu_wg_bars = nullptr;
+#endif
     }
   std::free(smem_buf);
 }
@@ -345,18 +664,31 @@ extern "C" void vidrial_host_launch(int gx, int gy, int threads, long long smem_
 
 
 def _host_source(cuda_source: str, entry: str, nargs: int) -> tuple[str, str]:
-    """(prelude, body): the shim (and the PTX emulation when the kernel uses common/ptx.cuh) and the kernel
-    with its runner; the prelude is the same for every kernel, so it is compiled once (host_fibers.precompile)."""
+    """(prelude, body): the shim (and the PTX / wgmma emulations when the kernel uses common/ptx.cuh /
+    common/wgmma.cuh) and the kernel with its runner; the prelude is the same for every kernel of a kind,
+    so it is compiled once (host_fibers.precompile)."""
     src = cuda_source
     src = re.sub(r"#include <cuda_(bf16|fp16)\.h>", "", src)
     src, n_ptx = _PTX_HEADERS.subn("", src)
+
+    def wgmma_marks(m):  # the wgmma shapes the device header generated, for the host's compile-time check
+        ns = sorted({int(n) for n in re.findall(r"\.m64n(\d+)k16\.", m.group(0))})
+        return "namespace vd {\n" + "".join(
+            f"template <> struct EmuWgmmaRenderedN<{n}> {{ static constexpr bool ok = true; }};\n"
+            for n in ns) + "}  // namespace vd\n"
+
+    src, n_wgmma = _WGMMA_HEADER.subn(wgmma_marks, src)
+    if n_wgmma and not n_ptx:
+        raise ValueError("the host wgmma emulation needs common/ptx.cuh included before common/wgmma.cuh")
+    src = _rewrite_kernel_asm(src)
     src = src.replace("extern __shared__ __align__(16) float sm[];", "float* sm = g_dyn_smem;")
     src = re.sub(r"extern __shared__ __align__\(\d+\) unsigned char (\w+)\[\];",
                  r"unsigned char* \1 = reinterpret_cast<unsigned char*>(g_dyn_smem);", src)
     src = re.sub(r"__shared__ float (\w+)\[([^\]]+)\];", r"static float \1[\2];", src)
     src = src.replace('extern "C" __global__', "")
     call = f"{entry}(" + ", ".join(f"a[{i}]" for i in range(nargs)) + ")"
-    return FIBERS + SHIM + (PTX_EMU if n_ptx else ""), src + RUNNER.replace("{{CALL}}", call)
+    prelude = FIBERS + SHIM + (PTX_EMU if n_ptx else "") + (WGMMA_EMU if n_wgmma else "")
+    return prelude, src + RUNNER.replace("{{CALL}}", call)
 
 
 class _ArgC(ctypes.Structure):
